@@ -1,0 +1,176 @@
+#include "cpu.hpp"
+
+#include <chrono>
+
+namespace aiocuda {
+
+constexpr int kSpins = 64;  // sched_yield calls before an idle worker sleeps
+
+void CpuEventState::reach(uint64_t gen) {
+    {
+        std::lock_guard<std::mutex> g(mu);
+        if (gen > completed) completed = gen;
+    }
+    cv.notify_all();
+}
+
+void CpuEventState::wait_for(uint64_t gen) {
+    std::unique_lock<std::mutex> g(mu);
+    cv.wait(g, [&] { return completed >= gen; });
+}
+
+bool CpuEventState::done() {
+    std::lock_guard<std::mutex> g(mu);
+    return completed >= recorded;
+}
+
+CpuStream::CpuStream()
+    : epoch_(g_fork_epoch.load(std::memory_order_relaxed)), worker_([this] { run(); }) {}
+
+CpuStream::~CpuStream() { close(); }
+
+bool CpuStream::closed() {
+    std::lock_guard<std::mutex> g(mu_);
+    return closing_;
+}
+
+std::string CpuStream::enqueue(Item&& item) {
+    if (epoch_ != g_fork_epoch.load(std::memory_order_relaxed))
+        return "this CpuStream was created before fork(); its worker thread does not exist in the "
+               "child process: create a new CpuStream in the child";
+    bool wake;
+    {
+        std::lock_guard<std::mutex> g(mu_);
+        if (closing_) return "the CpuStream is closed: create a new one";
+        items_.push_back(std::move(item));
+        ++submitted_;
+        enqueued_.store(submitted_, std::memory_order_release);
+        wake = sleeping_;
+    }
+    if (wake) cv_.notify_one();  // a futex call only when the worker really sleeps
+    return {};
+}
+
+std::string CpuStream::marker(Node* n) {
+    Item it{Kind::Marker};
+    it.node = n;
+    return enqueue(std::move(it));
+}
+
+std::string CpuStream::call(Node* n, PyObject* fn, PyObject* args, PyObject* kwargs,
+                            PyObject* outcomes) {
+    Item it{Kind::Call};
+    it.node = n;
+    it.fn = fn;
+    it.args = args;
+    it.kwargs = kwargs;
+    it.outcomes = outcomes;
+    std::string err = enqueue(std::move(it));
+    if (!err.empty()) {  // we hold the GIL here: give the references back
+        Py_DECREF(fn);
+        Py_DECREF(args);
+        Py_XDECREF(kwargs);
+        Py_DECREF(outcomes);
+    }
+    return err;
+}
+
+std::string CpuStream::record(const std::shared_ptr<CpuEventState>& ev, uint64_t gen) {
+    Item it{Kind::Record};
+    it.ev = ev;
+    it.gen = gen;
+    return enqueue(std::move(it));
+}
+
+std::string CpuStream::wait_event(const std::shared_ptr<CpuEventState>& ev, uint64_t gen) {
+    Item it{Kind::Wait};
+    it.ev = ev;
+    it.gen = gen;
+    return enqueue(std::move(it));
+}
+
+std::string CpuStream::delay(double seconds) {
+    Item it{Kind::Delay};
+    it.seconds = seconds;
+    return enqueue(std::move(it));
+}
+
+void CpuStream::close() {
+    {
+        std::lock_guard<std::mutex> g(mu_);
+        closing_ = true;
+        if (joined_) return;
+        joined_ = true;
+    }
+    cv_.notify_one();
+    if (epoch_ != g_fork_epoch.load(std::memory_order_relaxed)) {
+        worker_.detach();  // the parent's thread: nothing to join in this process
+        return;
+    }
+    if (worker_.joinable()) worker_.join();
+}
+
+void CpuStream::run_call(Item& it) {
+    PyGILState_STATE gs = PyGILState_Ensure();
+    PyObject* result = PyObject_Call(it.fn, it.args, it.kwargs);
+    int32_t status = kCallReturned;
+    if (!result) {
+        status = kCallRaised;
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        if (tb) PyException_SetTraceback(value, tb);
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
+        result = value;
+    }
+    PyObject* key = PyLong_FromUnsignedLongLong(it.node->token);
+    if (!key || PyDict_SetItem(it.outcomes, key, result) != 0) {
+        PyErr_WriteUnraisable(it.fn);  // out of memory: the waiter still completes, with None
+        status = kCallReturned;
+    }
+    Py_XDECREF(key);
+    Py_XDECREF(result);
+    Py_DECREF(it.fn);
+    Py_DECREF(it.args);
+    Py_XDECREF(it.kwargs);
+    Py_DECREF(it.outcomes);
+    PyGILState_Release(gs);
+    complete(it.node, status);  // after the GIL is dropped: the completion path never needs it
+}
+
+void CpuStream::run() {
+    uint64_t taken = 0;
+    std::deque<Item> batch;
+    for (;;) {
+        // Idle: spin a few microseconds before sleeping, so a burst of submissions from the loop
+        // does not pay a futex wake for each one. Bounded, so an idle stream costs nothing.
+        for (int i = 0; i < kSpins && enqueued_.load(std::memory_order_acquire) == taken; ++i)
+            std::this_thread::yield();
+        {
+            std::unique_lock<std::mutex> g(mu_);
+            if (items_.empty() && !closing_) {
+                sleeping_ = true;
+                cv_.wait(g, [&] { return closing_ || !items_.empty(); });
+                sleeping_ = false;
+            }
+            if (items_.empty()) return;  // closing, and everything submitted has run
+            batch.swap(items_);  // take everything at once: one lock per batch, not per item
+            taken += batch.size();
+        }
+        for (Item& it : batch) {
+            switch (it.kind) {
+                case Kind::Marker: complete(it.node, kOk); break;
+                case Kind::Call: run_call(it); break;
+                case Kind::Record: it.ev->reach(it.gen); break;
+                case Kind::Wait: it.ev->wait_for(it.gen); break;
+                case Kind::Delay:
+                    std::this_thread::sleep_for(std::chrono::duration<double>(it.seconds));
+                    break;
+            }
+        }
+        batch.clear();
+    }
+}
+
+}  // namespace aiocuda

@@ -1,0 +1,386 @@
+#include "cuda.hpp"
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <mutex>
+#include <new>
+#include <thread>
+#include <unordered_map>
+
+namespace aiocuda::cuda {
+namespace {
+
+// The few driver prototypes aiocuda calls (cuda.h, CUDA 12/13), declared here so that no CUDA
+// header is needed to build. Handles are opaque pointers; CUdevice is an int.
+using Ctx = void*;
+using Stream = void*;
+using Event = void*;
+using HostFn = void (*)(void*);
+constexpr CUresult kSuccess = 0;
+constexpr CUresult kNotReady = 600;
+constexpr unsigned kEventDisableTiming = 0x2;
+constexpr int kProcAddressVersion = 12000;  // the ABI of every entry point named below
+
+struct Api {
+    CUresult (*cuInit)(unsigned);
+    CUresult (*cuDriverGetVersion)(int*);
+    CUresult (*cuDeviceGetCount)(int*);
+    CUresult (*cuDeviceGet)(int*, int);
+    CUresult (*cuDeviceGetName)(char*, int, int);
+    CUresult (*cuDevicePrimaryCtxRetain)(Ctx*, int);
+    CUresult (*cuDevicePrimaryCtxGetState)(int, unsigned*, int*);
+    CUresult (*cuCtxGetCurrent)(Ctx*);
+    CUresult (*cuCtxSetCurrent)(Ctx);
+    CUresult (*cuCtxPushCurrent)(Ctx);
+    CUresult (*cuCtxPopCurrent)(Ctx*);
+    CUresult (*cuStreamGetCtx)(Stream, Ctx*);
+    CUresult (*cuStreamQuery)(Stream);
+    CUresult (*cuLaunchHostFunc)(Stream, HostFn, void*);
+    CUresult (*cuEventCreate)(Event*, unsigned);
+    CUresult (*cuEventRecord)(Event, Stream);
+    CUresult (*cuEventQuery)(Event);
+    CUresult (*cuEventDestroy)(Event);
+    CUresult (*cuGetErrorName)(CUresult, const char**);
+    CUresult (*cuGetErrorString)(CUresult, const char**);
+};
+
+// name for cuGetProcAddress, and the exported symbol for plain dlsym (cuda.h's #defines).
+struct Entry { const char* name; const char* symbol; void** slot; };
+
+Api api{};
+DriverInfo info;
+std::once_flag load_once;
+bool forked = false;  // the driver was initialised in a parent process
+
+bool resolve(void* lib, std::string* why) {
+    Entry entries[] = {
+        {"cuInit", "cuInit", (void**)&api.cuInit},
+        {"cuDriverGetVersion", "cuDriverGetVersion", (void**)&api.cuDriverGetVersion},
+        {"cuDeviceGetCount", "cuDeviceGetCount", (void**)&api.cuDeviceGetCount},
+        {"cuDeviceGet", "cuDeviceGet", (void**)&api.cuDeviceGet},
+        {"cuDeviceGetName", "cuDeviceGetName", (void**)&api.cuDeviceGetName},
+        {"cuDevicePrimaryCtxRetain", "cuDevicePrimaryCtxRetain", (void**)&api.cuDevicePrimaryCtxRetain},
+        {"cuDevicePrimaryCtxGetState", "cuDevicePrimaryCtxGetState", (void**)&api.cuDevicePrimaryCtxGetState},
+        {"cuCtxGetCurrent", "cuCtxGetCurrent", (void**)&api.cuCtxGetCurrent},
+        {"cuCtxSetCurrent", "cuCtxSetCurrent", (void**)&api.cuCtxSetCurrent},
+        {"cuCtxPushCurrent", "cuCtxPushCurrent_v2", (void**)&api.cuCtxPushCurrent},
+        {"cuCtxPopCurrent", "cuCtxPopCurrent_v2", (void**)&api.cuCtxPopCurrent},
+        {"cuStreamGetCtx", "cuStreamGetCtx", (void**)&api.cuStreamGetCtx},
+        {"cuStreamQuery", "cuStreamQuery", (void**)&api.cuStreamQuery},
+        {"cuLaunchHostFunc", "cuLaunchHostFunc", (void**)&api.cuLaunchHostFunc},
+        {"cuEventCreate", "cuEventCreate", (void**)&api.cuEventCreate},
+        {"cuEventRecord", "cuEventRecord", (void**)&api.cuEventRecord},
+        {"cuEventQuery", "cuEventQuery", (void**)&api.cuEventQuery},
+        {"cuEventDestroy", "cuEventDestroy_v2", (void**)&api.cuEventDestroy},
+        {"cuGetErrorName", "cuGetErrorName", (void**)&api.cuGetErrorName},
+        {"cuGetErrorString", "cuGetErrorString", (void**)&api.cuGetErrorString},
+    };
+    // CUDA >= 12: cuGetProcAddress_v2(symbol, pfn, cudaVersion, flags, symbolStatus).
+    using GetProc = CUresult (*)(const char*, void**, int, unsigned long long, int*);
+    auto get_proc = reinterpret_cast<GetProc>(dlsym(lib, "cuGetProcAddress_v2"));
+    for (Entry& e : entries) {
+        *e.slot = nullptr;
+        if (get_proc) {
+            int status = 0;
+            if (get_proc(e.name, e.slot, kProcAddressVersion, 0, &status) != kSuccess)
+                *e.slot = nullptr;
+        }
+        if (!*e.slot) *e.slot = dlsym(lib, e.symbol);
+        if (!*e.slot) {
+            *why = std::string("the CUDA driver has no ") + e.name +
+                   ": it is too old for aiocuda (needs a CUDA 12 or newer driver)";
+            return false;
+        }
+    }
+    return true;
+}
+
+void do_load() {
+    const char* env = std::getenv("AIOCUDA_LIBCUDA");
+    info.path = (env && *env) ? env : "libcuda.so.1";
+    void* lib = dlopen(info.path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!lib) {
+        const char* e = dlerror();
+        info.reason = "no CUDA driver: could not load " + info.path + " (" + (e ? e : "?") +
+                      "); install the NVIDIA driver, or set AIOCUDA_LIBCUDA to libcuda's path";
+        return;
+    }
+    if (!resolve(lib, &info.reason)) return;
+    // dladdr gives the file actually loaded, which is what `info` should show.
+    Dl_info dl{};
+    if (dladdr(reinterpret_cast<void*>(api.cuInit), &dl) && dl.dli_fname) info.path = dl.dli_fname;
+    api.cuDriverGetVersion(&info.version);
+    if (CUresult r = api.cuInit(0); r != kSuccess) {
+        info.reason = "the CUDA driver failed to initialise: " + error_text(r);
+        return;
+    }
+    api.cuDeviceGetCount(&info.device_count);
+    if (info.device_count == 0) {
+        info.reason = "the CUDA driver found no device";
+        return;
+    }
+    info.available = true;
+}
+
+// ---- records waiting on a host function ------------------------------------------------------
+// The host function receives a key (generation << 32 | slot), never a pointer, so a record that
+// the backstop already failed and freed can never be touched by a late host function.
+struct Slot { Node* node; Ctx ctx; uint32_t gen; };
+std::mutex table_mu;
+std::condition_variable table_cv;
+std::vector<Slot> slots;
+std::vector<uint32_t> free_slots;
+std::unordered_map<Ctx, size_t> pending_per_ctx;
+size_t pending_total = 0;
+bool backstop_started = false;
+int backstop_period_ms = 20;
+
+void backstop();
+
+uint64_t table_add(Node* n, Ctx ctx) {
+    std::lock_guard<std::mutex> g(table_mu);
+    uint32_t idx;
+    if (!free_slots.empty()) {
+        idx = free_slots.back();
+        free_slots.pop_back();
+    } else {
+        idx = static_cast<uint32_t>(slots.size());
+        slots.push_back(Slot{nullptr, nullptr, 1});
+    }
+    Slot& s = slots[idx];
+    s.node = n;
+    s.ctx = ctx;
+    ++pending_total;
+    if (pending_per_ctx[ctx]++ == 0) table_cv.notify_one();  // wake the backstop only on an edge
+    if (!backstop_started) {
+        backstop_started = true;
+        std::thread(backstop).detach();
+    }
+    return (static_cast<uint64_t>(s.gen) << 32) | idx;
+}
+
+Node* take_locked(uint32_t idx) {
+    Slot& s = slots[idx];
+    Node* n = s.node;
+    auto it = pending_per_ctx.find(s.ctx);
+    if (--it->second == 0) pending_per_ctx.erase(it);
+    --pending_total;
+    s.node = nullptr;
+    if (++s.gen == 0) s.gen = 1;
+    free_slots.push_back(idx);
+    return n;
+}
+
+Node* table_take(uint64_t key) {
+    uint32_t idx = static_cast<uint32_t>(key);
+    uint32_t gen = static_cast<uint32_t>(key >> 32);
+    std::lock_guard<std::mutex> g(table_mu);
+    if (idx >= slots.size() || slots[idx].gen != gen || !slots[idx].node) return nullptr;
+    return take_locked(idx);
+}
+
+// Runs on the driver's thread: native memory only, no GIL, no CUDA call.
+void host_fn(void* user_data) {
+    if (Node* n = table_take(reinterpret_cast<uintptr_t>(user_data))) complete(n, kSuccess);
+}
+
+void fail_ctx(Ctx ctx, CUresult code) {
+    std::vector<Node*> failed;
+    {
+        std::lock_guard<std::mutex> g(table_mu);
+        for (uint32_t i = 0; i < slots.size(); ++i)
+            if (slots[i].node && slots[i].ctx == ctx) failed.push_back(take_locked(i));
+    }
+    for (Node* n : failed) complete(n, code);
+}
+
+// cuLaunchHostFunc never calls its function after a context error, so without this a sticky
+// error would leave every pending await hanging. While records are pending it asks each of their
+// contexts, every period, whether the context is still healthy; idle, it sleeps on a condvar.
+void backstop() {
+    std::vector<Ctx> ctxs;
+    for (;;) {
+        {
+            std::unique_lock<std::mutex> g(table_mu);
+            table_cv.wait(g, [] { return !pending_per_ctx.empty(); });
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(backstop_period_ms));
+        ctxs.clear();
+        {
+            std::lock_guard<std::mutex> g(table_mu);
+            for (auto& kv : pending_per_ctx) ctxs.push_back(kv.first);
+        }
+        for (Ctx c : ctxs) {
+            // The legacy stream of the context reports the context's sticky error, if any.
+            if (api.cuCtxSetCurrent(c) != kSuccess) continue;
+            CUresult r = api.cuStreamQuery(nullptr);
+            if (r != kSuccess && r != kNotReady) fail_ctx(c, r);
+        }
+    }
+}
+
+// ---- contexts ----------------------------------------------------------------------------------
+std::mutex ctx_mu;
+std::vector<Ctx> primaries;  // primary contexts seen so far (retained, never released)
+
+bool is_primary(Ctx ctx) {
+    std::lock_guard<std::mutex> g(ctx_mu);
+    if (std::find(primaries.begin(), primaries.end(), ctx) != primaries.end()) return true;
+    for (int dev = 0; dev < info.device_count; ++dev) {
+        unsigned flags = 0;
+        int active = 0;
+        // Only look at primary contexts that exist: retaining an inactive one would create it.
+        if (api.cuDevicePrimaryCtxGetState(dev, &flags, &active) != kSuccess || !active) continue;
+        Ctx p = nullptr;
+        if (api.cuDevicePrimaryCtxRetain(&p, dev) != kSuccess) continue;
+        if (std::find(primaries.begin(), primaries.end(), p) == primaries.end())
+            primaries.push_back(p);
+        if (p == ctx) return true;
+    }
+    return false;
+}
+
+CUresult check_ready(std::string* why) {
+    const DriverInfo& d = load();
+    if (!d.available) {
+        *why = d.reason;
+        return kNotLoaded;
+    }
+    if (forked) {
+        *why = "CUDA was initialised in the parent process before fork(), and the driver cannot be "
+               "used in a forked child: start worker processes with multiprocessing's 'spawn' "
+               "method";
+        return kForked;
+    }
+    return kSuccess;
+}
+
+// The context `stream` belongs to. Handles 0, 1 (CU_STREAM_LEGACY) and 2 (CU_STREAM_PER_THREAD)
+// mean the current context; with none current, device 0's primary context becomes current, as
+// the CUDA runtime does.
+CUresult stream_ctx(uintptr_t stream, Ctx* ctx, std::string* why) {
+    CUresult r;
+    if (stream <= 2) {
+        if ((r = api.cuCtxGetCurrent(ctx)) != kSuccess) return r;
+        if (!*ctx) {
+            int dev = 0;
+            if ((r = api.cuDeviceGet(&dev, 0)) != kSuccess) return r;
+            if ((r = api.cuDevicePrimaryCtxRetain(ctx, dev)) != kSuccess) return r;
+            if ((r = api.cuCtxSetCurrent(*ctx)) != kSuccess) return r;
+        }
+    } else if ((r = api.cuStreamGetCtx(reinterpret_cast<Stream>(stream), ctx)) != kSuccess) {
+        return r;
+    }
+    if (!is_primary(*ctx)) {
+        *why = "the stream belongs to a CUDA context that is not a device's primary context; "
+               "aiocuda supports primary contexts only (the ones PyTorch and TensorFlow use)";
+        return kNotPrimary;
+    }
+    return kSuccess;
+}
+
+void discard(Node* n) {
+    Queue* q = n->queue;
+    free_node(n);
+    q->release();
+}
+
+}  // namespace
+
+const DriverInfo& load() {
+    std::call_once(load_once, do_load);
+    return info;
+}
+
+std::string error_text(CUresult code) {
+    const char* name = nullptr;
+    const char* text = nullptr;
+    if (api.cuGetErrorName) api.cuGetErrorName(code, &name);
+    if (api.cuGetErrorString) api.cuGetErrorString(code, &text);
+    std::string s = name ? name : "CUDA_ERROR_" + std::to_string(code);
+    if (text) s += std::string(": ") + text;
+    return s;
+}
+
+std::string device_name(int ordinal) {
+    char buf[256] = {0};
+    int dev = 0;
+    if (!load().available || api.cuDeviceGet(&dev, ordinal) != kSuccess ||
+        api.cuDeviceGetName(buf, sizeof buf - 1, dev) != kSuccess)
+        return "";
+    return buf;
+}
+
+CUresult submit(uintptr_t stream, Node* n, std::string* why) {
+    Ctx ctx = nullptr;
+    CUresult r = check_ready(why);
+    if (r == kSuccess) r = stream_ctx(stream, &ctx, why);
+    if (r != kSuccess) {
+        discard(n);
+        return r;
+    }
+    uint64_t key = table_add(n, ctx);
+    r = api.cuLaunchHostFunc(reinterpret_cast<Stream>(stream), host_fn,
+                             reinterpret_cast<void*>(key));
+    if (r != kSuccess) {
+        // Not enqueued. If the backstop got to it first it is already on its way to the loop,
+        // which drops tokens nobody waits for.
+        if (Node* back = table_take(key)) discard(back);
+    }
+    return r;
+}
+
+CUresult event_record(uintptr_t stream, uintptr_t* ev, std::string* why) {
+    Ctx ctx = nullptr, cur = nullptr;
+    CUresult r = check_ready(why);
+    if (r == kSuccess) r = stream_ctx(stream, &ctx, why);
+    if (r == kSuccess) r = api.cuCtxGetCurrent(&cur);
+    if (r != kSuccess) return r;
+    bool push = cur != ctx;  // cuEventCreate uses the current context: make it the stream's
+    if (push && (r = api.cuCtxPushCurrent(ctx)) != kSuccess) return r;
+    Event e = nullptr;
+    r = api.cuEventCreate(&e, kEventDisableTiming);
+    if (r == kSuccess && (r = api.cuEventRecord(e, reinterpret_cast<Stream>(stream))) != kSuccess) {
+        api.cuEventDestroy(e);
+        e = nullptr;
+    }
+    if (push) {
+        Ctx popped;
+        api.cuCtxPopCurrent(&popped);
+    }
+    *ev = reinterpret_cast<uintptr_t>(e);
+    return r;
+}
+
+CUresult event_query(uintptr_t ev) { return api.cuEventQuery(reinterpret_cast<Event>(ev)); }
+
+void event_destroy(uintptr_t ev) {
+    if (!forked && ev) api.cuEventDestroy(reinterpret_cast<Event>(ev));
+}
+
+size_t pending() {
+    std::lock_guard<std::mutex> g(table_mu);
+    return pending_total;
+}
+
+void set_backstop_period_ms(int ms) { backstop_period_ms = std::max(1, ms); }
+
+void after_fork_in_child() {
+    // Only this thread exists now; locks held by the parent's other threads are reset, and the
+    // parent's pending records are forgotten (they belong to the parent's queues).
+    new (&table_mu) std::mutex();
+    new (&table_cv) std::condition_variable();
+    new (&ctx_mu) std::mutex();
+    slots.clear();
+    free_slots.clear();
+    pending_per_ctx.clear();
+    pending_total = 0;
+    backstop_started = false;
+    if (info.available) forked = true;
+}
+
+}  // namespace aiocuda::cuda

@@ -1,0 +1,127 @@
+#include "queue.hpp"
+
+#include <cerrno>
+#include <new>
+#include <stdexcept>
+#include <system_error>
+#include <fcntl.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <sys/eventfd.h>
+#endif
+
+namespace aiocuda {
+
+std::atomic<int64_t> g_live_nodes{0};
+std::atomic<uint32_t> g_fork_epoch{0};
+
+Node* new_node(Queue* q) {
+    Node* n = new Node{nullptr, q, q->next_token(), kOk};
+    q->retain();
+    g_live_nodes.fetch_add(1, std::memory_order_relaxed);
+    return n;
+}
+
+void free_node(Node* n) noexcept {
+    g_live_nodes.fetch_sub(1, std::memory_order_relaxed);
+    delete n;
+}
+
+void complete(Node* n, int32_t status) noexcept {
+    Queue* q = n->queue;  // read before the push: the consumer may free `n` right after it
+    n->status = status;
+    q->push(n);
+    q->release();
+}
+
+Queue* Queue::create() {
+#ifdef __linux__
+    int fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (fd < 0) throw std::system_error(errno, std::generic_category(), "eventfd");
+    return new Queue(fd, fd);
+#else
+    int fds[2];
+    if (::pipe(fds) != 0) throw std::system_error(errno, std::generic_category(), "pipe");
+    for (int fd : fds) {
+        ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+        ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+    }
+    return new Queue(fds[0], fds[1]);
+#endif
+}
+
+Queue::Queue(int rfd, int wfd)
+    : epoch_(g_fork_epoch.load(std::memory_order_relaxed)), rfd_(rfd), wfd_(wfd) {}
+
+Queue::~Queue() {
+    // Only reached once no producer holds a reference, so nothing can push any more.
+    Node* n = head_.exchange(nullptr, std::memory_order_acquire);
+    while (n) { Node* next = n->next; free_node(n); n = next; }
+    for (n = backlog_head_; n;) { Node* next = n->next; free_node(n); n = next; }
+    ::close(rfd_);
+    if (wfd_ != rfd_) ::close(wfd_);
+}
+
+void Queue::release() noexcept {
+    if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
+}
+
+void Queue::push(Node* n) noexcept {
+    Node* old = head_.load(std::memory_order_relaxed);
+    do {
+        n->next = old;
+    } while (!head_.compare_exchange_weak(old, n, std::memory_order_release,
+                                          std::memory_order_relaxed));
+    if (old == nullptr) signal();  // coalesced: only the push that made the stack non-empty
+}
+
+void Queue::signal() noexcept {
+    // Enqueue and signal, ignore EAGAIN: a full counter or pipe already means "readable".
+#ifdef __linux__
+    uint64_t one = 1;
+    ssize_t r;
+    do { r = ::write(wfd_, &one, sizeof one); } while (r < 0 && errno == EINTR);
+#else
+    char one = 1;
+    ssize_t r;
+    do { r = ::write(wfd_, &one, 1); } while (r < 0 && errno == EINTR);
+#endif
+}
+
+void Queue::clear_signal() noexcept {
+    char buf[64];
+    for (;;) {
+        ssize_t r = ::read(rfd_, buf, sizeof buf);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0 || rfd_ == wfd_) return;  // one eventfd read resets its counter
+    }
+}
+
+size_t Queue::drain(size_t max, Node** out, bool* more) noexcept {
+    if (backlog_len_ < max) {
+        // Clear the wake-up before taking the stack: a push after the exchange signals again.
+        clear_signal();
+        Node* n = head_.exchange(nullptr, std::memory_order_acquire);
+        // The stack is newest-first; reverse it onto the end of the FIFO backlog.
+        Node* fifo = nullptr;
+        Node* last = n;
+        size_t count = 0;
+        while (n) { Node* next = n->next; n->next = fifo; fifo = n; n = next; ++count; }
+        if (fifo) {
+            if (backlog_tail_) backlog_tail_->next = fifo; else backlog_head_ = fifo;
+            backlog_tail_ = last;
+            backlog_len_ += count;
+        }
+    }
+    size_t k = 0;
+    while (k < max && backlog_head_) {
+        out[k++] = backlog_head_;
+        backlog_head_ = backlog_head_->next;
+    }
+    if (!backlog_head_) backlog_tail_ = nullptr;
+    backlog_len_ -= k;
+    *more = backlog_len_ != 0;
+    return k;
+}
+
+}  // namespace aiocuda

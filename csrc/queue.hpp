@@ -1,0 +1,74 @@
+// The completion queue: many producers (CUDA host functions, CPU workers), one consumer (the loop).
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+
+namespace aiocuda {
+
+// Completion status carried by a record: 0 ok, > 0 a CUresult, < 0 one of ours.
+enum Status : int32_t {
+    kOk = 0,
+    kCallReturned = -1,  // CPU call: the return value waits in the outcomes dict
+    kCallRaised = -2,    // CPU call: the exception waits in the outcomes dict
+};
+
+class Queue;
+
+// One submission (32 bytes). Producers touch only `next` and `status` and push it to `queue`;
+// nothing here is a Python object.
+struct Node {
+    Node* next;
+    Queue* queue;  // holds a reference while the record is in flight
+    uint64_t token;
+    int32_t status;
+};
+
+// Counts live records so tests can check that each is freed exactly once.
+extern std::atomic<int64_t> g_live_nodes;
+// Bumped in a forked child: objects from an older epoch belong to the parent.
+extern std::atomic<uint32_t> g_fork_epoch;
+
+// Loop thread: a record for `q`, with a fresh token; takes a reference on `q`.
+Node* new_node(Queue* q);
+void free_node(Node* n) noexcept;
+// Any thread: hand a finished record to its queue and drop the queue reference it held.
+void complete(Node* n, int32_t status) noexcept;
+
+class Queue {
+public:
+    // Owned by Python (one reference) plus one per submission in flight.
+    static Queue* create();
+    void retain() noexcept { refs_.fetch_add(1, std::memory_order_relaxed); }
+    void release() noexcept;
+
+    // Any thread: link the record, wake the loop only on the empty -> non-empty edge.
+    void push(Node* n) noexcept;
+
+    // Loop thread only.
+    int fd() const noexcept { return rfd_; }
+    uint64_t next_token() noexcept { return ++last_token_; }
+    // Pops up to `max` records in completion order into `out`; returns how many; `more` says
+    // whether records are left for another pass.
+    size_t drain(size_t max, Node** out, bool* more) noexcept;
+    bool stale() const noexcept { return epoch_ != g_fork_epoch.load(std::memory_order_relaxed); }
+
+private:
+    Queue(int rfd, int wfd);
+    ~Queue();
+    void signal() noexcept;
+    void clear_signal() noexcept;
+
+    alignas(64) std::atomic<Node*> head_{nullptr};  // LIFO stack written by producers
+    alignas(64) std::atomic<int64_t> refs_{1};
+    Node* backlog_head_ = nullptr;  // consumer-private, FIFO
+    Node* backlog_tail_ = nullptr;
+    size_t backlog_len_ = 0;
+    uint64_t last_token_ = 0;
+    uint32_t epoch_;
+    int rfd_;
+    int wfd_;  // == rfd_ for an eventfd
+};
+
+}  // namespace aiocuda

@@ -1,0 +1,251 @@
+"""The public API: synchronize, record, Event, CpuStream, backends."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import math
+import weakref
+from collections.abc import Callable, Generator
+from typing import Any, Protocol, TypeVar, Union, runtime_checkable
+
+from . import _core
+from ._errors import AiocudaError, CudaError
+from ._loop import running_loop, state_for
+
+__all__ = ["CpuStream", "Event", "StreamLike", "backends", "record", "synchronize"]
+
+T = TypeVar("T")
+
+
+@runtime_checkable
+class _CudaStreamProtocol(Protocol):
+    def __cuda_stream__(self) -> tuple[int, int]: ...
+
+
+#: What a stream argument may be: a CpuStream, an object with ``__cuda_stream__`` (cuda.core,
+#: CuPy, numba), an object with a ``cuda_stream`` attribute (``torch.cuda.Stream``), or a raw
+#: ``CUstream`` handle as an int (0 is the legacy default stream).
+StreamLike = Union["CpuStream", _CudaStreamProtocol, Any, int]
+
+_U64 = 1 << 64
+
+
+def _cuda_handle(stream: object) -> int:
+    """Return the raw CUstream handle of a CUDA stream-like object."""
+    if isinstance(stream, bool):
+        raise TypeError("a stream cannot be a bool; pass a stream object or an int handle")
+    if isinstance(stream, int):
+        handle = stream
+    else:
+        proto = getattr(stream, "__cuda_stream__", None)
+        if proto is not None:
+            value = proto() if callable(proto) else proto
+            if not (isinstance(value, tuple) and len(value) == 2):
+                raise TypeError(
+                    f"{type(stream).__name__}.__cuda_stream__ returned {value!r}; the protocol "
+                    "expects a (version, handle) tuple"
+                )
+            handle = value[1]
+        elif hasattr(stream, "cuda_stream"):
+            handle = stream.cuda_stream
+        else:
+            raise TypeError(
+                f"expected a stream: an aiocuda.CpuStream, an object with __cuda_stream__ "
+                f"(cuda.core, CuPy, numba), a torch.cuda.Stream, or an int CUstream handle; "
+                f"got {type(stream).__name__}"
+            )
+        if not isinstance(handle, int) or isinstance(handle, bool):
+            raise TypeError(
+                f"the CUDA stream handle of {type(stream).__name__} is "
+                f"{type(handle).__name__}, not int"
+            )
+    if handle < 0 or handle >= _U64:
+        raise ValueError(f"CUstream handle {handle} is out of range: handles are in [0, 2**64)")
+    return handle
+
+
+def _refused(queue: _core.CompletionQueue) -> Exception:
+    code, text = queue.last_error()
+    if code > 0:
+        return CudaError(code, text)
+    return AiocudaError(text)
+
+
+def synchronize(stream: StreamLike) -> asyncio.Future[None]:
+    """Return a future done when all work enqueued on `stream` before the call has finished.
+
+    The future fails with :class:`CudaError` if the GPU work failed. It needs a running loop.
+    """
+    loop = running_loop("aiocuda.synchronize()")
+    st = state_for(loop)
+    if type(stream) is CpuStream:
+        token = st.queue.submit_cpu(stream._native)
+    else:
+        token = st.queue.submit_cuda(_cuda_handle(stream))
+    if not token:
+        raise _refused(st.queue)
+    fut = loop.create_future()
+    st.futures[token] = fut
+    return fut
+
+
+def record(stream: StreamLike) -> Event:
+    """Record an event at the current end of `stream`'s work; the event is awaitable."""
+    loop = running_loop("aiocuda.record()")
+    st = state_for(loop)
+    if type(stream) is CpuStream:
+        cpu_event = _core.CpuEvent()
+        err = stream._native.record(cpu_event)
+        if err:
+            raise AiocudaError(err)
+        token = st.queue.submit_cpu(stream._native)
+        ev = Event(cpu_event, 0)
+    else:
+        handle = _cuda_handle(stream)
+        code, cuda_event, why = _core.cuda_event_record(handle)
+        if code:
+            raise CudaError(code, why) if code > 0 else AiocudaError(why)
+        ev = Event(None, cuda_event)
+        token = st.queue.submit_cuda(handle)
+    if not token:
+        raise _refused(st.queue)
+    fut: asyncio.Future[None] = loop.create_future()
+    st.futures[token] = fut
+    fut.add_done_callback(_mark_retrieved)
+    ev._fut = fut
+    return ev
+
+
+def _mark_retrieved(fut: asyncio.Future[Any]) -> None:
+    # An event nobody awaits may still fail; its awaiters get the error through shield().
+    if not fut.cancelled():
+        fut.exception()
+
+
+class Event:
+    """A point in a stream's work, made by :func:`record`. ``await event`` waits for it.
+
+    Awaiting is shielded: cancelling one awaiter does not cancel the event for the others.
+    """
+
+    __slots__ = ("_cpu", "_cuda", "_fut", "__weakref__")
+
+    def __init__(self, cpu: _core.CpuEvent | None, cuda: int) -> None:
+        self._cpu = cpu
+        self._cuda = cuda
+        self._fut: asyncio.Future[None]
+
+    def done(self) -> bool:
+        """Return True if the work before the event has finished (never blocks)."""
+        if self._cpu is not None:
+            return self._cpu.done()
+        code = _core.cuda_event_query(self._cuda)
+        if code == 0:
+            return True
+        if code == 600:  # CUDA_ERROR_NOT_READY
+            return False
+        raise CudaError(code, _core.cuda_error_text(code))
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return asyncio.shield(self._fut).__await__()
+
+    def __del__(self) -> None:
+        if self._cuda:
+            _core.cuda_event_destroy(self._cuda)  # the driver defers it if still pending
+            self._cuda = 0
+
+    def __repr__(self) -> str:
+        kind = "cpu" if self._cpu is not None else "cuda"
+        state = "done" if self._fut.done() else "pending"
+        return f"<aiocuda.Event {kind} {state}>"
+
+
+_live_streams: weakref.WeakSet[CpuStream] = weakref.WeakSet()
+
+
+class CpuStream:
+    """An in-order native worker with CUDA stream semantics: the cpu backend.
+
+    Work runs in submission order; ``await stream`` waits for everything submitted so far;
+    ``wait_event`` makes later work wait for an event, as ``cuStreamWaitEvent`` does.
+    """
+
+    __slots__ = ("_native", "__weakref__")
+
+    def __init__(self) -> None:
+        self._native = _core.CpuStream()
+        _live_streams.add(self)
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+        """Run ``fn(*args, **kwargs)`` on the stream; the future gets its result or exception."""
+        if not callable(fn):
+            raise TypeError(f"submit() needs a callable, got {type(fn).__name__}")
+        loop = running_loop("CpuStream.submit()")
+        st = state_for(loop)
+        token = st.queue.submit_call(self._native, fn, args, kwargs or None, st.outcomes)
+        if not token:
+            raise _refused(st.queue)
+        fut: asyncio.Future[T] = loop.create_future()
+        st.futures[token] = fut
+        return fut
+
+    def synchronize(self) -> asyncio.Future[None]:
+        """Return a future done when all work submitted so far has run."""
+        return synchronize(self)
+
+    def record(self) -> Event:
+        """Record an event at the current end of the stream."""
+        return record(self)
+
+    def wait_event(self, event: Event) -> None:
+        """Make work submitted after this call wait until `event` has completed."""
+        if not isinstance(event, Event):
+            raise TypeError(f"wait_event() needs an aiocuda.Event, got {type(event).__name__}")
+        if event._cpu is None:
+            raise TypeError("a CpuStream can only wait on events recorded on a CpuStream")
+        err = self._native.wait_event(event._cpu)
+        if err:
+            raise AiocudaError(err)
+
+    def delay(self, seconds: float) -> None:
+        """Hold the stream for `seconds` without the GIL (the cpu analogue of a sleep kernel)."""
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise TypeError(f"seconds must be a number, got {type(seconds).__name__}")
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"seconds must be finite and >= 0, got {seconds}")
+        err = self._native.delay(float(seconds))
+        if err:
+            raise AiocudaError(err)
+
+    def close(self) -> None:
+        """Stop accepting work and wait for the work already submitted. Idempotent."""
+        self._native.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._native.closed
+
+    def __enter__(self) -> CpuStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return synchronize(self).__await__()
+
+    def __repr__(self) -> str:
+        return f"<aiocuda.CpuStream {'closed' if self.closed else 'open'}>"
+
+
+@atexit.register
+def _close_streams() -> None:
+    # Join the workers while the interpreter can still run the calls they hold.
+    for s in list(_live_streams):
+        s.close()
+
+
+def backends() -> tuple[str, ...]:
+    """Return the usable backends: ``("cpu",)`` or ``("cpu", "cuda")``."""
+    return ("cpu", "cuda") if _core.cuda_info()["available"] else ("cpu",)
