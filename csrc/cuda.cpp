@@ -3,6 +3,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
@@ -130,56 +131,64 @@ void do_load() {
 // The host function receives a key (generation << 32 | slot), never a pointer, so a record that
 // the backstop already failed and freed can never be touched by a late host function.
 struct Slot { Node* node; Ctx ctx; uint32_t gen; };
-std::mutex table_mu;
-std::condition_variable table_cv;
-std::vector<Slot> slots;
-std::vector<uint32_t> free_slots;
-std::unordered_map<Ctx, size_t> pending_per_ctx;
-size_t pending_total = 0;
-bool backstop_started = false;
-int backstop_period_ms = 20;
+
+// Heap-allocated and never destroyed: the backstop thread waits on `cv` until the process ends,
+// and destroying a condition variable with a waiter blocks forever at exit.
+struct Table {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::vector<Slot> slots;
+    std::vector<uint32_t> free_slots;
+    std::unordered_map<Ctx, size_t> pending_per_ctx;
+    size_t pending_total = 0;
+    bool backstop_started = false;
+    std::mutex ctx_mu;
+    std::vector<Ctx> primaries;  // primary contexts seen so far (retained, never released)
+};
+Table* table = new Table;
+std::atomic<int> backstop_period_ms{20};
 
 void backstop();
 
 uint64_t table_add(Node* n, Ctx ctx) {
-    std::lock_guard<std::mutex> g(table_mu);
+    std::lock_guard<std::mutex> g(table->mu);
     uint32_t idx;
-    if (!free_slots.empty()) {
-        idx = free_slots.back();
-        free_slots.pop_back();
+    if (!table->free_slots.empty()) {
+        idx = table->free_slots.back();
+        table->free_slots.pop_back();
     } else {
-        idx = static_cast<uint32_t>(slots.size());
-        slots.push_back(Slot{nullptr, nullptr, 1});
+        idx = static_cast<uint32_t>(table->slots.size());
+        table->slots.push_back(Slot{nullptr, nullptr, 1});
     }
-    Slot& s = slots[idx];
+    Slot& s = table->slots[idx];
     s.node = n;
     s.ctx = ctx;
-    ++pending_total;
-    if (pending_per_ctx[ctx]++ == 0) table_cv.notify_one();  // wake the backstop only on an edge
-    if (!backstop_started) {
-        backstop_started = true;
+    ++table->pending_total;
+    if (table->pending_per_ctx[ctx]++ == 0) table->cv.notify_one();  // wake the backstop only on an edge
+    if (!table->backstop_started) {
+        table->backstop_started = true;
         std::thread(backstop).detach();
     }
     return (static_cast<uint64_t>(s.gen) << 32) | idx;
 }
 
 Node* take_locked(uint32_t idx) {
-    Slot& s = slots[idx];
+    Slot& s = table->slots[idx];
     Node* n = s.node;
-    auto it = pending_per_ctx.find(s.ctx);
-    if (--it->second == 0) pending_per_ctx.erase(it);
-    --pending_total;
+    auto it = table->pending_per_ctx.find(s.ctx);
+    if (--it->second == 0) table->pending_per_ctx.erase(it);
+    --table->pending_total;
     s.node = nullptr;
     if (++s.gen == 0) s.gen = 1;
-    free_slots.push_back(idx);
+    table->free_slots.push_back(idx);
     return n;
 }
 
 Node* table_take(uint64_t key) {
     uint32_t idx = static_cast<uint32_t>(key);
     uint32_t gen = static_cast<uint32_t>(key >> 32);
-    std::lock_guard<std::mutex> g(table_mu);
-    if (idx >= slots.size() || slots[idx].gen != gen || !slots[idx].node) return nullptr;
+    std::lock_guard<std::mutex> g(table->mu);
+    if (idx >= table->slots.size() || table->slots[idx].gen != gen || !table->slots[idx].node) return nullptr;
     return take_locked(idx);
 }
 
@@ -191,9 +200,9 @@ void host_fn(void* user_data) {
 void fail_ctx(Ctx ctx, CUresult code) {
     std::vector<Node*> failed;
     {
-        std::lock_guard<std::mutex> g(table_mu);
-        for (uint32_t i = 0; i < slots.size(); ++i)
-            if (slots[i].node && slots[i].ctx == ctx) failed.push_back(take_locked(i));
+        std::lock_guard<std::mutex> g(table->mu);
+        for (uint32_t i = 0; i < table->slots.size(); ++i)
+            if (table->slots[i].node && table->slots[i].ctx == ctx) failed.push_back(take_locked(i));
     }
     for (Node* n : failed) complete(n, code);
 }
@@ -205,14 +214,14 @@ void backstop() {
     std::vector<Ctx> ctxs;
     for (;;) {
         {
-            std::unique_lock<std::mutex> g(table_mu);
-            table_cv.wait(g, [] { return !pending_per_ctx.empty(); });
+            std::unique_lock<std::mutex> g(table->mu);
+            table->cv.wait(g, [] { return !table->pending_per_ctx.empty(); });
         }
-        std::this_thread::sleep_for(std::chrono::milliseconds(backstop_period_ms));
+        std::this_thread::sleep_for(std::chrono::milliseconds(backstop_period_ms.load()));
         ctxs.clear();
         {
-            std::lock_guard<std::mutex> g(table_mu);
-            for (auto& kv : pending_per_ctx) ctxs.push_back(kv.first);
+            std::lock_guard<std::mutex> g(table->mu);
+            for (auto& kv : table->pending_per_ctx) ctxs.push_back(kv.first);
         }
         for (Ctx c : ctxs) {
             // The legacy stream of the context reports the context's sticky error, if any.
@@ -224,12 +233,10 @@ void backstop() {
 }
 
 // ---- contexts ----------------------------------------------------------------------------------
-std::mutex ctx_mu;
-std::vector<Ctx> primaries;  // primary contexts seen so far (retained, never released)
 
 bool is_primary(Ctx ctx) {
-    std::lock_guard<std::mutex> g(ctx_mu);
-    if (std::find(primaries.begin(), primaries.end(), ctx) != primaries.end()) return true;
+    std::lock_guard<std::mutex> g(table->ctx_mu);
+    if (std::find(table->primaries.begin(), table->primaries.end(), ctx) != table->primaries.end()) return true;
     for (int dev = 0; dev < info.device_count; ++dev) {
         unsigned flags = 0;
         int active = 0;
@@ -237,8 +244,8 @@ bool is_primary(Ctx ctx) {
         if (api.cuDevicePrimaryCtxGetState(dev, &flags, &active) != kSuccess || !active) continue;
         Ctx p = nullptr;
         if (api.cuDevicePrimaryCtxRetain(&p, dev) != kSuccess) continue;
-        if (std::find(primaries.begin(), primaries.end(), p) == primaries.end())
-            primaries.push_back(p);
+        if (std::find(table->primaries.begin(), table->primaries.end(), p) == table->primaries.end())
+            table->primaries.push_back(p);
         if (p == ctx) return true;
     }
     return false;
@@ -363,23 +370,16 @@ void event_destroy(uintptr_t ev) {
 }
 
 size_t pending() {
-    std::lock_guard<std::mutex> g(table_mu);
-    return pending_total;
+    std::lock_guard<std::mutex> g(table->mu);
+    return table->pending_total;
 }
 
 void set_backstop_period_ms(int ms) { backstop_period_ms = std::max(1, ms); }
 
 void after_fork_in_child() {
-    // Only this thread exists now; locks held by the parent's other threads are reset, and the
-    // parent's pending records are forgotten (they belong to the parent's queues).
-    new (&table_mu) std::mutex();
-    new (&table_cv) std::condition_variable();
-    new (&ctx_mu) std::mutex();
-    slots.clear();
-    free_slots.clear();
-    pending_per_ctx.clear();
-    pending_total = 0;
-    backstop_started = false;
+    // Only this thread exists now: the parent's locks may be held forever and its pending
+    // records belong to its queues. Start from a fresh table and leak the old one.
+    table = new Table;
     if (info.available) forked = true;
 }
 

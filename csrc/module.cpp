@@ -1,11 +1,16 @@
-// aiocuda._core: a completion queue with an fd, submissions, and a bounded drain. Everything
-// asyncio-shaped lives in Python.
+// aiocuda._core: a completion queue with an fd, submissions, and a bounded drain.
+//
+// The hot path (submit a wait, resolve a batch) is native because it runs once per operation;
+// everything else asyncio-shaped (loop states, errors, statistics) lives in Python and is reached
+// through a few hooks installed at import.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <pthread.h>
 
+#include <atomic>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "cpu.hpp"
 #include "cuda.hpp"
@@ -17,9 +22,39 @@ using namespace aiocuda;
 namespace {
 
 constexpr size_t kMaxBatch = 65536;
+constexpr int kRefused = -100;  // a cpu-backend submission was refused (closed stream, fork)
 
-// The loop's side of a Queue. Submissions report failure as token 0 plus last_error(), so no
-// Python exception is raised from native code.
+// Python callables installed by aiocuda._api (see install_hooks).
+struct Hooks {
+    PyObject* get_running_loop = nullptr;  // asyncio._get_running_loop
+    PyObject* state_for = nullptr;         // loop -> LoopState (with .queue)
+    PyObject* cuda_handle = nullptr;       // stream-like -> int, or raises TypeError/ValueError
+    PyObject* refused = nullptr;           // (code, text) -> exception instance
+    PyObject* no_loop = nullptr;           // (what) -> exception instance
+    PyObject* invalid_state = nullptr;     // asyncio.InvalidStateError
+    PyObject* s_create_future = nullptr;
+    PyObject* s_set_result = nullptr;
+    PyObject* s_queue = nullptr;
+} hooks;
+
+PyObject* raise_from(PyObject* exc) {  // steals exc; always returns nullptr
+    if (!exc) return nullptr;
+    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc)), exc);
+    Py_DECREF(exc);
+    return nullptr;
+}
+
+PyObject* raise_refused(int code, const std::string& text) {
+    PyObject* msg = PyUnicode_FromStringAndSize(text.data(), static_cast<Py_ssize_t>(text.size()));
+    if (!msg) return nullptr;
+    return raise_from(PyObject_CallFunction(hooks.refused, "iN", code, msg));
+}
+
+// Bumped whenever a queue closes, so that no thread's cached (loop -> queue) is used after.
+std::atomic<uint64_t> g_queue_epoch{1};
+
+// The loop's side of a Queue: the futures waiting on it, by token, and the drain. Loop thread
+// only (it holds the GIL); producers never see this object.
 class PyQueue {
 public:
     PyQueue() : q_(Queue::create()) {}
@@ -28,87 +63,252 @@ public:
     PyQueue& operator=(const PyQueue&) = delete;
 
     void close() {
-        if (q_) q_->release();
+        if (!q_) return;
+        g_queue_epoch.fetch_add(1, std::memory_order_relaxed);
+        for (Slot& s : slots_) Py_CLEAR(s.fut);  // their loop is gone: nobody will await them
+        pending_ = 0;
+        q_->release();  // records in flight keep the native queue until they land
         q_ = nullptr;
     }
     bool closed() const { return q_ == nullptr; }
+
+    // In a forked child: fail every waiting future with `exc` (if `resolve`) and forget the
+    // parent's native queue without touching it.
+    void abandon(py::handle exc, bool resolve) {
+        g_queue_epoch.fetch_add(1, std::memory_order_relaxed);
+        for (Slot& s : slots_) {
+            if (!s.fut) continue;
+            if (resolve) {
+                PyObject* done = PyObject_CallMethod(s.fut, "done", nullptr);
+                if (done == Py_False) {
+                    PyObject* r = PyObject_CallMethod(s.fut, "set_exception", "O", exc.ptr());
+                    Py_XDECREF(r);
+                }
+                Py_XDECREF(done);
+                PyErr_Clear();
+            }
+            Py_CLEAR(s.fut);
+        }
+        pending_ = 0;
+        q_ = nullptr;  // leaked on purpose: it is the parent's
+    }
     int fd() const { return live()->fd(); }
     bool stale() const { return q_ && q_->stale(); }
+    size_t pending() const { return pending_; }
 
-    uint64_t submit_cpu(CpuStream& s) {
-        Node* n = new_node(live());
-        return accept(n, s.marker(n));
-    }
-    uint64_t submit_call(CpuStream& s, py::object fn, py::tuple args, py::object kwargs,
-                         py::dict outcomes) {
-        Node* n = new_node(live());
-        PyObject* kw = kwargs.is_none() ? nullptr : kwargs.release().ptr();
-        return accept(n, s.call(n, fn.release().ptr(), args.release().ptr(), kw,
-                                outcomes.release().ptr()));
-    }
-    uint64_t submit_cuda(uintptr_t stream) {
-        Node* n = new_node(live());
-        uint64_t token = n->token;
+    // Returns a new future that completes when `stream`'s prior work is done, or nullptr with a
+    // Python error set. `cpu` or `handle` names the stream.
+    PyObject* wait(PyObject* loop, CpuStream* cpu, uintptr_t handle) {
+        if (!q_) return raise_refused(kRefused, "the completion queue of this loop is closed");
+        PyObject* fut = PyObject_CallMethodNoArgs(loop, hooks.s_create_future);
+        if (!fut) return nullptr;
+        uint64_t token = put(fut);
+        Node* n = new_node(q_, token);
+        int code;
         std::string why;
-        int r;
-        {
-            py::gil_scoped_release nogil;  // cuLaunchHostFunc can block on a running host function
-            r = cuda::submit(stream, n, &why);  // frees n itself on failure
+        if (cpu) {
+            why = cpu->marker(n);
+            code = why.empty() ? 0 : kRefused;
+            if (code) discard(n);
+        } else {
+            Py_BEGIN_ALLOW_THREADS  // cuLaunchHostFunc can block on a running host function
+            code = cuda::submit(handle, n, &why);  // frees n itself on failure
+            Py_END_ALLOW_THREADS
+            if (code && why.empty()) why = cuda::error_text(code);
         }
-        if (r == 0) return token;
-        set_error(r, why.empty() ? cuda::error_text(r) : why);
-        return 0;
+        if (code) {
+            Py_XDECREF(take(token));
+            Py_DECREF(fut);
+            return raise_refused(code, why);
+        }
+        return fut;
     }
 
-    // Pops up to max finished records: (ok tokens, [(token, status) for the rest], more).
+    py::object submit_call(CpuStream& s, py::handle loop, py::object fn, py::tuple args,
+                           py::object kwargs, py::dict outcomes) {
+        live();
+        py::object fut = py::reinterpret_steal<py::object>(
+            PyObject_CallMethodNoArgs(loop.ptr(), hooks.s_create_future));
+        if (!fut) throw py::error_already_set();
+        uint64_t token = put(fut.ptr());
+        Node* n = new_node(q_, token);
+        PyObject* kw = kwargs.is_none() ? nullptr : kwargs.release().ptr();
+        std::string why = s.call(n, fn.release().ptr(), args.release().ptr(), kw,
+                                 outcomes.release().ptr());
+        if (!why.empty()) {
+            discard(n);
+            Py_XDECREF(take(token));
+            raise_refused(kRefused, why);
+            throw py::error_already_set();
+        }
+        return fut;
+    }
+
+    // Resolves up to `max` finished records. Successful waits are resolved here; the rest come
+    // back as [(future, status, token)] for Python. Returns (count, rest, more).
     py::tuple drain(size_t max) {
         Queue* q = live();
         if (max == 0 || max > kMaxBatch) max = kMaxBatch;
         if (buf_.size() < max) buf_.resize(max);
         bool more = false;
         size_t k = q->drain(max, buf_.data(), &more);
-        size_t n_ok = 0;
-        for (size_t i = 0; i < k; ++i) n_ok += buf_[i]->status == kOk;
-        py::list ok(n_ok);
-        py::list other;
-        size_t j = 0;
+        py::list rest;
         for (size_t i = 0; i < k; ++i) {
             Node* n = buf_[i];
-            if (n->status == kOk) {
-                PyList_SET_ITEM(ok.ptr(), j++, PyLong_FromUnsignedLongLong(n->token));
-            } else {
-                other.append(py::make_tuple(n->token, n->status));
+            uint64_t token = n->token;
+            int32_t status = n->status;
+            free_node(n);  // its producer already dropped the queue reference
+            PyObject* fut = take(token);
+            if (!fut) continue;  // its submission was refused after the fact
+            if (status != kOk) {
+                rest.append(py::make_tuple(py::reinterpret_steal<py::object>(fut), status, token));
+                continue;
             }
-            // The record's queue reference was dropped by its producer; only the memory is left.
-            free_node(n);
+            PyObject* r = PyObject_CallMethodOneArg(fut, hooks.s_set_result, Py_None);
+            if (r) {
+                Py_DECREF(r);
+            } else if (PyErr_ExceptionMatches(hooks.invalid_state)) {
+                PyErr_Clear();  // cancelled while waiting: never resurrect it
+            } else {
+                PyErr_WriteUnraisable(fut);
+            }
+            Py_DECREF(fut);
         }
-        return py::make_tuple(std::move(ok), std::move(other), more);
+        return py::make_tuple(k, std::move(rest), more);
     }
-
-    py::tuple last_error() const { return py::make_tuple(err_code_, err_text_); }
 
 private:
+    struct Slot { PyObject* fut; uint32_t gen; };
+
     Queue* live() const {
-        if (!q_) throw std::runtime_error("completion queue is closed");
+        if (!q_) throw std::runtime_error("the completion queue of this loop is closed");
         return q_;
     }
-    uint64_t accept(Node* n, const std::string& err) {
-        if (err.empty()) return n->token;
+    // Tokens are (generation << 32 | slot): a stale token never matches a reused slot.
+    uint64_t put(PyObject* fut) {
+        uint32_t idx;
+        if (!free_.empty()) {
+            idx = free_.back();
+            free_.pop_back();
+        } else {
+            idx = static_cast<uint32_t>(slots_.size());
+            slots_.push_back(Slot{nullptr, 1});
+        }
+        Py_INCREF(fut);
+        slots_[idx].fut = fut;
+        ++pending_;
+        return (static_cast<uint64_t>(slots_[idx].gen) << 32) | idx;
+    }
+    PyObject* take(uint64_t token) {  // the slot's reference, or nullptr
+        uint32_t idx = static_cast<uint32_t>(token);
+        if (idx >= slots_.size()) return nullptr;
+        Slot& s = slots_[idx];
+        if (s.gen != static_cast<uint32_t>(token >> 32) || !s.fut) return nullptr;
+        PyObject* fut = s.fut;
+        s.fut = nullptr;
+        if (++s.gen == 0) s.gen = 1;
+        free_.push_back(idx);
+        --pending_;
+        return fut;
+    }
+    static void discard(Node* n) {
         Queue* q = n->queue;
         free_node(n);
         q->release();
-        set_error(-100, err);
-        return 0;
-    }
-    void set_error(int code, std::string text) {
-        err_code_ = code;
-        err_text_ = std::move(text);
     }
 
     Queue* q_;
+    std::vector<Slot> slots_;
+    std::vector<uint32_t> free_;
+    size_t pending_ = 0;
     std::vector<Node*> buf_;
-    int err_code_ = 0;
-    std::string err_text_;
+};
+
+// ---- aiocuda.synchronize: native, because it runs once per operation -----------------------
+struct LoopCache {
+    PyObject* loop = nullptr;   // borrowed: compared by identity only
+    PyObject* state = nullptr;  // strong: keeps `queue` alive
+    PyQueue* queue = nullptr;
+    uint64_t epoch = 0;
+};
+thread_local LoopCache t_cache;
+
+PyQueue* queue_for(PyObject* loop) {
+    LoopCache& c = t_cache;
+    if (c.loop == loop && c.epoch == g_queue_epoch.load(std::memory_order_relaxed)) return c.queue;
+    uint64_t epoch = g_queue_epoch.load(std::memory_order_relaxed);
+    PyObject* st = PyObject_CallOneArg(hooks.state_for, loop);
+    if (!st) return nullptr;
+    PyObject* qo = PyObject_GetAttr(st, hooks.s_queue);
+    if (!qo) {
+        Py_DECREF(st);
+        return nullptr;
+    }
+    PyQueue* q = py::handle(qo).cast<PyQueue*>();
+    Py_DECREF(qo);
+    Py_XSETREF(c.state, st);
+    c.loop = loop;
+    c.queue = q;
+    c.epoch = epoch;
+    return q;
+}
+
+PyObject* running_loop(const char* what) {
+    PyObject* loop = PyObject_CallNoArgs(hooks.get_running_loop);
+    if (loop == Py_None) {
+        Py_DECREF(loop);
+        return raise_from(PyObject_CallFunction(hooks.no_loop, "s", what));
+    }
+    return loop;
+}
+
+PyObject* synchronize(PyObject*, PyObject* stream) {
+    try {
+        PyObject* loop = running_loop("aiocuda.synchronize()");
+        if (!loop) return nullptr;
+        PyObject* result = nullptr;
+        if (PyQueue* q = queue_for(loop)) {
+            CpuStream* cpu = nullptr;
+            uintptr_t handle = 0;
+            py::detail::make_caster<CpuStream> caster;
+            if (caster.load(stream, false)) {
+                cpu = &py::detail::cast_op<CpuStream&>(caster);
+            } else {
+                bool have = false;
+                if (PyLong_CheckExact(stream)) {
+                    handle = PyLong_AsUnsignedLongLong(stream);
+                    have = !(handle == static_cast<uintptr_t>(-1) && PyErr_Occurred());
+                    if (!have) PyErr_Clear();
+                }
+                // Stream protocols, torch streams and the messages for bad values: Python's.
+                if (!have) {
+                    if (PyObject* h = PyObject_CallOneArg(hooks.cuda_handle, stream)) {
+                        handle = PyLong_AsUnsignedLongLong(h);
+                        Py_DECREF(h);
+                    }
+                }
+            }
+            if (!PyErr_Occurred()) result = q->wait(loop, cpu, handle);
+        }
+        Py_DECREF(loop);
+        return result;
+    } catch (py::error_already_set& e) {
+        e.restore();
+        return nullptr;
+    } catch (std::exception& e) {
+        PyErr_SetString(PyExc_RuntimeError, e.what());
+        return nullptr;
+    }
+}
+
+PyMethodDef fast_methods[] = {
+    {"synchronize", synchronize, METH_O,
+     "synchronize(stream, /)\n--\n\n"
+     "Return a future done when all work enqueued on `stream` before the call has finished.\n\n"
+     "`stream` is an aiocuda.CpuStream, an object with __cuda_stream__ (cuda.core, CuPy,\n"
+     "numba), a torch.cuda.Stream, or a raw CUstream handle (0: the legacy default stream).\n"
+     "The future fails with aiocuda.CudaError if the GPU work failed. Needs a running loop."},
+    {nullptr, nullptr, 0, nullptr},
 };
 
 struct PyCpuEvent {
@@ -128,30 +328,32 @@ void on_fork_child() {
     cuda::after_fork_in_child();
 }
 
+PyObject* intern(const char* s) { return PyUnicode_InternFromString(s); }
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "aiocuda's native core: completion queues, the cpu backend and the CUDA driver.";
     pthread_atfork(nullptr, nullptr, on_fork_child);
+    hooks.s_create_future = intern("create_future");
+    hooks.s_set_result = intern("set_result");
+    hooks.s_queue = intern("queue");
 
     m.attr("STATUS_OK") = static_cast<int>(kOk);
     m.attr("STATUS_CALL_RETURNED") = static_cast<int>(kCallReturned);
     m.attr("STATUS_CALL_RAISED") = static_cast<int>(kCallRaised);
-    m.attr("ERROR_NOT_LOADED") = static_cast<int>(cuda::kNotLoaded);
-    m.attr("ERROR_FORKED") = static_cast<int>(cuda::kForked);
-    m.attr("ERROR_NOT_PRIMARY") = static_cast<int>(cuda::kNotPrimary);
-    m.attr("ERROR_REFUSED") = -100;
+    m.attr("ERROR_REFUSED") = kRefused;
 
-    py::class_<CpuStream, std::unique_ptr<CpuStream, GilFreeDelete>>(m, "CpuStream")
+    py::class_<CpuStream, std::unique_ptr<CpuStream, GilFreeDelete>>(m, "CpuStreamBase",
+                                                                     py::dynamic_attr())
         .def(py::init<>())
-        .def("close", &CpuStream::close, py::call_guard<py::gil_scoped_release>())
+        .def("_close", &CpuStream::close, py::call_guard<py::gil_scoped_release>())
         .def_property_readonly("closed", &CpuStream::closed)
-        .def_property_readonly("submitted", &CpuStream::submitted)
-        .def("delay", &CpuStream::delay)
-        .def("record", [](CpuStream& s, PyCpuEvent& e) {
-            return s.record(e.state, ++e.state->recorded);  // recorded: loop thread only
+        .def("_delay", &CpuStream::delay)
+        .def("_record", [](CpuStream& s, PyCpuEvent& e) {
+            return s.record(e.state, ++e.state->recorded);  // `recorded`: loop thread only
         })
-        .def("wait_event", [](CpuStream& s, PyCpuEvent& e) {
+        .def("_wait_event", [](CpuStream& s, PyCpuEvent& e) {
             return s.wait_event(e.state, e.state->recorded);
         });
 
@@ -164,12 +366,32 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("fd", &PyQueue::fd)
         .def_property_readonly("stale", &PyQueue::stale)
         .def_property_readonly("closed", &PyQueue::closed)
+        .def_property_readonly("pending", &PyQueue::pending)
         .def("close", &PyQueue::close)
-        .def("submit_cpu", &PyQueue::submit_cpu)
+        .def("abandon", &PyQueue::abandon)
+        .def("wait", [](PyQueue& q, py::handle loop, py::object stream) {
+            py::detail::make_caster<CpuStream> caster;
+            CpuStream* cpu = caster.load(stream, false)
+                                 ? &py::detail::cast_op<CpuStream&>(caster) : nullptr;
+            uintptr_t handle = cpu ? 0 : stream.cast<uintptr_t>();
+            PyObject* fut = q.wait(loop.ptr(), cpu, handle);
+            if (!fut) throw py::error_already_set();
+            return py::reinterpret_steal<py::object>(fut);
+        })
         .def("submit_call", &PyQueue::submit_call)
-        .def("submit_cuda", &PyQueue::submit_cuda)
-        .def("drain", &PyQueue::drain)
-        .def("last_error", &PyQueue::last_error);
+        .def("drain", &PyQueue::drain);
+
+    m.def("install_hooks", [](py::object get_running_loop, py::object state_for,
+                              py::object cuda_handle, py::object refused, py::object no_loop,
+                              py::object invalid_state) {
+        hooks.get_running_loop = get_running_loop.release().ptr();
+        hooks.state_for = state_for.release().ptr();
+        hooks.cuda_handle = cuda_handle.release().ptr();
+        hooks.refused = refused.release().ptr();
+        hooks.no_loop = no_loop.release().ptr();
+        hooks.invalid_state = invalid_state.release().ptr();
+    });
+    if (PyModule_AddFunctions(m.ptr(), fast_methods) != 0) throw py::error_already_set();
 
     m.def("live_records", [] { return g_live_nodes.load(); });
     m.def("cuda_info", [] {
@@ -178,16 +400,15 @@ PYBIND11_MODULE(_core, m) {
             py::gil_scoped_release nogil;  // the first call loads the driver and runs cuInit
             info = &cuda::load();
         }
-        const cuda::DriverInfo& d = *info;
         py::dict out;
-        out["available"] = d.available;
-        out["reason"] = d.reason;
-        out["path"] = d.path;
-        out["version"] = d.version;
-        out["device_count"] = d.device_count;
+        out["available"] = info->available;
+        out["reason"] = info->reason;
+        out["path"] = info->path;
+        out["version"] = info->version;
+        out["device_count"] = info->device_count;
         return out;
     });
-    m.def("cuda_device_name", &cuda::device_name);
+    m.def("cuda_device_name", &cuda::device_name, py::call_guard<py::gil_scoped_release>());
     m.def("cuda_error_text", &cuda::error_text);
     m.def("cuda_pending", &cuda::pending);
     m.def("cuda_set_backstop_period_ms", &cuda::set_backstop_period_ms);

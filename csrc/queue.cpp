@@ -15,8 +15,8 @@ namespace aiocuda {
 std::atomic<int64_t> g_live_nodes{0};
 std::atomic<uint32_t> g_fork_epoch{0};
 
-Node* new_node(Queue* q) {
-    Node* n = new Node{nullptr, q, q->next_token(), kOk};
+Node* new_node(Queue* q, uint64_t token) {
+    Node* n = new Node{nullptr, q, token, kOk};
     q->retain();
     g_live_nodes.fetch_add(1, std::memory_order_relaxed);
     return n;

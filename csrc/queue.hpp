@@ -30,8 +30,8 @@ extern std::atomic<int64_t> g_live_nodes;
 // Bumped in a forked child: objects from an older epoch belong to the parent.
 extern std::atomic<uint32_t> g_fork_epoch;
 
-// Loop thread: a record for `q`, with a fresh token; takes a reference on `q`.
-Node* new_node(Queue* q);
+// Loop thread: a record for `q` carrying `token`; takes a reference on `q`.
+Node* new_node(Queue* q, uint64_t token);
 void free_node(Node* n) noexcept;
 // Any thread: hand a finished record to its queue and drop the queue reference it held.
 void complete(Node* n, int32_t status) noexcept;
@@ -48,7 +48,6 @@ public:
 
     // Loop thread only.
     int fd() const noexcept { return rfd_; }
-    uint64_t next_token() noexcept { return ++last_token_; }
     // Pops up to `max` records in completion order into `out`; returns how many; `more` says
     // whether records are left for another pass.
     size_t drain(size_t max, Node** out, bool* more) noexcept;
@@ -65,7 +64,6 @@ private:
     Node* backlog_head_ = nullptr;  // consumer-private, FIFO
     Node* backlog_tail_ = nullptr;
     size_t backlog_len_ = 0;
-    uint64_t last_token_ = 0;
     uint32_t epoch_;
     int rfd_;
     int wfd_;  // == rfd_ for an eventfd

@@ -19,14 +19,16 @@ T = TypeVar("T")
 
 
 @runtime_checkable
-class _CudaStreamProtocol(Protocol):
+class CudaStreamProtocol(Protocol):
+    """The CUDA stream protocol of cuda.core, CuPy and numba."""
+
     def __cuda_stream__(self) -> tuple[int, int]: ...
 
 
 #: What a stream argument may be: a CpuStream, an object with ``__cuda_stream__`` (cuda.core,
 #: CuPy, numba), an object with a ``cuda_stream`` attribute (``torch.cuda.Stream``), or a raw
 #: ``CUstream`` handle as an int (0 is the legacy default stream).
-StreamLike = Union["CpuStream", _CudaStreamProtocol, Any, int]
+StreamLike = Union["CpuStream", CudaStreamProtocol, int, Any]
 
 _U64 = 1 << 64
 
@@ -36,7 +38,7 @@ def _cuda_handle(stream: object) -> int:
     if isinstance(stream, bool):
         raise TypeError("a stream cannot be a bool; pass a stream object or an int handle")
     if isinstance(stream, int):
-        handle = stream
+        handle = int(stream)
     else:
         proto = getattr(stream, "__cuda_stream__", None)
         if proto is not None:
@@ -51,8 +53,8 @@ def _cuda_handle(stream: object) -> int:
             handle = stream.cuda_stream
         else:
             raise TypeError(
-                f"expected a stream: an aiocuda.CpuStream, an object with __cuda_stream__ "
-                f"(cuda.core, CuPy, numba), a torch.cuda.Stream, or an int CUstream handle; "
+                "expected a stream: an aiocuda.CpuStream, an object with __cuda_stream__ "
+                "(cuda.core, CuPy, numba), a torch.cuda.Stream, or an int CUstream handle; "
                 f"got {type(stream).__name__}"
             )
         if not isinstance(handle, int) or isinstance(handle, bool):
@@ -65,56 +67,55 @@ def _cuda_handle(stream: object) -> int:
     return handle
 
 
-def _refused(queue: _core.CompletionQueue) -> Exception:
-    code, text = queue.last_error()
-    if code > 0:
-        return CudaError(code, text)
-    return AiocudaError(text)
+def _refused(code: int, text: str) -> Exception:
+    return CudaError(code, text) if code > 0 else AiocudaError(text)
 
 
-def synchronize(stream: StreamLike) -> asyncio.Future[None]:
-    """Return a future done when all work enqueued on `stream` before the call has finished.
+def _no_loop(what: str) -> Exception:
+    try:
+        running_loop(what)
+    except AiocudaError as exc:
+        return exc
+    return AiocudaError(f"{what} needs a running event loop")  # pragma: no cover
 
-    The future fails with :class:`CudaError` if the GPU work failed. It needs a running loop.
-    """
-    loop = running_loop("aiocuda.synchronize()")
-    st = state_for(loop)
-    if type(stream) is CpuStream:
-        token = st.queue.submit_cpu(stream._native)
-    else:
-        token = st.queue.submit_cuda(_cuda_handle(stream))
-    if not token:
-        raise _refused(st.queue)
-    fut = loop.create_future()
-    st.futures[token] = fut
-    return fut
+
+_core.install_hooks(
+    asyncio.events._get_running_loop,
+    state_for,
+    _cuda_handle,
+    _refused,
+    _no_loop,
+    asyncio.InvalidStateError,
+)
+
+#: Native: runs once per operation. See its docstring (``help(aiocuda.synchronize)``).
+synchronize = _core.synchronize
 
 
 def record(stream: StreamLike) -> Event:
-    """Record an event at the current end of `stream`'s work; the event is awaitable."""
+    """Record an event at the current end of `stream`'s work; ``await event`` waits for it."""
     loop = running_loop("aiocuda.record()")
     st = state_for(loop)
-    if type(stream) is CpuStream:
+    if isinstance(stream, CpuStream):
         cpu_event = _core.CpuEvent()
-        err = stream._native.record(cpu_event)
-        if err:
-            raise AiocudaError(err)
-        token = st.queue.submit_cpu(stream._native)
+        _check(stream._record(cpu_event))
         ev = Event(cpu_event, 0)
+        fut = st.queue.wait(loop, stream)
     else:
         handle = _cuda_handle(stream)
         code, cuda_event, why = _core.cuda_event_record(handle)
         if code:
-            raise CudaError(code, why) if code > 0 else AiocudaError(why)
+            raise _refused(code, why)
         ev = Event(None, cuda_event)
-        token = st.queue.submit_cuda(handle)
-    if not token:
-        raise _refused(st.queue)
-    fut: asyncio.Future[None] = loop.create_future()
-    st.futures[token] = fut
+        fut = st.queue.wait(loop, handle)
     fut.add_done_callback(_mark_retrieved)
     ev._fut = fut
     return ev
+
+
+def _check(err: str) -> None:
+    if err:
+        raise AiocudaError(err)
 
 
 def _mark_retrieved(fut: asyncio.Future[Any]) -> None:
@@ -164,17 +165,15 @@ class Event:
 _live_streams: weakref.WeakSet[CpuStream] = weakref.WeakSet()
 
 
-class CpuStream:
+class CpuStream(_core.CpuStreamBase):
     """An in-order native worker with CUDA stream semantics: the cpu backend.
 
     Work runs in submission order; ``await stream`` waits for everything submitted so far;
     ``wait_event`` makes later work wait for an event, as ``cuStreamWaitEvent`` does.
     """
 
-    __slots__ = ("_native", "__weakref__")
-
     def __init__(self) -> None:
-        self._native = _core.CpuStream()
+        super().__init__()
         _live_streams.add(self)
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
@@ -183,11 +182,9 @@ class CpuStream:
             raise TypeError(f"submit() needs a callable, got {type(fn).__name__}")
         loop = running_loop("CpuStream.submit()")
         st = state_for(loop)
-        token = st.queue.submit_call(self._native, fn, args, kwargs or None, st.outcomes)
-        if not token:
-            raise _refused(st.queue)
-        fut: asyncio.Future[T] = loop.create_future()
-        st.futures[token] = fut
+        fut: asyncio.Future[T] = st.queue.submit_call(
+            self, loop, fn, args, kwargs or None, st.outcomes
+        )
         return fut
 
     def synchronize(self) -> asyncio.Future[None]:
@@ -204,9 +201,7 @@ class CpuStream:
             raise TypeError(f"wait_event() needs an aiocuda.Event, got {type(event).__name__}")
         if event._cpu is None:
             raise TypeError("a CpuStream can only wait on events recorded on a CpuStream")
-        err = self._native.wait_event(event._cpu)
-        if err:
-            raise AiocudaError(err)
+        _check(self._wait_event(event._cpu))
 
     def delay(self, seconds: float) -> None:
         """Hold the stream for `seconds` without the GIL (the cpu analogue of a sleep kernel)."""
@@ -214,17 +209,11 @@ class CpuStream:
             raise TypeError(f"seconds must be a number, got {type(seconds).__name__}")
         if not math.isfinite(seconds) or seconds < 0:
             raise ValueError(f"seconds must be finite and >= 0, got {seconds}")
-        err = self._native.delay(float(seconds))
-        if err:
-            raise AiocudaError(err)
+        _check(self._delay(float(seconds)))
 
     def close(self) -> None:
         """Stop accepting work and wait for the work already submitted. Idempotent."""
-        self._native.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._native.closed
+        self._close()
 
     def __enter__(self) -> CpuStream:
         return self

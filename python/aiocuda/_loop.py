@@ -36,15 +36,14 @@ class LoopState:
     """The completion queue of one event loop, and the futures waiting on it."""
 
     __slots__ = (
-        "loop_ref", "queue", "futures", "outcomes", "completed", "wakeups", "batches",
-        "largest_batch", "_again", "fd",
+        "loop_ref", "queue", "outcomes", "completed", "wakeups", "batches", "largest_batch",
+        "_again", "fd",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop_ref = weakref.ref(loop)  # weak: the loop owns us through its reader, not back
         self.queue = _core.CompletionQueue()
         self.fd = self.queue.fd
-        self.futures: dict[int, asyncio.Future[Any]] = {}
         self.outcomes: dict[int, Any] = {}  # cpu calls: token -> return value or exception
         self.completed = self.wakeups = self.batches = self.largest_batch = 0
         self._again = False
@@ -66,16 +65,9 @@ class LoopState:
     def drain(self) -> None:
         """Resolve one bounded batch of completions; schedule another pass if more are left."""
         self._again = False
-        ok, other, more = self.queue.drain(BATCH)
-        pop = self.futures.pop
-        for token in ok:
-            try:
-                pop(token).set_result(None)
-            except (KeyError, asyncio.InvalidStateError):
-                pass  # nobody waits for it, or the waiter was cancelled: drop the completion
-        if other:
-            self._resolve_other(other)
-        n = len(ok) + len(other)
+        n, rest, more = self.queue.drain(BATCH)  # resolves the plain waits natively
+        if rest:
+            self._resolve_rest(rest)
         if n:
             self.completed += n
             self.batches += 1
@@ -87,16 +79,14 @@ class LoopState:
                 self._again = True
                 loop.call_soon(self.drain)
 
-    def _resolve_other(self, other: list[tuple[int, int]]) -> None:
-        pop = self.futures.pop
+    def _resolve_rest(self, rest: list[tuple[asyncio.Future[Any], int, int]]) -> None:
         outcomes = self.outcomes
-        for token, status in other:
-            fut = pop(token, None)
+        for fut, status, token in rest:
             if status == _STATUS_CALL_RETURNED or status == _STATUS_CALL_RAISED:
                 value = outcomes.pop(token, None)
             else:
                 value = CudaError(status, _core.cuda_error_text(status))
-            if fut is None or fut.done():
+            if fut.done():
                 continue  # cancelled: a cancelled future is never resurrected
             if status == _STATUS_CALL_RETURNED:
                 fut.set_result(value)
@@ -109,12 +99,11 @@ class LoopState:
         if loop is not None and not loop.is_closed():
             loop.remove_reader(self.fd)  # remove the reader first, then let the fd close
         self.queue.close()
-        self.futures.clear()
         self.outcomes.clear()
 
     def statistics(self) -> Statistics:
         return Statistics(
-            pending=len(self.futures),
+            pending=0 if self.queue.closed else self.queue.pending,
             completed=self.completed,
             wakeups=self.wakeups,
             batches=self.batches,
@@ -185,23 +174,19 @@ def statistics() -> Statistics:
 
 
 def _after_fork_in_child() -> None:
-    # The parent's queues, fds and in-flight records are not ours: forget them without touching
-    # them, and fail the futures that were waiting on the parent's work.
+    # The parent's queues, fds and in-flight records are not ours: never read, close or free
+    # them. Futures that waited on the parent's work fail now instead of hanging.
     states = list(_states.values())
     _states.clear()
     err = AiocudaError(
         "this operation was submitted in the parent process before fork(); its completion is "
-        "delivered to the parent only"
+        "delivered to the parent only: submit it again in the child"
     )
     for st in states:
         loop = st.loop_ref()
+        st.queue.abandon(err, loop is not None and not loop.is_closed())
         st.outcomes.clear()
-        for fut in st.futures.values():
-            if loop is not None and not loop.is_closed() and not fut.done():
-                fut.set_exception(err)
-                fut.exception()  # delivered to whoever awaits; no "never retrieved" noise
-        st.futures.clear()
-        _orphans.append(st)  # never closed: closing would touch the parent's fd and records
+        _orphans.append(st)
 
 
 _orphans: list[LoopState] = []
