@@ -95,6 +95,8 @@ public:
     int fd() const { return live()->fd(); }
     bool stale() const { return q_ && q_->stale(); }
     size_t pending() const { return pending_; }
+    uint64_t pushed() const { return live()->pushed(); }
+    uint64_t signals() const { return live()->signals(); }
 
     // Returns a new future that completes when `stream`'s prior work is done, or nullptr with a
     // Python error set. `cpu` or `handle` names the stream.
@@ -367,6 +369,8 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("stale", &PyQueue::stale)
         .def_property_readonly("closed", &PyQueue::closed)
         .def_property_readonly("pending", &PyQueue::pending)
+        .def_property_readonly("pushed", &PyQueue::pushed)
+        .def_property_readonly("signals", &PyQueue::signals)
         .def("close", &PyQueue::close)
         .def("abandon", &PyQueue::abandon)
         .def("wait", [](PyQueue& q, py::handle loop, py::object stream) {

@@ -72,10 +72,12 @@ void Queue::push(Node* n) noexcept {
         n->next = old;
     } while (!head_.compare_exchange_weak(old, n, std::memory_order_release,
                                           std::memory_order_relaxed));
+    pushed_.fetch_add(1, std::memory_order_relaxed);
     if (old == nullptr) signal();  // coalesced: only the push that made the stack non-empty
 }
 
 void Queue::signal() noexcept {
+    signals_.fetch_add(1, std::memory_order_relaxed);
     // Enqueue and signal, ignore EAGAIN: a full counter or pipe already means "readable".
 #ifdef __linux__
     uint64_t one = 1;

@@ -52,6 +52,9 @@ public:
     // whether records are left for another pass.
     size_t drain(size_t max, Node** out, bool* more) noexcept;
     bool stale() const noexcept { return epoch_ != g_fork_epoch.load(std::memory_order_relaxed); }
+    // Counters written by producers, for statistics and tests.
+    uint64_t pushed() const noexcept { return pushed_.load(std::memory_order_relaxed); }
+    uint64_t signals() const noexcept { return signals_.load(std::memory_order_relaxed); }
 
 private:
     Queue(int rfd, int wfd);
@@ -61,6 +64,8 @@ private:
 
     alignas(64) std::atomic<Node*> head_{nullptr};  // LIFO stack written by producers
     alignas(64) std::atomic<int64_t> refs_{1};
+    std::atomic<uint64_t> pushed_{0};
+    std::atomic<uint64_t> signals_{0};
     Node* backlog_head_ = nullptr;  // consumer-private, FIFO
     Node* backlog_tail_ = nullptr;
     size_t backlog_len_ = 0;

@@ -84,6 +84,7 @@ std::vector<Ctx*> g_primary;  // by device, created on retain
 std::set<Stream*> g_streams;
 std::set<Ctx*> g_ctxs;
 thread_local std::vector<Ctx*> t_ctx_stack;  // back() is current
+std::atomic<long long> g_launch_delay_us{0};
 std::atomic<uint64_t> g_host_calls{0}, g_host_ns_total{0}, g_host_ns_max{0};
 
 int device_count() {
@@ -297,6 +298,8 @@ __attribute__((visibility("default"))) CUresult cuStreamQuery(void* h) {
 __attribute__((visibility("default"))) CUresult cuLaunchHostFunc(void* h, CUhostFn fn, void* ud) {
     CHECK_STICKY();
     if (!fn) return kInvalidValue;
+    if (long long d = g_launch_delay_us.load())  // as when the driver waits on a running host fn
+        std::this_thread::sleep_for(std::chrono::microseconds(d));
     Stream* s;
     if (CUresult r = resolve_stream(h, &s)) return r;
     Item it{Item::Host};
@@ -405,6 +408,11 @@ __attribute__((visibility("default"))) int emu_enqueue_sleep(void* h, long long 
 // A sticky context error, as after a faulting kernel: queued work is dropped, host functions
 // are never called, every later call returns `code`.
 __attribute__((visibility("default"))) void emu_inject_error(int code) { g_sticky = code; }
+
+// Makes every cuLaunchHostFunc block for `usec` first.
+__attribute__((visibility("default"))) void emu_set_launch_delay_us(long long usec) {
+    g_launch_delay_us = usec;
+}
 
 // Clears the sticky error (cuDevicePrimaryCtxReset's effect), for test isolation.
 __attribute__((visibility("default"))) void emu_reset() { g_sticky = 0; }

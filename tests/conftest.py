@@ -1,0 +1,178 @@
+"""Shared fixtures: both event loops, a strict loop runner, and the CUDA driver emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import gc
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+EMU_SRC = HERE / "emu" / "emu.cpp"
+REAL_DRIVER = os.environ.get("AIOCUDA_TEST_REAL_DRIVER") == "1"
+
+
+def _build_emulator() -> Path:
+    """Compile the test-only driver emulator (never installed) next to the tests."""
+    out_dir = HERE / "emu" / "build"
+    out_dir.mkdir(exist_ok=True)
+    out = out_dir / "libcuda_emu.so"
+    if out.exists() and out.stat().st_mtime >= EMU_SRC.stat().st_mtime:
+        return out
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        raise RuntimeError("a C++ compiler is needed to build the driver emulator (tests/emu)")
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    subprocess.run(
+        [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-pthread",
+         str(EMU_SRC), "-o", str(tmp), "-ldl"],
+        check=True,
+    )
+    tmp.replace(out)
+    return out
+
+
+# The driver is opened on first use, so this must happen before any test touches the cuda
+# backend. With AIOCUDA_TEST_REAL_DRIVER=1 (scripts/gpu-check) the real libcuda is used instead.
+EMU_PATH: Path | None = None
+if not REAL_DRIVER:
+    EMU_PATH = _build_emulator()
+    os.environ["AIOCUDA_LIBCUDA"] = str(EMU_PATH)
+
+import aiocuda  # noqa: E402
+from aiocuda import _core, _loop  # noqa: E402
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a test dependency
+    uvloop = None
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        if uvloop is None:
+            pytest.skip("uvloop is not installed (pip install aiocuda[test])")
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.005)
+    return pred()
+
+
+def settle_native() -> None:
+    """Forget closed loops' queues and wait for every native record to be freed."""
+    gc.collect()
+    _loop.close_loop_states()
+    assert wait_until(lambda: _core.live_records() == 0), (
+        f"{_core.live_records()} native records were never freed"
+    )
+
+
+class Runner:
+    """Runs coroutines on a fresh loop of one kind; any loop exception handler call fails."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.errors: list[dict[str, Any]] = []
+
+    def __call__(self, coro: Coroutine[Any, Any, Any], *, close: bool = True) -> Any:
+        loop = new_loop(self.kind)
+        loop.set_exception_handler(lambda _loop, ctx: self.errors.append(ctx))
+        try:
+            return loop.run_until_complete(coro)
+        finally:
+            if close:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
+
+
+@pytest.fixture(params=LOOPS)
+def run(request: pytest.FixtureRequest) -> Iterator[Runner]:
+    """Run a coroutine on the stock asyncio loop and on uvloop; check nothing leaked."""
+    runner = Runner(request.param)
+    yield runner
+    settle_native()
+    assert not runner.errors, f"unexpected loop exception handler calls: {runner.errors}"
+
+
+class Emu:
+    """ctypes controls of the driver emulator (tests/emu/emu.cpp)."""
+
+    def __init__(self, path: Path) -> None:
+        self.lib = ctypes.CDLL(str(path))  # the same handle aiocuda dlopen()ed
+        self.lib.emu_enqueue_sleep.argtypes = [ctypes.c_void_p, ctypes.c_longlong]
+        self.lib.emu_inject_error.argtypes = [ctypes.c_int]
+        self.lib.emu_set_launch_delay_us.argtypes = [ctypes.c_longlong]
+        self.lib.emu_make_private_context.restype = ctypes.c_void_p
+        self.lib.cuCtxSetCurrent.argtypes = [ctypes.c_void_p]
+        self.lib.cuStreamDestroy_v2.argtypes = [ctypes.c_void_p]
+
+    def primary(self, device: int = 0) -> int:
+        ctx = ctypes.c_void_p()
+        assert self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device) == 0
+        return ctx.value or 0
+
+    def stream(self, ctx: int | None = None) -> int:
+        """A new stream in `ctx` (default: device 0's primary context)."""
+        self.lib.cuCtxSetCurrent(ctx if ctx is not None else self.primary())
+        out = ctypes.c_void_p()
+        assert self.lib.cuStreamCreate(ctypes.byref(out), 0) == 0
+        self.lib.cuCtxSetCurrent(None)
+        return out.value or 0
+
+    def sleep(self, stream: int, seconds: float) -> None:
+        """Enqueue timed work on `stream` (0: the current context's legacy stream)."""
+        assert self.lib.emu_enqueue_sleep(stream, int(seconds * 1e6)) == 0
+
+    def inject_error(self, code: int) -> None:
+        self.lib.emu_inject_error(code)
+
+    def host_fn_stats(self) -> tuple[int, int, int]:
+        calls, total, peak = ctypes.c_ulonglong(), ctypes.c_ulonglong(), ctypes.c_ulonglong()
+        self.lib.emu_host_fn_stats(ctypes.byref(calls), ctypes.byref(total), ctypes.byref(peak))
+        return calls.value, total.value, peak.value
+
+    def reset(self) -> None:
+        self.lib.emu_reset()
+        self.lib.emu_set_launch_delay_us(0)
+
+
+@pytest.fixture(scope="session")
+def _emu_session() -> Emu:
+    if EMU_PATH is None:
+        pytest.skip("AIOCUDA_TEST_REAL_DRIVER=1: the real driver is loaded, not the emulator")
+    info = _core.cuda_info()
+    assert info["available"], info["reason"]
+    return Emu(EMU_PATH)
+
+
+@pytest.fixture
+def emu(_emu_session: Emu) -> Iterator[Emu]:
+    _emu_session.reset()
+    yield _emu_session
+    _emu_session.reset()
+
+
+def python_subprocess(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=60
+    )

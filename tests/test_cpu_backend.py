@@ -1,0 +1,162 @@
+"""The cpu backend: submit, order, events, cross-stream waits, close."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import traceback
+
+import pytest
+
+import aiocuda
+
+
+def test_submit_returns_the_result(run):
+    async def main():
+        with aiocuda.CpuStream() as s:
+            return await s.submit(lambda a, b=0: a * 10 + b, 4, b=2)
+
+    assert run(main()) == 42
+
+
+def test_submit_reraises_and_the_stream_stays_usable(run):
+    def boom():
+        raise KeyError("nope")
+
+    async def main():
+        with aiocuda.CpuStream() as s:
+            with pytest.raises(KeyError, match="nope") as info:
+                await s.submit(boom)
+            frames = [f.name for f in traceback.extract_tb(info.value.__traceback__)]
+            assert "boom" in frames  # the worker's traceback travels with the exception
+            return await s.submit(len, "abc")
+
+    assert run(main()) == 3
+
+
+def test_work_runs_in_submission_order(run):
+    async def main():
+        seen = []
+        with aiocuda.CpuStream() as s:
+            futs = [s.submit(seen.append, i) for i in range(2000)]
+            await asyncio.gather(*futs)
+        return seen
+
+    assert run(main()) == list(range(2000))
+
+
+def test_awaiting_a_stream_waits_for_prior_work(run):
+    async def main():
+        with aiocuda.CpuStream() as s:
+            t0 = time.monotonic()
+            s.delay(0.05)
+            await s
+            return time.monotonic() - t0
+
+    assert run(main()) >= 0.045
+
+
+def test_event_done_and_await(run):
+    async def main():
+        with aiocuda.CpuStream() as s:
+            s.delay(0.05)
+            ev = s.record()
+            assert not ev.done()
+            await ev
+            assert ev.done()
+            await ev  # awaiting again is fine
+            return repr(ev)
+
+    assert "done" in run(main())
+
+
+def test_cancelling_one_event_awaiter_leaves_the_others(run):
+    async def main():
+        with aiocuda.CpuStream() as s:
+            s.delay(0.05)
+            ev = s.record()
+            a = asyncio.ensure_future(_await(ev))
+            b = asyncio.ensure_future(_await(ev))
+            await asyncio.sleep(0)
+            a.cancel()
+            await b
+            assert a.cancelled()
+            assert ev.done()
+
+    async def _await(ev):
+        await ev
+
+    run(main())
+
+
+def test_wait_event_orders_work_across_streams(run):
+    async def main():
+        with aiocuda.CpuStream() as s1, aiocuda.CpuStream() as s2:
+            t0 = time.monotonic()
+            s1.delay(0.08)
+            ev = s1.record()
+            s2.wait_event(ev)
+            started = await s2.submit(time.monotonic)
+            assert ev.done()
+            return started - t0
+
+    assert run(main()) >= 0.075
+
+
+def test_wait_on_an_event_never_recorded_does_not_block(run):
+    async def main():
+        with aiocuda.CpuStream() as s1, aiocuda.CpuStream() as s2:
+            ev = s1.record()
+            await ev
+            s2.wait_event(ev)
+            return await s2.submit(lambda: "ran")
+
+    assert run(main()) == "ran"
+
+
+def test_close_is_idempotent_and_refuses_new_work(run):
+    async def main():
+        s = aiocuda.CpuStream()
+        fut = s.submit(lambda: 1)
+        s.close()
+        s.close()
+        assert s.closed
+        assert await fut == 1  # work submitted before close still runs
+        with pytest.raises(aiocuda.AiocudaError, match="closed"):
+            s.submit(lambda: 2)
+        with pytest.raises(aiocuda.AiocudaError, match="closed"):
+            aiocuda.synchronize(s)
+        with pytest.raises(aiocuda.AiocudaError, match="closed"):
+            s.delay(0.1)
+
+    run(main())
+
+
+def test_submit_releases_the_gil_to_torch_like_work(run):
+    # time.sleep releases the GIL: the loop keeps running while the stream works.
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.005)
+
+        t = asyncio.ensure_future(ticker())
+        with aiocuda.CpuStream() as s:
+            await s.submit(time.sleep, 0.1)
+        t.cancel()
+        return ticks
+
+    assert run(main()) >= 5
+
+
+def test_the_worker_runs_calls_off_the_loop_thread(run):
+    async def main():
+        with aiocuda.CpuStream() as s:
+            return await s.submit(threading.get_ident), threading.get_ident()
+
+    worker, loop_thread = run(main())
+    assert worker != loop_thread

@@ -1,0 +1,84 @@
+"""Invariant 8: after fork() the child never touches the parent's queue or driver state."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import warnings
+
+import pytest
+
+import aiocuda
+from aiocuda import _core
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+
+def _fork() -> int:
+    with warnings.catch_warnings():
+        # Python >= 3.12 warns about fork() in a process with threads; that is the point here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return os.fork()
+
+
+def _child_checks(s: aiocuda.CpuStream, pending: asyncio.Future[None], cuda_handle: int) -> int:
+    """Runs in the forked child; returns a bitmask of failed checks (0: all passed)."""
+    failed = 0
+    asyncio.events._set_running_loop(None)  # the parent's loop is not running in this process
+    # A future that waited on the parent's work fails instead of hanging.
+    if not (pending.done() and isinstance(pending.exception(), aiocuda.AiocudaError)):
+        failed |= 1
+    # The parent's CpuStream has no worker here: a clear error, not a hang.
+    async def use_old_stream() -> None:
+        try:
+            aiocuda.synchronize(s)
+        except aiocuda.AiocudaError as exc:
+            if "fork" not in str(exc):
+                raise
+        else:
+            raise AssertionError("the parent's stream was usable in the child")
+
+    async def use_new_stream() -> int:
+        with aiocuda.CpuStream() as fresh:
+            await aiocuda.synchronize(fresh)
+            return await fresh.submit(lambda: 7)
+
+    async def use_cuda() -> None:
+        try:
+            aiocuda.synchronize(cuda_handle)
+        except aiocuda.AiocudaError as exc:
+            if "fork" not in str(exc):
+                raise
+        else:
+            raise AssertionError("the parent's CUDA state was usable in the child")
+
+    for bit, coro in ((2, use_old_stream()), (4, use_new_stream()), (8, use_cuda())):
+        try:
+            result = asyncio.run(coro)
+            if bit == 4 and result != 7:
+                failed |= bit
+        except BaseException:
+            failed |= bit
+    return failed
+
+
+def test_fork_while_work_is_pending(run, emu):
+    async def main():
+        h = emu.stream()
+        await aiocuda.synchronize(h)  # the driver is initialised in the parent
+        with aiocuda.CpuStream() as s:
+            s.delay(0.2)
+            pending = aiocuda.synchronize(s)
+            pid = _fork()
+            if pid == 0:  # child
+                code = 1
+                try:
+                    code = 10 + _child_checks(s, pending, h)
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            await pending  # the parent's work completes as if nothing happened
+            return os.waitstatus_to_exitcode(status)
+
+    assert run(main()) == 10
+    assert _core.live_records() >= 0

@@ -1,0 +1,373 @@
+"""DESIGN.md's invariants, one test (or more) each, on both loops."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import sys
+import threading
+import time
+
+import pytest
+
+import aiocuda
+from aiocuda import _core, _loop
+
+from .conftest import LOOPS, new_loop, settle_native, wait_until
+
+# ctypes.PyDLL keeps the GIL held during the foreign call: a way to hold the GIL for a while.
+_libc_holding_gil = ctypes.PyDLL(None)
+_libc_holding_gil.usleep.argtypes = [ctypes.c_uint]
+
+
+def _hold_gil(seconds: float) -> None:
+    _libc_holding_gil.usleep(int(seconds * 1e6))
+
+
+# 1. The completion path needs no GIL -------------------------------------------------------------
+def test_cpu_completions_land_while_the_gil_is_held(run):
+    async def main():
+        st = _loop.state_for(asyncio.get_running_loop())
+        with aiocuda.CpuStream() as s:
+            s.delay(0.02)
+            futs = [aiocuda.synchronize(s) for _ in range(100)]
+            before = st.queue.pushed
+            _hold_gil(0.3)  # nobody can take the GIL now, yet the worker completes all 100
+            during = st.queue.pushed - before
+            await asyncio.gather(*futs)
+            return during
+
+    assert run(main()) == 100
+
+
+def test_cuda_host_functions_complete_while_the_gil_is_held(run, emu):
+    async def main():
+        st = _loop.state_for(asyncio.get_running_loop())
+        h = emu.stream()
+        emu.sleep(h, 0.02)
+        futs = [aiocuda.synchronize(h) for _ in range(100)]
+        before = st.queue.pushed
+        _hold_gil(0.3)
+        during = st.queue.pushed - before
+        await asyncio.gather(*futs)
+        return during
+
+    assert run(main()) == 100
+
+
+# 2. Driver calls that can block are made without the GIL -----------------------------------------
+def test_a_blocking_launch_does_not_hold_the_gil(run, emu):
+    progressed = []
+
+    def other_thread(stop: threading.Event) -> None:
+        while not stop.is_set():
+            progressed.append(1)
+            time.sleep(0.001)
+
+    async def main():
+        h = emu.stream()
+        stop = threading.Event()
+        t = threading.Thread(target=other_thread, args=(stop,))
+        t.start()
+        time.sleep(0.02)
+        emu.lib.emu_set_launch_delay_us(200_000)
+        before = len(progressed)
+        fut = aiocuda.synchronize(h)  # blocks 200 ms inside cuLaunchHostFunc
+        during = len(progressed) - before
+        emu.lib.emu_set_launch_delay_us(0)
+        stop.set()
+        t.join()
+        await fut
+        return during
+
+    assert run(main()) >= 20
+
+
+# 3. Loaded at run time; builds and imports with no CUDA -------------------------------------------
+# (tests/test_loading.py)
+
+
+# 4. Primary contexts only; the null stream is the legacy stream of the current device ------------
+def test_null_stream_is_the_legacy_stream_of_device_0(run, emu):
+    def in_fresh_thread():
+        # A thread with no current context: the null stream means device 0's primary context.
+        async def main():
+            emu.lib.cuCtxSetCurrent(emu.primary())
+            emu.sleep(0, 0.05)  # timed work on the legacy stream
+            emu.lib.cuCtxSetCurrent(None)
+            t0 = time.monotonic()
+            await aiocuda.synchronize(0)
+            return time.monotonic() - t0
+
+        out.append(run(main()))
+
+    out: list[float] = []
+    t = threading.Thread(target=in_fresh_thread)
+    t.start()
+    t.join()
+    assert out and out[0] >= 0.045
+
+
+def test_a_stream_of_a_non_primary_context_is_refused(run, emu):
+    async def main():
+        private = emu.lib.emu_make_private_context()
+        h = emu.stream(private)
+        with pytest.raises(aiocuda.AiocudaError, match="primary context"):
+            aiocuda.synchronize(h)
+
+    run(main())
+
+
+# 5. No await hangs forever --------------------------------------------------------------------------
+def test_a_sticky_error_fails_every_pending_await_quickly(run, emu):
+    async def main():
+        streams = [emu.stream() for _ in range(4)]
+        for h in streams:
+            emu.sleep(h, 10.0)
+        futs = [aiocuda.synchronize(h) for h in streams for _ in range(250)]
+        events = [aiocuda.record(h) for h in streams]
+        await asyncio.sleep(0.02)
+        t0 = time.monotonic()
+        emu.inject_error(700)
+        results = await asyncio.wait_for(
+            asyncio.gather(*futs, *[_await(e) for e in events], return_exceptions=True), 5
+        )
+        elapsed = time.monotonic() - t0
+        assert all(isinstance(r, aiocuda.CudaError) for r in results)
+        assert {r.name for r in results} == {"CUDA_ERROR_ILLEGAL_ADDRESS"}
+        assert results[0].code == 700
+        assert "illegal memory access" in str(results[0])
+        # New work is refused with the same error, at once.
+        with pytest.raises(aiocuda.CudaError, match="CUDA_ERROR_ILLEGAL_ADDRESS"):
+            aiocuda.synchronize(streams[0])
+        assert _core.cuda_pending() == 0
+        return elapsed
+
+    async def _await(e):
+        await e
+
+    # The backstop checks every 20 ms; DESIGN asks for a bounded time (100 ms); allow for a
+    # loaded CI machine without letting a hang pass.
+    assert run(main()) < 1.0
+
+
+def test_await_honours_timeout_and_drops_the_late_completion(run):
+    async def main():
+        with aiocuda.CpuStream() as s:
+            s.delay(0.15)
+            fut = aiocuda.synchronize(s)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(fut, 0.02)
+            assert fut.cancelled()
+            assert aiocuda.statistics().pending == 1
+            await s.submit(lambda: None)  # the late completion has landed and was dropped
+            assert fut.cancelled()
+            assert aiocuda.statistics().pending == 0
+
+    run(main())
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is new in 3.11")
+def test_asyncio_timeout_context_manager(run, emu):
+    async def main():
+        h = emu.stream()
+        emu.sleep(h, 0.2)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.02):
+                await aiocuda.synchronize(h)
+        await aiocuda.synchronize(h)
+
+    run(main())
+
+
+def test_cancelling_a_waiting_task_leaks_nothing(run):
+    async def main():
+        with aiocuda.CpuStream() as s:
+            s.delay(0.05)
+            fut = aiocuda.synchronize(s)
+
+            async def waiter():
+                await fut
+
+            task = asyncio.ensure_future(waiter())
+            await asyncio.sleep(0.005)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await s  # the cancelled wait's completion arrives and is dropped
+            assert fut.cancelled()
+            assert aiocuda.statistics().pending == 0
+
+    run(main())  # teardown: no loop exception handler call, every native record freed
+
+
+# 6. Resolved only on the loop's thread; never resurrected; freed exactly once ------------------
+def test_futures_resolve_on_their_loop_thread(run, emu):
+    async def main():
+        me = threading.get_ident()
+        seen = []
+        with aiocuda.CpuStream() as s:
+            h = emu.stream()
+            futs = [aiocuda.synchronize(s), s.submit(lambda: 1), s.submit(_raise),
+                    aiocuda.synchronize(h)]
+            for f in futs:
+                f.add_done_callback(lambda _f: seen.append(threading.get_ident()))
+            await asyncio.gather(*futs, return_exceptions=True)
+        await asyncio.sleep(0)
+        return me, seen
+
+    def _raise():
+        raise ValueError
+
+    me, seen = run(main())
+    assert seen == [me] * 4
+
+
+def test_every_native_record_is_freed_exactly_once(run, emu):
+    async def main():
+        h = emu.stream()
+        with aiocuda.CpuStream() as s:
+            ok = [aiocuda.synchronize(s) for _ in range(100)] + [aiocuda.synchronize(h) for _ in range(100)]
+            s.delay(0.05)
+            emu.sleep(h, 0.05)
+            cancelled = [aiocuda.synchronize(s) for _ in range(50)] + [aiocuda.synchronize(h) for _ in range(50)]
+            for f in cancelled:
+                f.cancel()
+            assert _core.live_records() == 300
+            await asyncio.gather(*ok)
+            await s
+            await aiocuda.synchronize(h)
+        assert wait_until(lambda: _core.live_records() == 0)
+
+    run(main())
+
+
+# 7. One queue per loop, created on first use, removed when the loop closes -----------------------
+def test_one_queue_per_loop_removed_after_close(run):
+    async def main():
+        loop = asyncio.get_running_loop()
+        assert id(loop) not in _loop._states
+        with aiocuda.CpuStream() as s:
+            await s
+            st = _loop._states[id(loop)]
+            await s
+            assert _loop._states[id(loop)] is st  # created once
+            assert aiocuda.statistics().wakeups >= 1
+        return id(loop), st
+
+    key, st = run(main())
+    _loop.close_loop_states()
+    assert key not in _loop._states
+    assert st.queue.closed
+
+
+def test_closing_the_loop_with_work_pending(run):
+    s = aiocuda.CpuStream()
+
+    async def main():
+        s.delay(0.1)
+        futs = [aiocuda.synchronize(s) for _ in range(10)]
+        futs.append(s.submit(lambda: "late"))
+        return futs
+
+    futs = run(main())  # the loop closes with all of it pending
+    assert not any(f.done() for f in futs)
+    assert _core.live_records() == 11
+    s.close()  # the work completes now, into a queue whose loop is gone
+    settle_native()
+
+
+def test_several_loops_in_several_threads():
+    shared = aiocuda.CpuStream()
+    results: dict[int, object] = {}
+
+    def worker(i: int) -> None:
+        async def main():
+            with aiocuda.CpuStream() as own:
+                futs = [aiocuda.synchronize(own) for _ in range(3000)]
+                futs += [aiocuda.synchronize(shared) for _ in range(3000)]
+                futs.append(shared.submit(lambda: i))
+                out = await asyncio.gather(*futs)
+            return out[-1], aiocuda.statistics().completed
+
+        loop = new_loop(LOOPS[i % 2])
+        try:
+            results[i] = loop.run_until_complete(main())
+        except BaseException as exc:  # reported below
+            results[i] = exc
+        finally:
+            loop.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    shared.close()
+    assert results == {i: (i, 6001) for i in range(4)}
+    settle_native()
+
+
+# 9. A drain resolves a bounded batch, then yields ---------------------------------------------
+def test_a_flood_is_drained_in_bounded_batches(run):
+    n = 100_000
+
+    async def main():
+        ticks = 0
+        stop = False
+
+        async def ticker():
+            nonlocal ticks
+            while not stop:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        t = asyncio.ensure_future(ticker())
+        with aiocuda.CpuStream() as s:
+            s.delay(0.05)
+            futs = [aiocuda.synchronize(s) for _ in range(n)]
+            ticks_before = ticks
+            await asyncio.gather(*futs)
+            ticks_during = ticks - ticks_before
+        stop = True
+        await t
+        return ticks_during, aiocuda.statistics()
+
+    ticks, stats = run(main())
+    assert stats.largest_batch <= _loop.BATCH
+    assert stats.batches >= n // _loop.BATCH
+    assert ticks >= n // _loop.BATCH // 2  # the other task ran between passes
+
+
+def test_massive_queue_fifo_per_stream_with_coalesced_wakeups(run):
+    n = 100_000
+
+    async def main():
+        order: list[int] = []
+        with aiocuda.CpuStream() as s:
+            s.delay(0.02)
+            futs = [aiocuda.synchronize(s) for _ in range(n)]
+            for i, f in enumerate(futs):
+                f.add_done_callback(lambda _f, i=i: order.append(i))
+            await asyncio.gather(*futs)
+        st = _loop.state_for(asyncio.get_running_loop())
+        return order, aiocuda.statistics(), st.queue.signals
+
+    order, stats, signals = run(main())
+    assert order == list(range(n))
+    assert stats.completed == n
+    assert stats.wakeups < n // 100
+    assert signals < n // 100
+
+
+def test_statistics_is_a_frozen_snapshot(run):
+    async def main():
+        with aiocuda.CpuStream() as s:
+            await s
+        snap = aiocuda.statistics()
+        with pytest.raises(AttributeError):
+            snap.completed = 0  # type: ignore[misc]
+        return snap
+
+    snap = run(main())
+    assert snap.completed == 1 and snap.pending == 0 and snap.batches >= 1

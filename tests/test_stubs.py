@@ -1,0 +1,57 @@
+"""The package is typed: _core.pyi matches the native module, and mypy --strict passes."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aiocuda import _core
+
+PKG = Path(_core.__file__).resolve().parent
+
+
+def test_stub_names_match_the_module():
+    tree = ast.parse((PKG / "_core.pyi").read_text())
+    stubbed = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            stubbed.add(node.name)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            stubbed.add(node.target.id)
+    exported = {n for n in dir(_core) if not n.startswith("__")}
+    assert stubbed == exported
+
+
+def test_stub_class_members_match():
+    tree = ast.parse((PKG / "_core.pyi").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            stubbed = {
+                n.name if isinstance(n, ast.FunctionDef) else n.target.id  # type: ignore[union-attr]
+                for n in node.body
+                if isinstance(n, (ast.FunctionDef, ast.AnnAssign))
+            }
+            real = {
+                n for n in dir(getattr(_core, node.name))
+                if not n.startswith("__") and not n.startswith("_pybind11")  # pybind11 internals
+            }
+            assert stubbed - {"__init__"} == real, node.name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="mypy is not installed")
+def test_mypy_strict_passes_on_the_package(tmp_path):
+    # From an empty directory, so mypy checks the installed package with its stubs.
+    r = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "-p", "aiocuda"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_py_typed_is_shipped():
+    assert (PKG / "py.typed").exists()
