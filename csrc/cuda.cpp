@@ -44,6 +44,7 @@ struct Api {
     CUresult (*cuEventCreate)(Event*, unsigned);
     CUresult (*cuEventRecord)(Event, Stream);
     CUresult (*cuEventQuery)(Event);
+    CUresult (*cuEventSynchronize)(Event);
     CUresult (*cuEventDestroy)(Event);
     CUresult (*cuGetErrorName)(CUresult, const char**);
     CUresult (*cuGetErrorString)(CUresult, const char**);
@@ -76,6 +77,7 @@ bool resolve(void* lib, std::string* why) {
         {"cuEventCreate", "cuEventCreate", (void**)&api.cuEventCreate},
         {"cuEventRecord", "cuEventRecord", (void**)&api.cuEventRecord},
         {"cuEventQuery", "cuEventQuery", (void**)&api.cuEventQuery},
+        {"cuEventSynchronize", "cuEventSynchronize", (void**)&api.cuEventSynchronize},
         {"cuEventDestroy", "cuEventDestroy_v2", (void**)&api.cuEventDestroy},
         {"cuGetErrorName", "cuGetErrorName", (void**)&api.cuGetErrorName},
         {"cuGetErrorString", "cuGetErrorString", (void**)&api.cuGetErrorString},
@@ -364,6 +366,10 @@ CUresult event_record(uintptr_t stream, uintptr_t* ev, std::string* why) {
 }
 
 CUresult event_query(uintptr_t ev) { return api.cuEventQuery(reinterpret_cast<Event>(ev)); }
+
+CUresult event_synchronize(uintptr_t ev) {
+    return api.cuEventSynchronize(reinterpret_cast<Event>(ev));
+}
 
 void event_destroy(uintptr_t ev) {
     if (!forked && ev) api.cuEventDestroy(reinterpret_cast<Event>(ev));

@@ -35,6 +35,7 @@ CUresult submit(uintptr_t stream, Node* n, std::string* why);
 // GIL released: create an event (CU_EVENT_DISABLE_TIMING) in `stream`'s context and record it there.
 CUresult event_record(uintptr_t stream, uintptr_t* ev, std::string* why);
 CUresult event_query(uintptr_t ev);  // 0 done, 600 not ready, else an error
+CUresult event_synchronize(uintptr_t ev);  // blocks: call without the GIL
 void event_destroy(uintptr_t ev);
 
 size_t pending();              // records waiting on a host function

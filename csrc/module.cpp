@@ -361,7 +361,12 @@ PYBIND11_MODULE(_core, m) {
 
     py::class_<PyCpuEvent>(m, "CpuEvent")
         .def(py::init<>())
-        .def("done", [](PyCpuEvent& e) { return e.state->done(); });
+        .def("done", [](PyCpuEvent& e) { return e.state->done(); })
+        .def("wait", [](PyCpuEvent& e) {
+            uint64_t gen = e.state->recorded;
+            py::gil_scoped_release nogil;
+            e.state->wait_for(gen);
+        });
 
     py::class_<PyQueue>(m, "CompletionQueue")
         .def(py::init<>())
@@ -428,5 +433,7 @@ PYBIND11_MODULE(_core, m) {
         return py::make_tuple(r, ev, why);
     });
     m.def("cuda_event_query", &cuda::event_query, py::call_guard<py::gil_scoped_release>());
+    m.def("cuda_event_synchronize", &cuda::event_synchronize,
+          py::call_guard<py::gil_scoped_release>());
     m.def("cuda_event_destroy", &cuda::event_destroy, py::call_guard<py::gil_scoped_release>());
 }

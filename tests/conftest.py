@@ -6,7 +6,6 @@ import asyncio
 import ctypes
 import gc
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -16,36 +15,16 @@ from typing import Any
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-EMU_SRC = HERE / "emu" / "emu.cpp"
+from .emu.build import build_emulator
+
 REAL_DRIVER = os.environ.get("AIOCUDA_TEST_REAL_DRIVER") == "1"
-
-
-def _build_emulator() -> Path:
-    """Compile the test-only driver emulator (never installed) next to the tests."""
-    out_dir = HERE / "emu" / "build"
-    out_dir.mkdir(exist_ok=True)
-    out = out_dir / "libcuda_emu.so"
-    if out.exists() and out.stat().st_mtime >= EMU_SRC.stat().st_mtime:
-        return out
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if cxx is None:
-        raise RuntimeError("a C++ compiler is needed to build the driver emulator (tests/emu)")
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    subprocess.run(
-        [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-pthread",
-         str(EMU_SRC), "-o", str(tmp), "-ldl"],
-        check=True,
-    )
-    tmp.replace(out)
-    return out
 
 
 # The driver is opened on first use, so this must happen before any test touches the cuda
 # backend. With AIOCUDA_TEST_REAL_DRIVER=1 (scripts/gpu-check) the real libcuda is used instead.
 EMU_PATH: Path | None = None
 if not REAL_DRIVER:
-    EMU_PATH = _build_emulator()
+    EMU_PATH = build_emulator()
     os.environ["AIOCUDA_LIBCUDA"] = str(EMU_PATH)
 
 import aiocuda  # noqa: E402

@@ -160,3 +160,15 @@ def test_the_worker_runs_calls_off_the_loop_thread(run):
 
     worker, loop_thread = run(main())
     assert worker != loop_thread
+
+
+def test_event_synchronize_blocks_a_thread_until_done(run):
+    async def main():
+        loop = asyncio.get_running_loop()
+        with aiocuda.CpuStream() as s:
+            s.delay(0.05)
+            ev = s.record()
+            await loop.run_in_executor(None, ev.synchronize)
+            return ev.done()
+
+    assert run(main()) is True

@@ -121,3 +121,24 @@ def test_submitting_after_a_sticky_error_is_refused_and_reset_recovers(run, emu)
 
 def test_backends_lists_cuda_with_the_emulator(emu):
     assert aiocuda.backends() == ("cpu", "cuda")
+
+
+def test_event_synchronize_blocks_and_reports_errors(run, emu):
+    async def main():
+        loop = asyncio.get_running_loop()
+        h = emu.stream()
+        emu.sleep(h, 0.03)
+        ev = aiocuda.record(h)
+        await loop.run_in_executor(None, ev.synchronize)
+        assert ev.done()
+        emu.sleep(h, 5)
+        ev2 = aiocuda.record(h)
+        emu.inject_error(700)
+        with pytest.raises(aiocuda.CudaError, match="ILLEGAL_ADDRESS"):
+            ev2.synchronize()
+        with pytest.raises(aiocuda.CudaError, match="ILLEGAL_ADDRESS"):
+            ev2.done()
+        with pytest.raises(aiocuda.CudaError, match="ILLEGAL_ADDRESS"):
+            await ev2
+
+    run(main())

@@ -148,6 +148,15 @@ class Event:
             return False
         raise CudaError(code, _core.cuda_error_text(code))
 
+    def synchronize(self) -> None:
+        """Block the calling thread until the event completes (for threads; coroutines await)."""
+        if self._cpu is not None:
+            self._cpu.wait()
+            return
+        code = _core.cuda_event_synchronize(self._cuda)
+        if code:
+            raise CudaError(code, _core.cuda_error_text(code))
+
     def __await__(self) -> Generator[Any, None, None]:
         return asyncio.shield(self._fut).__await__()
 

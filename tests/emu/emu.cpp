@@ -334,6 +334,16 @@ __attribute__((visibility("default"))) CUresult cuEventQuery(void* ev) {
     return e->completed.load() >= e->recorded.load() ? kSuccess : kNotReady;
 }
 
+__attribute__((visibility("default"))) CUresult cuEventSynchronize(void* ev) {
+    Event* e = static_cast<Event*>(ev);
+    uint64_t want = e->recorded.load();
+    for (;;) {
+        if (int err = g_sticky.load()) return err;
+        if (e->completed.load() >= want) return kSuccess;
+        std::this_thread::sleep_for(std::chrono::microseconds(20));
+    }
+}
+
 __attribute__((visibility("default"))) CUresult cuEventDestroy_v2(void*) {
     return kSuccess;  // events are leaked: a pending record may still reference one
 }
