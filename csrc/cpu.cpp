@@ -4,7 +4,17 @@
 
 namespace aiocuda {
 
-constexpr int kSpins = 64;  // sched_yield calls before an idle worker sleeps
+// An idle worker checks for new work this many times (a CPU pause each) before it sleeps:
+// tens of microseconds, so a burst from the loop does not pay a futex wake per submission.
+constexpr int kSpins = 4096;
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
 
 void CpuEventState::reach(uint64_t gen) {
     {
@@ -146,7 +156,7 @@ void CpuStream::run() {
         // Idle: spin a few microseconds before sleeping, so a burst of submissions from the loop
         // does not pay a futex wake for each one. Bounded, so an idle stream costs nothing.
         for (int i = 0; i < kSpins && enqueued_.load(std::memory_order_acquire) == taken; ++i)
-            std::this_thread::yield();
+            cpu_relax();
         {
             std::unique_lock<std::mutex> g(mu_);
             if (items_.empty() && !closing_) {

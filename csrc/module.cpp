@@ -255,8 +255,40 @@ PyQueue* queue_for(PyObject* loop) {
     return q;
 }
 
-PyObject* running_loop(const char* what) {
+#if PY_VERSION_HEX < 0x030C0000
+// Python 3.11's asyncio._get_running_loop() makes a getpid() system call every time, which is
+// a large share of an operation's cost. asyncio keeps the running loop in a holder object in
+// the thread-state dict and makes a new holder whenever the running loop changes, so while the
+// holder is the one we saw, so is the loop. (3.12 keeps it in the thread state: no syscall.)
+PyObject* s_running_key = nullptr;
+thread_local PyObject* t_holder = nullptr;  // strong: its identity must not be reused
+thread_local PyObject* t_loop = nullptr;    // borrowed: the holder references it
+thread_local uint32_t t_fork_epoch = 0;
+
+PyObject* get_running_loop() {
+    PyObject* d = PyThreadState_GetDict();
+    PyObject* holder = d ? PyDict_GetItemWithError(d, s_running_key) : nullptr;
+    if (holder && holder == t_holder &&
+        t_fork_epoch == g_fork_epoch.load(std::memory_order_relaxed)) {
+        Py_INCREF(t_loop);
+        return t_loop;
+    }
+    PyErr_Clear();
     PyObject* loop = PyObject_CallNoArgs(hooks.get_running_loop);
+    if (loop && holder) {
+        Py_INCREF(holder);
+        Py_XSETREF(t_holder, holder);
+        t_loop = loop;
+        t_fork_epoch = g_fork_epoch.load(std::memory_order_relaxed);
+    }
+    return loop;
+}
+#else
+PyObject* get_running_loop() { return PyObject_CallNoArgs(hooks.get_running_loop); }
+#endif
+
+PyObject* running_loop(const char* what) {
+    PyObject* loop = get_running_loop();
     if (loop == Py_None) {
         Py_DECREF(loop);
         return raise_from(PyObject_CallFunction(hooks.no_loop, "s", what));
@@ -340,6 +372,9 @@ PYBIND11_MODULE(_core, m) {
     hooks.s_create_future = intern("create_future");
     hooks.s_set_result = intern("set_result");
     hooks.s_queue = intern("queue");
+#if PY_VERSION_HEX < 0x030C0000
+    s_running_key = intern("__asyncio_running_event_loop__");
+#endif
 
     m.attr("STATUS_OK") = static_cast<int>(kOk);
     m.attr("STATUS_CALL_RETURNED") = static_cast<int>(kCallReturned);

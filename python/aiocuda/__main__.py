@@ -13,9 +13,9 @@ from . import __version__, _core, backends
 
 def _loop_name(use_uvloop: bool) -> str:
     if use_uvloop:
-        import uvloop
+        from importlib.metadata import version
 
-        return f"uvloop {uvloop.__version__}"
+        return f"uvloop {version('uvloop')}"
     return f"asyncio ({type(asyncio.new_event_loop()).__name__})"
 
 
