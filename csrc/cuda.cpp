@@ -10,7 +10,6 @@
 #include <mutex>
 #include <new>
 #include <thread>
-#include <unordered_map>
 
 namespace aiocuda::cuda {
 namespace {
@@ -136,16 +135,37 @@ struct Slot { Node* node; Ctx ctx; uint32_t gen; };
 
 // Heap-allocated and never destroyed: the backstop thread waits on `cv` until the process ends,
 // and destroying a condition variable with a waiter blocks forever at exit.
+// The loop thread adds and the driver thread takes, each for a few instructions: a spin lock
+// costs less than a mutex's futex traffic when the two meet.
+class SpinLock {
+public:
+    void lock() noexcept {
+        for (int i = 0; flag_.exchange(true, std::memory_order_acquire); ++i) {
+            while (flag_.load(std::memory_order_relaxed)) {
+                if (++i > 64) std::this_thread::yield();  // the holder was preempted
+            }
+        }
+    }
+    void unlock() noexcept { flag_.store(false, std::memory_order_release); }
+
+private:
+    std::atomic<bool> flag_{false};
+};
+
+struct CtxCount { Ctx ctx; size_t count; };
+
 struct Table {
-    std::mutex mu;
-    std::condition_variable cv;
+    SpinLock mu;
+    std::condition_variable_any cv;  // the idle backstop waits here
+    bool backstop_waiting = false;
+    bool backstop_started = false;
     std::vector<Slot> slots;
     std::vector<uint32_t> free_slots;
-    std::unordered_map<Ctx, size_t> pending_per_ctx;
+    std::vector<CtxCount> pending_per_ctx;  // a few contexts at most: a vector beats a map
     size_t pending_total = 0;
-    bool backstop_started = false;
     std::mutex ctx_mu;
     std::vector<Ctx> primaries;  // primary contexts seen so far (retained, never released)
+    std::atomic<Ctx> last_primary{nullptr};  // lock-free answer for the common case
 };
 Table* table = new Table;
 std::atomic<int> backstop_period_ms{20};
@@ -153,7 +173,7 @@ std::atomic<int> backstop_period_ms{20};
 void backstop();
 
 uint64_t table_add(Node* n, Ctx ctx) {
-    std::lock_guard<std::mutex> g(table->mu);
+    std::lock_guard<SpinLock> g(table->mu);
     uint32_t idx;
     if (!table->free_slots.empty()) {
         idx = table->free_slots.back();
@@ -166,7 +186,13 @@ uint64_t table_add(Node* n, Ctx ctx) {
     s.node = n;
     s.ctx = ctx;
     ++table->pending_total;
-    if (table->pending_per_ctx[ctx]++ == 0) table->cv.notify_one();  // wake the backstop only on an edge
+    auto& counts = table->pending_per_ctx;
+    auto it = std::find_if(counts.begin(), counts.end(), [&](auto& c) { return c.ctx == ctx; });
+    if (it == counts.end()) counts.push_back(CtxCount{ctx, 1}); else ++it->count;
+    if (table->backstop_waiting) {  // it sleeps only while nothing is pending
+        table->backstop_waiting = false;
+        table->cv.notify_one();
+    }
     if (!table->backstop_started) {
         table->backstop_started = true;
         std::thread(backstop).detach();
@@ -177,8 +203,12 @@ uint64_t table_add(Node* n, Ctx ctx) {
 Node* take_locked(uint32_t idx) {
     Slot& s = table->slots[idx];
     Node* n = s.node;
-    auto it = table->pending_per_ctx.find(s.ctx);
-    if (--it->second == 0) table->pending_per_ctx.erase(it);
+    auto& counts = table->pending_per_ctx;
+    auto it = std::find_if(counts.begin(), counts.end(), [&](auto& c) { return c.ctx == s.ctx; });
+    if (--it->count == 0) {
+        *it = counts.back();
+        counts.pop_back();
+    }
     --table->pending_total;
     s.node = nullptr;
     if (++s.gen == 0) s.gen = 1;
@@ -189,7 +219,7 @@ Node* take_locked(uint32_t idx) {
 Node* table_take(uint64_t key) {
     uint32_t idx = static_cast<uint32_t>(key);
     uint32_t gen = static_cast<uint32_t>(key >> 32);
-    std::lock_guard<std::mutex> g(table->mu);
+    std::lock_guard<SpinLock> g(table->mu);
     if (idx >= table->slots.size() || table->slots[idx].gen != gen || !table->slots[idx].node) return nullptr;
     return take_locked(idx);
 }
@@ -202,7 +232,7 @@ void host_fn(void* user_data) {
 void fail_ctx(Ctx ctx, CUresult code) {
     std::vector<Node*> failed;
     {
-        std::lock_guard<std::mutex> g(table->mu);
+        std::lock_guard<SpinLock> g(table->mu);
         for (uint32_t i = 0; i < table->slots.size(); ++i)
             if (table->slots[i].node && table->slots[i].ctx == ctx) failed.push_back(take_locked(i));
     }
@@ -216,14 +246,18 @@ void backstop() {
     std::vector<Ctx> ctxs;
     for (;;) {
         {
-            std::unique_lock<std::mutex> g(table->mu);
-            table->cv.wait(g, [] { return !table->pending_per_ctx.empty(); });
+            std::unique_lock<SpinLock> g(table->mu);
+            while (table->pending_per_ctx.empty()) {
+                table->backstop_waiting = true;
+                table->cv.wait(g);
+            }
+            table->backstop_waiting = false;
         }
         std::this_thread::sleep_for(std::chrono::milliseconds(backstop_period_ms.load()));
         ctxs.clear();
         {
-            std::lock_guard<std::mutex> g(table->mu);
-            for (auto& kv : table->pending_per_ctx) ctxs.push_back(kv.first);
+            std::lock_guard<SpinLock> g(table->mu);
+            for (auto& c : table->pending_per_ctx) ctxs.push_back(c.ctx);
         }
         for (Ctx c : ctxs) {
             // The legacy stream of the context reports the context's sticky error, if any.
@@ -237,8 +271,13 @@ void backstop() {
 // ---- contexts ----------------------------------------------------------------------------------
 
 bool is_primary(Ctx ctx) {
+    if (ctx && table->last_primary.load(std::memory_order_acquire) == ctx) return true;
     std::lock_guard<std::mutex> g(table->ctx_mu);
-    if (std::find(table->primaries.begin(), table->primaries.end(), ctx) != table->primaries.end()) return true;
+    if (std::find(table->primaries.begin(), table->primaries.end(), ctx) !=
+        table->primaries.end()) {
+        table->last_primary.store(ctx, std::memory_order_release);
+        return true;
+    }
     for (int dev = 0; dev < info.device_count; ++dev) {
         unsigned flags = 0;
         int active = 0;
@@ -248,7 +287,10 @@ bool is_primary(Ctx ctx) {
         if (api.cuDevicePrimaryCtxRetain(&p, dev) != kSuccess) continue;
         if (std::find(table->primaries.begin(), table->primaries.end(), p) == table->primaries.end())
             table->primaries.push_back(p);
-        if (p == ctx) return true;
+        if (p == ctx) {
+            table->last_primary.store(ctx, std::memory_order_release);
+            return true;
+        }
     }
     return false;
 }
@@ -376,7 +418,7 @@ void event_destroy(uintptr_t ev) {
 }
 
 size_t pending() {
-    std::lock_guard<std::mutex> g(table->mu);
+    std::lock_guard<SpinLock> g(table->mu);
     return table->pending_total;
 }
 

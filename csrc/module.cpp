@@ -50,6 +50,8 @@ PyObject* raise_refused(int code, const std::string& text) {
     return raise_from(PyObject_CallFunction(hooks.refused, "iN", code, msg));
 }
 
+PyTypeObject* cpu_stream_type = nullptr;  // CpuStreamBase
+
 // Bumped whenever a queue closes, so that no thread's cached (loop -> queue) is used after.
 std::atomic<uint64_t> g_queue_epoch{1};
 
@@ -305,7 +307,8 @@ PyObject* synchronize(PyObject*, PyObject* stream) {
             CpuStream* cpu = nullptr;
             uintptr_t handle = 0;
             py::detail::make_caster<CpuStream> caster;
-            if (caster.load(stream, false)) {
+            // Ask pybind11 only about CpuStreams: its caster is slow on other types.
+            if (PyObject_TypeCheck(stream, cpu_stream_type) && caster.load(stream, false)) {
                 cpu = &py::detail::cast_op<CpuStream&>(caster);
             } else {
                 bool have = false;
@@ -393,6 +396,8 @@ PYBIND11_MODULE(_core, m) {
         .def("_wait_event", [](CpuStream& s, PyCpuEvent& e) {
             return s.wait_event(e.state, e.state->recorded);
         });
+
+    cpu_stream_type = reinterpret_cast<PyTypeObject*>(m.attr("CpuStreamBase").ptr());
 
     py::class_<PyCpuEvent>(m, "CpuEvent")
         .def(py::init<>())
