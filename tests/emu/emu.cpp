@@ -79,6 +79,8 @@ struct Ctx {
 
 std::mutex g_mu;
 std::atomic<int> g_sticky{0};
+std::mutex* g_sleep_mu = new std::mutex;  // leaked: sleepers may outlive static destructors
+std::condition_variable* g_sleep_cv = new std::condition_variable;
 std::atomic<bool> g_init{false};
 std::vector<Ctx*> g_primary;  // by device, created on retain
 std::set<Stream*> g_streams;
@@ -125,11 +127,10 @@ void Stream::run() {
                     break;
                 }
                 case Item::Sleep: {
-                    // Sleep in slices so an injected error aborts the work, as a fault would.
+                    // An injected error aborts the work, as a fault would.
                     auto end = std::chrono::steady_clock::now() + std::chrono::microseconds(it.usec);
-                    while (g_sticky.load() == 0 && std::chrono::steady_clock::now() < end)
-                        std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(
-                            std::chrono::milliseconds(1), end - std::chrono::steady_clock::now()));
+                    std::unique_lock<std::mutex> g(*g_sleep_mu);
+                    g_sleep_cv->wait_until(g, end, [] { return g_sticky.load() != 0; });
                     break;
                 }
                 case Item::Record: {
@@ -417,7 +418,13 @@ __attribute__((visibility("default"))) int emu_enqueue_sleep(void* h, long long 
 
 // A sticky context error, as after a faulting kernel: queued work is dropped, host functions
 // are never called, every later call returns `code`.
-__attribute__((visibility("default"))) void emu_inject_error(int code) { g_sticky = code; }
+__attribute__((visibility("default"))) void emu_inject_error(int code) {
+    {
+        std::lock_guard<std::mutex> g(*g_sleep_mu);
+        g_sticky = code;
+    }
+    g_sleep_cv->notify_all();
+}
 
 // Makes every cuLaunchHostFunc block for `usec` first.
 __attribute__((visibility("default"))) void emu_set_launch_delay_us(long long usec) {
