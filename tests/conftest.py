@@ -100,6 +100,7 @@ class Emu:
         self.lib.emu_inject_error.argtypes = [ctypes.c_int]
         self.lib.emu_set_launch_delay_us.argtypes = [ctypes.c_longlong]
         self.lib.emu_make_private_context.restype = ctypes.c_void_p
+        self.lib.emu_calls_from_host_fns.restype = ctypes.c_ulonglong
         self.lib.cuCtxSetCurrent.argtypes = [ctypes.c_void_p]
         self.lib.cuStreamDestroy_v2.argtypes = [ctypes.c_void_p]
 

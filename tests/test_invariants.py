@@ -55,6 +55,22 @@ def test_cuda_host_functions_complete_while_the_gil_is_held(run, emu):
     assert run(main()) == 100
 
 
+def test_host_functions_make_no_driver_calls_and_return_quickly(run, emu):
+    async def main():
+        h = emu.stream()
+        calls_before, ns_before, _ = emu.host_fn_stats()
+        await asyncio.gather(*[aiocuda.synchronize(h) for _ in range(10_000)])
+        calls, ns, _peak = emu.host_fn_stats()
+        return calls - calls_before, emu.lib.emu_calls_from_host_fns(), (ns - ns_before) / 10_000
+
+    ran, driver_calls, mean_ns = run(main())
+    assert ran == 10_000
+    assert driver_calls == 0  # CUDA forbids driver calls from a host function
+    # A host function only links a record and maybe writes an eventfd: it never waits for the
+    # GIL (one switch interval is 5 ms). A generous bound for a loaded CI machine.
+    assert mean_ns < 500_000
+
+
 # 2. Driver calls that can block are made without the GIL -----------------------------------------
 def test_a_blocking_launch_does_not_hold_the_gil(run, emu):
     progressed = []

@@ -87,6 +87,8 @@ std::set<Stream*> g_streams;
 std::set<Ctx*> g_ctxs;
 thread_local std::vector<Ctx*> t_ctx_stack;  // back() is current
 std::atomic<long long> g_launch_delay_us{0};
+thread_local bool t_in_host_fn = false;
+std::atomic<uint64_t> g_calls_from_host_fn{0};  // CUDA forbids driver calls in host functions
 std::atomic<uint64_t> g_host_calls{0}, g_host_ns_total{0}, g_host_ns_max{0};
 
 int device_count() {
@@ -117,7 +119,9 @@ void Stream::run() {
             switch (it.kind) {
                 case Item::Host: {
                     auto t0 = std::chrono::steady_clock::now();
+                    t_in_host_fn = true;
                     it.fn(it.ud);
+                    t_in_host_fn = false;
                     uint64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
                                       std::chrono::steady_clock::now() - t0).count();
                     g_host_calls.fetch_add(1);
@@ -170,6 +174,7 @@ CUresult resolve_stream(void* h, Stream** out) {
 
 #define CHECK_STICKY()                              \
     do {                                            \
+        if (t_in_host_fn) g_calls_from_host_fn++;   \
         if (int e_ = g_sticky.load()) return e_;    \
         if (!g_init.load()) return kNotInitialized; \
     } while (0)
@@ -225,6 +230,7 @@ __attribute__((visibility("default"))) CUresult cuDevicePrimaryCtxRetain(void** 
 
 __attribute__((visibility("default"))) CUresult cuDevicePrimaryCtxGetState(int dev, unsigned* flags,
                                                                            int* active) {
+    if (t_in_host_fn) g_calls_from_host_fn++;
     if (dev < 0 || dev >= device_count()) return kInvalidDevice;
     std::lock_guard<std::mutex> g(g_mu);
     *flags = 0;
@@ -233,12 +239,14 @@ __attribute__((visibility("default"))) CUresult cuDevicePrimaryCtxGetState(int d
 }
 
 __attribute__((visibility("default"))) CUresult cuCtxGetCurrent(void** ctx) {
+    if (t_in_host_fn) g_calls_from_host_fn++;
     if (!g_init) return kNotInitialized;
     *ctx = current();
     return kSuccess;
 }
 
 __attribute__((visibility("default"))) CUresult cuCtxSetCurrent(void* ctx) {
+    if (t_in_host_fn) g_calls_from_host_fn++;
     if (!g_init) return kNotInitialized;
     if (t_ctx_stack.empty()) t_ctx_stack.push_back(nullptr);
     t_ctx_stack.back() = static_cast<Ctx*>(ctx);
@@ -246,11 +254,13 @@ __attribute__((visibility("default"))) CUresult cuCtxSetCurrent(void* ctx) {
 }
 
 __attribute__((visibility("default"))) CUresult cuCtxPushCurrent_v2(void* ctx) {
+    if (t_in_host_fn) g_calls_from_host_fn++;
     t_ctx_stack.push_back(static_cast<Ctx*>(ctx));
     return kSuccess;
 }
 
 __attribute__((visibility("default"))) CUresult cuCtxPopCurrent_v2(void** ctx) {
+    if (t_in_host_fn) g_calls_from_host_fn++;
     if (t_ctx_stack.empty()) return kInvalidContext;
     if (ctx) *ctx = t_ctx_stack.back();
     t_ctx_stack.pop_back();
@@ -336,6 +346,7 @@ __attribute__((visibility("default"))) CUresult cuEventQuery(void* ev) {
 }
 
 __attribute__((visibility("default"))) CUresult cuEventSynchronize(void* ev) {
+    if (t_in_host_fn) g_calls_from_host_fn++;
     Event* e = static_cast<Event*>(ev);
     uint64_t want = e->recorded.load();
     for (;;) {
@@ -440,6 +451,10 @@ __attribute__((visibility("default"))) void* emu_make_private_context() {
     std::lock_guard<std::mutex> g(g_mu);
     g_ctxs.insert(c);
     return c;
+}
+
+__attribute__((visibility("default"))) unsigned long long emu_calls_from_host_fns() {
+    return g_calls_from_host_fn.load();
 }
 
 __attribute__((visibility("default"))) void emu_host_fn_stats(unsigned long long* calls,
