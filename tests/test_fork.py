@@ -28,31 +28,22 @@ def _child_checks(s: aiocuda.CpuStream, pending: asyncio.Future[None], cuda_hand
     # A future that waited on the parent's work fails instead of hanging.
     if not (pending.done() and isinstance(pending.exception(), aiocuda.AiocudaError)):
         failed |= 1
-    # The parent's CpuStream has no worker here: a clear error, not a hang.
-    async def use_old_stream() -> None:
+    # The parent's CpuStream has no worker here, and its CUDA state is unusable: clear errors.
+    async def refused(stream: object) -> None:
         try:
-            aiocuda.synchronize(s)
+            aiocuda.synchronize(stream)
         except aiocuda.AiocudaError as exc:
             if "fork" not in str(exc):
                 raise
         else:
-            raise AssertionError("the parent's stream was usable in the child")
+            raise AssertionError(f"{stream!r} from the parent was usable in the child")
 
     async def use_new_stream() -> int:
         with aiocuda.CpuStream() as fresh:
             await aiocuda.synchronize(fresh)
             return await fresh.submit(lambda: 7)
 
-    async def use_cuda() -> None:
-        try:
-            aiocuda.synchronize(cuda_handle)
-        except aiocuda.AiocudaError as exc:
-            if "fork" not in str(exc):
-                raise
-        else:
-            raise AssertionError("the parent's CUDA state was usable in the child")
-
-    for bit, coro in ((2, use_old_stream()), (4, use_new_stream()), (8, use_cuda())):
+    for bit, coro in ((2, refused(s)), (4, use_new_stream()), (8, refused(cuda_handle))):
         try:
             result = asyncio.run(coro)
             if bit == 4 and result != 7:

@@ -25,32 +25,23 @@ def _hold_gil(seconds: float) -> None:
 
 
 # 1. The completion path needs no GIL -------------------------------------------------------------
-def test_cpu_completions_land_while_the_gil_is_held(run):
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_completions_land_while_the_gil_is_held(run, emu, backend):
     async def main():
         st = _loop.state_for(asyncio.get_running_loop())
-        with aiocuda.CpuStream() as s:
-            s.delay(0.02)
-            futs = [aiocuda.synchronize(s) for _ in range(100)]
+        with aiocuda.CpuStream() as cpu:
+            if backend == "cpu":
+                stream: object = cpu
+                cpu.delay(0.02)
+            else:
+                stream = emu.stream()
+                emu.sleep(stream, 0.02)
+            futs = [aiocuda.synchronize(stream) for _ in range(100)]
             before = st.queue.pushed
-            _hold_gil(0.3)  # nobody can take the GIL now, yet the worker completes all 100
+            _hold_gil(0.3)  # nobody can take the GIL now, yet all 100 completions land
             during = st.queue.pushed - before
             await asyncio.gather(*futs)
             return during
-
-    assert run(main()) == 100
-
-
-def test_cuda_host_functions_complete_while_the_gil_is_held(run, emu):
-    async def main():
-        st = _loop.state_for(asyncio.get_running_loop())
-        h = emu.stream()
-        emu.sleep(h, 0.02)
-        futs = [aiocuda.synchronize(h) for _ in range(100)]
-        before = st.queue.pushed
-        _hold_gil(0.3)
-        during = st.queue.pushed - before
-        await asyncio.gather(*futs)
-        return during
 
     assert run(main()) == 100
 

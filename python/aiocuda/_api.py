@@ -161,7 +161,7 @@ class Event:
         return asyncio.shield(self._fut).__await__()
 
     def __del__(self) -> None:
-        if self._cuda:
+        if self._cuda and _core is not None:  # _core is None late in interpreter shutdown
             _core.cuda_event_destroy(self._cuda)  # the driver defers it if still pending
             self._cuda = 0
 
