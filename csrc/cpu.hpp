@@ -42,7 +42,6 @@ public:
     std::string delay(double seconds);
     void close();  // idempotent; call without the GIL
     bool closed();
-    uint64_t submitted() const { return submitted_; }
 
 private:
     enum class Kind : uint8_t { Marker, Call, Record, Wait, Delay };

@@ -379,10 +379,8 @@ PYBIND11_MODULE(_core, m) {
     s_running_key = intern("__asyncio_running_event_loop__");
 #endif
 
-    m.attr("STATUS_OK") = static_cast<int>(kOk);
     m.attr("STATUS_CALL_RETURNED") = static_cast<int>(kCallReturned);
     m.attr("STATUS_CALL_RAISED") = static_cast<int>(kCallRaised);
-    m.attr("ERROR_REFUSED") = kRefused;
 
     py::class_<CpuStream, std::unique_ptr<CpuStream, GilFreeDelete>>(m, "CpuStreamBase",
                                                                      py::dynamic_attr())

@@ -4,10 +4,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-STATUS_OK: int
 STATUS_CALL_RETURNED: int
 STATUS_CALL_RAISED: int
-ERROR_REFUSED: int
 
 class CpuStreamBase:
     def __init__(self) -> None: ...
