@@ -35,29 +35,31 @@ bool CpuEventState::done() {
 }
 
 CpuStream::CpuStream()
-    : epoch_(g_fork_epoch.load(std::memory_order_relaxed)), worker_([this] { run(); }) {}
+    : sh_(std::make_shared<Shared>()),
+      epoch_(g_fork_epoch.load(std::memory_order_relaxed)),
+      worker_([sh = sh_] { run(*sh); }) {}
 
 CpuStream::~CpuStream() { close(); }
 
 bool CpuStream::closed() {
-    std::lock_guard<std::mutex> g(mu_);
-    return closing_;
+    std::lock_guard<std::mutex> g(sh_->mu);
+    return sh_->closing;
 }
 
 std::string CpuStream::enqueue(Item&& item) {
     if (epoch_ != g_fork_epoch.load(std::memory_order_relaxed))
         return "this CpuStream was created before fork(); its worker thread does not exist in the "
                "child process: create a new CpuStream in the child";
+    Shared& sh = *sh_;
     bool wake;
     {
-        std::lock_guard<std::mutex> g(mu_);
-        if (closing_) return "the CpuStream is closed: create a new one";
-        items_.push_back(std::move(item));
-        ++submitted_;
-        enqueued_.store(submitted_, std::memory_order_release);
-        wake = sleeping_;
+        std::lock_guard<std::mutex> g(sh.mu);
+        if (sh.closing) return "the CpuStream is closed: create a new one";
+        sh.items.push_back(std::move(item));
+        sh.enqueued.store(++sh.submitted, std::memory_order_release);
+        wake = sh.sleeping;
     }
-    if (wake) cv_.notify_one();  // a futex call only when the worker really sleeps
+    if (wake) sh.cv.notify_one();  // a futex call only when the worker really sleeps
     return {};
 }
 
@@ -107,17 +109,20 @@ std::string CpuStream::delay(double seconds) {
 
 void CpuStream::close() {
     {
-        std::lock_guard<std::mutex> g(mu_);
-        closing_ = true;
-        if (joined_) return;
-        joined_ = true;
+        std::lock_guard<std::mutex> g(sh_->mu);
+        sh_->closing = true;
+        if (sh_->joined) return;
+        sh_->joined = true;
     }
-    cv_.notify_one();
-    if (epoch_ != g_fork_epoch.load(std::memory_order_relaxed)) {
-        worker_.detach();  // the parent's thread: nothing to join in this process
+    sh_->cv.notify_one();
+    if (epoch_ != g_fork_epoch.load(std::memory_order_relaxed) ||
+        worker_.get_id() == std::this_thread::get_id()) {
+        // The parent's thread (nothing to join in this process), or a call on the worker
+        // closing its own stream: the worker finishes what was submitted and exits by itself.
+        worker_.detach();
         return;
     }
-    if (worker_.joinable()) worker_.join();
+    worker_.join();
 }
 
 void CpuStream::run_call(Item& it) {
@@ -149,23 +154,23 @@ void CpuStream::run_call(Item& it) {
     complete(it.node, status);  // after the GIL is dropped: the completion path never needs it
 }
 
-void CpuStream::run() {
+void CpuStream::run(Shared& sh) {
     uint64_t taken = 0;
     std::deque<Item> batch;
     for (;;) {
         // Idle: spin a few microseconds before sleeping, so a burst of submissions from the loop
         // does not pay a futex wake for each one. Bounded, so an idle stream costs nothing.
-        for (int i = 0; i < kSpins && enqueued_.load(std::memory_order_acquire) == taken; ++i)
+        for (int i = 0; i < kSpins && sh.enqueued.load(std::memory_order_acquire) == taken; ++i)
             cpu_relax();
         {
-            std::unique_lock<std::mutex> g(mu_);
-            if (items_.empty() && !closing_) {
-                sleeping_ = true;
-                cv_.wait(g, [&] { return closing_ || !items_.empty(); });
-                sleeping_ = false;
+            std::unique_lock<std::mutex> g(sh.mu);
+            if (sh.items.empty() && !sh.closing) {
+                sh.sleeping = true;
+                sh.cv.wait(g, [&] { return sh.closing || !sh.items.empty(); });
+                sh.sleeping = false;
             }
-            if (items_.empty()) return;  // closing, and everything submitted has run
-            batch.swap(items_);  // take everything at once: one lock per batch, not per item
+            if (sh.items.empty()) return;  // closing, and everything submitted has run
+            batch.swap(sh.items);  // take everything at once: one lock per batch, not per item
             taken += batch.size();
         }
         for (Item& it : batch) {

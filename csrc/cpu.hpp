@@ -56,19 +56,24 @@ private:
         uint64_t gen = 0;
         double seconds = 0;
     };
+    // Shared with the worker thread, which may outlive this object: the last reference to a
+    // stream can be dropped by a call running on its own worker.
+    struct Shared {
+        std::mutex mu;
+        std::condition_variable cv;
+        std::deque<Item> items;
+        std::atomic<uint64_t> enqueued{0};  // lets the idle worker spin without the lock
+        bool sleeping = false;              // the worker waits on cv: a submit must notify
+        bool closing = false;
+        bool joined = false;
+        uint64_t submitted = 0;
+    };
     std::string enqueue(Item&& item);
-    void run();
+    static void run(Shared& sh);
     static void run_call(Item& it);
 
-    std::mutex mu_;
-    std::condition_variable cv_;
-    std::deque<Item> items_;
-    std::atomic<uint64_t> enqueued_{0};  // lets the idle worker spin without the lock
-    bool sleeping_ = false;              // the worker waits on cv_: a submit must notify
-    bool closing_ = false;
-    bool joined_ = false;
+    std::shared_ptr<Shared> sh_;
     uint32_t epoch_;
-    uint64_t submitted_ = 0;
     std::thread worker_;
 };
 

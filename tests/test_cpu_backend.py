@@ -172,3 +172,30 @@ def test_event_synchronize_blocks_a_thread_until_done(run):
             return ev.done()
 
     assert run(main()) is True
+
+
+def test_a_call_may_close_its_own_stream(run):
+    async def main():
+        s = aiocuda.CpuStream()
+        first = s.submit(lambda: "before")
+        closing = s.submit(s.close)  # runs on the stream's own worker
+        assert await first == "before"
+        await closing
+        assert s.closed
+        with pytest.raises(aiocuda.AiocudaError, match="closed"):
+            s.submit(lambda: 1)
+        s.close()
+
+    run(main())
+
+
+def test_the_last_reference_may_go_away_on_the_worker(run):
+    async def main():
+        s = aiocuda.CpuStream()
+        # The only other reference to `s` travels with the call; once the worker drops it the
+        # stream is destroyed on its own worker thread.
+        fut = s.submit(lambda stream: repr(stream), s)
+        del s
+        return await fut
+
+    assert "CpuStream" in run(main())
