@@ -1,4 +1,4 @@
-"""Tests that need a real NVIDIA GPU. Run them with scripts/gpu-check."""
+"""Tests that need a real NVIDIA GPU: AIOCUDA_TEST_REAL_DRIVER=1 .venv/bin/python -m pytest -m gpu"""
 
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture
 def gpu():
     if EMU_PATH is not None:
-        pytest.skip("the driver emulator is loaded; real-GPU tests run under scripts/gpu-check")
+        pytest.skip(
+            "the driver emulator is loaded; on a GPU machine run the gpu tests with "
+            "AIOCUDA_TEST_REAL_DRIVER=1"
+        )
     info = _core.cuda_info()
     if not info["available"]:
         pytest.skip(f"no usable GPU: {info['reason']}")
