@@ -57,6 +57,7 @@ struct Stream {
     std::deque<Item> items;
     bool busy = false;
     bool waiting = false;
+    std::atomic<uint64_t> pushed{0};
     bool destroyed = false;
     explicit Stream(Ctx* c);
     void push(Item it) {
@@ -64,6 +65,7 @@ struct Stream {
         {
             std::lock_guard<std::mutex> g(mu);
             items.push_back(it);
+            pushed.fetch_add(1, std::memory_order_release);
             wake = waiting;
         }
         if (wake) cv.notify_one();
@@ -91,6 +93,14 @@ thread_local bool t_in_host_fn = false;
 std::atomic<uint64_t> g_calls_from_host_fn{0};  // CUDA forbids driver calls in host functions
 std::atomic<uint64_t> g_host_calls{0}, g_host_ns_total{0}, g_host_ns_max{0};
 
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
+
 int device_count() {
     const char* e = std::getenv("AIOCUDA_EMU_DEVICES");
     return e ? std::atoi(e) : 1;
@@ -103,14 +113,22 @@ Stream::Stream(Ctx* c) : ctx(c) {
 }
 
 void Stream::run() {
+    uint64_t taken = 0;
     for (;;) {
         Item it;
+        // Like a GPU front end polling its push buffer, spin briefly before sleeping, so that a
+        // burst of launches does not pay a futex wake each.
+        for (int i = 0; i < 4096 && pushed.load(std::memory_order_acquire) == taken; ++i)
+            cpu_relax();
         {
             std::unique_lock<std::mutex> g(mu);
-            waiting = true;
-            cv.wait(g, [&] { return !items.empty() || destroyed; });
-            waiting = false;
+            if (items.empty() && !destroyed) {
+                waiting = true;
+                cv.wait(g, [&] { return !items.empty() || destroyed; });
+                waiting = false;
+            }
             if (items.empty()) return;  // destroyed and drained (the Stream is leaked)
+            ++taken;
             it = items.front();
             items.pop_front();
             busy = true;
