@@ -4,6 +4,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from ._api import StreamLike
+
 STATUS_CALL_RETURNED: int
 STATUS_CALL_RAISED: int
 
@@ -49,7 +51,7 @@ class CompletionQueue:
     ) -> asyncio.Future[Any]: ...
     def drain(self, max: int) -> tuple[int, list[tuple[asyncio.Future[Any], int, int]], bool]: ...
 
-def synchronize(stream: Any, /) -> asyncio.Future[None]: ...
+def synchronize(stream: StreamLike, /) -> asyncio.Future[None]: ...
 def install_hooks(
     get_running_loop: Callable[[], asyncio.AbstractEventLoop | None],
     state_for: Callable[[asyncio.AbstractEventLoop], Any],
