@@ -2,19 +2,13 @@
 
 #include <chrono>
 
+#include "spin.hpp"
+
 namespace aiocuda {
 
 // An idle worker checks for new work this many times (a CPU pause each) before it sleeps:
 // tens of microseconds, so a burst from the loop does not pay a futex wake per submission.
 constexpr int kSpins = 4096;
-
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    asm volatile("yield");
-#endif
-}
 
 void CpuEventState::reach(uint64_t gen) {
     {

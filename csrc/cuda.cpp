@@ -1,4 +1,5 @@
 #include "cuda.hpp"
+#include "spin.hpp"
 
 #include <dlfcn.h>
 
@@ -143,6 +144,7 @@ public:
         for (int i = 0; flag_.exchange(true, std::memory_order_acquire); ++i) {
             while (flag_.load(std::memory_order_relaxed)) {
                 if (++i > 64) std::this_thread::yield();  // the holder was preempted
+                else cpu_relax();
             }
         }
     }

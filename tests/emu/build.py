@@ -8,13 +8,15 @@ import subprocess
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent / "emu.cpp"
+CSRC = SRC.parents[2] / "csrc"  # for spin.hpp
 
 
 def build_emulator() -> Path:
     """Return the path of libcuda_emu.so, compiling it if it is missing or older than emu.cpp."""
     out = SRC.parent / "build" / "libcuda_emu.so"
     out.parent.mkdir(exist_ok=True)
-    if out.exists() and out.stat().st_mtime >= SRC.stat().st_mtime:
+    newest = max(SRC.stat().st_mtime, (CSRC / "spin.hpp").stat().st_mtime)
+    if out.exists() and out.stat().st_mtime >= newest:
         return out
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if cxx is None:
@@ -22,7 +24,7 @@ def build_emulator() -> Path:
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
     subprocess.run(
         [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-pthread",
-         str(SRC), "-o", str(tmp), "-ldl"],
+         f"-I{CSRC}", str(SRC), "-o", str(tmp), "-ldl"],
         check=True,
     )
     tmp.replace(out)

@@ -23,6 +23,10 @@
 #include <thread>
 #include <vector>
 
+#include "spin.hpp"  // csrc/: header-only, nothing of the package is linked in
+
+using aiocuda::cpu_relax;
+
 extern "C" {
 typedef int CUresult;
 typedef void (*CUhostFn)(void*);
@@ -92,14 +96,6 @@ std::atomic<long long> g_launch_delay_us{0};
 thread_local bool t_in_host_fn = false;
 std::atomic<uint64_t> g_calls_from_host_fn{0};  // CUDA forbids driver calls in host functions
 std::atomic<uint64_t> g_host_calls{0}, g_host_ns_total{0}, g_host_ns_max{0};
-
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    asm volatile("yield");
-#endif
-}
 
 int device_count() {
     const char* e = std::getenv("AIOCUDA_EMU_DEVICES");
