@@ -129,6 +129,14 @@ def test_close_is_idempotent_and_refuses_new_work(run):
             aiocuda.synchronize(s)
         with pytest.raises(aiocuda.AiocudaError, match="closed"):
             s.delay(0.1)
+        with pytest.raises(aiocuda.AiocudaError, match="closed"):
+            s.record()
+        with aiocuda.CpuStream() as other:
+            ev = other.record()
+            with pytest.raises(aiocuda.AiocudaError, match="closed"):
+                s.wait_event(ev)
+            await ev
+        assert aiocuda.statistics().pending == 0
 
     run(main())
 
