@@ -11,7 +11,7 @@ from typing import Any, Protocol, TypeVar, Union, runtime_checkable
 
 from . import _core
 from ._errors import AiocudaError, CudaError
-from ._loop import running_loop, state_for
+from ._loop import no_loop_error, running_loop, state_for
 
 __all__ = ["CpuStream", "Event", "StreamLike", "backends", "record", "synchronize"]
 
@@ -71,20 +71,12 @@ def _refused(code: int, text: str) -> Exception:
     return CudaError(code, text) if code > 0 else AiocudaError(text)
 
 
-def _no_loop(what: str) -> Exception:
-    try:
-        running_loop(what)
-    except AiocudaError as exc:
-        return exc
-    return AiocudaError(f"{what} needs a running event loop")  # pragma: no cover
-
-
 _core.install_hooks(
     asyncio.events._get_running_loop,
     state_for,
     _cuda_handle,
     _refused,
-    _no_loop,
+    no_loop_error,
     asyncio.InvalidStateError,
 )
 

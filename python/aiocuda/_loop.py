@@ -115,15 +115,20 @@ _states: dict[int, LoopState] = {}  # id(loop) -> state; entries die with their 
 _states_lock = threading.Lock()
 
 
+def no_loop_error(what: str) -> AiocudaError:
+    """The error for calling `what` where no event loop is running."""
+    return AiocudaError(
+        f"{what} needs a running event loop: call it from a coroutine or a callback "
+        "running on the loop (for example inside asyncio.run(...))"
+    )
+
+
 def running_loop(what: str) -> asyncio.AbstractEventLoop:
     """Return the running loop, or raise an error saying where `what` must be called."""
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
-        raise AiocudaError(
-            f"{what} needs a running event loop: call it from a coroutine or a callback "
-            "running on the loop (for example inside asyncio.run(...))"
-        ) from None
+        raise no_loop_error(what) from None
 
 
 def state_for(loop: asyncio.AbstractEventLoop) -> LoopState:
@@ -136,11 +141,7 @@ def state_for(loop: asyncio.AbstractEventLoop) -> LoopState:
 
 def _new_state(loop: asyncio.AbstractEventLoop) -> LoopState:
     with _states_lock:
-        for key, old in list(_states.items()):  # loops closed since we last looked
-            old_loop = old.loop_ref()
-            if old_loop is None or old_loop.is_closed():
-                del _states[key]
-                old.close()
+        _close_stale_locked()  # loops closed since we last looked
         st = LoopState(loop)
         _states[id(loop)] = st
         weakref.finalize(loop, _forget, id(loop), st)
@@ -157,11 +158,15 @@ def _forget(key: int, st: LoopState) -> None:
 def close_loop_states() -> None:
     """Close the queues of loops that are closed or gone (done lazily otherwise)."""
     with _states_lock:
-        for key, st in list(_states.items()):
-            loop = st.loop_ref()
-            if loop is None or loop.is_closed():
-                del _states[key]
-                st.close()
+        _close_stale_locked()
+
+
+def _close_stale_locked() -> None:
+    for key, st in list(_states.items()):
+        loop = st.loop_ref()
+        if loop is None or loop.is_closed():
+            del _states[key]
+            st.close()
 
 
 def statistics() -> Statistics:
