@@ -1,5 +1,7 @@
 #include "queue.hpp"
 
+#include <initializer_list>
+
 #include <cerrno>
 #include <new>
 #include <stdexcept>
@@ -57,7 +59,8 @@ Queue::~Queue() {
     // Only reached once no producer holds a reference, so nothing can push any more.
     Node* n = head_.exchange(nullptr, std::memory_order_acquire);
     while (n) { Node* next = n->next; free_node(n); n = next; }
-    for (n = backlog_head_; n;) { Node* next = n->next; free_node(n); n = next; }
+    for (Node* list : {taken_, rev_head_, backlog_head_})
+        for (n = list; n;) { Node* next = n->next; free_node(n); n = next; }
     ::close(rfd_);
     if (wfd_ != rfd_) ::close(wfd_);
 }
@@ -100,20 +103,28 @@ void Queue::clear_signal() noexcept {
 }
 
 size_t Queue::drain(size_t max, Node** out, bool* more) noexcept {
-    if (backlog_len_ < max) {
+    // A flood leaves a long stack: reversing it is a pointer chase through cold memory, so it is
+    // done in bounded steps across passes (like the batches) instead of all in one pass.
+    constexpr size_t kReverseStep = 8192;
+    if (!taken_ && backlog_len_ < max) {
         // Clear the wake-up before taking the stack: a push after the exchange signals again.
         clear_signal();
-        Node* n = head_.exchange(nullptr, std::memory_order_acquire);
-        // The stack is newest-first; reverse it onto the end of the FIFO backlog.
-        Node* fifo = nullptr;
-        Node* last = n;
-        size_t count = 0;
-        while (n) { Node* next = n->next; n->next = fifo; fifo = n; n = next; ++count; }
-        if (fifo) {
-            if (backlog_tail_) backlog_tail_->next = fifo; else backlog_head_ = fifo;
-            backlog_tail_ = last;
-            backlog_len_ += count;
-        }
+        taken_ = head_.exchange(nullptr, std::memory_order_acquire);
+        rev_tail_ = taken_;
+    }
+    for (size_t i = 0; taken_ && i < kReverseStep; ++i) {
+        Node* next = taken_->next;
+        taken_->next = rev_head_;
+        rev_head_ = taken_;
+        taken_ = next;
+        ++rev_len_;
+    }
+    if (!taken_ && rev_head_) {  // fully reversed: it follows the older records in the backlog
+        if (backlog_tail_) backlog_tail_->next = rev_head_; else backlog_head_ = rev_head_;
+        backlog_tail_ = rev_tail_;
+        backlog_len_ += rev_len_;
+        rev_head_ = rev_tail_ = nullptr;
+        rev_len_ = 0;
     }
     size_t k = 0;
     while (k < max && backlog_head_) {
@@ -122,7 +133,7 @@ size_t Queue::drain(size_t max, Node** out, bool* more) noexcept {
     }
     if (!backlog_head_) backlog_tail_ = nullptr;
     backlog_len_ -= k;
-    *more = backlog_len_ != 0;
+    *more = backlog_len_ != 0 || taken_ != nullptr;
     return k;
 }
 

@@ -66,6 +66,10 @@ private:
     alignas(64) std::atomic<int64_t> refs_{1};
     std::atomic<uint64_t> pushed_{0};
     std::atomic<uint64_t> signals_{0};
+    Node* taken_ = nullptr;  // consumer-private: a taken stack, newest first, being reversed
+    Node* rev_head_ = nullptr;  // its reversed part (oldest of those first) ...
+    Node* rev_tail_ = nullptr;  // ... ending with the newest record taken
+    size_t rev_len_ = 0;
     Node* backlog_head_ = nullptr;  // consumer-private, FIFO
     Node* backlog_tail_ = nullptr;
     size_t backlog_len_ = 0;

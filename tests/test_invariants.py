@@ -346,6 +346,36 @@ def test_a_flood_is_drained_in_bounded_batches(run):
     assert ticks >= n // _loop.BATCH // 2  # the other task ran between passes
 
 
+def test_a_flood_runs_at_most_two_passes_per_loop_iteration(run):
+    # One pass from the fd's reader and at most one scheduled pass, however often the fd fires:
+    # a producer still pushing while the loop drains re-arms the fd on every pass.
+    async def main():
+        loop = asyncio.get_running_loop()
+        seen: list[int] = []
+        done = loop.create_future()
+        go = threading.Event()
+
+        def tick() -> None:  # runs once per loop iteration
+            seen.append(aiocuda.statistics().completed)
+            if not done.done():
+                loop.call_soon(tick)
+
+        with aiocuda.CpuStream() as gate, aiocuda.CpuStream() as s:
+            opened = gate.submit(go.wait)
+            s.wait_event(gate.record())  # s starts when `go` is set, after everything is queued
+            futs = []
+            for _ in range(200):  # completions keep arriving while the loop drains
+                s.delay(0.0005)
+                futs += [aiocuda.synchronize(s) for _ in range(_loop.BATCH)]
+            loop.call_soon(tick)
+            go.set()
+            await asyncio.gather(opened, *futs)
+            done.set_result(None)
+        return max(b - a for a, b in zip(seen, seen[1:]))
+
+    assert run(main()) <= 2 * _loop.BATCH
+
+
 def test_massive_queue_fifo_per_stream_with_coalesced_wakeups(run):
     n = 100_000
 

@@ -62,9 +62,15 @@ class LoopState:
         self.wakeups += 1
         self.drain()
 
-    def drain(self) -> None:
-        """Resolve one bounded batch of completions; schedule another pass if more are left."""
+    def _drain_again(self) -> None:
         self._again = False
+        self.drain()
+
+    def drain(self) -> None:
+        """Resolve one bounded batch of completions; schedule another pass if more are left.
+
+        At most one further pass is scheduled at a time, however often the fd fires meanwhile.
+        """
         n, rest, more = self.queue.drain(BATCH)  # resolves the plain waits natively
         if rest:
             self._resolve_rest(rest)
@@ -77,7 +83,7 @@ class LoopState:
             loop = self.loop_ref()
             if loop is not None and not loop.is_closed():
                 self._again = True
-                loop.call_soon(self.drain)
+                loop.call_soon(self._drain_again)
 
     def _resolve_rest(self, rest: list[tuple[asyncio.Future[Any], int, int]]) -> None:
         outcomes = self.outcomes
