@@ -76,7 +76,7 @@ std::string CpuStream::call(Node* n, PyObject* fn, PyObject* args, PyObject* kwa
         Py_DECREF(fn);
         Py_DECREF(args);
         Py_XDECREF(kwargs);
-        Py_DECREF(outcomes);
+        Py_XDECREF(outcomes);
     }
     return err;
 }
@@ -122,6 +122,14 @@ void CpuStream::close() {
 void CpuStream::run_call(Item& it) {
     PyGILState_STATE gs = PyGILState_Ensure();
     PyObject* result = PyObject_Call(it.fn, it.args, it.kwargs);
+    if (!it.node) {  // posted: nobody waits for the outcome
+        if (!result) PyErr_WriteUnraisable(it.fn);
+        Py_XDECREF(result);
+        Py_DECREF(it.fn);
+        Py_DECREF(it.args);
+        PyGILState_Release(gs);
+        return;
+    }
     int32_t status = kCallReturned;
     if (!result) {
         status = kCallRaised;

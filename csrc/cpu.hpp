@@ -35,7 +35,8 @@ public:
     // Loop thread. Each returns an empty string or the reason it could not submit.
     std::string marker(Node* n);
     // Runs fn(*args, **kwargs) on the worker under the GIL; stores the outcome in outcomes[token].
-    // The references are stolen.
+    // The references are stolen. With n == nullptr (and outcomes == nullptr) nothing waits for
+    // the call: an exception goes to sys.unraisablehook.
     std::string call(Node* n, PyObject* fn, PyObject* args, PyObject* kwargs, PyObject* outcomes);
     std::string record(const std::shared_ptr<CpuEventState>& ev, uint64_t gen);
     std::string wait_event(const std::shared_ptr<CpuEventState>& ev, uint64_t gen);

@@ -388,6 +388,11 @@ PYBIND11_MODULE(_core, m) {
         .def("_close", &CpuStream::close, py::call_guard<py::gil_scoped_release>())
         .def_property_readonly("closed", &CpuStream::closed)
         .def("_delay", &CpuStream::delay)
+        // A Python call on the worker that nothing awaits: the benchmarks' stand-in for a
+        // Python-level stream callback (the design aiocuda replaces). Not public API.
+        .def("_post", [](CpuStream& s, py::object fn) {
+            return s.call(nullptr, fn.release().ptr(), PyTuple_New(0), nullptr, nullptr);
+        })
         .def("_record", [](CpuStream& s, PyCpuEvent& e) {
             return s.record(e.state, ++e.state->recorded);  // `recorded`: loop thread only
         })

@@ -41,6 +41,7 @@ constexpr CUresult kSuccess = 0, kInvalidValue = 1, kNotInitialized = 3, kNoDevi
 struct Event {
     std::atomic<uint64_t> recorded{0};
     std::atomic<uint64_t> completed{0};
+    std::atomic<int64_t> at_ns{0};  // steady clock when last reached, for cuEventElapsedTime
 };
 
 struct Ctx;
@@ -152,6 +153,8 @@ void Stream::run() {
                     break;
                 }
                 case Item::Record: {
+                    it.ev->at_ns.store(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                        std::chrono::steady_clock::now().time_since_epoch()).count());
                     uint64_t c = it.ev->completed.load();
                     while (it.gen > c && !it.ev->completed.compare_exchange_weak(c, it.gen)) {}
                     break;
@@ -357,6 +360,17 @@ __attribute__((visibility("default"))) CUresult cuEventQuery(void* ev) {
     CHECK_STICKY();
     Event* e = static_cast<Event*>(ev);
     return e->completed.load() >= e->recorded.load() ? kSuccess : kNotReady;
+}
+
+__attribute__((visibility("default"))) CUresult cuEventElapsedTime(float* ms, void* a, void* b) {
+    CHECK_STICKY();
+    Event* e0 = static_cast<Event*>(a);
+    Event* e1 = static_cast<Event*>(b);
+    if (!ms || !e0 || !e1) return kInvalidValue;
+    if (e0->completed.load() < e0->recorded.load() || e1->completed.load() < e1->recorded.load())
+        return kNotReady;
+    *ms = static_cast<float>((e1->at_ns.load() - e0->at_ns.load()) / 1e6);
+    return kSuccess;
 }
 
 __attribute__((visibility("default"))) CUresult cuEventSynchronize(void* ev) {

@@ -1,0 +1,52 @@
+"""aiocuda against the alternatives, as a pytest-benchmark suite.
+
+    pytest bench --benchmark-enable [--benchmark-json out.json]
+
+Each benchmark waits for 1,000 operations in flight on one source (cpu backend; cuda on a GPU or
+on the driver emulator) with one method, on one loop. `python -m aiocuda.bench` runs the fuller
+report (latency, stalls, loop lag, CPU, memory, plots); this suite is for tracking regressions
+with pytest-benchmark's own comparison tools (--benchmark-compare).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+import aiocuda
+from aiocuda.bench._methods import METHODS, throughput
+from aiocuda.bench._report import available_loops, new_loop
+from aiocuda.bench._sources import CpuSource, DriverSource, Source
+
+IN_FLIGHT = 1_000
+
+
+@pytest.fixture(scope="module", params=["cpu", "cuda"])
+def source(request: pytest.FixtureRequest) -> Iterator[Source]:
+    if request.param == "cuda" and "cuda" not in aiocuda.backends():
+        pytest.skip("the cuda backend is not available (no driver, or no device)")
+    src: Source = CpuSource() if request.param == "cpu" else DriverSource()
+    yield src
+    src.close()
+
+
+@pytest.fixture(params=available_loops())
+def loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
+    lp = new_loop(request.param)
+    yield lp
+    lp.close()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_wait_for_1000_in_flight(benchmark, source: Source, loop: asyncio.AbstractEventLoop,
+                                 method: str) -> None:
+    def once() -> float:
+        ops_per_s, _cpu = loop.run_until_complete(throughput(method, source, IN_FLIGHT, IN_FLIGHT))
+        return ops_per_s
+
+    loop.run_until_complete(throughput(method, source, 100, 100))  # warm-up
+    ops_per_s = benchmark.pedantic(once, rounds=5, iterations=1)
+    benchmark.extra_info["ops_per_s"] = ops_per_s
+    assert ops_per_s > 0

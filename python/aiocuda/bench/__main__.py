@@ -1,0 +1,55 @@
+"""python -m aiocuda.bench: run the comparisons and write the report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ._report import MEMORY_CHILD, QUICK, Config, available_loops, memory_child, plots, run, table
+from ._report import write as write_report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [MEMORY_CHILD]:
+        memory_child(argv[1], argv[2], int(argv[3]))
+        return 0
+    ap = argparse.ArgumentParser(
+        prog="python -m aiocuda.bench",
+        description="Measure aiocuda against the alternatives (same process, same run) and "
+        "write report.txt, report.json and PNG plots. With AIOCUDA_LIBCUDA naming the test "
+        "driver emulator (scripts/bench does this), the cuda path is measured without a GPU.",
+    )
+    ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats (< 1 minute)")
+    ap.add_argument("--out", type=Path, default=Path("bench-report"),
+                    help="output folder (default: bench-report)")
+    ap.add_argument("--loop", choices=("asyncio", "uvloop"), action="append",
+                    help="only this loop (repeatable; default: both when uvloop is installed)")
+    ap.add_argument("--repeats", type=int, help="override the number of repeats")
+    ap.add_argument("--plot", type=Path, metavar="REPORT_JSON",
+                    help="only redraw the plots of an earlier report.json into --out")
+    args = ap.parse_args(argv)
+    if args.plot:
+        for p in plots(json.loads(args.plot.read_text()), args.out):
+            print(f"wrote {p}")
+        return 0
+    cfg = QUICK if args.quick else Config()
+    if args.repeats is not None:
+        if args.repeats < 1:
+            ap.error("--repeats must be at least 1")
+        cfg = Config(**{**cfg.__dict__, "repeats": args.repeats})
+    loops = tuple(args.loop) if args.loop else available_loops()
+    if "uvloop" in loops and "uvloop" not in available_loops():
+        ap.error("uvloop is not installed: pip install 'aiocuda[bench]'")
+    report = run(cfg, args.quick, loops)
+    print(table(report), end="")
+    for p in write_report(report, args.out):
+        print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
