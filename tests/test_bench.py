@@ -76,7 +76,7 @@ def test_targets_follow_from_the_rows(report):
             assert t["met"] == (t["value"] >= 0.9)
 
 
-def test_report_files_table_and_replotting(report, tmp_path):
+def test_report_files_table_and_redrawing(report, tmp_path):
     written = _report.write(report, tmp_path / "out")
     assert {p.name for p in written} == {"report.json", "report.txt", "throughput.png",
                                          "latency.png"}
@@ -87,11 +87,12 @@ def test_report_files_table_and_replotting(report, tmp_path):
     for png in ("throughput.png", "latency.png"):
         assert (tmp_path / "out" / png).read_bytes()[:8] == PNG_MAGIC
     r = subprocess.run(
-        [sys.executable, "-m", "aiocuda.bench", "--plot", str(tmp_path / "out" / "report.json"),
+        [sys.executable, "-m", "aiocuda.bench", "--redraw", str(tmp_path / "out" / "report.json"),
          "--out", str(tmp_path / "again")], capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "again" / "latency.png").read_bytes()[:8] == PNG_MAGIC
+    assert (tmp_path / "again" / "report.txt").read_text() == text
 
 
 def test_cli_rejects_bad_arguments():

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._report import MEMORY_CHILD, QUICK, Config, available_loops, memory_child, plots, run, table
+from ._report import MEMORY_CHILD, QUICK, Config, Report, available_loops, memory_child, run, table
 from ._report import write as write_report
 
 
@@ -29,11 +29,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--loop", choices=("asyncio", "uvloop"), action="append",
                     help="only this loop (repeatable; default: both when uvloop is installed)")
     ap.add_argument("--repeats", type=int, help="override the number of repeats")
-    ap.add_argument("--plot", type=Path, metavar="REPORT_JSON",
-                    help="only redraw the plots of an earlier report.json into --out")
+    ap.add_argument("--redraw", type=Path, metavar="REPORT_JSON",
+                    help="measure nothing: redraw the table and plots of an earlier report.json "
+                    "into --out")
     args = ap.parse_args(argv)
-    if args.plot:
-        for p in plots(json.loads(args.plot.read_text()), args.out):
+    if args.redraw:
+        report = Report(**json.loads(args.redraw.read_text()))
+        print(table(report), end="")
+        for p in write_report(report, args.out):
             print(f"wrote {p}")
         return 0
     cfg = QUICK if args.quick else Config()

@@ -336,22 +336,21 @@ def table(r: Report) -> str:
     lines = [f"machine: {r.machine}", "mode: " + ("--quick" if r.quick else "full") +
              f", medians of {r.config['repeats']} (throughput), {r.config['latency_samples']} "
              "samples (wake-up)", ""]
-    top = max(r.config["in_flight"])
     for src in dict.fromkeys(t["source"] for t in r.throughput):
         for loop in dict.fromkeys(t["loop"] for t in r.throughput if t["source"] == src):
             key = {"source": src, "loop": loop}
             lines.append(f"{src} on {loop}")
             lines.append(f"  {'method':22} {'ops/s':>10} {'in flight':>9} {'x floor':>8} "
                          f"{'CPU us/op':>9} {'wake p50':>9} {'wake p99':>9} {'idle CPU':>9}")
-            floor = _find(r.throughput, method=FLOOR, in_flight=top, **key)
             for m in METHODS:
                 rows = [t for t in r.throughput if t["method"] == m and t["source"] == src
                         and t["loop"] == loop]
                 t = max(rows, key=lambda x: x["in_flight"], default=None)
                 lat = _find(r.latency, method=m, **key)
                 idle = _find(r.idle_cpu, method=m, **key)
-                ratio = (f"{t['ops_per_s'] / floor['ops_per_s']:7.2f}x"
-                         if t and floor and t["in_flight"] == top else f"{'-':>8}")
+                floor = t and _find(r.throughput, method=FLOOR, in_flight=t["in_flight"], **key)
+                ratio = (f"{t['ops_per_s'] / floor['ops_per_s']:7.2f}x" if t and floor
+                         else f"{'-':>8}")
                 lines.append(
                     f"  {m:22} {t['ops_per_s'] if t else 0:10.0f} "
                     f"{t['in_flight'] if t else 0:9} {ratio} "
@@ -404,7 +403,7 @@ def plots(r: dict[str, Any], out: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         print("plots skipped: matplotlib is not installed (pip install 'aiocuda[bench]'; or make "
-              "them elsewhere: python -m aiocuda.bench --plot report.json)", file=sys.stderr)
+              "them elsewhere: python -m aiocuda.bench --redraw report.json)", file=sys.stderr)
         return []
     out.mkdir(parents=True, exist_ok=True)
     written = []
