@@ -24,6 +24,8 @@ using HostFn = void (*)(void*);
 constexpr CUresult kSuccess = 0;
 constexpr CUresult kNotReady = 600;
 constexpr unsigned kEventDisableTiming = 0x2;
+constexpr unsigned kStreamNonBlocking = 0x1;
+constexpr CUresult kInvalidDevice = 101;
 constexpr int kProcAddressVersion = 12000;  // the ABI of every entry point named below
 
 struct Api {
@@ -40,6 +42,9 @@ struct Api {
     CUresult (*cuCtxPopCurrent)(Ctx*);
     CUresult (*cuStreamGetCtx)(Stream, Ctx*);
     CUresult (*cuStreamQuery)(Stream);
+    CUresult (*cuStreamCreate)(Stream*, unsigned);
+    CUresult (*cuStreamWaitEvent)(Stream, Event, unsigned);
+    CUresult (*cuCtxSynchronize)();
     CUresult (*cuLaunchHostFunc)(Stream, HostFn, void*);
     CUresult (*cuEventCreate)(Event*, unsigned);
     CUresult (*cuEventRecord)(Event, Stream);
@@ -73,6 +78,9 @@ bool resolve(void* lib, std::string* why) {
         {"cuCtxPopCurrent", "cuCtxPopCurrent_v2", (void**)&api.cuCtxPopCurrent},
         {"cuStreamGetCtx", "cuStreamGetCtx", (void**)&api.cuStreamGetCtx},
         {"cuStreamQuery", "cuStreamQuery", (void**)&api.cuStreamQuery},
+        {"cuStreamCreate", "cuStreamCreate", (void**)&api.cuStreamCreate},
+        {"cuStreamWaitEvent", "cuStreamWaitEvent", (void**)&api.cuStreamWaitEvent},
+        {"cuCtxSynchronize", "cuCtxSynchronize", (void**)&api.cuCtxSynchronize},
         {"cuLaunchHostFunc", "cuLaunchHostFunc", (void**)&api.cuLaunchHostFunc},
         {"cuEventCreate", "cuEventCreate", (void**)&api.cuEventCreate},
         {"cuEventRecord", "cuEventRecord", (void**)&api.cuEventRecord},
@@ -132,7 +140,18 @@ void do_load() {
 // ---- records waiting on a host function ------------------------------------------------------
 // The host function receives a key (generation << 32 | slot), never a pointer, so a record that
 // the backstop already failed and freed can never be touched by a late host function.
-struct Slot { Node* node; Ctx ctx; uint32_t gen; };
+// `own`: an aiocuda stream lent to this wait (event waits), returned to the pool when it ends.
+struct Slot { Node* node; Ctx ctx; uint32_t gen; Stream own; };
+
+// Waits for all the work queued on one device (cuCtxSynchronize on a native thread), for
+// frameworks that expose no stream: every request that arrives while a synchronize runs is
+// served by the next one, so one thread serves any number of waiters.
+struct DeviceWaiter {
+    Ctx ctx;
+    std::mutex mu;
+    std::condition_variable cv;
+    std::vector<Node*> waiting;
+};
 
 // Heap-allocated and never destroyed: the backstop thread waits on `cv` until the process ends,
 // and destroying a condition variable with a waiter blocks forever at exit.
@@ -167,6 +186,9 @@ struct Table {
     size_t pending_total = 0;
     std::mutex ctx_mu;
     std::vector<Ctx> primaries;  // primary contexts seen so far (retained, never released)
+    std::vector<Ctx> primary_by_device;  // retained once by primary_ctx()
+    std::vector<DeviceWaiter*> device_waiters;  // by device, created on first use, leaked
+    std::vector<std::pair<Ctx, Stream>> stream_pool;  // idle streams for event waits (under mu)
     std::atomic<Ctx> last_primary{nullptr};  // lock-free answer for the common case
 };
 Table* table = new Table;
@@ -174,7 +196,7 @@ std::atomic<int> backstop_period_ms{20};
 
 void backstop();
 
-uint64_t table_add(Node* n, Ctx ctx) {
+uint64_t table_add(Node* n, Ctx ctx, Stream own = nullptr) {
     std::lock_guard<SpinLock> g(table->mu);
     uint32_t idx;
     if (!table->free_slots.empty()) {
@@ -182,11 +204,12 @@ uint64_t table_add(Node* n, Ctx ctx) {
         table->free_slots.pop_back();
     } else {
         idx = static_cast<uint32_t>(table->slots.size());
-        table->slots.push_back(Slot{nullptr, nullptr, 1});
+        table->slots.push_back(Slot{nullptr, nullptr, 1, nullptr});
     }
     Slot& s = table->slots[idx];
     s.node = n;
     s.ctx = ctx;
+    s.own = own;
     ++table->pending_total;
     auto& counts = table->pending_per_ctx;
     auto it = std::find_if(counts.begin(), counts.end(), [&](auto& c) { return c.ctx == ctx; });
@@ -212,7 +235,9 @@ Node* take_locked(uint32_t idx) {
         counts.pop_back();
     }
     --table->pending_total;
+    if (s.own) table->stream_pool.emplace_back(s.ctx, s.own);  // no CUDA call: just bookkeeping
     s.node = nullptr;
+    s.own = nullptr;
     if (++s.gen == 0) s.gen = 1;
     table->free_slots.push_back(idx);
     return n;
@@ -342,6 +367,60 @@ void discard(Node* n) {
     q->release();
 }
 
+CUresult check_device(int device, std::string* why) {
+    if (device >= 0 && device < info.device_count) return kSuccess;
+    *why = "no CUDA device " + std::to_string(device) + ": this machine has " +
+           std::to_string(info.device_count) + " (valid ordinals are 0 to " +
+           std::to_string(info.device_count - 1) + ")";
+    return kInvalidDevice;
+}
+
+// Device `device`'s primary context, retained once per process.
+CUresult primary_ctx(int device, Ctx* ctx) {
+    std::lock_guard<std::mutex> g(table->ctx_mu);
+    auto& by_dev = table->primary_by_device;
+    if (by_dev.size() <= static_cast<size_t>(device)) by_dev.resize(device + 1, nullptr);
+    if (!by_dev[device]) {
+        int dev = 0;
+        CUresult r = api.cuDeviceGet(&dev, device);
+        if (r == kSuccess) r = api.cuDevicePrimaryCtxRetain(&by_dev[device], dev);
+        if (r != kSuccess) return r;
+    }
+    *ctx = by_dev[device];
+    return kSuccess;
+}
+
+// Runs `fn` with `ctx` current on this thread, restoring the previous context after.
+template <class F>
+CUresult with_ctx(Ctx ctx, F fn) {
+    Ctx cur = nullptr;
+    CUresult r = api.cuCtxGetCurrent(&cur);
+    if (r != kSuccess) return r;
+    bool push = cur != ctx;
+    if (push && (r = api.cuCtxPushCurrent(ctx)) != kSuccess) return r;
+    r = fn();
+    if (push) {
+        Ctx popped;
+        api.cuCtxPopCurrent(&popped);
+    }
+    return r;
+}
+
+void device_waiter_run(DeviceWaiter* w) {
+    std::vector<Node*> taken;
+    api.cuCtxSetCurrent(w->ctx);
+    for (;;) {
+        {
+            std::unique_lock<std::mutex> g(w->mu);
+            w->cv.wait(g, [&] { return !w->waiting.empty(); });
+            taken.swap(w->waiting);
+        }
+        CUresult r = api.cuCtxSynchronize();  // covers all work queued before these requests
+        for (Node* n : taken) complete(n, r);
+        taken.clear();
+    }
+}
+
 }  // namespace
 
 const DriverInfo& load() {
@@ -407,6 +486,75 @@ CUresult event_record(uintptr_t stream, uintptr_t* ev, std::string* why) {
     }
     *ev = reinterpret_cast<uintptr_t>(e);
     return r;
+}
+
+CUresult wait_event(uintptr_t ev, int device, Node* n, std::string* why) {
+    Ctx ctx = nullptr;
+    CUresult r = check_ready(why);
+    if (r == kSuccess) r = check_device(device, why);
+    if (r == kSuccess) r = primary_ctx(device, &ctx);
+    if (r == kSuccess) {
+        r = with_ctx(ctx, [&] {
+            // A stream of our own per wait (from a pool), so that a wait on a late event never
+            // holds up a wait on an early one.
+            Stream s = nullptr;
+            {
+                std::lock_guard<SpinLock> g(table->mu);
+                auto& pool = table->stream_pool;
+                auto it = std::find_if(pool.begin(), pool.end(), [&](auto& p) { return p.first == ctx; });
+                if (it != pool.end()) {
+                    s = it->second;
+                    *it = pool.back();
+                    pool.pop_back();
+                }
+            }
+            CUresult e = s ? kSuccess : api.cuStreamCreate(&s, kStreamNonBlocking);
+            if (e != kSuccess) return e;
+            if ((e = api.cuStreamWaitEvent(s, reinterpret_cast<Event>(ev), 0)) != kSuccess) {
+                std::lock_guard<SpinLock> g(table->mu);
+                table->stream_pool.emplace_back(ctx, s);
+                return e;
+            }
+            uint64_t key = table_add(n, ctx, s);
+            e = api.cuLaunchHostFunc(s, host_fn, reinterpret_cast<void*>(key));
+            if (e != kSuccess) {
+                if (Node* back = table_take(key)) discard(back);  // returns `s` to the pool
+            }
+            n = nullptr;  // the table (or the backstop) owns it now
+            return e;
+        });
+    }
+    if (n) discard(n);
+    return r;
+}
+
+CUresult device_synchronize(int device, Node* n, std::string* why) {
+    Ctx ctx = nullptr;
+    CUresult r = check_ready(why);
+    if (r == kSuccess) r = check_device(device, why);
+    if (r == kSuccess) r = primary_ctx(device, &ctx);
+    if (r != kSuccess) {
+        discard(n);
+        return r;
+    }
+    DeviceWaiter* w;
+    {
+        std::lock_guard<std::mutex> g(table->ctx_mu);
+        auto& ws = table->device_waiters;
+        if (ws.size() <= static_cast<size_t>(device)) ws.resize(device + 1, nullptr);
+        if (!ws[device]) {
+            ws[device] = new DeviceWaiter;
+            ws[device]->ctx = ctx;
+            std::thread(device_waiter_run, ws[device]).detach();
+        }
+        w = ws[device];
+    }
+    {
+        std::lock_guard<std::mutex> g(w->mu);
+        w->waiting.push_back(n);
+    }
+    w->cv.notify_one();
+    return kSuccess;
 }
 
 CUresult event_query(uintptr_t ev) { return api.cuEventQuery(reinterpret_cast<Event>(ev)); }

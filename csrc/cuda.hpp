@@ -32,6 +32,12 @@ enum : int { kNotLoaded = -1, kForked = -2, kNotPrimary = -3 };
 
 // Loop thread, GIL released: arrange for `n` to complete when `stream`'s prior work is done.
 CUresult submit(uintptr_t stream, Node* n, std::string* why);
+// GIL released: `n` completes when event `ev` (of any stream, any framework) has completed: a
+// pooled stream of device `device`'s primary context waits on it and runs the host function.
+CUresult wait_event(uintptr_t ev, int device, Node* n, std::string* why);
+// GIL released: `n` completes when all work queued on device `device` so far has finished
+// (cuCtxSynchronize on a native per-device thread; may over-wait by design).
+CUresult device_synchronize(int device, Node* n, std::string* why);
 // GIL released: create an event (CU_EVENT_DISABLE_TIMING) in `stream`'s context and record it there.
 CUresult event_record(uintptr_t stream, uintptr_t* ev, std::string* why);
 CUresult event_query(uintptr_t ev);  // 0 done, 600 not ready, else an error

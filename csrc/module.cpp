@@ -102,7 +102,11 @@ public:
 
     // Returns a new future that completes when `stream`'s prior work is done, or nullptr with a
     // Python error set. `cpu` or `handle` names the stream.
-    PyObject* wait(PyObject* loop, CpuStream* cpu, uintptr_t handle) {
+    enum Kind { kStream = 0, kEvent = 1, kDevice = 2 };
+
+    // `kind` kEvent: `handle` is a CUevent of device `device`; kDevice: all work on `device`.
+    PyObject* wait(PyObject* loop, CpuStream* cpu, uintptr_t handle, int kind = kStream,
+                   int device = 0) {
         if (!q_) return raise_refused(kRefused, "the completion queue of this loop is closed");
         PyObject* fut = PyObject_CallMethodNoArgs(loop, hooks.s_create_future);
         if (!fut) return nullptr;
@@ -116,7 +120,11 @@ public:
             if (code) discard(n);
         } else {
             Py_BEGIN_ALLOW_THREADS  // cuLaunchHostFunc can block on a running host function
-            code = cuda::submit(handle, n, &why);  // frees n itself on failure
+            switch (kind) {  // each frees n itself on failure
+                case kEvent: code = cuda::wait_event(handle, device, n, &why); break;
+                case kDevice: code = cuda::device_synchronize(device, n, &why); break;
+                default: code = cuda::submit(handle, n, &why);
+            }
             Py_END_ALLOW_THREADS
             if (code && why.empty()) why = cuda::error_text(code);
         }
@@ -427,6 +435,16 @@ PYBIND11_MODULE(_core, m) {
                                  ? &py::detail::cast_op<CpuStream&>(caster) : nullptr;
             uintptr_t handle = cpu ? 0 : stream.cast<uintptr_t>();
             PyObject* fut = q.wait(loop.ptr(), cpu, handle);
+            if (!fut) throw py::error_already_set();
+            return py::reinterpret_steal<py::object>(fut);
+        })
+        .def("wait_cuda_event", [](PyQueue& q, py::handle loop, uintptr_t event, int device) {
+            PyObject* fut = q.wait(loop.ptr(), nullptr, event, PyQueue::kEvent, device);
+            if (!fut) throw py::error_already_set();
+            return py::reinterpret_steal<py::object>(fut);
+        })
+        .def("wait_device", [](PyQueue& q, py::handle loop, int device) {
+            PyObject* fut = q.wait(loop.ptr(), nullptr, 0, PyQueue::kDevice, device);
             if (!fut) throw py::error_already_set();
             return py::reinterpret_steal<py::object>(fut);
         })

@@ -117,6 +117,15 @@ class Emu:
         self.lib.cuCtxSetCurrent(None)
         return out.value or 0
 
+    def event(self, stream: int) -> int:
+        """A new event recorded on `stream` (a foreign event, as torch would make one)."""
+        self.lib.cuCtxSetCurrent(self.primary())
+        ev = ctypes.c_void_p()
+        assert self.lib.cuEventCreate(ctypes.byref(ev), 0) == 0
+        assert self.lib.cuEventRecord(ev, ctypes.c_void_p(stream)) == 0
+        self.lib.cuCtxSetCurrent(None)
+        return ev.value or 0
+
     def sleep(self, stream: int, seconds: float) -> None:
         """Enqueue timed work on `stream` (0: the current context's legacy stream)."""
         assert self.lib.emu_enqueue_sleep(stream, int(seconds * 1e6)) == 0

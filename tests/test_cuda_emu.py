@@ -9,6 +9,7 @@ import pytest
 
 import aiocuda
 from aiocuda import _core
+from aiocuda._api import wait_cuda_event
 
 pytestmark = pytest.mark.emu
 
@@ -142,3 +143,112 @@ def test_event_synchronize_blocks_and_reports_errors(run, emu):
             await ev2
 
     run(main())
+
+
+# ---- foreign events and whole-device waits (torch.cuda.Event, TensorFlow) ----------------------
+def test_a_foreign_event_is_awaited_when_it_completes(run, emu):
+    s = emu.stream()
+    emu.sleep(s, 0.1)
+    ev = emu.event(s)
+
+    async def main():
+        t0 = time.perf_counter()
+        fut = wait_cuda_event(ev, 0)
+        await asyncio.sleep(0.03)
+        assert not fut.done()
+        await fut
+        return time.perf_counter() - t0
+
+    assert run(main()) >= 0.09
+
+
+def test_a_late_event_does_not_hold_up_an_early_one(run, emu):
+    slow, fast = emu.stream(), emu.stream()
+    emu.sleep(slow, 0.5)
+    late, early = emu.event(slow), emu.event(fast)
+
+    async def main():
+        f_late = wait_cuda_event(late, 0)
+        await asyncio.wait_for(wait_cuda_event(early, 0), 0.3)  # each wait has its own stream
+        assert not f_late.done()
+        await f_late
+
+    run(main())
+
+
+def test_an_event_never_recorded_is_complete(run, emu):
+    async def main():
+        await asyncio.wait_for(wait_cuda_event(0, 0), 1)
+
+    run(main())
+
+
+def test_event_and_device_waits_check_the_device(run, emu):
+    async def main():
+        with pytest.raises(aiocuda.CudaError, match="no CUDA device 3: this machine has 1") as e:
+            wait_cuda_event(emu.event(emu.stream()), 3)
+        assert e.value.code == 101
+        with pytest.raises(aiocuda.CudaError, match="no CUDA device 1"):
+            aiocuda.synchronize_device(1)
+        with pytest.raises(ValueError, match=">= 0"):
+            aiocuda.synchronize_device(-1)
+        with pytest.raises(TypeError, match="int CUDA device ordinal"):
+            aiocuda.synchronize_device(True)
+
+    run(main())
+
+
+def test_synchronize_device_waits_for_every_stream_and_serves_many_waiters(run, emu):
+    a, b = emu.stream(), emu.stream()
+    emu.sleep(a, 0.1)
+    emu.sleep(b, 0.2)
+
+    async def main():
+        t0 = time.perf_counter()
+        await asyncio.gather(*[aiocuda.synchronize_device(0) for _ in range(200)])
+        return time.perf_counter() - t0
+
+    assert run(main()) >= 0.19
+
+
+def test_synchronize_device_fails_on_a_sticky_error(run, emu):
+    s = emu.stream()
+    emu.sleep(s, 5)
+
+    async def main():
+        fut = aiocuda.synchronize_device(0)
+        await asyncio.sleep(0.05)
+        emu.inject_error(700)  # CUDA_ERROR_ILLEGAL_ADDRESS
+        with pytest.raises(aiocuda.CudaError) as e:
+            await asyncio.wait_for(fut, 2)
+        assert e.value.code == 700
+
+    run(main())
+
+
+def test_gpu_op_on_a_tensorflow_gpu_device_awaits_the_device(run, emu):
+    # gpu_op's TensorFlow GPU path without TensorFlow: an explicit device and a plain function.
+    s = emu.stream()
+
+    async def main():
+        def enqueue() -> str:
+            emu.sleep(s, 0.1)  # what a TF op does: queue device work and return at once
+            return "queued"
+
+        t0 = time.perf_counter()
+        assert await aiocuda.gpu_op(enqueue, device="/GPU:0") == "queued"
+        return time.perf_counter() - t0
+
+    assert run(main()) >= 0.09
+
+
+def test_gpu_op_with_a_raw_cuda_stream(run, emu):
+    s = emu.stream()
+
+    async def main():
+        t0 = time.perf_counter()
+        out = await aiocuda.gpu_op(lambda n: (emu.sleep(s, 0.05), n * 2)[1], 21, stream=s)
+        return out, time.perf_counter() - t0
+
+    out, took = run(main())
+    assert out == 42 and took >= 0.045

@@ -2,12 +2,25 @@
 
     await aiocuda.synchronize(stream)
     ev = aiocuda.record(stream); await ev
-    async with ... / with aiocuda.CpuStream() as s: await s.submit(fn, x)
+    with aiocuda.CpuStream() as s: await s.submit(fn, x)
+    y = await aiocuda.gpu_op(model, x)            # torch / TensorFlow / numpy / Python
+    await aiocuda.wait(tensor_or_event_or_work)
+
+PyTorch and TensorFlow specifics live in ``aiocuda.torch`` and ``aiocuda.tensorflow``.
 """
 
-from ._api import CpuStream, Event, StreamLike, backends, record, synchronize
+from ._api import (
+    CpuStream,
+    Event,
+    StreamLike,
+    backends,
+    record,
+    synchronize,
+    synchronize_device,
+)
 from ._errors import AiocudaError, CudaError
 from ._loop import Statistics, statistics
+from ._ops import gpu_op, wait
 
 __version__ = "0.1.0"
 
@@ -19,7 +32,10 @@ __all__ = [
     "Statistics",
     "StreamLike",
     "backends",
+    "gpu_op",
     "record",
     "statistics",
     "synchronize",
+    "synchronize_device",
+    "wait",
 ]

@@ -13,7 +13,9 @@ from . import _core
 from ._errors import AiocudaError, CudaError
 from ._loop import no_loop_error, running_loop, state_for
 
-__all__ = ["CpuStream", "Event", "StreamLike", "backends", "record", "synchronize"]
+__all__ = [
+    "CpuStream", "Event", "StreamLike", "backends", "record", "synchronize", "synchronize_device",
+]
 
 T = TypeVar("T")
 
@@ -82,6 +84,42 @@ _core.install_hooks(
 
 #: Native: runs once per operation. See its docstring (``help(aiocuda.synchronize)``).
 synchronize = _core.synchronize
+
+
+def _device_index(device: int) -> int:
+    if isinstance(device, bool) or not isinstance(device, int):
+        raise TypeError(f"device must be an int CUDA device ordinal, got {type(device).__name__}")
+    if device < 0:
+        raise ValueError(f"device must be >= 0, got {device}")
+    return device
+
+
+def synchronize_device(device: int = 0) -> asyncio.Future[None]:
+    """Return a future done when all work queued so far on CUDA device `device` has finished.
+
+    For frameworks that expose no stream (TensorFlow): a native per-device thread calls
+    ``cuCtxSynchronize`` on the device's primary context, serving every waiter that arrived
+    before it started. It waits for *all* the device's work, so it may over-wait; prefer
+    :func:`synchronize` on a stream when you have one.
+    """
+    loop = running_loop("aiocuda.synchronize_device()")
+    fut: asyncio.Future[None] = state_for(loop).queue.wait_device(loop, _device_index(device))
+    return fut
+
+
+def wait_cuda_event(event: int, device: int) -> asyncio.Future[None]:
+    """Return a future done when the CUevent `event` of device `device` has completed.
+
+    Works for an event recorded by anyone on any stream: a pooled stream of aiocuda's waits on it
+    (``cuStreamWaitEvent``) and runs the completion's host function. An event never recorded
+    (handle 0) is complete, as ``query()`` says.
+    """
+    loop = running_loop("awaiting a CUDA event")
+    if not event:
+        fut: asyncio.Future[None] = loop.create_future()
+        fut.set_result(None)
+        return fut
+    return state_for(loop).queue.wait_cuda_event(loop, event, _device_index(device))
 
 
 def record(stream: StreamLike) -> Event:

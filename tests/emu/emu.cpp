@@ -362,6 +362,30 @@ __attribute__((visibility("default"))) CUresult cuEventQuery(void* ev) {
     return e->completed.load() >= e->recorded.load() ? kSuccess : kNotReady;
 }
 
+// Returns once every stream of the current context is idle (or on a sticky error).
+__attribute__((visibility("default"))) CUresult cuCtxSynchronize() {
+    CHECK_STICKY();
+    Ctx* c = current();
+    if (!c) return kInvalidContext;
+    for (;;) {
+        if (int e = g_sticky.load()) return e;
+        bool idle = true;
+        {
+            std::lock_guard<std::mutex> g(g_mu);
+            std::vector<Stream*> mine;
+            for (Stream* s : g_streams)
+                if (s->ctx == c) mine.push_back(s);
+            if (c->legacy) mine.push_back(c->legacy);
+            for (Stream* s : mine) {
+                std::lock_guard<std::mutex> gs(s->mu);
+                if (!s->items.empty() || s->busy) idle = false;
+            }
+        }
+        if (idle) return kSuccess;
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+}
+
 __attribute__((visibility("default"))) CUresult cuEventElapsedTime(float* ms, void* a, void* b) {
     CHECK_STICKY();
     Event* e0 = static_cast<Event*>(a);

@@ -1,0 +1,256 @@
+"""gpu_op and wait: framework objects in, awaits out.
+
+Which path a call takes is decided from its arguments (where their tensors live), or from an
+explicit ``device=`` / ``stream=``, never from what happens to be installed. Frameworks are looked
+up in ``sys.modules`` only: an object cannot be a torch tensor unless torch is already imported,
+so aiocuda never imports a framework itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ._api import CpuStream, Event, synchronize, synchronize_device
+
+__all__ = ["gpu_op", "wait"]
+
+T = TypeVar("T")
+
+_CPU = "cpu"
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a call runs: ``kind`` is "cpu", "torch" (a torch CUDA device), "tf" (a TensorFlow
+    GPU) or "stream" (any other CUDA stream-like); ``device`` the torch.device or GPU ordinal."""
+
+    kind: str
+    device: Any = None
+
+    def __str__(self) -> str:
+        if self.kind == "tf":
+            return f"/GPU:{self.device}"
+        return _CPU if self.kind == _CPU else str(self.device)
+
+
+CPU = Place(_CPU)
+
+_TF_DEVICE = re.compile(r"(?:^|/|device:)(CPU|GPU):(\d+)$", re.IGNORECASE)
+
+
+def _tf_place(device: str) -> Place:
+    m = _TF_DEVICE.search(device)
+    if m is None:
+        return CPU  # eager tensors without a placement live on the host
+    return CPU if m.group(1).upper() == "CPU" else Place("tf", int(m.group(2)))
+
+
+def _torch_place(device: Any) -> Place:
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"a torch tensor on {device}: aiocuda runs torch's cpu and cuda devices")
+    return CPU if device.type == "cpu" else Place("torch", device)
+
+
+def place_of(value: object) -> Place | None:
+    """The device a tensor or array lives on; None for anything that is not one."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        return _torch_place(value.device)
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and isinstance(value, (tf.Tensor, tf.Variable)):
+        return _tf_place(value.device)
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(value, np.ndarray):
+        return CPU
+    if hasattr(value, "__cuda_array_interface__") or hasattr(value, "__dlpack__"):
+        raise TypeError(
+            f"aiocuda cannot tell where a {type(value).__module__}.{type(value).__qualname__} "
+            "runs: it understands torch and TensorFlow tensors and numpy arrays. Pass "
+            "stream=<its CUDA stream> (any object with __cuda_stream__) or device=..."
+        )
+    return None
+
+
+def _values(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[object]:
+    """The arguments, one level into lists, tuples and dicts, and a torch module's parameters."""
+    for v in itertools.chain(args, kwargs.values()):
+        yield v
+        if isinstance(v, (list, tuple)):
+            yield from v
+        elif isinstance(v, dict):
+            yield from v.values()
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(fn, torch.nn.Module):
+        yield next(itertools.chain(fn.parameters(), fn.buffers()), None)
+
+
+def _parse_device(device: object) -> Place:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(device, torch.device):
+        return _torch_place(device)
+    if isinstance(device, str):
+        text = device.strip()
+        if text.lower() == _CPU:
+            return CPU
+        if re.fullmatch(r"cuda(:\d+)?", text):
+            if torch is None:
+                raise ValueError(f"device={device!r} names a torch device, but torch is not "
+                                 "imported: import torch first, or pass a TensorFlow device "
+                                 "such as '/GPU:0'")
+            return _torch_place(torch.device(text))
+        if _TF_DEVICE.search(text):
+            return _tf_place(text)
+    raise ValueError(
+        f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or a torch.device (PyTorch), "
+        "or '/GPU:N' (TensorFlow)"
+    )
+
+
+def _stream_place(stream: object) -> Place:
+    if isinstance(stream, CpuStream):
+        return CPU
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(stream, torch.cuda.Stream):
+        return Place("torch", stream.device)
+    if isinstance(stream, int) or hasattr(stream, "__cuda_stream__"):
+        return Place("stream")
+    raise TypeError(
+        "stream= must be an aiocuda.CpuStream, a torch.cuda.Stream, an object with "
+        f"__cuda_stream__ or an int CUstream handle; got {type(stream).__name__}"
+    )
+
+
+def placement(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any], stream: object,
+              device: object) -> Place:
+    """Decide where `fn(*args, **kwargs)` runs; raise if the arguments disagree."""
+    found: dict[str, Place] = {}
+    for v in _values(fn, args, kwargs):
+        p = place_of(v)
+        if p is not None:
+            found.setdefault(str(p), p)
+    if len(found) > 1:
+        raise ValueError(
+            f"gpu_op() got tensors on different devices: {', '.join(sorted(found))}; move them "
+            "to one device first (tensor.to(device)), then call gpu_op"
+        )
+    place = next(iter(found.values()), None)
+    for what, given in (("device=", None if device is None else _parse_device(device)),
+                        ("stream=", None if stream is None else _stream_place(stream))):
+        if given is None:
+            continue
+        if place is not None and given.kind != "stream" and str(given) != str(place):
+            raise ValueError(f"{what} says {given}, but the tensors are on {place}")
+        if place is None or given.kind == "stream":
+            place = given
+    return place if place is not None else CPU
+
+
+class _CpuPool:
+    """A few cpu-backend streams for gpu_op calls that name none, used round robin."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._streams: list[CpuStream] = []
+        self._next = itertools.count()
+
+    def get(self) -> CpuStream:
+        with self._lock:
+            if not self._streams:
+                self._streams = [CpuStream() for _ in range(min(4, os.cpu_count() or 1))]
+            return self._streams[next(self._next) % len(self._streams)]
+
+    def reset(self) -> None:  # a forked child must not use the parent's workers
+        self._lock = threading.Lock()
+        self._streams = []
+
+
+_cpu_pool = _CpuPool()
+os.register_at_fork(after_in_child=_cpu_pool.reset)
+
+
+async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device: Any = None,
+                 **kwargs: Any) -> T:
+    """Run ``fn(*args, **kwargs)`` and return its result once the work it enqueued has finished.
+
+    - torch CUDA tensors: `fn` runs on the loop thread under ``torch.cuda.stream(s)`` (`stream`, or
+      one of a small per-device pool) after `s` waits for the caller's current stream; outputs are
+      safe to use on the caller's stream. Then `s` is awaited.
+    - TensorFlow GPU tensors: `fn` runs on the loop thread, then the device's queued work is
+      awaited (:func:`aiocuda.synchronize_device`; TensorFlow exposes no stream).
+    - torch CPU tensors, numpy arrays, plain Python: `fn` runs on a cpu-backend stream (`stream`,
+      or one of a small pool), so the loop stays free while it computes.
+    - ``stream=`` any other CUDA stream (``__cuda_stream__`` or a handle): `fn` runs on the loop
+      thread, then that stream is awaited.
+
+    The path comes from where the arguments live, or from ``device=`` (``"cpu"``, ``"cuda:0"``,
+    a ``torch.device``, ``"/GPU:0"``) or ``stream=``; ``stream`` and ``device`` are gpu_op's own
+    keywords and are not passed to `fn`. An exception from `fn` reaches the awaiting task.
+    """
+    if not callable(fn):
+        raise TypeError(f"gpu_op() needs a callable, got {type(fn).__name__}")
+    place = placement(fn, args, kwargs, stream, device)
+    if place.kind == "torch":
+        from .torch import run_on_cuda
+
+        return await run_on_cuda(fn, args, kwargs, place.device, stream)
+    if place.kind == "tf":
+        result = fn(*args, **kwargs)
+        await synchronize_device(place.device)
+        return result
+    if place.kind == "stream":
+        result = fn(*args, **kwargs)
+        await synchronize(stream)
+        return result
+    cpu = stream if isinstance(stream, CpuStream) else _cpu_pool.get()
+    return await cpu.submit(fn, *args, **kwargs)
+
+
+def _waitable(x: object) -> Awaitable[Any] | None:
+    if "torch" in sys.modules:
+        from .torch import waitable as torch_waitable
+
+        aw = torch_waitable(x)
+        if aw is not None:
+            return aw
+    if "tensorflow" in sys.modules:
+        from .tensorflow import waitable as tf_waitable
+
+        aw = tf_waitable(x)
+        if aw is not None:
+            return aw
+    return None
+
+
+async def wait(x: Any) -> Any:
+    """Await the GPU (or cpu-backend) work behind `x` without blocking the loop.
+
+    `x` may be an :class:`aiocuda.Event`, a :class:`aiocuda.CpuStream` or any CUDA stream
+    (``__cuda_stream__``, ``torch.cuda.Stream``, a handle); a torch tensor (CUDA: its device's
+    current stream; returns the tensor), ``torch.cuda.Event``, ``torch.futures.Future`` (returns
+    its value) or ``torch.distributed`` work handle (returns its result); a TensorFlow tensor
+    (GPU: the device's queued work; returns the tensor).
+    """
+    if isinstance(x, Event):
+        await x
+        return None
+    if isinstance(x, CpuStream):
+        await synchronize(x)
+        return None
+    aw = _waitable(x)
+    if aw is not None:
+        return await aw
+    if isinstance(x, int) and not isinstance(x, bool) or hasattr(x, "__cuda_stream__"):
+        await synchronize(x)
+        return None
+    raise TypeError(
+        f"aiocuda.wait() cannot wait on {type(x).__module__}.{type(x).__qualname__}: it takes an "
+        "aiocuda Event or CpuStream, a CUDA stream, a torch tensor, Event, Stream, Future or "
+        "distributed work handle, or a TensorFlow tensor"
+    )

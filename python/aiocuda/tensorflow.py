@@ -1,0 +1,60 @@
+"""TensorFlow, awaited: ``await aiocuda.wait(tensor)`` and ``await aiocuda.gpu_op(fn, x)``.
+
+TensorFlow exposes no stream handle, and its GPU streams are non-blocking (since 2.13), so a host
+function on the legacy stream would not be ordered after its work. GPU work is therefore awaited
+through :func:`aiocuda.synchronize_device`: a native per-device thread calls ``cuCtxSynchronize``
+on the device's primary context (the one TensorFlow uses), which returns once *all* work queued
+on that device has finished. It may over-wait (other models' work on the same GPU is included);
+it never under-waits. Waiters that arrive while a synchronize runs share the next one, so one
+thread serves any number of them. Eager tensors on the CPU are already computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Any
+
+try:
+    import tensorflow as tf  # type: ignore[import-untyped,import-not-found,unused-ignore]
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError(
+        "aiocuda.tensorflow needs TensorFlow, which is not installed: pip install "
+        "'aiocuda[tensorflow]' (or tensorflow-cpu)"
+    ) from exc
+
+from ._api import synchronize_device
+from ._ops import CPU, _tf_place
+
+__all__ = ["gpu_index", "wait"]
+
+
+def gpu_index(x: tf.Tensor | tf.Variable) -> int | None:
+    """The GPU ordinal a TensorFlow tensor lives on, or None for the host."""
+    place = _tf_place(x.device)
+    return None if place == CPU else int(place.device)
+
+
+async def _on_device(x: Any, index: int) -> Any:
+    await synchronize_device(index)
+    return x
+
+
+async def _done(x: Any) -> Any:
+    return x
+
+
+def waitable(x: object) -> Awaitable[Any] | None:
+    """aiocuda.wait's TensorFlow cases; None if `x` is not a TensorFlow tensor."""
+    if not isinstance(x, (tf.Tensor, tf.Variable)):
+        return None
+    index = gpu_index(x)
+    return _done(x) if index is None else _on_device(x, index)
+
+
+async def wait(x: tf.Tensor | tf.Variable) -> Any:
+    """Await the work that produces `x` (GPU: the device's queued work); returns `x`."""
+    aw = waitable(x)
+    if aw is None:
+        raise TypeError(f"aiocuda.tensorflow.wait() needs a TensorFlow tensor, got "
+                        f"{type(x).__name__}")
+    return await aw

@@ -1,0 +1,326 @@
+"""PyTorch, awaited: a drop-in awaitable stream and event, collectives and CUDA graphs.
+
+    s = aiocuda.torch.Stream()          # was: torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        loss = step(x)
+    await s                             # was: s.synchronize()
+
+On a machine without CUDA, ``aiocuda.torch.Stream(device="cpu")`` gives the same methods on the
+cpu backend (:class:`CpuTorchStream`), so the same loop runs in tests and on laptops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections.abc import Awaitable, Callable, Generator, Iterator
+from typing import Any, TypeVar
+
+try:
+    import torch
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError(
+        "aiocuda.torch needs PyTorch, which is not installed: pip install 'aiocuda[torch]'"
+    ) from exc
+
+from . import _core
+from ._api import CpuStream, synchronize, wait_cuda_event
+from ._errors import AiocudaError
+from ._loop import running_loop
+
+__all__ = ["CpuTorchEvent", "CpuTorchStream", "Event", "Stream", "replay"]
+
+T = TypeVar("T")
+
+
+def _require_cuda() -> None:
+    if not torch.cuda.is_available():
+        raise AiocudaError(
+            "PyTorch sees no CUDA device (torch.cuda.is_available() is False): use "
+            "aiocuda.torch.Stream(device='cpu') for the cpu backend, or pass CPU tensors"
+        )
+
+
+def _is_cpu(device: Any) -> bool:
+    return device is not None and torch.device(device).type == "cpu"
+
+
+class Event(torch.cuda.Event):
+    """A ``torch.cuda.Event`` that is also awaitable: ``await event`` waits for the work before
+    its last ``record()``, on whatever stream that was, without blocking the loop."""
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return _event_future(self).__await__()
+
+
+def _event_future(ev: Any) -> asyncio.Future[None]:
+    device = getattr(ev, "device", None)
+    index = device.index if device is not None and device.index is not None else (
+        torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return wait_cuda_event(int(ev.cuda_event), index)
+
+
+class Stream(torch.cuda.Stream):
+    """A ``torch.cuda.Stream`` that is also awaitable; use it wherever a torch stream goes.
+
+    ``await s`` waits for all work enqueued on it so far; ``s.record_event()`` returns an
+    awaitable :class:`Event`. ``Stream(device="cpu")`` returns a :class:`CpuTorchStream`.
+    """
+
+    def __new__(cls, device: Any = None, priority: int = 0, **kwargs: Any) -> Any:
+        if _is_cpu(device):
+            return CpuTorchStream()
+        _require_cuda()
+        return super().__new__(  # type: ignore[no-untyped-call]
+            cls, device=device, priority=priority, **kwargs
+        )
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return synchronize(self).__await__()
+
+    def record_event(self, event: Any = None) -> Any:
+        """Record an event (an awaitable :class:`Event` unless one is given) and return it."""
+        if event is None:
+            event = Event()  # type: ignore[no-untyped-call]
+        event.record(self)
+        return event
+
+
+class CpuTorchEvent:
+    """An event of a :class:`CpuTorchStream`: record, query, synchronize, wait, await."""
+
+    __slots__ = ("_ev", "_fut", "_stream")
+
+    def __init__(self) -> None:
+        self._ev = _core.CpuEvent()
+        self._fut: asyncio.Future[None] | None = None
+        self._stream: CpuTorchStream | None = None
+
+    def record(self, stream: CpuTorchStream | None = None) -> None:
+        if not isinstance(stream, CpuTorchStream):
+            raise TypeError("a CpuTorchEvent is recorded on a CpuTorchStream; got "
+                            f"{type(stream).__name__}")
+        _ok(stream._record(self._ev))
+        self._stream = stream
+        try:  # awaited later: a completion at exactly this point of the stream
+            self._fut = synchronize(stream)
+        except AiocudaError:
+            self._fut = None  # recorded outside a running loop: see __await__
+
+    def query(self) -> bool:
+        return self._ev.done()
+
+    def synchronize(self) -> None:
+        self._ev.wait()
+
+    def wait(self, stream: CpuTorchStream) -> None:
+        stream.wait_event(self)
+
+    def __await__(self) -> Generator[Any, None, None]:
+        fut = self._fut
+        if fut is None or fut.get_loop() is not running_loop("awaiting a CpuTorchEvent"):
+            fut = _cpu_event_waiter().wait_for(self._ev)
+        return asyncio.shield(fut).__await__()
+
+
+def _ok(err: str) -> None:
+    if err:
+        raise AiocudaError(err)
+
+
+class _CpuEventWaiter:
+    """For CpuTorchEvents recorded outside a loop: a stream that waits on the event, then
+    completes (it may over-wait behind an earlier such wait)."""
+
+    def __init__(self) -> None:
+        self.stream = CpuStream()
+
+    def wait_for(self, ev: _core.CpuEvent) -> asyncio.Future[None]:
+        _ok(self.stream._wait_event(ev))
+        return synchronize(self.stream)
+
+
+_waiter: _CpuEventWaiter | None = None
+_waiter_lock = threading.Lock()
+
+
+def _cpu_event_waiter() -> _CpuEventWaiter:
+    global _waiter
+    with _waiter_lock:
+        if _waiter is None or _waiter.stream.closed:
+            _waiter = _CpuEventWaiter()
+        return _waiter
+
+
+class CpuTorchStream(CpuStream):
+    """The cpu backend with ``torch.cuda.Stream``'s methods (what ``Stream(device="cpu")`` gives).
+
+    ``synchronize()`` blocks, as torch's does; ``await s`` and ``await s.record_event()`` do not.
+    Work is submitted with ``s.submit(fn, ...)`` or ``aiocuda.gpu_op(fn, ..., stream=s)``.
+    """
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def wait_stream(self, other: CpuTorchStream) -> None:
+        """Make later work on this stream wait for the work submitted to `other` so far."""
+        if not isinstance(other, CpuTorchStream):
+            raise TypeError(f"wait_stream() needs a CpuTorchStream, got {type(other).__name__}")
+        ev = _core.CpuEvent()
+        _ok(other._record(ev))
+        _ok(self._wait_event(ev))
+
+    def record_event(self, event: CpuTorchEvent | None = None) -> CpuTorchEvent:
+        ev = event if event is not None else CpuTorchEvent()
+        ev.record(self)
+        return ev
+
+    def wait_event(self, event: Any) -> None:
+        if isinstance(event, CpuTorchEvent):
+            _ok(self._wait_event(event._ev))
+        else:
+            super().wait_event(event)
+
+    def synchronize(self) -> None:  # type: ignore[override]
+        """Block the calling thread until all submitted work has run (torch semantics)."""
+        ev = _core.CpuEvent()
+        _ok(self._record(ev))
+        ev.wait()
+
+    def __repr__(self) -> str:
+        return f"<aiocuda.torch.CpuTorchStream {'closed' if self.closed else 'open'}>"
+
+
+# ---- gpu_op on a CUDA device -----------------------------------------------------------------
+_POOL_SIZE = 4
+_pool: dict[int, Iterator[Stream]] = {}
+_pool_lock = threading.Lock()
+
+
+def _pooled(device: torch.device) -> Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _pool_lock:
+        it = _pool.get(index)
+        if it is None:
+            it = _pool[index] = itertools.cycle([Stream(device=index) for _ in range(_POOL_SIZE)])
+        return next(it)
+
+
+def _tensors(values: Any) -> Iterator[torch.Tensor]:
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from (t for t in v if isinstance(t, torch.Tensor))
+        elif isinstance(v, dict):
+            yield from (t for t in v.values() if isinstance(t, torch.Tensor))
+
+
+async def run_on_cuda(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any],
+                      device: torch.device, stream: Any) -> T:
+    """gpu_op's CUDA path: run `fn` under a side stream ordered after the caller's, await it."""
+    _require_cuda()
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if stream is not None and stream.device != device:
+        raise ValueError(f"stream is on {stream.device}, but the tensors are on {device}")
+    caller = torch.cuda.current_stream(device)
+    s = stream if stream is not None else _pooled(device)
+    s.wait_stream(caller)  # inputs are ready before fn's kernels read them
+    with torch.cuda.stream(s):
+        result = fn(*args, **kwargs)
+    if s != caller:
+        # The caching allocator ties a block to the stream that allocated it: inputs are now
+        # also used on `s`, and outputs (allocated on `s`) will be used on the caller's stream.
+        for t in _tensors(itertools.chain(args, kwargs.values())):
+            if t.is_cuda:
+                t.record_stream(s)
+        for t in _tensors((result,)):
+            if t.is_cuda:
+                t.record_stream(caller)
+        caller.wait_stream(s)
+    await synchronize(s)
+    return result
+
+
+async def replay(graph: torch.cuda.CUDAGraph, stream: Any = None) -> None:
+    """Replay a captured CUDA graph on `stream` (default: the current stream) and await it."""
+    if not isinstance(graph, torch.cuda.CUDAGraph):
+        raise TypeError(f"replay() needs a torch.cuda.CUDAGraph, got {type(graph).__name__}")
+    _require_cuda()
+    s = stream if stream is not None else torch.cuda.current_stream()
+    with torch.cuda.stream(s):
+        graph.replay()
+    await synchronize(s)
+
+
+# ---- aiocuda.wait for torch objects ------------------------------------------------------------
+async def _done(value: T) -> T:
+    return value
+
+
+async def _then(aw: Awaitable[Any], value: T) -> T:
+    await aw
+    return value
+
+
+def _from_torch_future(tfut: torch.futures.Future[Any]) -> asyncio.Future[Any]:
+    """An asyncio future settled from a torch Future's completion (a Python callback on the
+    thread that completes it: torch futures are Python-level objects, not driver work)."""
+    loop = running_loop("awaiting a torch.futures.Future")
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(done: torch.futures.Future[Any]) -> None:  # on the loop thread
+        if fut.done():
+            return
+        try:
+            fut.set_result(done.wait())  # CUDA futures: the current stream now waits for it
+        except Exception as exc:  # the collective failed: the awaiting task gets the error
+            fut.set_exception(exc)
+
+    def on_done(done: torch.futures.Future[Any]) -> None:
+        try:
+            loop.call_soon_threadsafe(settle, done)
+        except RuntimeError:  # the loop was closed meanwhile: nobody is waiting any more
+            pass
+
+    tfut.add_done_callback(on_done)
+    return fut
+
+
+async def _work(work: Any) -> Any:
+    """A torch.distributed work handle: gloo completes its future when the collective is done;
+    NCCL when it is enqueued, after which the current stream waits for the collective's stream
+    and that stream is awaited (no blocking wait)."""
+    value = await _from_torch_future(work.get_future())
+    cuda = [t for t in _tensors(value if isinstance(value, (list, tuple)) else (value,))
+            if t.is_cuda]
+    if cuda:
+        await synchronize(torch.cuda.current_stream(cuda[0].device))
+    return value
+
+
+def _work_type() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    return torch.distributed.Work
+
+
+def waitable(x: object) -> Awaitable[Any] | None:
+    """aiocuda.wait's torch cases; None if `x` is not a torch object."""
+    if isinstance(x, torch.Tensor):
+        if x.is_cuda:
+            return _then(synchronize(torch.cuda.current_stream(x.device)), x)
+        return _done(x)  # CPU tensors are computed synchronously
+    if isinstance(x, (torch.cuda.Event, CpuTorchEvent)):
+        return _then(x if isinstance(x, CpuTorchEvent) else _event_future(x), None)
+    if isinstance(x, torch.cuda.Stream):
+        return _then(synchronize(x), None)
+    if isinstance(x, torch.futures.Future):
+        return _from_torch_future(x)
+    work = _work_type()
+    if work is not None and isinstance(x, work):
+        return _work(x)
+    return None
