@@ -1,0 +1,182 @@
+"""gpu_op, wait and aiocuda.torch with PyTorch on the CPU (the CUDA paths: tests/test_gpu.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install aiocuda[torch])")
+
+import aiocuda  # noqa: E402
+import aiocuda.torch as at  # noqa: E402
+
+from .conftest import python_subprocess  # noqa: E402
+
+
+def test_gpu_op_runs_torch_cpu_work_off_the_loop(run):
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU())
+    x = torch.randn(8, 64)
+
+    async def main():
+        loop_thread = threading.get_ident()
+        seen: list[int] = []
+        ticks = 0
+
+        def forward(m, batch):
+            seen.append(threading.get_ident())
+            time.sleep(0.1)  # the GIL is released, as in torch's kernels
+            with torch.no_grad():
+                return m(batch)
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.005)
+
+        t = asyncio.ensure_future(ticker())
+        y = await aiocuda.gpu_op(forward, model, x)
+        t.cancel()
+        return y, seen[0] != loop_thread, ticks
+
+    y, off_loop, ticks = run(main())
+    with torch.no_grad():
+        assert torch.equal(y, model(x))
+    assert off_loop
+    assert ticks >= 5  # the loop ran other tasks meanwhile
+
+
+def test_gpu_op_with_a_module_and_kwargs(run):
+    model = torch.nn.Linear(4, 2)
+
+    async def main():
+        with torch.no_grad():
+            return await aiocuda.gpu_op(model, input=torch.ones(3, 4))
+
+    assert run(main()).shape == (3, 2)
+
+
+def test_an_exception_reaches_the_awaiter_and_the_stream_stays_usable(run):
+    async def main():
+        with at.Stream(device="cpu") as s:
+            with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+                await aiocuda.gpu_op(torch.mm, torch.ones(2, 3), torch.ones(2, 3), stream=s)
+            out = await aiocuda.gpu_op(torch.mm, torch.ones(2, 3), torch.ones(3, 2), stream=s)
+            assert out.sum().item() == 12
+            assert aiocuda.statistics().pending == 0
+
+    run(main())
+
+
+def test_device_and_stream_must_agree_with_the_tensors(run):
+    async def main():
+        with pytest.raises(ValueError, match="device= says cuda:0, but the tensors are on cpu"):
+            await aiocuda.gpu_op(torch.neg, torch.ones(1), device="cuda:0")
+        with pytest.raises(ValueError, match="unknown device 'tpu'"):
+            await aiocuda.gpu_op(torch.neg, torch.ones(1), device="tpu")
+        with pytest.raises(ValueError, match="on meta: aiocuda runs torch's cpu and cuda"):
+            await aiocuda.gpu_op(torch.neg, torch.ones(1, device="meta"))
+        with pytest.raises(TypeError, match="stream= must be"):
+            await aiocuda.gpu_op(torch.neg, torch.ones(1), stream="s0")
+        with pytest.raises(TypeError, match="needs a callable"):
+            await aiocuda.gpu_op(torch.ones(1))
+        assert aiocuda.statistics().pending == 0
+
+    run(main())
+
+
+def test_an_unsupported_framework_array_is_refused(run):
+    class Foreign:  # a DLPack-capable array from a framework aiocuda does not know
+        def __dlpack__(self):  # pragma: no cover - never called
+            raise AssertionError
+
+    async def main():
+        with pytest.raises(TypeError, match="cannot tell where a .*Foreign runs"):
+            await aiocuda.gpu_op(lambda a: a, Foreign())
+
+    run(main())
+
+
+def test_cuda_stream_without_cuda_says_what_to_do():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(aiocuda.AiocudaError, match=r"Stream\(device='cpu'\)"):
+        at.Stream()
+
+
+def test_cpu_stream_has_torch_stream_methods(run):
+    async def main():
+        order: list[str] = []
+        a, b = at.Stream(device="cpu"), at.Stream(device="cpu")
+        assert isinstance(a, at.CpuTorchStream) and a.device == torch.device("cpu")
+        a.submit(lambda: (time.sleep(0.05), order.append("a")))
+        b.wait_stream(a)  # b's later work waits for a's work so far
+        b.submit(order.append, "b")
+        ev = b.record_event()
+        assert not ev.query()
+        await ev
+        assert ev.query() and order == ["a", "b"]
+        a.submit(time.sleep, 0.02)
+        a.synchronize()  # blocks, like torch.cuda.Stream.synchronize
+        await a  # and awaiting never does
+        b.close()
+        a.close()
+
+    run(main())
+
+
+def test_a_cpu_event_recorded_outside_the_loop_can_be_awaited(run):
+    s = at.Stream(device="cpu")
+    s.delay(0.05)
+    ev = at.CpuTorchEvent()
+    ev.record(s)  # no loop running here
+
+    async def main():
+        t0 = time.perf_counter()
+        await aiocuda.wait(ev)
+        return time.perf_counter() - t0
+
+    assert run(main()) > 0.02 and ev.query()
+    ev.synchronize()
+    s.close()
+
+
+def test_wait_on_torch_objects(run):
+    async def main():
+        t = torch.arange(4)
+        assert await aiocuda.wait(t) is t  # CPU tensors are already computed
+        fut = torch.futures.Future()
+        asyncio.get_running_loop().call_later(0.01, fut.set_result, 7)
+        assert await aiocuda.wait(fut) == 7
+        failing = torch.futures.Future()
+        threading.Timer(0.01, failing.set_exception, [ValueError("collective failed")]).start()
+        with pytest.raises(ValueError, match="collective failed"):
+            await aiocuda.wait(failing)
+        with pytest.raises(TypeError, match="cannot wait on builtins.object"):
+            await aiocuda.wait(object())
+
+    run(main())
+
+
+def test_replay_needs_a_graph(run):
+    async def main():
+        with pytest.raises(TypeError, match="needs a torch.cuda.CUDAGraph"):
+            await at.replay(object())
+
+    run(main())
+
+
+@pytest.mark.parametrize("module, extra", [("aiocuda.torch", "aiocuda[torch]"),
+                                           ("aiocuda.tensorflow", "aiocuda[tensorflow]")])
+def test_a_missing_framework_names_the_extra(module, extra):
+    top = module.split(".")[1]
+    r = python_subprocess(
+        "import sys\n"
+        f"sys.modules[{top!r}] = None  # as if it were not installed\n"
+        f"import {module}\n"
+    )
+    assert r.returncode != 0
+    assert "ImportError" in r.stderr and f"pip install '{extra}'" in r.stderr, r.stderr
