@@ -12,6 +12,8 @@ torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip insta
 
 import aiocuda  # noqa: E402
 import aiocuda.torch as at  # noqa: E402
+from aiocuda import _ops  # noqa: E402
+from aiocuda._ops import Place  # noqa: E402
 
 from .conftest import python_subprocess  # noqa: E402
 
@@ -73,8 +75,9 @@ def test_an_exception_reaches_the_awaiter_and_the_stream_stays_usable(run):
 
 def test_device_and_stream_must_agree_with_the_tensors(run):
     async def main():
-        with pytest.raises(ValueError, match="device= says cuda:0, but the tensors are on cpu"):
-            await aiocuda.gpu_op(torch.neg, torch.ones(1), device="cuda:0")
+        if not torch.cuda.is_available():  # host tensors may go to a device, if there is one
+            with pytest.raises(aiocuda.AiocudaError, match="PyTorch sees no CUDA device"):
+                await aiocuda.gpu_op(torch.neg, torch.ones(1), device="cuda:0")
         with pytest.raises(ValueError, match="unknown device 'tpu'"):
             await aiocuda.gpu_op(torch.neg, torch.ones(1), device="tpu")
         with pytest.raises(ValueError, match="on meta: aiocuda runs torch's cpu and cuda"):
@@ -86,6 +89,18 @@ def test_device_and_stream_must_agree_with_the_tensors(run):
         assert aiocuda.statistics().pending == 0
 
     run(main())
+
+
+def test_device_tensors_may_not_be_contradicted(monkeypatch):
+    on_gpu = object()  # stands for a tensor on GPU 0 (no GPU here)
+    monkeypatch.setattr(_ops, "place_of", lambda v: Place("tf", 0) if v is on_gpu else None)
+    with pytest.raises(ValueError, match="device= says cpu, but the tensors are on /GPU:0"):
+        _ops.placement(None, (on_gpu,), {}, None, "cpu")
+    with pytest.raises(ValueError, match="device= says /GPU:1, but the tensors are on /GPU:0"):
+        _ops.placement(None, ([on_gpu],), {}, None, "/GPU:1")
+    with pytest.raises(ValueError, match="stream= says cpu, but the tensors are on /GPU:0"):
+        _ops.placement(None, (), {"x": on_gpu}, aiocuda.CpuStream(), None)
+    assert _ops.placement(None, (on_gpu,), {}, None, "GPU:0") == Place("tf", 0)
 
 
 def test_an_unsupported_framework_array_is_refused(run):

@@ -145,9 +145,10 @@ def placement(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any], stream:
                         ("stream=", None if stream is None else _stream_place(stream))):
         if given is None:
             continue
-        if place is not None and given.kind != "stream" and str(given) != str(place):
+        # Host tensors may feed a device (copies to it); device tensors must stay where they are.
+        if place not in (None, CPU) and given.kind != "stream" and str(given) != str(place):
             raise ValueError(f"{what} says {given}, but the tensors are on {place}")
-        if place is None or given.kind == "stream":
+        if place in (None, CPU) or given.kind == "stream":
             place = given
     return place if place is not None else CPU
 
@@ -190,7 +191,8 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
       thread, then that stream is awaited.
 
     The path comes from where the arguments live, or from ``device=`` (``"cpu"``, ``"cuda:0"``,
-    a ``torch.device``, ``"/GPU:0"``) or ``stream=``; ``stream`` and ``device`` are gpu_op's own
+    a ``torch.device``, ``"/GPU:0"``) or ``stream=``, which may send host tensors to a device
+    (a copy) but may not contradict device tensors; ``stream`` and ``device`` are gpu_op's own
     keywords and are not passed to `fn`. An exception from `fn` reaches the awaiting task.
     """
     if not callable(fn):
