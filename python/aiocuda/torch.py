@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import threading
 from collections.abc import Awaitable, Callable, Generator, Iterator
 from typing import Any, TypeVar
@@ -143,6 +144,14 @@ class _CpuEventWaiter:
 
 _waiter: _CpuEventWaiter | None = None
 _waiter_lock = threading.Lock()
+
+
+def _forget_waiter() -> None:  # a forked child must not use the parent's worker
+    global _waiter, _waiter_lock
+    _waiter, _waiter_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_waiter)
 
 
 def _cpu_event_waiter() -> _CpuEventWaiter:
