@@ -46,6 +46,29 @@ def new_loop(kind: str) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
+class Ticker:
+    """While entered, a task that counts how often the loop lets it run (every `period` s)."""
+
+    def __init__(self, period: float = 0.005) -> None:
+        self.period, self.ticks = period, 0
+
+    async def _run(self) -> None:
+        while True:
+            self.ticks += 1
+            await asyncio.sleep(self.period)
+
+    async def __aenter__(self) -> Ticker:
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+
+
 def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:

@@ -11,6 +11,8 @@ import pytest
 
 import aiocuda
 
+from .conftest import Ticker
+
 
 def test_submit_returns_the_result(run):
     async def main():
@@ -144,19 +146,10 @@ def test_close_is_idempotent_and_refuses_new_work(run):
 def test_submit_releases_the_gil_to_torch_like_work(run):
     # time.sleep releases the GIL: the loop keeps running while the stream works.
     async def main():
-        ticks = 0
-
-        async def ticker():
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await asyncio.sleep(0.005)
-
-        t = asyncio.ensure_future(ticker())
-        with aiocuda.CpuStream() as s:
-            await s.submit(time.sleep, 0.1)
-        t.cancel()
-        return ticks
+        async with Ticker() as ticker:
+            with aiocuda.CpuStream() as s:
+                await s.submit(time.sleep, 0.1)
+        return ticker.ticks
 
     assert run(main()) >= 5
 

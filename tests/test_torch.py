@@ -15,7 +15,7 @@ import aiocuda.torch as at  # noqa: E402
 from aiocuda import _ops  # noqa: E402
 from aiocuda._ops import Place  # noqa: E402
 
-from .conftest import python_subprocess  # noqa: E402
+from .conftest import Ticker, python_subprocess  # noqa: E402
 
 
 def test_gpu_op_runs_torch_cpu_work_off_the_loop(run):
@@ -25,7 +25,6 @@ def test_gpu_op_runs_torch_cpu_work_off_the_loop(run):
     async def main():
         loop_thread = threading.get_ident()
         seen: list[int] = []
-        ticks = 0
 
         def forward(m, batch):
             seen.append(threading.get_ident())
@@ -33,16 +32,9 @@ def test_gpu_op_runs_torch_cpu_work_off_the_loop(run):
             with torch.no_grad():
                 return m(batch)
 
-        async def ticker():
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await asyncio.sleep(0.005)
-
-        t = asyncio.ensure_future(ticker())
-        y = await aiocuda.gpu_op(forward, model, x)
-        t.cancel()
-        return y, seen[0] != loop_thread, ticks
+        async with Ticker() as ticker:
+            y = await aiocuda.gpu_op(forward, model, x)
+        return y, seen[0] != loop_thread, ticker.ticks
 
     y, off_loop, ticks = run(main())
     with torch.no_grad():
