@@ -103,6 +103,8 @@ def test_an_unsupported_framework_array_is_refused(run):
     async def main():
         with pytest.raises(TypeError, match="cannot tell where a .*Foreign runs"):
             await aiocuda.gpu_op(lambda a: a, Foreign())
+        with aiocuda.CpuStream() as s:  # saying where it runs is enough
+            assert isinstance(await aiocuda.gpu_op(lambda a: a, Foreign(), stream=s), Foreign)
 
     run(main())
 

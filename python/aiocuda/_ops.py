@@ -132,7 +132,12 @@ def placement(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any], stream:
     """Decide where `fn(*args, **kwargs)` runs; raise if the arguments disagree."""
     found: dict[str, Place] = {}
     for v in _values(fn, args, kwargs):
-        p = place_of(v)
+        try:
+            p = place_of(v)
+        except TypeError:
+            if stream is None and device is None:
+                raise
+            continue  # an array aiocuda does not know: the caller said where fn runs
         if p is not None:
             found.setdefault(str(p), p)
     if len(found) > 1:
