@@ -70,3 +70,11 @@ def test_cuda_info_reports_the_loaded_driver():
     if EMU_PATH is not None:
         assert info["available"] and Path(info["path"]) == EMU_PATH
         assert info["version"] == 13000
+
+
+def test_info_command_reports_backends_driver_and_frameworks():
+    r = python_subprocess("from aiocuda.__main__ import main; raise SystemExit(main(['info']))")
+    assert r.returncode == 0, r.stderr
+    assert "backends: cpu" in r.stdout and "event loop: asyncio" in r.stdout
+    assert "frameworks: " in r.stdout
+    assert "libcuda: " in r.stdout or "cuda: unavailable: " in r.stdout

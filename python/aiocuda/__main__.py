@@ -20,7 +20,7 @@ def _loop_name(use_uvloop: bool) -> str:
 
 
 def info(use_uvloop: bool) -> int:
-    """Print the version, the backends, the driver and its devices, and the loop in use."""
+    """Print the version, the backends, the driver and its devices, the loop, the frameworks."""
     cuda = _core.cuda_info()
     print(f"aiocuda {__version__} on Python {platform.python_version()} ({sys.platform})")
     print(f"backends: {', '.join(backends())}")
@@ -32,7 +32,24 @@ def info(use_uvloop: bool) -> int:
     else:
         print(f"cuda: unavailable: {cuda['reason']}")
     print(f"event loop: {_loop_name(use_uvloop)}")
+    print(f"frameworks: {_frameworks()}")
     return 0
+
+
+def _frameworks() -> str:
+    """Installed framework versions, without importing them (TensorFlow takes seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for label, dists in (("torch", ("torch",)),
+                         ("tensorflow", ("tensorflow", "tensorflow-cpu"))):
+        for dist in dists:
+            try:
+                found.append(f"{label} {version(dist)}")
+                break
+            except PackageNotFoundError:
+                continue
+    return ", ".join(found) or "none (pip install 'aiocuda[torch]' or 'aiocuda[tensorflow]')"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
