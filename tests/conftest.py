@@ -27,7 +27,6 @@ if not REAL_DRIVER:
     EMU_PATH = build_emulator()
     os.environ["AIOCUDA_LIBCUDA"] = str(EMU_PATH)
 
-import aiocuda  # noqa: E402
 from aiocuda import _core, _loop  # noqa: E402
 
 try:

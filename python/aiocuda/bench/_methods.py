@@ -14,6 +14,7 @@ completion queue; the others are what users write without it:
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import threading
 import time
@@ -44,6 +45,10 @@ def _resolver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> Cal
         loop.call_soon_threadsafe(fut.set_result, None)
 
     return callback
+
+
+def _stamp(into: list[float]) -> None:
+    into.append(time.perf_counter())
 
 
 def waiter(method: str, src: Source) -> Callable[[], Awaitable[Any]]:
@@ -117,14 +122,14 @@ async def wake_latency(method: str, src: Source, samples: int) -> list[float]:
             fut = loop.create_future()
             resolve = _resolver(loop, fut)
 
-            def stamp_and_resolve() -> None:
-                stamp.append(time.perf_counter())
+            def stamp_and_resolve(stamp: list[float] = stamp, resolve: Any = resolve) -> None:
+                _stamp(stamp)
                 resolve()
 
             src.post(stamp_and_resolve)
             await fut
         else:
-            src.post(lambda: stamp.append(time.perf_counter()))
+            src.post(functools.partial(_stamp, stamp))
             await waiter(method, src)()
         out.append(time.perf_counter() - stamp[0])
     return out
