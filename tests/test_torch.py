@@ -189,3 +189,49 @@ def test_a_missing_framework_names_the_extra(module, extra):
     )
     assert r.returncode != 0
     assert "ImportError" in r.stderr and f"pip install '{extra}'" in r.stderr, r.stderr
+
+
+def test_the_cuda_path_orders_streams_and_awaits_the_side_stream(run, emu, monkeypatch):
+    # gpu_op's torch CUDA path on the driver emulator: the torch CPU build has no CUDA streams,
+    # so torch's stream functions are stood in for by objects carrying emulator streams.
+    log: list[str] = []
+
+    class FakeStream:
+        def __init__(self, name: str) -> None:
+            self.name, self.cuda_stream = name, emu.stream()
+            self.device = torch.device("cuda", 0)
+
+        def wait_stream(self, other: FakeStream) -> None:
+            log.append(f"{self.name} waits for {other.name}")
+
+    caller, side = FakeStream("caller"), FakeStream("side")
+    current: list[FakeStream] = [caller]
+
+    class StreamContext:
+        def __init__(self, s: FakeStream) -> None:
+            self.s = s
+
+        def __enter__(self) -> None:
+            current.append(self.s)
+
+        def __exit__(self, *exc: object) -> None:
+            current.pop()
+
+    monkeypatch.setattr(at.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(at.torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(at.torch.cuda, "stream", StreamContext)
+    monkeypatch.setattr(at, "_pooled", lambda device: side)
+
+    def kernel(n: int) -> int:
+        log.append(f"fn runs on {current[-1].name}")
+        emu.sleep(current[-1].cuda_stream, 0.1)  # device work enqueued by fn
+        return n + 1
+
+    async def main():
+        t0 = time.perf_counter()
+        out = await at.run_on_cuda(kernel, (41,), {}, torch.device("cuda", 0), None)
+        return out, time.perf_counter() - t0
+
+    out, took = run(main())
+    assert out == 42 and took >= 0.09  # awaited the side stream's work
+    assert log == ["side waits for caller", "fn runs on side", "caller waits for side"]
