@@ -407,18 +407,25 @@ def plots(r: dict[str, Any], out: Path) -> list[Path]:
         return []
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    panels = list(dict.fromkeys((t["source"], t["loop"]) for t in r["throughput"]))
+    sources = list(dict.fromkeys(t["source"] for t in r["throughput"]))
+    loops = list(dict.fromkeys(t["loop"] for t in r["throughput"]))
+    from matplotlib.ticker import NullFormatter
+
     for name, draw in (("throughput", _draw_throughput), ("latency", _draw_latency)):
-        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-        for ax, (src, loop) in zip(axes[0], panels):
-            draw(ax, r, src, loop)
-            ax.set_title(f"{src}, {loop}", fontsize=9)
-            ax.grid(True, which="both", alpha=0.3)
+        fig, axes = plt.subplots(len(sources), len(loops), squeeze=False,
+                                 figsize=(6 * len(loops), 3.8 * len(sources)))
+        for row, src in enumerate(sources):
+            for col, loop in enumerate(loops):
+                ax = axes[row][col]
+                draw(ax, r, src, loop)
+                ax.set_title(f"{src}, {loop}", fontsize=9)
+                ax.grid(True, which="both", alpha=0.3)
+                ax.xaxis.set_minor_formatter(NullFormatter())  # log-axis minor labels overlap
         axes[0][0].legend(fontsize=7)
         fig.suptitle(f"{r['machine']}", fontsize=8)
         fig.tight_layout()
         path = out / f"{name}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
     return written
