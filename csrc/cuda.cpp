@@ -467,23 +467,19 @@ CUresult submit(uintptr_t stream, Node* n, std::string* why) {
 }
 
 CUresult event_record(uintptr_t stream, uintptr_t* ev, std::string* why) {
-    Ctx ctx = nullptr, cur = nullptr;
+    Ctx ctx = nullptr;
     CUresult r = check_ready(why);
     if (r == kSuccess) r = stream_ctx(stream, &ctx, why);
-    if (r == kSuccess) r = api.cuCtxGetCurrent(&cur);
     if (r != kSuccess) return r;
-    bool push = cur != ctx;  // cuEventCreate uses the current context: make it the stream's
-    if (push && (r = api.cuCtxPushCurrent(ctx)) != kSuccess) return r;
     Event e = nullptr;
-    r = api.cuEventCreate(&e, kEventDisableTiming);
-    if (r == kSuccess && (r = api.cuEventRecord(e, reinterpret_cast<Stream>(stream))) != kSuccess) {
-        api.cuEventDestroy(e);
-        e = nullptr;
-    }
-    if (push) {
-        Ctx popped;
-        api.cuCtxPopCurrent(&popped);
-    }
+    r = with_ctx(ctx, [&] {  // cuEventCreate uses the current context: make it the stream's
+        CUresult c = api.cuEventCreate(&e, kEventDisableTiming);
+        if (c == kSuccess && (c = api.cuEventRecord(e, reinterpret_cast<Stream>(stream))) != kSuccess) {
+            api.cuEventDestroy(e);
+            e = nullptr;
+        }
+        return c;
+    });
     *ev = reinterpret_cast<uintptr_t>(e);
     return r;
 }
