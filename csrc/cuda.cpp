@@ -189,6 +189,8 @@ struct Table {
     std::vector<Ctx> primary_by_device;  // retained once by primary_ctx()
     std::vector<DeviceWaiter*> device_waiters;  // by device, created on first use, leaked
     std::vector<std::pair<Ctx, Stream>> stream_pool;  // idle streams for event waits (under mu)
+    size_t pooled_streams = 0;  // ever created; stream_pool's capacity, so a host function's
+                                // return of a stream never allocates
     std::atomic<Ctx> last_primary{nullptr};  // lock-free answer for the common case
 };
 Table* table = new Table;
@@ -504,8 +506,13 @@ CUresult wait_event(uintptr_t ev, int device, Node* n, std::string* why) {
                     pool.pop_back();
                 }
             }
-            CUresult e = s ? kSuccess : api.cuStreamCreate(&s, kStreamNonBlocking);
-            if (e != kSuccess) return e;
+            if (!s) {
+                CUresult c = api.cuStreamCreate(&s, kStreamNonBlocking);
+                if (c != kSuccess) return c;
+                std::lock_guard<SpinLock> g(table->mu);  // room for every stream to come back
+                table->stream_pool.reserve(++table->pooled_streams);
+            }
+            CUresult e;
             if ((e = api.cuStreamWaitEvent(s, reinterpret_cast<Event>(ev), 0)) != kSuccess) {
                 std::lock_guard<SpinLock> g(table->mu);
                 table->stream_pool.emplace_back(ctx, s);
