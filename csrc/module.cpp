@@ -13,7 +13,8 @@
 #include <vector>
 
 #include "cpu.hpp"
-#include "cuda.hpp"
+#include "engine.hpp"
+#include "loader.hpp"
 #include "queue.hpp"
 
 namespace py = pybind11;
@@ -67,7 +68,10 @@ public:
     void close() {
         if (!q_) return;
         g_queue_epoch.fetch_add(1, std::memory_order_relaxed);
-        for (Slot& s : slots_) Py_CLEAR(s.fut);  // their loop is gone: nobody will await them
+        for (Slot& s : slots_) {  // their loop is gone: nobody will await them
+            Py_CLEAR(s.fut);
+            Py_CLEAR(s.keep);
+        }
         pending_ = 0;
         q_->release();  // records in flight keep the native queue until they land
         q_ = nullptr;
@@ -90,6 +94,7 @@ public:
                 PyErr_Clear();
             }
             Py_CLEAR(s.fut);
+            Py_CLEAR(s.keep);
         }
         pending_ = 0;
         q_ = nullptr;  // leaked on purpose: it is the parent's
@@ -100,17 +105,19 @@ public:
     uint64_t pushed() const { return live()->pushed(); }
     uint64_t signals() const { return live()->signals(); }
 
-    // Returns a new future that completes when `stream`'s prior work is done, or nullptr with a
-    // Python error set. `cpu` or `handle` names the stream.
-    enum Kind { kStream = 0, kEvent = 1, kDevice = 2 };
+    // Returns a new future that completes when the waited-for work is done, or nullptr with a
+    // Python error set. `cpu` or `handle` names the stream; `keep` (may be null) stays referenced
+    // until the wait ends (a stream object whose handle the driver must not see destroyed).
+    enum Kind { kStream = 0, kEvent = 1, kDevice = 2, kRecord = 3 };
 
-    // `kind` kEvent: `handle` is a CUevent of device `device`; kDevice: all work on `device`.
+    // kEvent: `handle` is a CUevent of device `device`; kDevice: all work on `device`; kRecord:
+    // as kStream, and `*mark` gets the mark for an aiocuda.Event.
     PyObject* wait(PyObject* loop, CpuStream* cpu, uintptr_t handle, int kind = kStream,
-                   int device = 0) {
+                   int device = -1, PyObject* keep = nullptr, cuda::Mark** mark = nullptr) {
         if (!q_) return raise_refused(kRefused, "the completion queue of this loop is closed");
         PyObject* fut = PyObject_CallMethodNoArgs(loop, hooks.s_create_future);
         if (!fut) return nullptr;
-        uint64_t token = put(fut);
+        uint64_t token = put(fut, keep);
         Node* n = new_node(q_, token);
         int code;
         std::string why;
@@ -119,11 +126,12 @@ public:
             code = why.empty() ? 0 : kRefused;
             if (code) discard(n);
         } else {
-            Py_BEGIN_ALLOW_THREADS  // cuLaunchHostFunc can block on a running host function
+            Py_BEGIN_ALLOW_THREADS  // driver calls can block (a full stream): never with the GIL
             switch (kind) {  // each frees n itself on failure
                 case kEvent: code = cuda::wait_event(handle, device, n, &why); break;
-                case kDevice: code = cuda::device_synchronize(device, n, &why); break;
-                default: code = cuda::submit(handle, n, &why);
+                case kDevice: code = cuda::wait_device(device, n, &why); break;
+                case kRecord: code = cuda::record(handle, device, n, mark, &why); break;
+                default: code = cuda::wait_stream(handle, device, n, &why);
             }
             Py_END_ALLOW_THREADS
             if (code && why.empty()) why = cuda::error_text(code);
@@ -190,24 +198,26 @@ public:
     }
 
 private:
-    struct Slot { PyObject* fut; uint32_t gen; };
+    struct Slot { PyObject* fut; PyObject* keep; uint32_t gen; };
 
     Queue* live() const {
         if (!q_) throw std::runtime_error("the completion queue of this loop is closed");
         return q_;
     }
     // Tokens are (generation << 32 | slot): a stale token never matches a reused slot.
-    uint64_t put(PyObject* fut) {
+    uint64_t put(PyObject* fut, PyObject* keep = nullptr) {
         uint32_t idx;
         if (!free_.empty()) {
             idx = free_.back();
             free_.pop_back();
         } else {
             idx = static_cast<uint32_t>(slots_.size());
-            slots_.push_back(Slot{nullptr, 1});
+            slots_.push_back(Slot{nullptr, nullptr, 1});
         }
         Py_INCREF(fut);
+        Py_XINCREF(keep);
         slots_[idx].fut = fut;
+        slots_[idx].keep = keep;
         ++pending_;
         return (static_cast<uint64_t>(slots_[idx].gen) << 32) | idx;
     }
@@ -218,6 +228,7 @@ private:
         if (s.gen != static_cast<uint32_t>(token >> 32) || !s.fut) return nullptr;
         PyObject* fut = s.fut;
         s.fut = nullptr;
+        Py_CLEAR(s.keep);
         if (++s.gen == 0) s.gen = 1;
         free_.push_back(idx);
         --pending_;
@@ -306,34 +317,79 @@ PyObject* running_loop(const char* what) {
     return loop;
 }
 
-PyObject* synchronize(PyObject*, PyObject* stream) {
+// `device`: None, or an int ordinal (Python checked the type). Returns -1 for None.
+int device_arg(PyObject* device) {
+    if (!device || device == Py_None) return -1;
+    if (PyBool_Check(device) || !PyLong_Check(device)) {
+        PyErr_Format(PyExc_TypeError, "device must be an int CUDA device ordinal or None, got %s",
+                     Py_TYPE(device)->tp_name);
+        return -2;
+    }
+    long d = PyLong_AsLong(device);
+    if (d == -1 && PyErr_Occurred()) return -2;
+    if (d < 0 || d > 1 << 20) {
+        PyErr_Format(PyExc_ValueError, "device must be >= 0, got %ld", d);
+        return -2;
+    }
+    return static_cast<int>(d);
+}
+
+// Resolves a stream-like into a CpuStream or a (handle, device); a Python error on failure.
+bool resolve_stream(PyObject* stream, int* device, CpuStream** cpu, uintptr_t* handle) {
+    py::detail::make_caster<CpuStream> caster;
+    // Ask pybind11 only about CpuStreams: its caster is slow on other types.
+    if (PyObject_TypeCheck(stream, cpu_stream_type) && caster.load(stream, false)) {
+        if (*device >= 0) {
+            PyErr_SetString(PyExc_TypeError, "device= names a CUDA device; a CpuStream has none");
+            return false;
+        }
+        *cpu = &py::detail::cast_op<CpuStream&>(caster);
+        return true;
+    }
+    if (PyLong_CheckExact(stream)) {
+        *handle = PyLong_AsUnsignedLongLong(stream);
+        if (!(*handle == static_cast<uintptr_t>(-1) && PyErr_Occurred())) return true;
+        PyErr_Clear();
+    }
+    // Stream protocols, torch streams (which carry their device) and the messages: Python's.
+    PyObject* hd = PyObject_CallOneArg(hooks.cuda_handle, stream);
+    if (!hd) return false;
+    *handle = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(hd, 0));
+    long own = PyLong_AsLong(PyTuple_GET_ITEM(hd, 1));
+    Py_DECREF(hd);
+    if (PyErr_Occurred()) return false;
+    if (own >= 0 && *device >= 0 && own != *device) {
+        PyErr_Format(PyExc_ValueError, "the stream is on CUDA device %ld, but device=%d", own,
+                     *device);
+        return false;
+    }
+    if (own >= 0) *device = static_cast<int>(own);
+    return true;
+}
+
+PyObject* synchronize(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+    PyObject* device_obj = nullptr;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs != 1 || nkw > 1 ||
+        (nkw == 1 && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "device"))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "synchronize() takes one stream and an optional device= keyword");
+        return nullptr;
+    }
+    if (nkw) device_obj = args[1];
+    PyObject* stream = args[0];
     try {
+        int device = device_arg(device_obj);
+        if (device == -2) return nullptr;
         PyObject* loop = running_loop("aiocuda.synchronize()");
         if (!loop) return nullptr;
         PyObject* result = nullptr;
         if (PyQueue* q = queue_for(loop)) {
             CpuStream* cpu = nullptr;
             uintptr_t handle = 0;
-            py::detail::make_caster<CpuStream> caster;
-            // Ask pybind11 only about CpuStreams: its caster is slow on other types.
-            if (PyObject_TypeCheck(stream, cpu_stream_type) && caster.load(stream, false)) {
-                cpu = &py::detail::cast_op<CpuStream&>(caster);
-            } else {
-                bool have = false;
-                if (PyLong_CheckExact(stream)) {
-                    handle = PyLong_AsUnsignedLongLong(stream);
-                    have = !(handle == static_cast<uintptr_t>(-1) && PyErr_Occurred());
-                    if (!have) PyErr_Clear();
-                }
-                // Stream protocols, torch streams and the messages for bad values: Python's.
-                if (!have) {
-                    if (PyObject* h = PyObject_CallOneArg(hooks.cuda_handle, stream)) {
-                        handle = PyLong_AsUnsignedLongLong(h);
-                        Py_DECREF(h);
-                    }
-                }
-            }
-            if (!PyErr_Occurred()) result = q->wait(loop, cpu, handle);
+            if (resolve_stream(stream, &device, &cpu, &handle))
+                result = q->wait(loop, cpu, handle, PyQueue::kStream, device,
+                                 PyLong_CheckExact(stream) ? nullptr : stream);
         }
         Py_DECREF(loop);
         return result;
@@ -347,11 +403,13 @@ PyObject* synchronize(PyObject*, PyObject* stream) {
 }
 
 PyMethodDef fast_methods[] = {
-    {"synchronize", synchronize, METH_O,
-     "synchronize(stream, /)\n--\n\n"
+    {"synchronize", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(synchronize)),
+     METH_FASTCALL | METH_KEYWORDS,
+     "synchronize(stream, /, *, device=None)\n--\n\n"
      "Return a future done when all work enqueued on `stream` before the call has finished.\n\n"
      "`stream` is an aiocuda.CpuStream, an object with __cuda_stream__ (cuda.core, CuPy,\n"
-     "numba), a torch.cuda.Stream, or a raw CUstream handle (0: the legacy default stream).\n"
+     "numba), a torch.cuda.Stream, or a raw CUstream handle. Handles 0, 1 and 2 name the\n"
+     "default stream of a device: `device` says which (else the current context's).\n"
      "The future fails with aiocuda.CudaError if the GPU work failed. Needs a running loop."},
     {nullptr, nullptr, 0, nullptr},
 };
@@ -429,17 +487,28 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("signals", &PyQueue::signals)
         .def("close", &PyQueue::close)
         .def("abandon", &PyQueue::abandon)
-        .def("wait", [](PyQueue& q, py::handle loop, py::object stream) {
+        .def("wait", [](PyQueue& q, py::handle loop, py::object stream, int device) {
             py::detail::make_caster<CpuStream> caster;
             CpuStream* cpu = caster.load(stream, false)
                                  ? &py::detail::cast_op<CpuStream&>(caster) : nullptr;
             uintptr_t handle = cpu ? 0 : stream.cast<uintptr_t>();
-            PyObject* fut = q.wait(loop.ptr(), cpu, handle);
+            PyObject* fut = q.wait(loop.ptr(), cpu, handle, PyQueue::kStream, device);
             if (!fut) throw py::error_already_set();
             return py::reinterpret_steal<py::object>(fut);
+        }, py::arg("loop"), py::arg("stream"), py::arg("device") = -1)
+        .def("record_cuda", [](PyQueue& q, py::handle loop, uintptr_t handle, int device,
+                               py::handle keep) {
+            cuda::Mark* mark = nullptr;
+            PyObject* fut = q.wait(loop.ptr(), nullptr, handle, PyQueue::kRecord, device,
+                                   keep.ptr(), &mark);
+            if (!fut) throw py::error_already_set();
+            return py::make_tuple(py::reinterpret_steal<py::object>(fut),
+                                  reinterpret_cast<uintptr_t>(mark));
         })
-        .def("wait_cuda_event", [](PyQueue& q, py::handle loop, uintptr_t event, int device) {
-            PyObject* fut = q.wait(loop.ptr(), nullptr, event, PyQueue::kEvent, device);
+        .def("wait_cuda_event", [](PyQueue& q, py::handle loop, uintptr_t event, int device,
+                                   py::handle keep) {
+            PyObject* fut = q.wait(loop.ptr(), nullptr, event, PyQueue::kEvent, device,
+                                   keep.ptr());
             if (!fut) throw py::error_already_set();
             return py::reinterpret_steal<py::object>(fut);
         })
@@ -480,21 +549,35 @@ PYBIND11_MODULE(_core, m) {
     });
     m.def("cuda_device_name", &cuda::device_name, py::call_guard<py::gil_scoped_release>());
     m.def("cuda_error_text", &cuda::error_text);
-    m.def("cuda_pending", &cuda::pending);
-    m.def("cuda_set_backstop_period_ms", &cuda::set_backstop_period_ms);
-    m.def("cuda_event_record", [](uintptr_t stream) {
-        uintptr_t ev = 0;
-        std::string why;
-        int r;
-        {
-            py::gil_scoped_release nogil;
-            r = cuda::event_record(stream, &ev, &why);
-        }
-        if (r != 0 && why.empty()) why = cuda::error_text(r);
-        return py::make_tuple(r, ev, why);
+    m.def("cuda_stats", [] {
+        cuda::Stats st = cuda::stats();
+        py::dict out;
+        out["pending"] = st.pending;
+        out["marks"] = st.marks;
+        out["events"] = st.events;
+        out["lanes"] = st.lanes;
+        out["threads"] = st.threads;
+        return out;
     });
-    m.def("cuda_event_query", &cuda::event_query, py::call_guard<py::gil_scoped_release>());
-    m.def("cuda_event_synchronize", &cuda::event_synchronize,
-          py::call_guard<py::gil_scoped_release>());
-    m.def("cuda_event_destroy", &cuda::event_destroy, py::call_guard<py::gil_scoped_release>());
+    m.def("cuda_pending", [] { return cuda::stats().pending; });
+    m.def("cuda_set_backstop_period_ms", &cuda::set_backstop_period_ms);
+    m.def("cuda_set_strategy", [](int s) { cuda::set_strategy(static_cast<cuda::Strategy>(s)); });
+    m.def("cuda_strategy", [] { return static_cast<int>(cuda::strategy()); });
+    m.def("cuda_hold", &cuda::hold, py::call_guard<py::gil_scoped_release>());
+    // Marks behind aiocuda.Event, passed to Python as integers (a reference each).
+    m.def("cuda_mark_query", [](uintptr_t m) {
+        std::string why;
+        int r = cuda::mark_query(reinterpret_cast<cuda::Mark*>(m), &why);
+        if (r != 0 && why.empty()) why = cuda::error_text(r);
+        return py::make_tuple(r, why);
+    }, py::call_guard<py::gil_scoped_release>());
+    m.def("cuda_mark_synchronize", [](uintptr_t m) {
+        std::string why;
+        int r = cuda::mark_synchronize(reinterpret_cast<cuda::Mark*>(m), &why);
+        if (r != 0 && why.empty()) why = cuda::error_text(r);
+        return py::make_tuple(r, why);
+    }, py::call_guard<py::gil_scoped_release>());
+    m.def("cuda_mark_release", [](uintptr_t m) {
+        cuda::mark_release(reinterpret_cast<cuda::Mark*>(m));
+    }, py::call_guard<py::gil_scoped_release>());
 }

@@ -15,6 +15,8 @@ from ._api import (
     StreamLike,
     backends,
     record,
+    set_strategy,
+    strategy,
     synchronize,
     synchronize_device,
 )
@@ -34,7 +36,9 @@ __all__ = [
     "backends",
     "gpu_op",
     "record",
+    "set_strategy",
     "statistics",
+    "strategy",
     "synchronize",
     "synchronize_device",
     "wait",

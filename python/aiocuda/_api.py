@@ -14,7 +14,8 @@ from ._errors import AiocudaError, CudaError
 from ._loop import no_loop_error, running_loop, state_for
 
 __all__ = [
-    "CpuStream", "Event", "StreamLike", "backends", "record", "synchronize", "synchronize_device",
+    "CpuStream", "Event", "StreamLike", "backends", "record", "set_strategy", "strategy",
+    "synchronize", "synchronize_device",
 ]
 
 T = TypeVar("T")
@@ -35,8 +36,13 @@ StreamLike = Union["CpuStream", CudaStreamProtocol, int, Any]
 _U64 = 1 << 64
 
 
-def _cuda_handle(stream: object) -> int:
-    """Return the raw CUstream handle of a CUDA stream-like object."""
+def _cuda_handle(stream: object) -> tuple[int, int]:
+    """Return the raw CUstream handle of a CUDA stream-like object and its device (-1: unknown).
+
+    A ``torch.cuda.Stream`` carries its device, which matters for its default stream: torch
+    reports handle 0 for the default stream of every device.
+    """
+    device = -1
     if isinstance(stream, bool):
         raise TypeError("a stream cannot be a bool; pass a stream object or an int handle")
     if isinstance(stream, int):
@@ -53,6 +59,9 @@ def _cuda_handle(stream: object) -> int:
             handle = value[1]
         elif hasattr(stream, "cuda_stream"):
             handle = stream.cuda_stream
+            index = getattr(stream, "device_index", None)
+            if isinstance(index, int) and not isinstance(index, bool) and index >= 0:
+                device = index
         else:
             raise TypeError(
                 "expected a stream: an aiocuda.CpuStream, an object with __cuda_stream__ "
@@ -66,7 +75,7 @@ def _cuda_handle(stream: object) -> int:
             )
     if handle < 0 or handle >= _U64:
         raise ValueError(f"CUstream handle {handle} is out of range: handles are in [0, 2**64)")
-    return handle
+    return handle, device
 
 
 def _refused(code: int, text: str) -> Exception:
@@ -97,21 +106,25 @@ def _device_index(device: int) -> int:
 def synchronize_device(device: int = 0) -> asyncio.Future[None]:
     """Return a future done when all work queued so far on CUDA device `device` has finished.
 
-    For frameworks that expose no stream (TensorFlow): a native per-device thread calls
-    ``cuCtxSynchronize`` on the device's primary context, serving every waiter that arrived
-    before it started. It waits for *all* the device's work, so it may over-wait; prefer
-    :func:`synchronize` on a stream when you have one.
+    For frameworks that expose no stream (TensorFlow): a mark of the whole primary context
+    (``cuCtxRecordEvent``, CUDA 12.5 and later) completes like any other await; older drivers get
+    a native thread calling ``cuCtxSynchronize`` (which spins while it waits). It waits for *all*
+    the device's work, so it may over-wait; prefer :func:`synchronize` on a stream when you have
+    one. The driver refuses a whole-device mark while a stream of the device captures a CUDA
+    graph, and invalidates that capture (cuda.h, ``cuCtxRecordEvent``): the wait then fails
+    with ``CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED``.
     """
     loop = running_loop("aiocuda.synchronize_device()")
     fut: asyncio.Future[None] = state_for(loop).queue.wait_device(loop, _device_index(device))
     return fut
 
 
-def wait_cuda_event(event: int, device: int) -> asyncio.Future[None]:
+def wait_cuda_event(event: int, device: int, keep: object = None) -> asyncio.Future[None]:
     """Return a future done when the CUevent `event` of device `device` has completed.
 
-    Works for an event recorded by anyone on any stream: a pooled stream of aiocuda's waits on it
-    (``cuStreamWaitEvent``) and runs the completion's host function. An event never recorded
+    Works for an event recorded by anyone on any stream: aiocuda's engine watches it (it is
+    never waited on from the loop thread). `keep` (the object owning the event) stays referenced
+    until the wait ends, so the event is not destroyed under the driver. An event never recorded
     (handle 0) is complete, as ``query()`` says.
     """
     loop = running_loop("awaiting a CUDA event")
@@ -119,25 +132,31 @@ def wait_cuda_event(event: int, device: int) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = loop.create_future()
         fut.set_result(None)
         return fut
-    return state_for(loop).queue.wait_cuda_event(loop, event, _device_index(device))
+    return state_for(loop).queue.wait_cuda_event(loop, event, _device_index(device), keep)
 
 
-def record(stream: StreamLike) -> Event:
-    """Record an event at the current end of `stream`'s work; ``await event`` waits for it."""
+def record(stream: StreamLike, *, device: int | None = None) -> Event:
+    """Record an event at the current end of `stream`'s work; ``await event`` waits for it.
+
+    `device` names the device of a default-stream handle (0, 1, 2), as in :func:`synchronize`.
+    """
     loop = running_loop("aiocuda.record()")
     st = state_for(loop)
     if isinstance(stream, CpuStream):
+        if device is not None:
+            raise TypeError("device= names a CUDA device; a CpuStream has none")
         cpu_event = _core.CpuEvent()
         _check(stream._record(cpu_event))
         ev = Event(cpu_event, 0)
         fut = st.queue.wait(loop, stream)
     else:
-        handle = _cuda_handle(stream)
-        code, cuda_event, why = _core.cuda_event_record(handle)
-        if code:
-            raise _refused(code, why)
-        ev = Event(None, cuda_event)
-        fut = st.queue.wait(loop, handle)
+        handle, own = _cuda_handle(stream)
+        dev = -1 if device is None else _device_index(device)
+        if own >= 0 and dev >= 0 and own != dev:
+            raise ValueError(f"the stream is on CUDA device {own}, but device={dev}")
+        keep = None if isinstance(stream, int) else stream
+        fut, mark = st.queue.record_cuda(loop, handle, max(own, dev), keep)
+        ev = Event(None, mark)
     fut.add_done_callback(_mark_retrieved)
     ev._fut = fut
     return ev
@@ -171,28 +190,28 @@ class Event:
         """Return True if the work before the event has finished (never blocks)."""
         if self._cpu is not None:
             return self._cpu.done()
-        code = _core.cuda_event_query(self._cuda)
+        code, why = _core.cuda_mark_query(self._cuda)
         if code == 0:
             return True
         if code == 600:  # CUDA_ERROR_NOT_READY
             return False
-        raise CudaError(code, _core.cuda_error_text(code))
+        raise _refused(code, why)
 
     def synchronize(self) -> None:
         """Block the calling thread until the event completes (for threads; coroutines await)."""
         if self._cpu is not None:
             self._cpu.wait()
             return
-        code = _core.cuda_event_synchronize(self._cuda)
+        code, why = _core.cuda_mark_synchronize(self._cuda)
         if code:
-            raise CudaError(code, _core.cuda_error_text(code))
+            raise _refused(code, why)
 
     def __await__(self) -> Generator[Any, None, None]:
         return asyncio.shield(self._fut).__await__()
 
     def __del__(self) -> None:
         if self._cuda and _core is not None:  # _core is None late in interpreter shutdown
-            _core.cuda_event_destroy(self._cuda)  # the driver defers it if still pending
+            _core.cuda_mark_release(self._cuda)  # its pooled event is reused once passed
             self._cuda = 0
 
     def __repr__(self) -> str:
@@ -272,6 +291,27 @@ def _close_streams() -> None:
     # Join the workers while the interpreter can still run the calls they hold.
     for s in list(_live_streams):
         s.close()
+
+
+_STRATEGIES = ("callback", "poll")
+
+
+def set_strategy(name: str) -> None:
+    """Choose how the cuda backend learns that awaited work is done: "callback" or "poll".
+
+    "callback" (the default): a host function on an aiocuda stream that waits on the mark; no
+    CPU is used while work runs. "poll": a native thread queries the marks, spinning for 2 ms
+    after the last completion and then sleeping at most 200 us at a time: the lowest latency, for
+    some CPU. ``AIOCUDA_STRATEGY`` sets it at start. Pending awaits are kept either way.
+    """
+    if name not in _STRATEGIES:
+        raise ValueError(f"strategy must be one of {_STRATEGIES}, got {name!r}")
+    _core.cuda_set_strategy(_STRATEGIES.index(name))
+
+
+def strategy() -> str:
+    """Return the cuda backend's completion strategy: "callback" or "poll"."""
+    return _STRATEGIES[_core.cuda_strategy()]
 
 
 def backends() -> tuple[str, ...]:

@@ -59,7 +59,7 @@ def _event_future(ev: Any) -> asyncio.Future[None]:
     device = getattr(ev, "device", None)
     index = device.index if device is not None and device.index is not None else (
         torch.cuda.current_device() if torch.cuda.is_available() else 0)
-    return wait_cuda_event(int(ev.cuda_event), index)
+    return wait_cuda_event(int(ev.cuda_event), index, ev)  # ev stays alive while awaited
 
 
 class Stream(torch.cuda.Stream):

@@ -1,0 +1,1028 @@
+// The completion engine. The data path, one await on a CUDA stream:
+//
+//   loop thread (GIL released)  wait_stream: stream -> its context's state -> the stream's
+//                               timeline; cuStreamIsCapturing; then either a mark (cuEventRecord
+//                               of a pooled event: the one operation put on the user's stream) or,
+//                               past kMarksInFlight, a place on the timeline's open mark
+//   engine thread               learns that marks were passed (Strategy::kPoll: cuEventQuery;
+//                               kCallback: a host function on an aiocuda "lane" stream that waits
+//                               on the mark), places open marks when room frees up, and checks
+//                               contexts for sticky errors and resets
+//   completion                  every await behind a passed mark (and behind every earlier mark
+//                               of its timeline: stream order) is pushed to its loop's queue
+//
+// Nothing aiocuda puts on a user's stream holds it up (an event record never blocks later work);
+// host functions, stream waits, queries and synchronizes happen only on aiocuda's own threads
+// and streams, which run in thread-local capture mode, so a user's global-mode capture elsewhere
+// stays valid. What aiocuda holds is bounded by the streams it watches, not by the awaits.
+#include "engine.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "spin.hpp"
+
+namespace aiocuda::cuda {
+
+using namespace drv;
+using Clock = std::chrono::steady_clock;
+
+// Marks in flight per timeline. Past it, awaits share the timeline's open mark, which the engine
+// places once an earlier mark is passed: aiocuda never fills a user's stream (a full stream
+// blocks whoever enqueues), and an open mark may over-wait, never under-wait.
+constexpr int kMarksInFlight = 8;
+constexpr size_t kLanesPerContext = 16;  // past it, timelines share lanes (and may over-wait)
+constexpr unsigned kEventFlags = CU_EVENT_DISABLE_TIMING | CU_EVENT_BLOCKING_SYNC;
+// Poll strategy: spin this long after the last progress, then sleep, backing off to kPollMaxSleep.
+constexpr auto kPollSpin = std::chrono::microseconds(2000);
+constexpr auto kPollMaxSleep = std::chrono::microseconds(200);
+
+struct CtxState;
+struct Timeline;
+
+struct Mark {
+    CUevent ev = nullptr;     // null until placed
+    Timeline* tl;
+    Node* head = nullptr;     // the awaits behind it, linked through Node::next until completed
+    Node* tail = nullptr;
+    size_t waiters = 0;
+    int refs = 1;             // the timeline's, one per aiocuda.Event, one per lane watch
+    bool placed = false;
+    bool done = false;
+    bool owned = true;        // ev is from the pool (false: a foreign event, never re-pooled)
+    bool watched = false;     // a lane's host function will report it
+    CUresult status = CUDA_SUCCESS;
+    uint64_t key = 0;         // what its host function gets: never a pointer
+    Mark* next = nullptr;     // in its timeline, oldest first
+    struct Engine* owner;     // a forked child has a new engine and ignores the old one's
+};
+
+struct Lane {
+    CUstream s;
+    int users = 0;
+};
+
+// Marks in the order they complete: on one stream, on one context (device waits), or one foreign
+// event.
+struct Timeline {
+    enum Kind : uint8_t { kStream, kDevice, kForeign } kind;
+    CtxState* cs;
+    CUstream stream = nullptr;   // kStream
+    Mark* head = nullptr;        // placed marks, oldest first
+    Mark* tail = nullptr;
+    int in_flight = 0;
+    Mark* open = nullptr;        // unplaced: awaits waiting for room
+    Lane* lane = nullptr;        // kCallback: where its marks are watched
+    int watching = 0;            // its host functions not run yet
+    bool active = false;         // in the engine's list
+    std::mutex record_mu;        // marks enter the timeline in the order they enter the stream
+};
+
+// One CUDA context instance (a reset makes a new one: a new cuCtxGetId).
+struct CtxState {
+    CUcontext ctx;
+    unsigned long long id;
+    int device = -1;
+    bool primary = false;
+    bool retired = false;        // reset or broken: its handles are never touched again
+    CUresult error = CUDA_SUCCESS;
+    std::vector<CUevent> pool;   // idle events
+    std::unordered_map<uintptr_t, Timeline*> streams;
+    Timeline* device_tl = nullptr;
+    std::vector<Lane*> lanes;
+};
+
+// Whole-device waits on drivers without cuCtxRecordEvent (older than 12.5): one thread per device
+// calls cuCtxSynchronize, serving every waiter that arrived before it started. It spins while it
+// waits (CU_CTX_SCHED_AUTO): the cost of an old driver.
+struct DeviceWaiter {
+    CUcontext ctx;
+    std::mutex mu;
+    std::condition_variable cv;
+    std::vector<Node*> waiting;
+};
+
+// Heap-allocated and never destroyed: its threads wait on its condition variables until the
+// process ends, and a forked child starts a new one instead.
+struct Engine {
+    std::mutex mu;
+    std::condition_variable cv;          // the engine thread waits here
+    std::condition_variable placed_cv;   // mark_synchronize waits here for an open mark's placing
+    std::vector<CtxState*> ctxs;         // live and retired (retired ones are leaked: rare)
+    std::vector<Timeline*> active;       // timelines with marks or waiters
+    std::vector<Mark*> to_watch;         // kCallback: placed, not watched yet
+    std::vector<Mark*> slots;            // host-function keys: (generation << 32) | index
+    std::vector<uint32_t> gens;
+    std::vector<uint32_t> free_slots;
+    size_t pending = 0, marks = 0, events = 0, lanes = 0, threads = 0;
+    bool started = false;
+    bool sleeping = false;               // the engine thread waits on cv
+    bool held = false, in_pass = false;  // hold(): tests
+    std::condition_variable hold_cv;
+    std::vector<CUcontext> primary;      // by device, retained once when found active
+    std::vector<DeviceWaiter*> device_waiters;
+};
+
+void on_host_fn(void* key);
+
+namespace {
+
+Engine* eng = new Engine;
+std::atomic<int> g_strategy{-1};
+std::atomic<int> g_backstop_ms{20};
+
+Strategy current_strategy() {
+    int s = g_strategy.load(std::memory_order_relaxed);
+    if (s < 0) {
+        const char* e = std::getenv("AIOCUDA_STRATEGY");
+        s = (e && std::strcmp(e, "poll") == 0) ? 1 : 0;
+        g_strategy.store(s, std::memory_order_relaxed);
+    }
+    return static_cast<Strategy>(s);
+}
+
+void discard(Node* n) {
+    Queue* q = n->queue;
+    free_node(n);
+    q->release();
+}
+
+// Completes a list of nodes linked through Node::next (read before each push: the push relinks).
+void complete_list(Node* n, CUresult status) {
+    while (n) {
+        Node* next = n->next;
+        complete(n, status);
+        n = next;
+    }
+}
+
+struct Done {  // nodes to complete once the lock is released
+    std::vector<std::pair<Node*, CUresult>> lists;
+    void run() {
+        for (auto& [n, s] : lists) complete_list(n, s);
+        lists.clear();
+    }
+};
+
+// ---- marks and timelines (under eng->mu) -------------------------------------------------------
+
+uint64_t slot_add(Mark* m) {
+    uint32_t i;
+    if (!eng->free_slots.empty()) {
+        i = eng->free_slots.back();
+        eng->free_slots.pop_back();
+    } else {
+        i = static_cast<uint32_t>(eng->slots.size());
+        eng->slots.push_back(nullptr);
+        eng->gens.push_back(1);
+    }
+    eng->slots[i] = m;
+    return (static_cast<uint64_t>(eng->gens[i]) << 32) | i;
+}
+
+Mark* slot_get(uint64_t key) {
+    uint32_t i = static_cast<uint32_t>(key);
+    if (i >= eng->slots.size() || eng->gens[i] != static_cast<uint32_t>(key >> 32)) return nullptr;
+    return eng->slots[i];
+}
+
+Mark* new_mark(Timeline* tl) {
+    Mark* m = new Mark;
+    m->tl = tl;
+    m->owner = eng;
+    m->key = slot_add(m);
+    return m;
+}
+
+void unref(Mark* m) {
+    if (--m->refs > 0) return;
+    uint32_t i = static_cast<uint32_t>(m->key);
+    eng->slots[i] = nullptr;
+    if (++eng->gens[i] == 0) eng->gens[i] = 1;
+    eng->free_slots.push_back(i);
+    // Only an event of a live context goes back to the pool: a reset destroyed the others.
+    if (m->ev && m->owned && !m->tl->cs->retired) m->tl->cs->pool.push_back(m->ev);
+    if (m->tl->kind == Timeline::kForeign && m->tl->head == nullptr && m->tl->open == nullptr &&
+        m->tl->lane == nullptr && !m->tl->active)
+        delete m->tl;  // a foreign wait's timeline lives as long as its one mark
+    delete m;
+}
+
+void attach(Mark* m, Node* n) {
+    n->next = nullptr;
+    if (m->tail) m->tail->next = n; else m->head = n;
+    m->tail = n;
+    ++m->waiters;
+    ++eng->pending;
+}
+
+void finish(Mark* m, CUresult status, Done& done) {
+    if (m->done) return;
+    m->done = true;
+    m->status = status;
+    if (m->placed) --eng->marks;
+    if (m->head) done.lists.emplace_back(m->head, status);
+    eng->pending -= m->waiters;
+    m->head = m->tail = nullptr;
+    m->waiters = 0;
+}
+
+void activate(Timeline* tl) {
+    if (tl->active) return;
+    tl->active = true;
+    eng->active.push_back(tl);
+}
+
+// Pops passed marks off the front of `tl`; returns its lane once nothing is watched there.
+void reap(Timeline* tl) {
+    while (tl->head && tl->head->done) {
+        Mark* m = tl->head;
+        tl->head = m->next;
+        if (!tl->head) tl->tail = nullptr;
+        --tl->in_flight;
+        unref(m);
+    }
+    if (tl->lane && tl->watching == 0) {
+        --tl->lane->users;
+        tl->lane = nullptr;
+    }
+}
+
+bool idle(Timeline* tl) { return !tl->head && !tl->open && !tl->lane; }
+
+// Every earlier mark of a timeline completes with a passed one: work on a stream is ordered.
+void passed(Mark* m, CUresult status, Done& done) {
+    Timeline* tl = m->tl;
+    if (tl->kind != Timeline::kForeign)
+        for (Mark* p = tl->head; p && p != m; p = p->next) finish(p, status, done);
+    finish(m, status, done);
+}
+
+// Reset or broken: fail every await of the context and never touch its handles again.
+void retire(CtxState* cs, CUresult code, Done& done) {
+    if (cs->retired) return;
+    cs->retired = true;
+    cs->error = code;
+    for (Timeline* tl : eng->active) {
+        if (tl->cs != cs) continue;
+        for (Mark* m = tl->head; m; m = m->next) finish(m, code, done);
+        if (tl->open) finish(tl->open, code, done);
+    }
+    eng->to_watch.erase(std::remove_if(eng->to_watch.begin(), eng->to_watch.end(),
+                                       [&](Mark* m) {
+                                           if (m->tl->cs != cs) return false;
+                                           unref(m);  // the watch's reference
+                                           return true;
+                                       }),
+                        eng->to_watch.end());
+    eng->placed_cv.notify_all();
+}
+
+// ---- contexts ----------------------------------------------------------------------------------
+
+// Runs `fn` with `ctx` current on this thread, restoring the previous context after.
+template <class F>
+CUresult with_ctx(CUcontext ctx, F fn) {
+    CUcontext cur = nullptr;
+    CUresult r = api.cuCtxGetCurrent(&cur);
+    if (r != CUDA_SUCCESS) return r;
+    bool push = cur != ctx;
+    if (push && (r = api.cuCtxPushCurrent(ctx)) != CUDA_SUCCESS) return r;
+    r = fn();
+    if (push) {
+        CUcontext popped;
+        api.cuCtxPopCurrent(&popped);
+    }
+    return r;
+}
+
+// Runs `fn` in thread-local capture mode: a query made while another thread captures in global
+// mode would otherwise be a prohibited call that invalidates that capture (pytorch#104555).
+template <class F>
+CUresult thread_local_mode(F fn) {
+    CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+    CUresult r = api.cuThreadExchangeStreamCaptureMode(&mode);
+    if (r != CUDA_SUCCESS) return r;
+    r = fn();
+    api.cuThreadExchangeStreamCaptureMode(&mode);
+    return r;
+}
+
+// Device `device`'s primary context if it is active, retained once; null if it is not (retaining
+// an inactive one would create it, which aiocuda never does as a side effect).
+CUresult primary_of(int device, CUcontext* out) {
+    {
+        std::lock_guard<std::mutex> g(eng->mu);
+        if (static_cast<size_t>(device) < eng->primary.size() && eng->primary[device]) {
+            *out = eng->primary[device];
+            return CUDA_SUCCESS;
+        }
+    }
+    unsigned flags = 0;
+    int active = 0;
+    CUdevice dev = 0;
+    CUresult r = api.cuDeviceGet(&dev, device);
+    if (r == CUDA_SUCCESS) r = api.cuDevicePrimaryCtxGetState(dev, &flags, &active);
+    if (r != CUDA_SUCCESS || !active) {
+        *out = nullptr;
+        return r;
+    }
+    CUcontext p = nullptr;
+    if ((r = api.cuDevicePrimaryCtxRetain(&p, dev)) != CUDA_SUCCESS) return r;
+    std::lock_guard<std::mutex> g(eng->mu);
+    if (eng->primary.size() <= static_cast<size_t>(device)) eng->primary.resize(device + 1, nullptr);
+    if (!eng->primary[device]) eng->primary[device] = p;  // a racing retain is one more reference
+    *out = eng->primary[device];
+    return CUDA_SUCCESS;
+}
+
+CUresult check_device(int device, std::string* why) {
+    int count = load().device_count;
+    if (device >= 0 && device < count) return CUDA_SUCCESS;
+    *why = "no CUDA device " + std::to_string(device) + ": this machine has " +
+           std::to_string(count) + " (valid ordinals are 0 to " + std::to_string(count - 1) + ")";
+    return CUDA_ERROR_INVALID_DEVICE;
+}
+
+// The state of context `ctx`, made on first use. A new cuCtxGetId means the context was reset:
+// the old state is retired and its awaits fail. A broken context returns its sticky error.
+CUresult ctx_state(CUcontext ctx, CtxState** out, std::string* why) {
+    unsigned long long id = 0;
+    CUresult r = api.cuCtxGetId(ctx, &id);
+    if (r != CUDA_SUCCESS) return r;
+    Done done;
+    {
+        std::lock_guard<std::mutex> g(eng->mu);
+        for (auto it = eng->ctxs.rbegin(); it != eng->ctxs.rend(); ++it) {
+            CtxState* cs = *it;
+            if (cs->ctx != ctx) continue;
+            if (cs->id == id) {
+                if (cs->retired) return cs->error;
+                if (!cs->primary) break;
+                *out = cs;
+                return CUDA_SUCCESS;
+            }
+            retire(cs, CUDA_ERROR_CONTEXT_IS_DESTROYED, done);
+        }
+    }
+    done.run();
+    auto cs = new CtxState;
+    cs->ctx = ctx;
+    cs->id = id;
+    for (int d = 0; d < load().device_count && !cs->primary; ++d) {
+        CUcontext p = nullptr;
+        if (primary_of(d, &p) == CUDA_SUCCESS && p == ctx) {
+            cs->primary = true;
+            cs->device = d;
+        }
+    }
+    std::lock_guard<std::mutex> g(eng->mu);
+    eng->ctxs.push_back(cs);  // non-primary ones too, so that they are refused without a retain
+    if (!cs->primary) {
+        *why = "the stream belongs to a CUDA context that is not a device's primary context; "
+               "aiocuda supports primary contexts only (the ones PyTorch and TensorFlow use)";
+        return kNotPrimary;
+    }
+    *out = cs;
+    return CUDA_SUCCESS;
+}
+
+bool is_legacy(uintptr_t stream) { return stream <= 2; }  // 0, CU_STREAM_LEGACY, CU_STREAM_PER_THREAD
+
+// The context of `stream`. A legacy handle names no device: `device` says which, or else the
+// current context. *cs == nullptr: the device has no active context, so nothing can be queued.
+CUresult stream_ctx(uintptr_t stream, int device, CtxState** cs, std::string* why) {
+    CUresult r;
+    CUcontext ctx = nullptr;
+    *cs = nullptr;
+    if (device >= 0 && (r = check_device(device, why)) != CUDA_SUCCESS) return r;
+    if (!is_legacy(stream)) {
+        if ((r = api.cuStreamGetCtx(reinterpret_cast<CUstream>(stream), &ctx)) != CUDA_SUCCESS)
+            return r;
+    } else if (device >= 0) {
+        if ((r = primary_of(device, &ctx)) != CUDA_SUCCESS || !ctx) return r;
+    } else {
+        if ((r = api.cuCtxGetCurrent(&ctx)) != CUDA_SUCCESS) return r;
+        if (!ctx) {
+            *why = "stream handle " + std::to_string(stream) + " names the default stream of the "
+                   "current CUDA context, and none is current on this thread: say which device "
+                   "(for example aiocuda.synchronize(0, device=1))";
+            return kNoContext;
+        }
+    }
+    if ((r = ctx_state(ctx, cs, why)) != CUDA_SUCCESS) return r;
+    if (device >= 0 && (*cs)->device != device) {
+        *why = "the stream belongs to CUDA device " + std::to_string((*cs)->device) +
+               ", not device " + std::to_string(device) + " as device= says";
+        *cs = nullptr;
+        return kBadDevice;
+    }
+    return CUDA_SUCCESS;
+}
+
+Timeline* timeline_of(CtxState* cs, Timeline::Kind kind, uintptr_t stream) {
+    std::lock_guard<std::mutex> g(eng->mu);
+    Timeline*& tl = kind == Timeline::kDevice ? cs->device_tl : cs->streams[stream];
+    if (!tl) {
+        tl = new Timeline;
+        tl->kind = kind;
+        tl->cs = cs;
+        tl->stream = reinterpret_cast<CUstream>(stream);
+    }
+    return tl;
+}
+
+// A pooled event of `cs`, or a new one. Created in thread-local capture mode: event creation
+// is no part of anyone's capture.
+CUresult take_event(CtxState* cs, CUevent* ev) {
+    {
+        std::lock_guard<std::mutex> g(eng->mu);
+        if (!cs->pool.empty()) {
+            *ev = cs->pool.back();
+            cs->pool.pop_back();
+            return CUDA_SUCCESS;
+        }
+    }
+    CUresult r = thread_local_mode([&] {
+        return with_ctx(cs->ctx, [&] { return api.cuEventCreate(ev, kEventFlags); });
+    });
+    if (r == CUDA_SUCCESS) {
+        std::lock_guard<std::mutex> g(eng->mu);
+        ++eng->events;
+    }
+    return r;
+}
+
+// The one operation an await puts on the user's stream (or on the context, for device waits).
+CUresult record_on(Timeline* tl, CUevent ev) {
+    if (tl->kind == Timeline::kDevice) return api.cuCtxRecordEvent(tl->cs->ctx, ev);
+    if (!is_legacy(reinterpret_cast<uintptr_t>(tl->stream))) return api.cuEventRecord(ev, tl->stream);
+    return with_ctx(tl->cs->ctx, [&] { return api.cuEventRecord(ev, tl->stream); });
+}
+
+CUresult capture_status(Timeline* tl, CUstreamCaptureStatus* st) {
+    *st = CU_STREAM_CAPTURE_STATUS_NONE;
+    if (tl->kind != Timeline::kStream) return CUDA_SUCCESS;
+    if (!is_legacy(reinterpret_cast<uintptr_t>(tl->stream)))
+        return api.cuStreamIsCapturing(tl->stream, st);
+    return with_ctx(tl->cs->ctx, [&] { return api.cuStreamIsCapturing(tl->stream, st); });
+}
+
+void start_engine_locked();
+void wake_locked() {
+    if (eng->sleeping) eng->cv.notify_one();
+}
+
+// Places a mark on `tl` now (the caller holds tl->record_mu), for `n` and, if `user`, an Event.
+CUresult place_now(Timeline* tl, Node* n, Mark** user) {
+    CUevent ev = nullptr;
+    CUresult r = take_event(tl->cs, &ev);
+    if (r == CUDA_SUCCESS) r = record_on(tl, ev);
+    std::lock_guard<std::mutex> g(eng->mu);
+    if (r != CUDA_SUCCESS) {
+        if (ev && !tl->cs->retired) tl->cs->pool.push_back(ev);
+        return r;
+    }
+    Mark* m = new_mark(tl);
+    m->ev = ev;
+    m->placed = true;
+    ++eng->marks;
+    if (tl->tail) tl->tail->next = m; else tl->head = m;
+    tl->tail = m;
+    ++tl->in_flight;
+    if (n) attach(m, n);
+    if (user) {
+        ++m->refs;
+        *user = m;
+    }
+    if (current_strategy() == Strategy::kCallback) {
+        ++m->refs;
+        eng->to_watch.push_back(m);
+    }
+    activate(tl);
+    start_engine_locked();
+    wake_locked();
+    return CUDA_SUCCESS;
+}
+
+// Loop thread: mark `tl` for `n` (and an Event), or join its open mark when kMarksInFlight are out.
+CUresult mark(Timeline* tl, Node* n, Mark** user, std::string* why) {
+    CUstreamCaptureStatus st;
+    CUresult r = capture_status(tl, &st);
+    if (r == CUDA_SUCCESS && st != CU_STREAM_CAPTURE_STATUS_NONE) {
+        *why = "the stream is capturing a CUDA graph: its work will not run until the graph is "
+               "launched, so awaiting it now would never finish; await it after the capture ends "
+               "(or await the graph's replay, aiocuda.torch.replay)";
+        r = kCapturing;
+    }
+    if (r != CUDA_SUCCESS) {
+        if (n) discard(n);
+        return r;
+    }
+    std::lock_guard<std::mutex> order(tl->record_mu);
+    {
+        std::lock_guard<std::mutex> g(eng->mu);
+        if (tl->cs->retired) {
+            if (n) discard(n);
+            return tl->cs->error;
+        }
+        reap(tl);
+        if (tl->in_flight >= kMarksInFlight || tl->open) {
+            if (!tl->open) tl->open = new_mark(tl);
+            if (n) attach(tl->open, n);
+            if (user) {
+                ++tl->open->refs;
+                *user = tl->open;
+            }
+            activate(tl);
+            start_engine_locked();
+            return CUDA_SUCCESS;
+        }
+    }
+    r = place_now(tl, n, user);
+    if (r != CUDA_SUCCESS && n) discard(n);
+    return r;
+}
+
+// ---- the engine thread -------------------------------------------------------------------------
+
+void device_waiter_run(DeviceWaiter* w);
+
+// One pass of the engine's driver calls; returns whether anything completed or was placed.
+bool pass(Strategy strat, bool backstop) {
+    struct Watch { Mark* m; CUevent ev; Lane* lane; bool make_lane; CtxState* cs; };
+    std::vector<Timeline*> tls;
+    std::vector<Watch> watches;
+    std::vector<CtxState*> ctxs;
+    {
+        std::lock_guard<std::mutex> g(eng->mu);
+        tls = eng->active;
+        for (Timeline* tl : tls)
+            if (std::find(ctxs.begin(), ctxs.end(), tl->cs) == ctxs.end()) ctxs.push_back(tl->cs);
+        if (strat == Strategy::kCallback) {
+            for (Mark* m : eng->to_watch) {
+                Timeline* tl = m->tl;
+                if (m->done) {
+                    unref(m);
+                    continue;
+                }
+                Watch w{m, m->ev, tl->lane, false, tl->cs};
+                if (!w.lane) {  // a lane of its own if one is idle or may be made; else share
+                    auto& ls = tl->cs->lanes;
+                    auto it = std::find_if(ls.begin(), ls.end(), [](Lane* l) { return l->users == 0; });
+                    if (it != ls.end()) w.lane = *it;
+                    else if (ls.size() < kLanesPerContext) w.make_lane = true;
+                    else w.lane = *std::min_element(ls.begin(), ls.end(), [](Lane* a, Lane* b) {
+                        return a->users < b->users;
+                    });
+                    if (w.lane) {
+                        ++w.lane->users;
+                        tl->lane = w.lane;
+                    }
+                }
+                ++tl->watching;
+                m->watched = true;
+                watches.push_back(w);
+            }
+            eng->to_watch.clear();
+        }
+    }
+    Done done;
+    bool progress = false;
+    // A reset (a new context id) retires the context before any of its handles is touched.
+    for (CtxState* cs : ctxs) {
+        unsigned long long id = 0;
+        CUresult r = api.cuCtxGetId(cs->ctx, &id);
+        if (r != CUDA_SUCCESS || id != cs->id) {
+            std::lock_guard<std::mutex> g(eng->mu);
+            retire(cs, r != CUDA_SUCCESS ? r : CUDA_ERROR_CONTEXT_IS_DESTROYED, done);
+            progress = true;
+        }
+    }
+    auto fail = [&](Mark* m, CUresult r) {
+        std::lock_guard<std::mutex> g(eng->mu);
+        if (m->owned) retire(m->tl->cs, r, done);  // aiocuda's own mark: the context is broken
+        else finish(m, r, done);                   // a foreign event: that wait only
+        progress = true;
+    };
+    for (Watch& w : watches) {
+        if (w.cs->retired) continue;
+        if (w.make_lane) {
+            CUstream s = nullptr;
+            CUresult r = with_ctx(w.cs->ctx, [&] { return api.cuStreamCreate(&s, CU_STREAM_NON_BLOCKING); });
+            std::lock_guard<std::mutex> g(eng->mu);
+            if (r == CUDA_SUCCESS) {
+                w.lane = new Lane{s, 1};
+                w.cs->lanes.push_back(w.lane);
+                w.m->tl->lane = w.lane;
+                ++eng->lanes;
+            } else {
+                --w.m->tl->watching;
+                retire(w.cs, r, done);
+                unref(w.m);
+                continue;
+            }
+        }
+        CUresult r = api.cuStreamWaitEvent(w.lane->s, w.ev, 0);
+        if (r == CUDA_SUCCESS)
+            r = api.cuLaunchHostFunc(w.lane->s, on_host_fn, reinterpret_cast<void*>(w.m->key));
+        if (r != CUDA_SUCCESS) {
+            std::lock_guard<std::mutex> g(eng->mu);
+            --w.m->tl->watching;
+            if (w.m->owned) retire(w.cs, r, done); else finish(w.m, r, done);
+            unref(w.m);
+            progress = true;
+        }
+    }
+    // Queries: every pass when polling; once per backstop period for the callback strategy, where
+    // they find what host functions cannot report: the driver never calls them after an error.
+    if (strat == Strategy::kPoll || backstop) {
+        for (Timeline* tl : tls) {
+            Mark *oldest, *newest;
+            {
+                std::lock_guard<std::mutex> g(eng->mu);
+                if (tl->cs->retired) continue;
+                oldest = tl->head;
+                newest = tl->tail;
+                while (oldest && oldest->done) oldest = oldest->next;
+                if (!oldest) continue;
+                ++oldest->refs;
+                ++newest->refs;
+            }
+            // The newest mark passed means all have; else walk from the oldest.
+            CUresult r = api.cuEventQuery(newest->ev);
+            Mark* upto = r == CUDA_SUCCESS ? newest : nullptr;
+            if (r == CUDA_ERROR_NOT_READY) {
+                for (Mark* m = oldest; m && m != newest;) {
+                    CUresult q = api.cuEventQuery(m->ev);
+                    if (q == CUDA_ERROR_NOT_READY) break;
+                    if (q != CUDA_SUCCESS) {
+                        r = q;
+                        break;
+                    }
+                    upto = m;
+                    std::lock_guard<std::mutex> g(eng->mu);
+                    m = m->next;
+                }
+            }
+            if (r != CUDA_SUCCESS && r != CUDA_ERROR_NOT_READY) {
+                fail(newest, r);
+            } else if (upto) {
+                std::lock_guard<std::mutex> g(eng->mu);
+                passed(upto, CUDA_SUCCESS, done);
+                progress = true;
+            }
+            std::lock_guard<std::mutex> g(eng->mu);
+            unref(oldest);
+            unref(newest);
+        }
+    }
+    // Open marks: placed by this thread once their timeline has room (never while capturing).
+    for (Timeline* tl : tls) {
+        std::unique_lock<std::mutex> order(tl->record_mu, std::try_to_lock);
+        if (!order.owns_lock()) continue;  // a loop thread is marking it right now
+        Mark* open;
+        {
+            std::lock_guard<std::mutex> g(eng->mu);
+            reap(tl);
+            open = tl->open;
+            if (!open || tl->cs->retired || tl->in_flight >= kMarksInFlight) continue;
+        }
+        CUstreamCaptureStatus st;
+        CUresult r = capture_status(tl, &st);
+        if (r == CUDA_SUCCESS && st != CU_STREAM_CAPTURE_STATUS_NONE) continue;  // after it ends
+        CUevent ev = nullptr;
+        if (r == CUDA_SUCCESS) r = take_event(tl->cs, &ev);
+        if (r == CUDA_SUCCESS) r = record_on(tl, ev);
+        std::lock_guard<std::mutex> g(eng->mu);
+        if (r != CUDA_SUCCESS) {
+            if (ev && !tl->cs->retired) tl->cs->pool.push_back(ev);
+            retire(tl->cs, r, done);
+            continue;
+        }
+        tl->open = nullptr;
+        open->ev = ev;
+        open->placed = true;
+        ++eng->marks;
+        if (tl->tail) tl->tail->next = open; else tl->head = open;
+        tl->tail = open;
+        ++tl->in_flight;
+        if (current_strategy() == Strategy::kCallback) {
+            ++open->refs;
+            eng->to_watch.push_back(open);
+        }
+        eng->placed_cv.notify_all();
+        progress = true;
+    }
+    {
+        std::lock_guard<std::mutex> g(eng->mu);
+        auto& act = eng->active;
+        for (size_t i = 0; i < act.size();) {
+            Timeline* tl = act[i];
+            reap(tl);
+            if (tl->cs->retired || idle(tl)) {
+                tl->active = false;
+                act[i] = act.back();
+                act.pop_back();
+                if (tl->kind == Timeline::kForeign && idle(tl)) delete tl;
+            } else {
+                ++i;
+            }
+        }
+    }
+    done.run();
+    return progress;
+}
+
+void engine_run() {
+    // aiocuda's thread never captures, so thread-local mode lets it query and launch while a
+    // user's thread captures in global mode (pytorch#104555 is this bug in NCCL's watchdog).
+    CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+    api.cuThreadExchangeStreamCaptureMode(&mode);
+    auto last_progress = Clock::now();
+    auto last_backstop = Clock::now();
+    for (;;) {
+        Strategy strat = current_strategy();
+        auto now = Clock::now();
+        auto backstop_every = std::chrono::milliseconds(g_backstop_ms.load());
+        {
+            std::unique_lock<std::mutex> g(eng->mu);
+            eng->in_pass = false;
+            eng->hold_cv.notify_all();
+            while (eng->held || eng->active.empty()) {
+                eng->sleeping = true;
+                (eng->held ? eng->hold_cv : eng->cv).wait(g);
+                eng->sleeping = false;
+                last_progress = now = Clock::now();
+            }
+            if (strat == Strategy::kCallback && eng->to_watch.empty()) {
+                // Host functions report completions; wake for new marks or the backstop.
+                auto until = last_backstop + backstop_every;
+                eng->sleeping = true;
+                eng->cv.wait_until(g, until, [&] { return !eng->to_watch.empty() || eng->held; });
+                eng->sleeping = false;
+                now = Clock::now();
+            }
+            if (eng->held) continue;
+            eng->in_pass = true;
+        }
+        bool backstop = now - last_backstop >= backstop_every;
+        if (backstop) last_backstop = now;
+        if (pass(strat, backstop)) last_progress = Clock::now();
+        if (strat == Strategy::kPoll) {
+            auto quiet = Clock::now() - last_progress;
+            if (quiet < kPollSpin) {
+                for (int i = 0; i < 32; ++i) cpu_relax();
+            } else {
+                // Back off, in proportion to how long nothing happened; new marks wake it.
+                auto nap = std::min<Clock::duration>(kPollMaxSleep, quiet / 16);
+                std::unique_lock<std::mutex> g(eng->mu);
+                eng->sleeping = true;
+                eng->cv.wait_for(g, nap);
+                eng->sleeping = false;
+            }
+        }
+    }
+}
+
+void start_engine_locked() {
+    if (eng->started) return;
+    eng->started = true;
+    ++eng->threads;
+    std::thread(engine_run).detach();
+}
+
+void device_waiter_run(DeviceWaiter* w) {
+    CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+    api.cuThreadExchangeStreamCaptureMode(&mode);
+    api.cuCtxSetCurrent(w->ctx);
+    std::vector<Node*> taken;
+    for (;;) {
+        {
+            std::unique_lock<std::mutex> g(w->mu);
+            w->cv.wait(g, [&] { return !w->waiting.empty(); });
+            taken.swap(w->waiting);
+        }
+        CUresult r = api.cuCtxSynchronize();  // covers all work queued before these requests
+        for (Node* n : taken) complete(n, r);
+        taken.clear();
+    }
+}
+
+}  // namespace
+
+// Runs on the driver's callback thread: native memory only, no GIL, no CUDA call.
+void on_host_fn(void* key) {
+    Done done;
+    bool wake = false;
+    {
+        std::lock_guard<std::mutex> g(eng->mu);
+        Mark* m = slot_get(reinterpret_cast<uintptr_t>(key));
+        if (!m) return;
+        Timeline* tl = m->tl;
+        --tl->watching;
+        if (!tl->cs->retired) {
+            passed(m, CUDA_SUCCESS, done);
+            reap(tl);
+            wake = tl->open != nullptr;  // room for the open mark now
+        }
+        unref(m);  // the watch's reference
+    }
+    done.run();
+    if (wake) {
+        std::lock_guard<std::mutex> g(eng->mu);
+        wake_locked();
+    }
+}
+
+CUresult wait_stream(uintptr_t stream, int device, Node* n, std::string* why) {
+    return record(stream, device, n, nullptr, why);
+}
+
+CUresult record(uintptr_t stream, int device, Node* n, Mark** user, std::string* why) {
+    CtxState* cs = nullptr;
+    CUresult r = check_ready(why);
+    if (r == CUDA_SUCCESS) r = stream_ctx(stream, device, &cs, why);
+    if (r != CUDA_SUCCESS) {
+        if (n) discard(n);
+        return r;
+    }
+    if (!cs) {  // no context on that device: nothing was queued, so nothing to wait for
+        std::lock_guard<std::mutex> g(eng->mu);
+        Timeline* tl = new Timeline;  // a done mark for the Event, on a throwaway timeline
+        tl->kind = Timeline::kForeign;
+        static CtxState none{};
+        none.retired = true;
+        tl->cs = &none;
+        Mark* m = new_mark(tl);
+        m->done = true;
+        if (user) *user = m; else unref(m);
+        if (n) complete(n, CUDA_SUCCESS);
+        return CUDA_SUCCESS;
+    }
+    return mark(timeline_of(cs, Timeline::kStream, stream), n, user, why);
+}
+
+CUresult wait_event(uintptr_t event, int device, Node* n, std::string* why) {
+    CUcontext ctx = nullptr;
+    CtxState* cs = nullptr;
+    CUresult r = check_ready(why);
+    if (r == CUDA_SUCCESS) r = check_device(device, why);
+    if (r == CUDA_SUCCESS) r = primary_of(device, &ctx);
+    if (r == CUDA_SUCCESS && !ctx) {
+        *why = "CUDA device " + std::to_string(device) + " has no active context, so the event "
+               "cannot have been recorded there: pass the device the event belongs to";
+        r = kBadDevice;
+    }
+    if (r == CUDA_SUCCESS) r = ctx_state(ctx, &cs, why);
+    if (r != CUDA_SUCCESS) {
+        discard(n);
+        return r;
+    }
+    // No driver call here: aiocuda's thread queries or watches the event.
+    std::lock_guard<std::mutex> g(eng->mu);
+    if (cs->retired) {
+        discard(n);
+        return cs->error;
+    }
+    auto tl = new Timeline;
+    tl->kind = Timeline::kForeign;
+    tl->cs = cs;
+    Mark* m = new_mark(tl);
+    m->ev = reinterpret_cast<CUevent>(event);
+    m->owned = false;
+    m->placed = true;
+    ++eng->marks;
+    tl->head = tl->tail = m;
+    tl->in_flight = 1;
+    attach(m, n);
+    if (current_strategy() == Strategy::kCallback) {
+        ++m->refs;
+        eng->to_watch.push_back(m);
+    }
+    activate(tl);
+    start_engine_locked();
+    wake_locked();
+    return CUDA_SUCCESS;
+}
+
+CUresult wait_device(int device, Node* n, std::string* why) {
+    CUcontext ctx = nullptr;
+    CtxState* cs = nullptr;
+    CUresult r = check_ready(why);
+    if (r == CUDA_SUCCESS) r = check_device(device, why);
+    if (r == CUDA_SUCCESS) r = primary_of(device, &ctx);
+    if (r == CUDA_SUCCESS && !ctx) {  // no context: nothing was queued on the device
+        complete(n, CUDA_SUCCESS);
+        return CUDA_SUCCESS;
+    }
+    if (r == CUDA_SUCCESS && api.cuCtxRecordEvent) r = ctx_state(ctx, &cs, why);
+    if (r != CUDA_SUCCESS) {
+        discard(n);
+        return r;
+    }
+    if (cs) return mark(timeline_of(cs, Timeline::kDevice, 0), n, nullptr, why);
+    DeviceWaiter* w;
+    {
+        std::lock_guard<std::mutex> g(eng->mu);
+        auto& ws = eng->device_waiters;
+        if (ws.size() <= static_cast<size_t>(device)) ws.resize(device + 1, nullptr);
+        if (!ws[device]) {
+            ws[device] = new DeviceWaiter;
+            ws[device]->ctx = ctx;
+            ++eng->threads;
+            std::thread(device_waiter_run, ws[device]).detach();
+        }
+        w = ws[device];
+    }
+    {
+        std::lock_guard<std::mutex> g(w->mu);
+        w->waiting.push_back(n);
+    }
+    w->cv.notify_one();
+    return CUDA_SUCCESS;
+}
+
+CUresult mark_query(Mark* m, std::string* why) {
+    CUresult r = check_ready(why);
+    if (r != CUDA_SUCCESS) return r;
+    CUevent ev;
+    {
+        std::lock_guard<std::mutex> g(eng->mu);
+        if (m->done) return m->status;
+        if (!m->placed) return CUDA_ERROR_NOT_READY;
+        ev = m->ev;
+    }
+    return thread_local_mode([&] { return api.cuEventQuery(ev); });
+}
+
+CUresult mark_synchronize(Mark* m, std::string* why) {
+    CUresult r = check_ready(why);
+    if (r != CUDA_SUCCESS) return r;
+    CUevent ev;
+    {
+        std::unique_lock<std::mutex> g(eng->mu);
+        eng->placed_cv.wait(g, [&] { return m->done || m->placed; });
+        if (m->done) return m->status;
+        ev = m->ev;
+    }
+    // A blocking-sync event: the thread sleeps instead of spinning.
+    return thread_local_mode([&] { return api.cuEventSynchronize(ev); });
+}
+
+void mark_release(Mark* m) {
+    if (!m || m->owner != eng) return;  // a forked child's copy of the parent's: leave it
+    std::lock_guard<std::mutex> g(eng->mu);
+    unref(m);
+}
+
+void set_strategy(Strategy s) {
+    int old = g_strategy.exchange(static_cast<int>(s));
+    if (old == static_cast<int>(s) || s != Strategy::kCallback) {
+        std::lock_guard<std::mutex> g(eng->mu);
+        wake_locked();
+        return;
+    }
+    // Now the callback strategy: every placed mark not watched yet gets a host function.
+    std::lock_guard<std::mutex> g(eng->mu);
+    for (Timeline* tl : eng->active)
+        for (Mark* m = tl->head; m; m = m->next)
+            if (!m->done && !m->watched &&
+                std::find(eng->to_watch.begin(), eng->to_watch.end(), m) == eng->to_watch.end()) {
+                ++m->refs;
+                eng->to_watch.push_back(m);
+            }
+    wake_locked();
+}
+
+Strategy strategy() { return current_strategy(); }
+
+void set_backstop_period_ms(int ms) { g_backstop_ms = std::max(1, ms); }
+
+void hold(bool on) {
+    std::unique_lock<std::mutex> g(eng->mu);
+    eng->held = on;
+    eng->hold_cv.notify_all();
+    if (on) eng->hold_cv.wait(g, [] { return !eng->in_pass; });
+}
+
+void after_fork_in_child() {
+    // Only this thread exists now: the parent's locks may be held forever and its records belong
+    // to its queues. Start from a fresh engine and leak the old one.
+    eng = new Engine;
+    mark_forked();
+}
+
+Stats stats() {
+    std::lock_guard<std::mutex> g(eng->mu);
+    return Stats{eng->pending, eng->marks, eng->events, eng->lanes, eng->threads};
+}
+
+}  // namespace aiocuda::cuda

@@ -1,0 +1,58 @@
+// The completion engine of the cuda backend: an await marks a point on the user's stream (an
+// event record, nothing that holds the stream up), and aiocuda's own thread learns when the GPU
+// has passed it and completes the awaits behind it. See engine.cpp for the data path.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "loader.hpp"
+#include "queue.hpp"
+
+namespace aiocuda::cuda {
+
+// How the engine learns that a mark was passed.
+enum class Strategy : int {
+    kCallback = 0,  // a host function on an aiocuda stream that waits on the mark: no CPU while waiting
+    kPoll = 1,      // a native thread queries the marks, spinning briefly then backing off: lowest latency
+};
+
+struct Mark;  // a point on a stream, shared by the awaits behind it; what an aiocuda.Event holds
+
+// Loop thread, GIL released. Each takes ownership of `n`: it completes later (or at once when
+// no work can be pending), or is freed when the call is refused. Returns 0, a CUresult, or one
+// of loader.hpp's refusals with `why` set. `device` < 0: take it from the stream (handles 0, 1
+// and 2 then mean the current context's legacy or per-thread stream).
+CUresult wait_stream(uintptr_t stream, int device, Node* n, std::string* why);
+// As wait_stream, and `*mark` gets a reference to the mark (release it with mark_release).
+CUresult record(uintptr_t stream, int device, Node* n, Mark** mark, std::string* why);
+// A CUevent made by anyone (torch.cuda.Event), of device `device`: watched by aiocuda's thread.
+CUresult wait_event(uintptr_t event, int device, Node* n, std::string* why);
+// All the work queued so far on device `device` (cuCtxRecordEvent; a cuCtxSynchronize thread
+// on drivers older than 12.5).
+CUresult wait_device(int device, Node* n, std::string* why);
+
+CUresult mark_query(Mark* m, std::string* why);        // 0 done, 600 not ready; never blocks
+CUresult mark_synchronize(Mark* m, std::string* why);  // blocks: call without the GIL
+void mark_release(Mark* m);
+
+void set_strategy(Strategy s);
+Strategy strategy();
+void set_backstop_period_ms(int ms);
+// Tests: park the engine between passes, standing for what cuda.h asks of code that resets a
+// device ("it is responsibility of the calling function to ensure that no other module in the
+// process is using the device any more").
+void hold(bool on);
+void after_fork_in_child();
+
+struct Stats {
+    size_t pending;            // awaits not completed yet
+    size_t marks;              // marks in flight (placed, not passed)
+    size_t events;             // events aiocuda created (pooled)
+    size_t lanes;              // aiocuda streams the callback strategy watches on
+    size_t threads;            // native threads aiocuda started
+};
+Stats stats();
+
+}  // namespace aiocuda::cuda
