@@ -1,0 +1,413 @@
+"""The cuda completion engine against the strict driver emulator: what the real driver demands.
+
+Each property of the design (DESIGN.md invariants 10-14) runs on both loops and, where the
+strategies differ, with both completion strategies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import resource
+import threading
+import time
+
+import pytest
+
+import aiocuda
+from aiocuda import _core
+
+from .conftest import python_subprocess
+
+pytestmark = pytest.mark.emu
+
+MODE_GLOBAL, MODE_THREAD_LOCAL, MODE_RELAXED = 0, 1, 2
+CONTEXT_IS_DESTROYED = 709
+# What the loop thread must never call (invariant 10): each can wait on the GPU or on a host function.
+WAITING_CALLS = ("cuLaunchHostFunc", "cuStreamWaitEvent", "cuEventQuery", "cuEventSynchronize",
+                 "cuStreamQuery", "cuStreamSynchronize", "cuCtxSynchronize")
+
+
+@pytest.fixture(params=["callback", "poll"])
+def strategy(request: pytest.FixtureRequest):
+    before = aiocuda.strategy()
+    aiocuda.set_strategy(request.param)
+    yield request.param
+    aiocuda.set_strategy(before)
+
+
+def calls(emu, names=WAITING_CALLS) -> dict[str, int]:
+    """The calling thread's count of each driver call so far."""
+    return {n: emu.lib.emu_thread_calls(n.encode()) for n in names}
+
+
+def test_the_loop_thread_only_marks(run, emu, strategy):
+    s = emu.stream()
+    foreign = emu.event(s)
+
+    async def main():
+        before, records = calls(emu), emu.lib.emu_thread_calls(b"cuEventRecord")
+        emu.sleep(s, 0.02)
+        futs = [aiocuda.synchronize(s) for _ in range(100)]
+        futs.append(aiocuda._api.wait_cuda_event(foreign, 0))
+        futs.append(aiocuda.synchronize_device(0))
+        ev = aiocuda.record(s)
+        await asyncio.gather(*futs, ev)
+        return (calls(emu), before,
+                emu.lib.emu_thread_calls(b"cuEventRecord") - records)
+
+    after, before, records = run(main())
+    assert after == before  # no host function, stream wait, query or synchronize
+    assert 1 <= records <= 101  # at most one mark per await, fewer once they share one
+
+
+def test_nothing_on_the_user_stream_holds_it_up(run, emu, strategy):
+    s = emu.stream()
+
+    async def main():
+        for _ in range(50):
+            emu.sleep(s, 0.0005)
+            await aiocuda.synchronize(s)
+
+    run(main())
+    assert emu.lib.emu_stream_ops(s, b"hostfn") == 0
+    assert emu.lib.emu_stream_ops(s, b"wait") == 0
+    assert emu.lib.emu_stream_ops(s, b"record") <= 50
+
+
+def test_awaits_behind_a_long_kernel_never_block_the_loop(run, emu, strategy):
+    s = emu.stream()
+
+    async def main():
+        lateness: list[float] = []
+        stop = False
+
+        async def heartbeat():
+            while not stop:
+                t = time.perf_counter()
+                await asyncio.sleep(0.001)
+                lateness.append(time.perf_counter() - t - 0.001)
+
+        hb = asyncio.ensure_future(heartbeat())
+        await asyncio.sleep(0.01)
+        blocked0 = emu.lib.emu_thread_blocked_ns()
+        emu.sleep(s, 2.0)
+        t0 = time.perf_counter()
+        order: list[int] = []
+        futs = []
+        for i in range(10_000):
+            f = aiocuda.synchronize(s)
+            f.add_done_callback(lambda _f, i=i: order.append(i))
+            futs.append(f)
+            if i % 500 == 0:
+                await asyncio.sleep(0)  # let the heartbeat run while submitting
+        submitted = time.perf_counter() - t0
+        await asyncio.gather(*futs)
+        took = time.perf_counter() - t0
+        stop = True
+        await hb
+        return (emu.lib.emu_thread_blocked_ns() - blocked0, submitted, took, order,
+                sorted(lateness)[int(len(lateness) * 0.99)])
+
+    blocked_ns, submitted, took, order, p99 = run(main())
+    assert blocked_ns < 1_000_000, f"the loop thread waited {blocked_ns / 1e6:.1f} ms in the driver"
+    assert submitted < 1.0 and took >= 1.95
+    assert order == list(range(10_000))
+    assert p99 < 0.005, f"heartbeat p99 lateness {p99 * 1e3:.1f} ms"
+
+
+def test_many_awaits_cost_bounded_resources(run, emu, strategy):
+    streams = [emu.stream() for _ in range(40)]
+    before = _core.cuda_stats()
+
+    async def main():
+        for h in streams:
+            emu.sleep(h, 0.05)
+        futs = [aiocuda.synchronize(h) for h in streams for _ in range(250)]
+        await asyncio.sleep(0.02)
+        mid = _core.cuda_stats(), emu.lib.emu_live(b"hostfns_pending")
+        await asyncio.gather(*futs)
+        return mid
+
+    (mid, hostfns) = run(main())
+    assert mid["pending"] == 10_000
+    assert mid["marks"] <= 40 * 8  # kMarksInFlight per stream, whatever the awaits
+    assert mid["events"] - before["events"] <= 40 * 9
+    assert mid["lanes"] <= 16 and mid["threads"] <= 2
+    assert hostfns <= 40 * 8
+    assert _core.cuda_stats()["pending"] == 0
+
+
+def test_a_global_capture_elsewhere_stays_valid(run, emu, strategy):
+    s, captured = emu.stream(), emu.stream()
+    result: dict[str, int] = {}
+    began, end_now = threading.Event(), threading.Event()
+
+    def capture():  # a user thread capturing in global mode, as torch.cuda.graph does
+        emu.lib.cuCtxSetCurrent(emu.primary())
+        result["begin"] = emu.lib.cuStreamBeginCapture_v2(ctypes.c_void_p(captured), MODE_GLOBAL)
+        emu.sleep(captured, 0.001)  # recorded into the graph, not run
+        began.set()
+        end_now.wait(10)
+        graph = ctypes.c_void_p()
+        result["end"] = emu.lib.cuStreamEndCapture(ctypes.c_void_p(captured), ctypes.byref(graph))
+        if graph.value:
+            emu.lib.cuGraphDestroy(graph)
+
+    async def main():
+        t = threading.Thread(target=capture)
+        t.start()
+        await asyncio.get_running_loop().run_in_executor(None, began.wait, 5)
+        emu.sleep(s, 0.15)  # longer than the backstop period: the engine queries meanwhile
+        futs = [aiocuda.synchronize(s) for _ in range(30)] + [aiocuda.record(s)]
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        end_now.set()
+        await asyncio.get_running_loop().run_in_executor(None, t.join, 5)
+        return results
+
+    results = run(main())
+    assert result["begin"] == 0
+    assert not [r for r in results if isinstance(r, BaseException)]
+    assert result["end"] == 0, f"the capture was invalidated: cuStreamEndCapture -> {result['end']}"
+
+
+@pytest.mark.parametrize("mode", [MODE_GLOBAL, MODE_RELAXED])
+def test_awaiting_a_capturing_stream_raises_at_once(run, emu, mode):
+    s = emu.stream()
+
+    async def main():
+        emu.lib.cuCtxSetCurrent(emu.primary())
+        assert emu.lib.cuStreamBeginCapture_v2(ctypes.c_void_p(s), mode) == 0
+        try:
+            with pytest.raises(aiocuda.AiocudaError, match="capturing a CUDA graph"):
+                aiocuda.synchronize(s)
+            with pytest.raises(aiocuda.AiocudaError, match="capturing a CUDA graph"):
+                aiocuda.record(s)
+        finally:
+            graph = ctypes.c_void_p()
+            rc = emu.lib.cuStreamEndCapture(ctypes.c_void_p(s), ctypes.byref(graph))
+            if graph.value:
+                emu.lib.cuGraphDestroy(graph)
+            emu.lib.cuCtxSetCurrent(None)
+        assert rc == 0  # the refused await left the capture valid
+        await aiocuda.synchronize(s)  # and the stream is awaitable again
+
+    run(main())
+
+
+def test_a_sticky_error_fails_that_device_only(run, emu, strategy):
+    a, b = emu.stream(emu.primary(0)), emu.stream(emu.primary(1))
+
+    async def main():
+        emu.sleep(a, 5.0)
+        emu.sleep(b, 0.3)
+        on_a = [aiocuda.synchronize(a) for _ in range(200)] + [aiocuda.synchronize_device(0)]
+        on_b = [aiocuda.synchronize(b) for _ in range(200)] + [aiocuda.synchronize_device(1)]
+        ev = aiocuda.record(a)
+        await asyncio.sleep(0.05)
+        t0 = time.perf_counter()
+        emu.inject_error(700, device=0)  # CUDA_ERROR_ILLEGAL_ADDRESS on device 0
+        failed = await asyncio.wait_for(asyncio.gather(*on_a, return_exceptions=True), 2)
+        took = time.perf_counter() - t0
+        ok = await asyncio.wait_for(asyncio.gather(*on_b, return_exceptions=True), 2)
+        with pytest.raises(aiocuda.CudaError, match="ILLEGAL_ADDRESS"):
+            ev.done()
+        with pytest.raises(aiocuda.CudaError, match="ILLEGAL_ADDRESS"):
+            aiocuda.synchronize(a)  # refused at once while the context is broken
+        return failed, took, ok
+
+    failed, took, ok = run(main())
+    assert all(isinstance(r, aiocuda.CudaError) and r.code == 700 for r in failed), failed[:3]
+    assert took < 0.5, f"failing the awaits took {took * 1e3:.0f} ms"
+    assert ok == [None] * len(ok)
+    emu.reset_device(0)
+
+
+def test_a_primary_context_reset_fails_pending_awaits_and_is_forgotten(run, emu, strategy):
+    s = emu.stream()
+
+    async def main():
+        emu.sleep(s, 5.0)
+        futs = [aiocuda.synchronize(s) for _ in range(20)] + [aiocuda.synchronize_device(0)]
+        ev = aiocuda.record(s)
+        await asyncio.sleep(0.05)
+        emu.reset_device(0)  # destroys s, aiocuda's events and its lanes; a touch would abort
+        results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 2)
+        assert all(isinstance(r, aiocuda.CudaError) and r.code == CONTEXT_IS_DESTROYED
+                   for r in results), results[:3]
+        with pytest.raises(aiocuda.CudaError, match="CONTEXT_IS_DESTROYED"):
+            ev.done()
+        del ev
+        fresh = emu.stream()  # the context's next life
+        emu.sleep(fresh, 0.02)
+        await asyncio.wait_for(asyncio.gather(aiocuda.synchronize(fresh),
+                                              aiocuda.synchronize_device(0)), 2)
+
+    run(main())
+
+
+def test_the_default_stream_is_named_with_its_device(run, emu):
+    class TorchDefaultStream:  # what torch reports for the default stream of cuda:1
+        cuda_stream = 0
+        device_index = 1
+
+    async def main():
+        emu.lib.cuCtxSetCurrent(emu.primary(1))
+        emu.sleep(0, 0.1)  # work on device 1's legacy stream
+        emu.lib.cuCtxSetCurrent(emu.primary(0))  # device 0 current on the loop thread
+        try:
+            t0 = time.perf_counter()
+            await aiocuda.synchronize(0, device=1)
+            took = time.perf_counter() - t0
+            emu.lib.cuCtxSetCurrent(emu.primary(1))
+            emu.sleep(0, 0.1)
+            emu.lib.cuCtxSetCurrent(emu.primary(0))
+            t0 = time.perf_counter()
+            await aiocuda.synchronize(TorchDefaultStream())
+            took2 = time.perf_counter() - t0
+            with pytest.raises(ValueError, match="device 1, but device=0"):
+                aiocuda.synchronize(TorchDefaultStream(), device=0)
+        finally:
+            emu.lib.cuCtxSetCurrent(None)
+        with pytest.raises(aiocuda.AiocudaError, match="device="):
+            aiocuda.synchronize(0)  # no context current: the handle names no device
+        with pytest.raises(aiocuda.AiocudaError, match="belongs to CUDA device 0, not device 1"):
+            aiocuda.synchronize(emu.stream(), device=1)
+        return took, took2
+
+    took, took2 = run(main())
+    assert took >= 0.095 and took2 >= 0.095
+
+
+def test_waiting_on_an_idle_device_creates_no_context():
+    r = python_subprocess(
+        "import asyncio, ctypes, os, aiocuda\n"
+        "lib = ctypes.CDLL(os.environ['AIOCUDA_LIBCUDA'])\n"
+        "async def main():\n"
+        "    await asyncio.wait_for(aiocuda.synchronize(0, device=1), 1)\n"
+        "    await asyncio.wait_for(aiocuda.synchronize_device(1), 1)\n"
+        "asyncio.run(main())\n"
+        "flags, active = ctypes.c_uint(), ctypes.c_int()\n"
+        "assert lib.cuDevicePrimaryCtxGetState(1, ctypes.byref(flags), ctypes.byref(active)) == 0\n"
+        "print('active', active.value)\n"
+    )
+    assert r.returncode == 0, r.stderr
+    assert "active 0" in r.stdout
+
+
+def test_a_device_wait_does_not_spin(run, emu, strategy):
+    s = emu.stream()
+
+    async def main():
+        emu.sleep(s, 0.5)
+        await asyncio.sleep(0.01)
+        c0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        await aiocuda.synchronize_device(0)
+        c1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        cpu = (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)
+        return cpu / (t1 - t0), t1 - t0
+
+    share, took = run(main())
+    assert took >= 0.45
+    # The emulator's cuCtxSynchronize spins like the driver's: waiting through it would be ~100%.
+    assert share < (0.05 if strategy == "callback" else 0.25), f"{share:.1%} of a core"
+
+
+def test_device_waits_fall_back_on_drivers_without_cuCtxRecordEvent():
+    r = python_subprocess(
+        "import asyncio, ctypes, os, time, aiocuda\n"
+        "lib = ctypes.CDLL(os.environ['AIOCUDA_LIBCUDA'])\n"
+        "async def main():\n"
+        "    ctx, s = ctypes.c_void_p(), ctypes.c_void_p()\n"
+        "    lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0)\n"
+        "    lib.cuCtxSetCurrent(ctx)\n"
+        "    lib.cuStreamCreate(ctypes.byref(s), 0)\n"
+        "    lib.emu_enqueue_sleep(s, ctypes.c_longlong(100000))\n"
+        "    t0 = time.perf_counter()\n"
+        "    await asyncio.wait_for(aiocuda.synchronize_device(0), 2)\n"
+        "    print('took', round(time.perf_counter() - t0, 3))\n"
+        "asyncio.run(main())\n",
+        env={"AIOCUDA_EMU_DRIVER_VERSION": "12040"},
+    )
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout.split()[-1]) >= 0.095
+
+
+def test_events_past_the_bound_share_a_mark(run, emu, strategy):
+    s = emu.stream()
+
+    async def main():
+        emu.sleep(s, 0.2)
+        events = [aiocuda.record(s) for _ in range(100)]
+        assert not any(ev.done() for ev in events)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, events[-1].synchronize)  # waits for its placing too
+        await asyncio.gather(*events)
+        return [ev.done() for ev in events], emu.lib.emu_stream_ops(s, b"record")
+
+    done, records = run(main())
+    assert all(done) and records <= 9
+
+
+def test_a_full_user_stream_blocks_only_with_the_gil_released(run, emu):
+    # The user's own launches filled the stream: the mark waits for room, as any enqueue would,
+    # and other Python threads keep running meanwhile (invariant 2).
+    s = emu.stream()
+    emu.lib.emu_set_queue_depth(4)
+    for _ in range(4):
+        emu.sleep(s, 0.05)
+    ticks = []
+    stop = threading.Event()
+
+    def ticker():
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.002)
+
+    async def main():
+        t = threading.Thread(target=ticker)
+        t.start()
+        t0 = time.perf_counter()
+        fut = aiocuda.synchronize(s)  # blocks until the first kernel is done
+        blocked = time.perf_counter() - t0
+        await fut
+        stop.set()
+        t.join()
+        return blocked, sum(1 for x in ticks if t0 <= x <= t0 + blocked)
+
+    blocked, ticked = run(main())
+    assert blocked >= 0.04 and ticked >= 5
+
+
+def test_switching_strategy_keeps_pending_awaits(run, emu):
+    s = emu.stream()
+    before = aiocuda.strategy()
+
+    async def main():
+        emu.sleep(s, 0.1)
+        futs = [aiocuda.synchronize(s) for _ in range(50)]
+        aiocuda.set_strategy("poll" if before == "callback" else "callback")
+        await asyncio.sleep(0.01)
+        aiocuda.set_strategy(before)
+        await asyncio.wait_for(asyncio.gather(*futs), 2)
+
+    try:
+        run(main())
+    finally:
+        aiocuda.set_strategy(before)
+    with pytest.raises(ValueError, match="one of"):
+        aiocuda.set_strategy("spin")
+
+
+def test_event_waits_do_not_hold_each_other_up_in_either_strategy(run, emu, strategy):
+    slow, fast = emu.stream(), emu.stream()
+    emu.sleep(slow, 0.5)
+    late, early = emu.event(slow), emu.event(fast)
+
+    async def main():
+        f_late = aiocuda._api.wait_cuda_event(late, 0)
+        await asyncio.wait_for(aiocuda._api.wait_cuda_event(early, 0), 0.3)
+        assert not f_late.done()
+        await f_late
+
+    run(main())
