@@ -349,36 +349,6 @@ def test_events_past_the_bound_share_a_mark(run, emu, strategy):
     assert all(done) and records <= 9
 
 
-def test_a_full_user_stream_blocks_only_with_the_gil_released(run, emu):
-    # The user's own launches filled the stream: the mark waits for room, as any enqueue would,
-    # and other Python threads keep running meanwhile (invariant 2).
-    s = emu.stream()
-    emu.lib.emu_set_queue_depth(4)
-    for _ in range(4):
-        emu.sleep(s, 0.05)
-    ticks = []
-    stop = threading.Event()
-
-    def ticker():
-        while not stop.is_set():
-            ticks.append(time.perf_counter())
-            time.sleep(0.002)
-
-    async def main():
-        t = threading.Thread(target=ticker)
-        t.start()
-        t0 = time.perf_counter()
-        fut = aiocuda.synchronize(s)  # blocks until the first kernel is done
-        blocked = time.perf_counter() - t0
-        await fut
-        stop.set()
-        t.join()
-        return blocked, sum(1 for x in ticks if t0 <= x <= t0 + blocked)
-
-    blocked, ticked = run(main())
-    assert blocked >= 0.04 and ticked >= 5
-
-
 def test_switching_strategy_keeps_pending_awaits(run, emu):
     s = emu.stream()
     before = aiocuda.strategy()

@@ -20,7 +20,8 @@ def _fork() -> int:
         return os.fork()
 
 
-def _child_checks(s: aiocuda.CpuStream, pending: asyncio.Future[None], cuda_handle: int) -> int:
+def _child_checks(s: aiocuda.CpuStream, pending: asyncio.Future[None], cuda_handle: int,
+                  event: aiocuda.Event) -> int:
     """Runs in the forked child; returns a bitmask of failed checks (0: all passed)."""
     failed = 0
     asyncio.events._set_running_loop(None)  # the parent's loop is not running in this process
@@ -49,6 +50,14 @@ def _child_checks(s: aiocuda.CpuStream, pending: asyncio.Future[None], cuda_hand
                 failed |= bit
         except BaseException:
             failed |= bit
+    # The parent's CUDA event: querying or waiting on it says why, without touching the driver.
+    for check in (event.done, event.synchronize):
+        try:
+            check()
+            failed |= 16
+        except aiocuda.AiocudaError as exc:
+            if "fork" not in str(exc):
+                failed |= 16
     return failed
 
 
@@ -56,6 +65,8 @@ def test_fork_while_work_is_pending(run, emu):
     async def main():
         h = emu.stream()
         await aiocuda.synchronize(h)  # the driver is initialised in the parent
+        emu.sleep(h, 0.3)
+        event = aiocuda.record(h)
         with aiocuda.CpuStream() as s:
             s.delay(0.2)
             pending = aiocuda.synchronize(s)
@@ -63,11 +74,12 @@ def test_fork_while_work_is_pending(run, emu):
             if pid == 0:  # child
                 code = 1
                 try:
-                    code = 10 + _child_checks(s, pending, h)
+                    code = 10 + _child_checks(s, pending, h, event)
                 finally:
                     os._exit(code)
             _, status = os.waitpid(pid, 0)
             await pending  # the parent's work completes as if nothing happened
+            await event
             return os.waitstatus_to_exitcode(status)
 
     assert run(main()) == 10
