@@ -124,6 +124,7 @@ struct Engine {
     size_t pending = 0, marks = 0, events = 0, lanes = 0, threads = 0;
     bool started = false;
     bool sleeping = false;               // the engine thread waits on cv
+    bool kick = false;                   // something for the engine to do (an open mark has room)
     bool held = false, in_pass = false;  // hold(): tests
     std::condition_variable hold_cv;
     std::vector<CUcontext> primary;      // by device, retained once when found active
@@ -234,10 +235,12 @@ void finish(Mark* m, CUresult status, Done& done) {
     m->waiters = 0;
 }
 
-void activate(Timeline* tl) {
-    if (tl->active) return;
+// Returns whether the engine had nothing to watch before.
+bool activate(Timeline* tl) {
+    if (tl->active) return false;
     tl->active = true;
     eng->active.push_back(tl);
+    return eng->active.size() == 1;
 }
 
 // Pops passed marks off the front of `tl`; returns its lane once nothing is watched there.
@@ -351,6 +354,10 @@ CUresult check_device(int device, std::string* why) {
     return CUDA_ERROR_INVALID_DEVICE;
 }
 
+const char* const kNotPrimaryText =
+    "the stream belongs to a CUDA context that is not a device's primary context; aiocuda "
+    "supports primary contexts only (the ones PyTorch and TensorFlow use)";
+
 // The state of context `ctx`, made on first use. A new cuCtxGetId means the context was reset:
 // the old state is retired and its awaits fail. A broken context returns its sticky error.
 CUresult ctx_state(CUcontext ctx, CtxState** out, std::string* why) {
@@ -365,7 +372,10 @@ CUresult ctx_state(CUcontext ctx, CtxState** out, std::string* why) {
             if (cs->ctx != ctx) continue;
             if (cs->id == id) {
                 if (cs->retired) return cs->error;
-                if (!cs->primary) break;
+                if (!cs->primary) {
+                    *why = kNotPrimaryText;
+                    return kNotPrimary;
+                }
                 *out = cs;
                 return CUDA_SUCCESS;
             }
@@ -386,8 +396,7 @@ CUresult ctx_state(CUcontext ctx, CtxState** out, std::string* why) {
     std::lock_guard<std::mutex> g(eng->mu);
     eng->ctxs.push_back(cs);  // non-primary ones too, so that they are refused without a retain
     if (!cs->primary) {
-        *why = "the stream belongs to a CUDA context that is not a device's primary context; "
-               "aiocuda supports primary contexts only (the ones PyTorch and TensorFlow use)";
+        *why = kNotPrimaryText;
         return kNotPrimary;
     }
     *out = cs;
@@ -477,6 +486,7 @@ CUresult capture_status(Timeline* tl, CUstreamCaptureStatus* st) {
 
 void start_engine_locked();
 void wake_locked() {
+    eng->kick = true;
     if (eng->sleeping) eng->cv.notify_one();
 }
 
@@ -541,7 +551,7 @@ CUresult mark(Timeline* tl, Node* n, Mark** user, std::string* why) {
                 ++tl->open->refs;
                 *user = tl->open;
             }
-            activate(tl);
+            if (activate(tl)) wake_locked();
             start_engine_locked();
             return CUDA_SUCCESS;
         }
@@ -556,16 +566,22 @@ CUresult mark(Timeline* tl, Node* n, Mark** user, std::string* why) {
 void device_waiter_run(DeviceWaiter* w);
 
 // One pass of the engine's driver calls; returns whether anything completed or was placed.
+// Runs on the engine thread only; its scratch vectors are reused from pass to pass.
 bool pass(Strategy strat, bool backstop) {
     struct Watch { Mark* m; CUevent ev; Lane* lane; bool make_lane; CtxState* cs; };
-    std::vector<Timeline*> tls;
-    std::vector<Watch> watches;
-    std::vector<CtxState*> ctxs;
+    static std::vector<Timeline*> tls;
+    static std::vector<Watch> watches;
+    static std::vector<CtxState*> ctxs;
+    static std::vector<Mark*> marks;
+    tls.clear();
+    watches.clear();
+    ctxs.clear();
     {
         std::lock_guard<std::mutex> g(eng->mu);
         tls = eng->active;
         for (Timeline* tl : tls)
-            if (std::find(ctxs.begin(), ctxs.end(), tl->cs) == ctxs.end()) ctxs.push_back(tl->cs);
+            if (!tl->cs->retired && std::find(ctxs.begin(), ctxs.end(), tl->cs) == ctxs.end())
+                ctxs.push_back(tl->cs);
         if (strat == Strategy::kCallback) {
             for (Mark* m : eng->to_watch) {
                 Timeline* tl = m->tl;
@@ -577,15 +593,20 @@ bool pass(Strategy strat, bool backstop) {
                 if (!w.lane) {  // a lane of its own if one is idle or may be made; else share
                     auto& ls = tl->cs->lanes;
                     auto it = std::find_if(ls.begin(), ls.end(), [](Lane* l) { return l->users == 0; });
-                    if (it != ls.end()) w.lane = *it;
-                    else if (ls.size() < kLanesPerContext) w.make_lane = true;
-                    else w.lane = *std::min_element(ls.begin(), ls.end(), [](Lane* a, Lane* b) {
-                        return a->users < b->users;
-                    });
-                    if (w.lane) {
-                        ++w.lane->users;
-                        tl->lane = w.lane;
+                    if (it != ls.end()) {
+                        w.lane = *it;
+                    } else if (ls.size() < kLanesPerContext) {
+                        w.lane = new Lane{nullptr, 0};  // its stream is made below, before use
+                        w.make_lane = true;
+                        ls.push_back(w.lane);
+                        ++eng->lanes;
+                    } else {
+                        w.lane = *std::min_element(ls.begin(), ls.end(), [](Lane* a, Lane* b) {
+                            return a->users < b->users;
+                        });
                     }
+                    ++w.lane->users;
+                    tl->lane = w.lane;
                 }
                 ++tl->watching;
                 m->watched = true;
@@ -606,82 +627,67 @@ bool pass(Strategy strat, bool backstop) {
             progress = true;
         }
     }
+    // A failed query or launch: on aiocuda's own mark the context is broken (its events are
+    // never captured); on a foreign event, only that wait fails.
     auto fail = [&](Mark* m, CUresult r) {
-        std::lock_guard<std::mutex> g(eng->mu);
-        if (m->owned) retire(m->tl->cs, r, done);  // aiocuda's own mark: the context is broken
-        else finish(m, r, done);                   // a foreign event: that wait only
+        if (m->owned) retire(m->tl->cs, r, done);
+        else finish(m, r, done);
         progress = true;
     };
     for (Watch& w : watches) {
-        if (w.cs->retired) continue;
-        if (w.make_lane) {
-            CUstream s = nullptr;
-            CUresult r = with_ctx(w.cs->ctx, [&] { return api.cuStreamCreate(&s, CU_STREAM_NON_BLOCKING); });
+        bool retired;
+        {
             std::lock_guard<std::mutex> g(eng->mu);
-            if (r == CUDA_SUCCESS) {
-                w.lane = new Lane{s, 1};
-                w.cs->lanes.push_back(w.lane);
-                w.m->tl->lane = w.lane;
-                ++eng->lanes;
-            } else {
-                --w.m->tl->watching;
-                retire(w.cs, r, done);
-                unref(w.m);
-                continue;
-            }
+            retired = w.cs->retired;
         }
-        CUresult r = api.cuStreamWaitEvent(w.lane->s, w.ev, 0);
-        if (r == CUDA_SUCCESS)
+        CUresult r = CUDA_SUCCESS;
+        if (!retired && w.make_lane)
+            r = with_ctx(w.cs->ctx, [&] { return api.cuStreamCreate(&w.lane->s, CU_STREAM_NON_BLOCKING); });
+        if (!retired && r == CUDA_SUCCESS && !w.lane->s) retired = true;  // its making failed
+        if (!retired && r == CUDA_SUCCESS) r = api.cuStreamWaitEvent(w.lane->s, w.ev, 0);
+        if (!retired && r == CUDA_SUCCESS)
             r = api.cuLaunchHostFunc(w.lane->s, on_host_fn, reinterpret_cast<void*>(w.m->key));
-        if (r != CUDA_SUCCESS) {
+        if (retired || r != CUDA_SUCCESS) {
             std::lock_guard<std::mutex> g(eng->mu);
             --w.m->tl->watching;
-            if (w.m->owned) retire(w.cs, r, done); else finish(w.m, r, done);
+            if (r != CUDA_SUCCESS) fail(w.m, r);
             unref(w.m);
-            progress = true;
         }
     }
     // Queries: every pass when polling; once per backstop period for the callback strategy, where
     // they find what host functions cannot report: the driver never calls them after an error.
     if (strat == Strategy::kPoll || backstop) {
         for (Timeline* tl : tls) {
-            Mark *oldest, *newest;
+            marks.clear();
             {
                 std::lock_guard<std::mutex> g(eng->mu);
                 if (tl->cs->retired) continue;
-                oldest = tl->head;
-                newest = tl->tail;
-                while (oldest && oldest->done) oldest = oldest->next;
-                if (!oldest) continue;
-                ++oldest->refs;
-                ++newest->refs;
-            }
-            // The newest mark passed means all have; else walk from the oldest.
-            CUresult r = api.cuEventQuery(newest->ev);
-            Mark* upto = r == CUDA_SUCCESS ? newest : nullptr;
-            if (r == CUDA_ERROR_NOT_READY) {
-                for (Mark* m = oldest; m && m != newest;) {
-                    CUresult q = api.cuEventQuery(m->ev);
-                    if (q == CUDA_ERROR_NOT_READY) break;
-                    if (q != CUDA_SUCCESS) {
-                        r = q;
-                        break;
+                for (Mark* m = tl->head; m; m = m->next)
+                    if (!m->done) {
+                        ++m->refs;  // kept while queried outside the lock
+                        marks.push_back(m);
                     }
-                    upto = m;
-                    std::lock_guard<std::mutex> g(eng->mu);
-                    m = m->next;
-                }
             }
-            if (r != CUDA_SUCCESS && r != CUDA_ERROR_NOT_READY) {
-                fail(newest, r);
-            } else if (upto) {
-                std::lock_guard<std::mutex> g(eng->mu);
+            if (marks.empty()) continue;
+            // The newest mark passed means all have; else walk from the oldest.
+            CUresult r = api.cuEventQuery(marks.back()->ev);
+            Mark* upto = r == CUDA_SUCCESS ? marks.back() : nullptr;
+            Mark* failed = r != CUDA_SUCCESS && r != CUDA_ERROR_NOT_READY ? marks.back() : nullptr;
+            for (size_t i = 0; r == CUDA_ERROR_NOT_READY && i + 1 < marks.size(); ++i) {
+                r = api.cuEventQuery(marks[i]->ev);
+                if (r == CUDA_SUCCESS) upto = marks[i];
+                else if (r != CUDA_ERROR_NOT_READY) failed = marks[i];
+                if (r == CUDA_SUCCESS) r = CUDA_ERROR_NOT_READY;  // keep walking
+                else break;
+            }
+            std::lock_guard<std::mutex> g(eng->mu);
+            if (failed) {
+                fail(failed, r);
+            } else if (upto && !upto->done) {
                 passed(upto, CUDA_SUCCESS, done);
                 progress = true;
             }
-            std::lock_guard<std::mutex> g(eng->mu);
-            unref(oldest);
-            unref(newest);
+            for (Mark* m : marks) unref(m);
         }
     }
     // Open marks: placed by this thread once their timeline has room (never while capturing).
@@ -717,6 +723,7 @@ bool pass(Strategy strat, bool backstop) {
         if (current_strategy() == Strategy::kCallback) {
             ++open->refs;
             eng->to_watch.push_back(open);
+            eng->kick = true;
         }
         eng->placed_cv.notify_all();
         progress = true;
@@ -766,11 +773,14 @@ void engine_run() {
                 // Host functions report completions; wake for new marks or the backstop.
                 auto until = last_backstop + backstop_every;
                 eng->sleeping = true;
-                eng->cv.wait_until(g, until, [&] { return !eng->to_watch.empty() || eng->held; });
+                eng->cv.wait_until(g, until, [&] {
+                    return !eng->to_watch.empty() || eng->kick || eng->held;
+                });
                 eng->sleeping = false;
                 now = Clock::now();
             }
             if (eng->held) continue;
+            eng->kick = false;
             eng->in_pass = true;
         }
         bool backstop = now - last_backstop >= backstop_every;
