@@ -567,16 +567,24 @@ PYBIND11_MODULE(_core, m) {
     // Marks behind aiocuda.Event, passed to Python as integers (a reference each).
     m.def("cuda_mark_query", [](uintptr_t m) {
         std::string why;
-        int r = cuda::mark_query(reinterpret_cast<cuda::Mark*>(m), &why);
+        int r;
+        {
+            py::gil_scoped_release nogil;
+            r = cuda::mark_query(reinterpret_cast<cuda::Mark*>(m), &why);
+        }
         if (r != 0 && why.empty()) why = cuda::error_text(r);
         return py::make_tuple(r, why);
-    }, py::call_guard<py::gil_scoped_release>());
+    });
     m.def("cuda_mark_synchronize", [](uintptr_t m) {
         std::string why;
-        int r = cuda::mark_synchronize(reinterpret_cast<cuda::Mark*>(m), &why);
+        int r;
+        {
+            py::gil_scoped_release nogil;
+            r = cuda::mark_synchronize(reinterpret_cast<cuda::Mark*>(m), &why);
+        }
         if (r != 0 && why.empty()) why = cuda::error_text(r);
         return py::make_tuple(r, why);
-    }, py::call_guard<py::gil_scoped_release>());
+    });
     m.def("cuda_mark_release", [](uintptr_t m) {
         cuda::mark_release(reinterpret_cast<cuda::Mark*>(m));
     }, py::call_guard<py::gil_scoped_release>());
