@@ -164,13 +164,6 @@ void complete_list(Node* n, CUresult status) {
     }
 }
 
-struct Done {  // nodes to complete once the lock is released
-    std::vector<std::pair<Node*, CUresult>> lists;
-    void run() {
-        for (auto& [n, s] : lists) complete_list(n, s);
-        lists.clear();
-    }
-};
 
 // ---- marks and timelines (under eng->mu) -------------------------------------------------------
 
@@ -224,12 +217,14 @@ void attach(Mark* m, Node* n) {
     ++eng->pending;
 }
 
-void finish(Mark* m, CUresult status, Done& done) {
+void finish(Mark* m, CUresult status) {
     if (m->done) return;
     m->done = true;
     m->status = status;
     if (m->placed) --eng->marks;
-    if (m->head) done.lists.emplace_back(m->head, status);
+    // Pushed under the engine's lock, so that completions reach each queue in stream order
+    // whichever thread learns of them (a host function and a query can race).
+    complete_list(m->head, status);
     eng->pending -= m->waiters;
     m->head = m->tail = nullptr;
     m->waiters = 0;
@@ -261,22 +256,22 @@ void reap(Timeline* tl) {
 bool idle(Timeline* tl) { return !tl->head && !tl->open && !tl->lane; }
 
 // Every earlier mark of a timeline completes with a passed one: work on a stream is ordered.
-void passed(Mark* m, CUresult status, Done& done) {
+void passed(Mark* m, CUresult status) {
     Timeline* tl = m->tl;
     if (tl->kind != Timeline::kForeign)
-        for (Mark* p = tl->head; p && p != m; p = p->next) finish(p, status, done);
-    finish(m, status, done);
+        for (Mark* p = tl->head; p && p != m; p = p->next) finish(p, status);
+    finish(m, status);
 }
 
 // Reset or broken: fail every await of the context and never touch its handles again.
-void retire(CtxState* cs, CUresult code, Done& done) {
+void retire(CtxState* cs, CUresult code) {
     if (cs->retired) return;
     cs->retired = true;
     cs->error = code;
     for (Timeline* tl : eng->active) {
         if (tl->cs != cs) continue;
-        for (Mark* m = tl->head; m; m = m->next) finish(m, code, done);
-        if (tl->open) finish(tl->open, code, done);
+        for (Mark* m = tl->head; m; m = m->next) finish(m, code);
+        if (tl->open) finish(tl->open, code);
     }
     eng->to_watch.erase(std::remove_if(eng->to_watch.begin(), eng->to_watch.end(),
                                        [&](Mark* m) {
@@ -364,7 +359,6 @@ CUresult ctx_state(CUcontext ctx, CtxState** out, std::string* why) {
     unsigned long long id = 0;
     CUresult r = api.cuCtxGetId(ctx, &id);
     if (r != CUDA_SUCCESS) return r;
-    Done done;
     {
         std::lock_guard<std::mutex> g(eng->mu);
         for (auto it = eng->ctxs.rbegin(); it != eng->ctxs.rend(); ++it) {
@@ -379,10 +373,9 @@ CUresult ctx_state(CUcontext ctx, CtxState** out, std::string* why) {
                 *out = cs;
                 return CUDA_SUCCESS;
             }
-            retire(cs, CUDA_ERROR_CONTEXT_IS_DESTROYED, done);
+            retire(cs, CUDA_ERROR_CONTEXT_IS_DESTROYED);
         }
     }
-    done.run();
     auto cs = new CtxState;
     cs->ctx = ctx;
     cs->id = id;
@@ -615,7 +608,6 @@ bool pass(Strategy strat, bool backstop) {
             eng->to_watch.clear();
         }
     }
-    Done done;
     bool progress = false;
     // A reset (a new context id) retires the context before any of its handles is touched.
     for (CtxState* cs : ctxs) {
@@ -623,15 +615,15 @@ bool pass(Strategy strat, bool backstop) {
         CUresult r = api.cuCtxGetId(cs->ctx, &id);
         if (r != CUDA_SUCCESS || id != cs->id) {
             std::lock_guard<std::mutex> g(eng->mu);
-            retire(cs, r != CUDA_SUCCESS ? r : CUDA_ERROR_CONTEXT_IS_DESTROYED, done);
+            retire(cs, r != CUDA_SUCCESS ? r : CUDA_ERROR_CONTEXT_IS_DESTROYED);
             progress = true;
         }
     }
     // A failed query or launch: on aiocuda's own mark the context is broken (its events are
     // never captured); on a foreign event, only that wait fails.
     auto fail = [&](Mark* m, CUresult r) {
-        if (m->owned) retire(m->tl->cs, r, done);
-        else finish(m, r, done);
+        if (m->owned) retire(m->tl->cs, r);
+        else finish(m, r);
         progress = true;
     };
     for (Watch& w : watches) {
@@ -684,7 +676,7 @@ bool pass(Strategy strat, bool backstop) {
             if (failed) {
                 fail(failed, r);
             } else if (upto && !upto->done) {
-                passed(upto, CUDA_SUCCESS, done);
+                passed(upto, CUDA_SUCCESS);
                 progress = true;
             }
             for (Mark* m : marks) unref(m);
@@ -710,7 +702,7 @@ bool pass(Strategy strat, bool backstop) {
         std::lock_guard<std::mutex> g(eng->mu);
         if (r != CUDA_SUCCESS) {
             if (ev && !tl->cs->retired) tl->cs->pool.push_back(ev);
-            retire(tl->cs, r, done);
+            retire(tl->cs, r);
             continue;
         }
         tl->open = nullptr;
@@ -744,7 +736,6 @@ bool pass(Strategy strat, bool backstop) {
             }
         }
     }
-    done.run();
     return progress;
 }
 
@@ -830,7 +821,6 @@ void device_waiter_run(DeviceWaiter* w) {
 
 // Runs on the driver's callback thread: native memory only, no GIL, no CUDA call.
 void on_host_fn(void* key) {
-    Done done;
     bool wake = false;
     {
         std::lock_guard<std::mutex> g(eng->mu);
@@ -839,13 +829,12 @@ void on_host_fn(void* key) {
         Timeline* tl = m->tl;
         --tl->watching;
         if (!tl->cs->retired) {
-            passed(m, CUDA_SUCCESS, done);
+            passed(m, CUDA_SUCCESS);
             reap(tl);
             wake = tl->open != nullptr;  // room for the open mark now
         }
         unref(m);  // the watch's reference
     }
-    done.run();
     if (wake) {
         std::lock_guard<std::mutex> g(eng->mu);
         wake_locked();

@@ -114,55 +114,93 @@ def run(request: pytest.FixtureRequest) -> Iterator[Runner]:
 
 
 class Emu:
-    """ctypes controls of the driver emulator (tests/emu/emu.cpp)."""
+    """ctypes controls of the driver emulator (tests/emu/emu.cpp); see tests/test_emulator.py."""
 
     def __init__(self, path: Path) -> None:
-        self.lib = ctypes.CDLL(str(path))  # the same handle aiocuda dlopen()ed
-        self.lib.emu_enqueue_sleep.argtypes = [ctypes.c_void_p, ctypes.c_longlong]
-        self.lib.emu_inject_error.argtypes = [ctypes.c_int]
-        self.lib.emu_set_launch_delay_us.argtypes = [ctypes.c_longlong]
-        self.lib.emu_make_private_context.restype = ctypes.c_void_p
-        self.lib.emu_calls_from_host_fns.restype = ctypes.c_ulonglong
-        self.lib.cuCtxSetCurrent.argtypes = [ctypes.c_void_p]
-        self.lib.cuStreamDestroy_v2.argtypes = [ctypes.c_void_p]
+        from .emu.build import load_emulator
+
+        self.lib = load_emulator(path)  # the same library aiocuda dlopen()ed, prototypes declared
 
     def primary(self, device: int = 0) -> int:
+        """Device `device`'s primary context (retained once more)."""
         ctx = ctypes.c_void_p()
         assert self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device) == 0
         return ctx.value or 0
 
-    def stream(self, ctx: int | None = None) -> int:
+    def stream(self, ctx: int | None = None, flags: int = 0) -> int:
         """A new stream in `ctx` (default: device 0's primary context)."""
-        self.lib.cuCtxSetCurrent(ctx if ctx is not None else self.primary())
+        assert self.lib.cuCtxPushCurrent_v2(ctx if ctx is not None else self.primary()) == 0
         out = ctypes.c_void_p()
-        assert self.lib.cuStreamCreate(ctypes.byref(out), 0) == 0
-        self.lib.cuCtxSetCurrent(None)
+        rc = self.lib.cuStreamCreate(ctypes.byref(out), flags)
+        self.lib.cuCtxPopCurrent_v2(None)
+        assert rc == 0, rc
         return out.value or 0
 
-    def event(self, stream: int) -> int:
+    def _ctx_of(self, stream: int) -> int:
+        if stream in (0, 1, 2):
+            return self.primary()
+        ctx = ctypes.c_void_p()
+        assert self.lib.cuStreamGetCtx(stream, ctypes.byref(ctx)) == 0
+        return ctx.value or 0
+
+    def event(self, stream: int, flags: int = 0) -> int:
         """A new event recorded on `stream` (a foreign event, as torch would make one)."""
-        self.lib.cuCtxSetCurrent(self.primary())
+        assert self.lib.cuCtxPushCurrent_v2(self._ctx_of(stream)) == 0
         ev = ctypes.c_void_p()
-        assert self.lib.cuEventCreate(ctypes.byref(ev), 0) == 0
-        assert self.lib.cuEventRecord(ev, ctypes.c_void_p(stream)) == 0
-        self.lib.cuCtxSetCurrent(None)
+        try:
+            assert self.lib.cuEventCreate(ctypes.byref(ev), flags) == 0
+            assert self.lib.cuEventRecord(ev, stream) == 0
+        finally:
+            self.lib.cuCtxPopCurrent_v2(None)
         return ev.value or 0
 
     def sleep(self, stream: int, seconds: float) -> None:
         """Enqueue timed work on `stream` (0: the current context's legacy stream)."""
         assert self.lib.emu_enqueue_sleep(stream, int(seconds * 1e6)) == 0
 
-    def inject_error(self, code: int) -> None:
-        self.lib.emu_inject_error(code)
+    def inject_error(self, code: int, device: int = 0) -> None:
+        """A sticky error on `device`'s primary context, as after a faulting kernel."""
+        self.lib.emu_inject_error(device, code)
+
+    def reset_device(self, device: int = 0) -> None:
+        """cuDevicePrimaryCtxReset: destroys the context's streams and events (later use aborts).
+
+        cuda.h makes the code that resets responsible for no other module using the device at
+        the time; holding aiocuda's engine between two passes stands for that.
+        """
+        _core.cuda_hold(True)
+        try:
+            assert self.lib.cuDevicePrimaryCtxReset_v2(device) == 0
+        finally:
+            _core.cuda_hold(False)
 
     def host_fn_stats(self) -> tuple[int, int, int]:
         calls, total, peak = ctypes.c_ulonglong(), ctypes.c_ulonglong(), ctypes.c_ulonglong()
         self.lib.emu_host_fn_stats(ctypes.byref(calls), ctypes.byref(total), ctypes.byref(peak))
         return calls.value, total.value, peak.value
 
+    def blocked_ns(self) -> int:
+        """Nanoseconds the calling thread spent blocked in the driver."""
+        return int(self.lib.emu_thread_blocked_ns())
+
+    def thread_calls(self, name: str) -> int:
+        """How often the calling thread called driver entry point `name`."""
+        return int(self.lib.emu_thread_calls(name.encode()))
+
+    def stream_ops(self, stream: int, kind: str) -> int:
+        """Operations of `kind` (kernel, record, wait, hostfn, ctxrecord, captured) on `stream`."""
+        return int(self.lib.emu_stream_ops(stream, kind.encode()))
+
+    def live(self, what: str) -> int:
+        """Live streams, events, graphs, hostfns_pending, threads or emu_threads."""
+        return int(self.lib.emu_live(what.encode()))
+
+    def capture_status(self, stream: int) -> int:
+        return int(self.lib.emu_capture_status(stream))
+
     def reset(self) -> None:
-        self.lib.emu_reset()
-        self.lib.emu_set_launch_delay_us(0)
+        """Restore every control to its default (latency, host-function cap, queue depth)."""
+        self.lib.emu_defaults()
 
 
 @pytest.fixture(scope="session")
