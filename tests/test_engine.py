@@ -133,7 +133,8 @@ def test_many_awaits_cost_bounded_resources(run, emu, strategy):
     assert mid["pending"] == 10_000
     assert mid["marks"] <= 40 * 8  # kMarksInFlight per stream, whatever the awaits
     assert mid["events"] - before["events"] <= 40 * 9
-    assert mid["lanes"] <= 16 and mid["threads"] <= 2
+    # Lanes are made per context and kept: this test's context makes at most 16.
+    assert mid["lanes"] - before["lanes"] <= 16 and mid["threads"] <= 2
     assert hostfns <= 40 * 8
     assert _core.cuda_stats()["pending"] == 0
 
