@@ -383,3 +383,24 @@ def test_event_waits_do_not_hold_each_other_up_in_either_strategy(run, emu, stra
         await f_late
 
     run(main())
+
+
+def test_five_hundred_streams_with_twenty_awaits_each(run, emu, strategy):
+    # A host function per await on each user stream would fill the host-function queue and
+    # block the loop in the launch; marks do not.
+    streams = [emu.stream() for _ in range(500)]
+
+    async def main():
+        blocked0 = emu.lib.emu_thread_blocked_ns()
+        t0 = time.perf_counter()
+        for h in streams:
+            emu.sleep(h, 0.02)
+        futs = [aiocuda.synchronize(h) for h in streams for _ in range(20)]
+        submitted = time.perf_counter() - t0
+        await asyncio.wait_for(asyncio.gather(*futs), 10)
+        return emu.lib.emu_thread_blocked_ns() - blocked0, submitted
+
+    blocked_ns, submitted = run(main())
+    assert blocked_ns < 1_000_000 and submitted < 2.0
+    for h in streams:
+        emu.lib.cuStreamDestroy_v2(h)
