@@ -8,7 +8,7 @@ import platform
 import sys
 from collections.abc import Sequence
 
-from . import __version__, _core, backends
+from . import __version__, _core, backends, strategy
 
 
 def _loop_name(use_uvloop: bool) -> str:
@@ -29,6 +29,7 @@ def info(use_uvloop: bool) -> int:
         print(f"libcuda: {cuda['path']} (driver API {v // 1000}.{v % 1000 // 10})")
         for i in range(cuda["device_count"]):
             print(f"  device {i}: {_core.cuda_device_name(i)}")
+        print(f"completion strategy: {strategy()} (AIOCUDA_STRATEGY, aiocuda.set_strategy)")
     else:
         print(f"cuda: unavailable: {cuda['reason']}")
     print(f"event loop: {_loop_name(use_uvloop)}")
