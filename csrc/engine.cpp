@@ -238,6 +238,22 @@ bool activate(Timeline* tl) {
     return eng->active.size() == 1;
 }
 
+// `m` now stands at the end of `tl`'s work as event `ev`: watched from here on.
+void placed(Timeline* tl, Mark* m, CUevent ev) {
+    m->ev = ev;
+    m->placed = true;
+    ++eng->marks;
+    if (tl->tail) tl->tail->next = m; else tl->head = m;
+    tl->tail = m;
+    ++tl->in_flight;
+    if (current_strategy() == Strategy::kCallback) {
+        ++m->refs;  // the watch's: its host function may run after the mark was reaped
+        eng->to_watch.push_back(m);
+        eng->kick = true;
+    }
+    eng->placed_cv.notify_all();
+}
+
 // Pops passed marks off the front of `tl`; returns its lane once nothing is watched there.
 void reap(Timeline* tl) {
     while (tl->head && tl->head->done) {
@@ -494,20 +510,11 @@ CUresult place_now(Timeline* tl, Node* n, Mark** user) {
         return r;
     }
     Mark* m = new_mark(tl);
-    m->ev = ev;
-    m->placed = true;
-    ++eng->marks;
-    if (tl->tail) tl->tail->next = m; else tl->head = m;
-    tl->tail = m;
-    ++tl->in_flight;
+    placed(tl, m, ev);
     if (n) attach(m, n);
     if (user) {
         ++m->refs;
         *user = m;
-    }
-    if (current_strategy() == Strategy::kCallback) {
-        ++m->refs;
-        eng->to_watch.push_back(m);
     }
     activate(tl);
     start_engine_locked();
@@ -706,18 +713,7 @@ bool pass(Strategy strat, bool backstop) {
             continue;
         }
         tl->open = nullptr;
-        open->ev = ev;
-        open->placed = true;
-        ++eng->marks;
-        if (tl->tail) tl->tail->next = open; else tl->head = open;
-        tl->tail = open;
-        ++tl->in_flight;
-        if (current_strategy() == Strategy::kCallback) {
-            ++open->refs;
-            eng->to_watch.push_back(open);
-            eng->kick = true;
-        }
-        eng->placed_cv.notify_all();
+        placed(tl, open, ev);
         progress = true;
     }
     {
@@ -895,17 +891,9 @@ CUresult wait_event(uintptr_t event, int device, Node* n, std::string* why) {
     tl->kind = Timeline::kForeign;
     tl->cs = cs;
     Mark* m = new_mark(tl);
-    m->ev = reinterpret_cast<CUevent>(event);
     m->owned = false;
-    m->placed = true;
-    ++eng->marks;
-    tl->head = tl->tail = m;
-    tl->in_flight = 1;
+    placed(tl, m, reinterpret_cast<CUevent>(event));
     attach(m, n);
-    if (current_strategy() == Strategy::kCallback) {
-        ++m->refs;
-        eng->to_watch.push_back(m);
-    }
     activate(tl);
     start_engine_locked();
     wake_locked();
