@@ -57,7 +57,7 @@ struct Mark {
     bool placed = false;
     bool done = false;
     bool owned = true;        // ev is from the pool (false: a foreign event, never re-pooled)
-    bool watched = false;     // a lane's host function will report it
+    bool watched = false;     // a lane's host function has yet to report it
     CUresult status = CUDA_SUCCESS;
     uint64_t key = 0;         // what its host function gets: never a pointer
     Mark* next = nullptr;     // in its timeline, oldest first
@@ -77,8 +77,10 @@ struct Timeline {
     CUstream stream = nullptr;   // kStream
     Mark* head = nullptr;        // placed marks, oldest first
     Mark* tail = nullptr;
-    int in_flight = 0;
+    int in_flight = 0;           // marks in the list: passed ones leave once no watch holds them
     Mark* open = nullptr;        // unplaced: awaits waiting for room
+    int alive = 0;               // marks pointing here (a foreign wait's timeline dies with them)
+    bool placing = false;        // queued for its device's placer
     Lane* lane = nullptr;        // kCallback: where its marks are watched
     int watching = 0;            // its host functions not run yet
     bool active = false;         // in the engine's list
@@ -97,6 +99,14 @@ struct CtxState {
     std::unordered_map<uintptr_t, Timeline*> streams;
     Timeline* device_tl = nullptr;
     std::vector<Lane*> lanes;
+    struct Placer* placer = nullptr;
+};
+
+// Places open marks for one device. Its own thread, because placing is an enqueue on a user's
+// stream, which blocks while that stream is full: the engine thread must never wait on that.
+struct Placer {
+    std::condition_variable cv;  // under eng->mu
+    std::vector<Timeline*> queue;
 };
 
 // Whole-device waits on drivers without cuCtxRecordEvent (older than 12.5): one thread per device
@@ -126,9 +136,16 @@ struct Engine {
     bool sleeping = false;               // the engine thread waits on cv
     bool kick = false;                   // something for the engine to do (an open mark has room)
     bool held = false, in_pass = false;  // hold(): tests
+    int placing = 0;                     // placers at work
     std::condition_variable hold_cv;
     std::vector<CUcontext> primary;      // by device, retained once when found active
     std::vector<DeviceWaiter*> device_waiters;
+    std::vector<Placer*> placers;        // by device
+    // The engine thread's scratch space, reused from pass to pass (members, because the engine
+    // outlives static destructors: its thread runs until the process ends).
+    std::vector<Timeline*> tls;
+    std::vector<CtxState*> pass_ctxs;
+    std::vector<Mark*> queried;
 };
 
 void on_host_fn(void* key);
@@ -190,6 +207,7 @@ Mark* slot_get(uint64_t key) {
 Mark* new_mark(Timeline* tl) {
     Mark* m = new Mark;
     m->tl = tl;
+    ++tl->alive;
     m->owner = eng;
     m->key = slot_add(m);
     return m;
@@ -202,11 +220,11 @@ void unref(Mark* m) {
     if (++eng->gens[i] == 0) eng->gens[i] = 1;
     eng->free_slots.push_back(i);
     // Only an event of a live context goes back to the pool: a reset destroyed the others.
-    if (m->ev && m->owned && !m->tl->cs->retired) m->tl->cs->pool.push_back(m->ev);
-    if (m->tl->kind == Timeline::kForeign && m->tl->head == nullptr && m->tl->open == nullptr &&
-        m->tl->lane == nullptr && !m->tl->active)
-        delete m->tl;  // a foreign wait's timeline lives as long as its one mark
+    Timeline* tl = m->tl;
+    if (m->ev && m->owned && !tl->cs->retired) tl->cs->pool.push_back(m->ev);
     delete m;
+    if (--tl->alive == 0 && tl->kind == Timeline::kForeign && !tl->active)
+        delete tl;  // a foreign wait's timeline lives as long as its one mark
 }
 
 void attach(Mark* m, Node* n) {
@@ -238,6 +256,23 @@ bool activate(Timeline* tl) {
     return eng->active.size() == 1;
 }
 
+// Hands `m` to the engine for a lane's host function. The mark stays in its timeline (and counts
+// against kMarksInFlight, its event out of the pool) until that host function has run.
+void watch(Mark* m) {
+    ++m->refs;  // the watch's: the host function may run after the mark was finished
+    m->watched = true;
+    eng->to_watch.push_back(m);
+    eng->kick = true;
+}
+
+void unwatch(Mark* m) {
+    m->watched = false;
+    unref(m);
+}
+
+void want_placing(Timeline* tl);
+void start_placer(int dev);
+
 // `m` now stands at the end of `tl`'s work as event `ev`: watched from here on.
 void placed(Timeline* tl, Mark* m, CUevent ev) {
     m->ev = ev;
@@ -246,33 +281,33 @@ void placed(Timeline* tl, Mark* m, CUevent ev) {
     if (tl->tail) tl->tail->next = m; else tl->head = m;
     tl->tail = m;
     ++tl->in_flight;
-    if (current_strategy() == Strategy::kCallback) {
-        ++m->refs;  // the watch's: its host function may run after the mark was reaped
-        eng->to_watch.push_back(m);
-        eng->kick = true;
-    }
+    if (current_strategy() == Strategy::kCallback) watch(m);
     eng->placed_cv.notify_all();
 }
 
 // Pops passed marks off the front of `tl`; returns its lane once nothing is watched there.
 void reap(Timeline* tl) {
-    while (tl->head && tl->head->done) {
+    bool freed = false;
+    while (tl->head && tl->head->done && !tl->head->watched) {
         Mark* m = tl->head;
         tl->head = m->next;
         if (!tl->head) tl->tail = nullptr;
         --tl->in_flight;
         unref(m);
+        freed = true;
     }
     if (tl->lane && tl->watching == 0) {
         --tl->lane->users;
         tl->lane = nullptr;
     }
+    if (freed) want_placing(tl);
 }
 
 bool idle(Timeline* tl) { return !tl->head && !tl->open && !tl->lane; }
 
 // Every earlier mark of a timeline completes with a passed one: work on a stream is ordered.
 void passed(Mark* m, CUresult status) {
+    if (m->done) return;  // whoever finished it finished every earlier mark too
     Timeline* tl = m->tl;
     if (tl->kind != Timeline::kForeign)
         for (Mark* p = tl->head; p && p != m; p = p->next) finish(p, status);
@@ -292,7 +327,7 @@ void retire(CtxState* cs, CUresult code) {
     eng->to_watch.erase(std::remove_if(eng->to_watch.begin(), eng->to_watch.end(),
                                        [&](Mark* m) {
                                            if (m->tl->cs != cs) return false;
-                                           unref(m);  // the watch's reference
+                                           unwatch(m);
                                            return true;
                                        }),
                         eng->to_watch.end());
@@ -375,22 +410,25 @@ CUresult ctx_state(CUcontext ctx, CtxState** out, std::string* why) {
     unsigned long long id = 0;
     CUresult r = api.cuCtxGetId(ctx, &id);
     if (r != CUDA_SUCCESS) return r;
-    {
-        std::lock_guard<std::mutex> g(eng->mu);
+    // Under eng->mu: the state of this instance of `ctx`, retiring those of earlier instances.
+    auto known = [&](CUresult* res) -> bool {
         for (auto it = eng->ctxs.rbegin(); it != eng->ctxs.rend(); ++it) {
             CtxState* cs = *it;
             if (cs->ctx != ctx) continue;
-            if (cs->id == id) {
-                if (cs->retired) return cs->error;
-                if (!cs->primary) {
-                    *why = kNotPrimaryText;
-                    return kNotPrimary;
-                }
-                *out = cs;
-                return CUDA_SUCCESS;
+            if (cs->id != id) {
+                retire(cs, CUDA_ERROR_CONTEXT_IS_DESTROYED);
+                continue;
             }
-            retire(cs, CUDA_ERROR_CONTEXT_IS_DESTROYED);
+            *res = cs->retired ? cs->error : cs->primary ? CUDA_SUCCESS : kNotPrimary;
+            if (*res == kNotPrimary) *why = kNotPrimaryText;
+            *out = cs;
+            return true;
         }
+        return false;
+    };
+    {
+        std::lock_guard<std::mutex> g(eng->mu);
+        if (known(&r)) return r;
     }
     auto cs = new CtxState;
     cs->ctx = ctx;
@@ -403,16 +441,21 @@ CUresult ctx_state(CUcontext ctx, CtxState** out, std::string* why) {
         }
     }
     std::lock_guard<std::mutex> g(eng->mu);
+    if (known(&r)) {  // another thread met it meanwhile: one state per context
+        delete cs;
+        return r;
+    }
     eng->ctxs.push_back(cs);  // non-primary ones too, so that they are refused without a retain
+    *out = cs;
     if (!cs->primary) {
         *why = kNotPrimaryText;
         return kNotPrimary;
     }
-    *out = cs;
     return CUDA_SUCCESS;
 }
 
-bool is_legacy(uintptr_t stream) { return stream <= 2; }  // 0, CU_STREAM_LEGACY, CU_STREAM_PER_THREAD
+constexpr uintptr_t kLegacyHandle = 1, kPerThreadHandle = 2;  // CU_STREAM_LEGACY, CU_STREAM_PER_THREAD
+bool is_legacy(uintptr_t stream) { return stream <= kLegacyHandle; }  // 0 means it too
 
 // The context of `stream`. A legacy handle names no device: `device` says which, or else the
 // current context. *cs == nullptr: the device has no active context, so nothing can be queued.
@@ -421,6 +464,13 @@ CUresult stream_ctx(uintptr_t stream, int device, CtxState** cs, std::string* wh
     CUcontext ctx = nullptr;
     *cs = nullptr;
     if (device >= 0 && (r = check_device(device, why)) != CUDA_SUCCESS) return r;
+    if (stream == kPerThreadHandle) {
+        // It names the *calling* thread's default stream: aiocuda's threads would mark their own.
+        *why = "stream handle 2 (CU_STREAM_PER_THREAD) names the calling thread's own default "
+               "stream, which aiocuda cannot mark from its threads: await that stream's object "
+               "(for example torch.cuda.current_stream()) or use the legacy stream (0)";
+        return kPerThread;
+    }
     if (!is_legacy(stream)) {
         if ((r = api.cuStreamGetCtx(reinterpret_cast<CUstream>(stream), &ctx)) != CUDA_SUCCESS)
             return r;
@@ -447,6 +497,7 @@ CUresult stream_ctx(uintptr_t stream, int device, CtxState** cs, std::string* wh
 
 Timeline* timeline_of(CtxState* cs, Timeline::Kind kind, uintptr_t stream) {
     std::lock_guard<std::mutex> g(eng->mu);
+    if (stream == 0) stream = kLegacyHandle;  // one stream, so one timeline: its order holds
     Timeline*& tl = kind == Timeline::kDevice ? cs->device_tl : cs->streams[stream];
     if (!tl) {
         tl = new Timeline;
@@ -545,7 +596,10 @@ CUresult mark(Timeline* tl, Node* n, Mark** user, std::string* why) {
         }
         reap(tl);
         if (tl->in_flight >= kMarksInFlight || tl->open) {
-            if (!tl->open) tl->open = new_mark(tl);
+            if (!tl->open) {
+                start_placer(tl->cs->device);
+                tl->open = new_mark(tl);
+            }
             if (n) attach(tl->open, n);
             if (user) {
                 ++tl->open->refs;
@@ -553,6 +607,7 @@ CUresult mark(Timeline* tl, Node* n, Mark** user, std::string* why) {
             }
             if (activate(tl)) wake_locked();
             start_engine_locked();
+            want_placing(tl);  // room may have freed up since the open mark was made
             return CUDA_SUCCESS;
         }
     }
@@ -561,20 +616,103 @@ CUresult mark(Timeline* tl, Node* n, Mark** user, std::string* why) {
     return r;
 }
 
+// ---- placers: open marks, one thread per device ------------------------------------------------
+
+void placer_run(Placer* p);
+
+// Under eng->mu, on the loop thread: the placer of device `dev`, started with the device's first
+// open mark (so that host functions, which hand it work, never start a thread).
+void start_placer(int dev) {
+    auto& ps = eng->placers;
+    if (ps.size() <= static_cast<size_t>(dev)) ps.resize(dev + 1, nullptr);
+    if (ps[dev]) return;
+    auto p = new Placer;
+    std::thread(placer_run, p).detach();  // may throw: nothing is changed before it
+    ps[dev] = p;
+    ++eng->threads;
+}
+
+// Under eng->mu: queue `tl` for its device's placer if its open mark has room now.
+void want_placing(Timeline* tl) {
+    if (!tl->open || tl->placing || tl->cs->retired || tl->in_flight >= kMarksInFlight) return;
+    Placer* p = eng->placers[tl->cs->device];  // started with the open mark
+    tl->placing = true;
+    p->queue.push_back(tl);
+    p->cv.notify_one();
+}
+
+// Places `tl`'s open mark; false if it must wait (the stream is capturing: after it ends).
+bool place_open(Timeline* tl) {
+    std::lock_guard<std::mutex> order(tl->record_mu);
+    Mark* open;
+    {
+        std::lock_guard<std::mutex> g(eng->mu);
+        tl->placing = false;
+        open = tl->open;
+        if (!open || tl->cs->retired || tl->in_flight >= kMarksInFlight) return true;
+    }
+    CUstreamCaptureStatus st;
+    CUresult r = capture_status(tl, &st);
+    if (r == CUDA_SUCCESS && st != CU_STREAM_CAPTURE_STATUS_NONE) return false;
+    CUevent ev = nullptr;
+    if (r == CUDA_SUCCESS) r = take_event(tl->cs, &ev);
+    if (r == CUDA_SUCCESS) r = record_on(tl, ev);
+    std::lock_guard<std::mutex> g(eng->mu);
+    if (tl->open != open || tl->cs->retired) {  // failed meanwhile (its handles are not ours)
+        return true;
+    }
+    tl->open = nullptr;
+    if (r != CUDA_SUCCESS) {
+        // Only these awaits fail: a capture that began meanwhile, or no memory for an event, is
+        // no context error (a sticky one the next query of this context finds).
+        if (ev) tl->cs->pool.push_back(ev);
+        finish(open, r);
+        unref(open);
+        return true;
+    }
+    placed(tl, open, ev);
+    wake_locked();
+    return true;
+}
+
+void placer_run(Placer* p) {
+    CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+    api.cuThreadExchangeStreamCaptureMode(&mode);
+    std::vector<Timeline*> work, later;
+    for (;;) {
+        {
+            std::unique_lock<std::mutex> g(eng->mu);
+            auto ready = [&] { return !p->queue.empty() && !eng->held; };
+            if (later.empty()) p->cv.wait(g, ready);
+            else p->cv.wait_for(g, std::chrono::milliseconds(1), ready);  // a capture to end
+            while (eng->held) eng->hold_cv.wait(g);
+            work.swap(p->queue);
+            for (Timeline* tl : later)
+                if (!tl->placing) work.push_back(tl);
+            later.clear();
+            ++eng->placing;
+        }
+        for (Timeline* tl : work)
+            if (!place_open(tl)) later.push_back(tl);
+        work.clear();
+        std::lock_guard<std::mutex> g(eng->mu);
+        if (--eng->placing == 0) eng->hold_cv.notify_all();
+    }
+}
+
 // ---- the engine thread -------------------------------------------------------------------------
 
 void device_waiter_run(DeviceWaiter* w);
 
+bool is_capture_error(CUresult r) { return r >= 900 && r <= 908; }  // CUDA_ERROR_STREAM_CAPTURE_*
+
 // One pass of the engine's driver calls; returns whether anything completed or was placed.
-// Runs on the engine thread only; its scratch vectors are reused from pass to pass.
 bool pass(Strategy strat, bool backstop) {
     struct Watch { Mark* m; CUevent ev; Lane* lane; bool make_lane; CtxState* cs; };
-    static std::vector<Timeline*> tls;
-    static std::vector<Watch> watches;
-    static std::vector<CtxState*> ctxs;
-    static std::vector<Mark*> marks;
+    std::vector<Watch> watches;
+    auto& tls = eng->tls;
+    auto& ctxs = eng->pass_ctxs;
     tls.clear();
-    watches.clear();
     ctxs.clear();
     {
         std::lock_guard<std::mutex> g(eng->mu);
@@ -583,10 +721,11 @@ bool pass(Strategy strat, bool backstop) {
             if (!tl->cs->retired && std::find(ctxs.begin(), ctxs.end(), tl->cs) == ctxs.end())
                 ctxs.push_back(tl->cs);
         if (strat == Strategy::kCallback) {
+            watches.reserve(eng->to_watch.size());
             for (Mark* m : eng->to_watch) {
                 Timeline* tl = m->tl;
                 if (m->done) {
-                    unref(m);
+                    unwatch(m);
                     continue;
                 }
                 Watch w{m, m->ev, tl->lane, false, tl->cs};
@@ -609,9 +748,11 @@ bool pass(Strategy strat, bool backstop) {
                     tl->lane = w.lane;
                 }
                 ++tl->watching;
-                m->watched = true;
                 watches.push_back(w);
             }
+            eng->to_watch.clear();
+        } else {
+            for (Mark* m : eng->to_watch) unwatch(m);  // queued before a switch to polling
             eng->to_watch.clear();
         }
     }
@@ -626,13 +767,8 @@ bool pass(Strategy strat, bool backstop) {
             progress = true;
         }
     }
-    // A failed query or launch: on aiocuda's own mark the context is broken (its events are
-    // never captured); on a foreign event, only that wait fails.
-    auto fail = [&](Mark* m, CUresult r) {
-        if (m->owned) retire(m->tl->cs, r);
-        else finish(m, r);
-        progress = true;
-    };
+    // A lane that cannot wait or launch fails that mark's awaits only; a sticky context error
+    // behind it is found by the next query.
     for (Watch& w : watches) {
         bool retired;
         {
@@ -642,20 +778,25 @@ bool pass(Strategy strat, bool backstop) {
         CUresult r = CUDA_SUCCESS;
         if (!retired && w.make_lane)
             r = with_ctx(w.cs->ctx, [&] { return api.cuStreamCreate(&w.lane->s, CU_STREAM_NON_BLOCKING); });
-        if (!retired && r == CUDA_SUCCESS && !w.lane->s) retired = true;  // its making failed
+        if (!retired && r == CUDA_SUCCESS && !w.lane->s) r = CUDA_ERROR_INVALID_HANDLE;  // its making failed
         if (!retired && r == CUDA_SUCCESS) r = api.cuStreamWaitEvent(w.lane->s, w.ev, 0);
         if (!retired && r == CUDA_SUCCESS)
             r = api.cuLaunchHostFunc(w.lane->s, on_host_fn, reinterpret_cast<void*>(w.m->key));
         if (retired || r != CUDA_SUCCESS) {
             std::lock_guard<std::mutex> g(eng->mu);
             --w.m->tl->watching;
-            if (r != CUDA_SUCCESS) fail(w.m, r);
-            unref(w.m);
+            if (r != CUDA_SUCCESS) {
+                finish(w.m, r);
+                progress = true;
+            }
+            unwatch(w.m);
+            reap(w.m->tl);
         }
     }
     // Queries: every pass when polling; once per backstop period for the callback strategy, where
     // they find what host functions cannot report: the driver never calls them after an error.
     if (strat == Strategy::kPoll || backstop) {
+        auto& marks = eng->queried;
         for (Timeline* tl : tls) {
             marks.clear();
             {
@@ -680,41 +821,16 @@ bool pass(Strategy strat, bool backstop) {
                 else break;
             }
             std::lock_guard<std::mutex> g(eng->mu);
-            if (failed) {
-                fail(failed, r);
-            } else if (upto && !upto->done) {
+            if (failed && failed->owned && !is_capture_error(r)) {
+                retire(tl->cs, r);  // aiocuda's own event: the context is broken
+            } else if (failed) {
+                finish(failed, r);  // a foreign event, or a mark a capture took: that wait only
+            } else if (upto) {
                 passed(upto, CUDA_SUCCESS);
-                progress = true;
             }
+            progress |= failed || upto;
             for (Mark* m : marks) unref(m);
         }
-    }
-    // Open marks: placed by this thread once their timeline has room (never while capturing).
-    for (Timeline* tl : tls) {
-        std::unique_lock<std::mutex> order(tl->record_mu, std::try_to_lock);
-        if (!order.owns_lock()) continue;  // a loop thread is marking it right now
-        Mark* open;
-        {
-            std::lock_guard<std::mutex> g(eng->mu);
-            reap(tl);
-            open = tl->open;
-            if (!open || tl->cs->retired || tl->in_flight >= kMarksInFlight) continue;
-        }
-        CUstreamCaptureStatus st;
-        CUresult r = capture_status(tl, &st);
-        if (r == CUDA_SUCCESS && st != CU_STREAM_CAPTURE_STATUS_NONE) continue;  // after it ends
-        CUevent ev = nullptr;
-        if (r == CUDA_SUCCESS) r = take_event(tl->cs, &ev);
-        if (r == CUDA_SUCCESS) r = record_on(tl, ev);
-        std::lock_guard<std::mutex> g(eng->mu);
-        if (r != CUDA_SUCCESS) {
-            if (ev && !tl->cs->retired) tl->cs->pool.push_back(ev);
-            retire(tl->cs, r);
-            continue;
-        }
-        tl->open = nullptr;
-        placed(tl, open, ev);
-        progress = true;
     }
     {
         std::lock_guard<std::mutex> g(eng->mu);
@@ -726,7 +842,7 @@ bool pass(Strategy strat, bool backstop) {
                 tl->active = false;
                 act[i] = act.back();
                 act.pop_back();
-                if (tl->kind == Timeline::kForeign && idle(tl)) delete tl;
+                if (tl->kind == Timeline::kForeign && tl->alive == 0) delete tl;
             } else {
                 ++i;
             }
@@ -791,9 +907,9 @@ void engine_run() {
 
 void start_engine_locked() {
     if (eng->started) return;
+    std::thread(engine_run).detach();  // may throw: nothing is changed before it
     eng->started = true;
     ++eng->threads;
-    std::thread(engine_run).detach();
 }
 
 void device_waiter_run(DeviceWaiter* w) {
@@ -817,24 +933,17 @@ void device_waiter_run(DeviceWaiter* w) {
 
 // Runs on the driver's callback thread: native memory only, no GIL, no CUDA call.
 void on_host_fn(void* key) {
-    bool wake = false;
-    {
-        std::lock_guard<std::mutex> g(eng->mu);
-        Mark* m = slot_get(reinterpret_cast<uintptr_t>(key));
-        if (!m) return;
-        Timeline* tl = m->tl;
-        --tl->watching;
-        if (!tl->cs->retired) {
-            passed(m, CUDA_SUCCESS);
-            reap(tl);
-            wake = tl->open != nullptr;  // room for the open mark now
-        }
-        unref(m);  // the watch's reference
+    std::lock_guard<std::mutex> g(eng->mu);
+    Mark* m = slot_get(reinterpret_cast<uintptr_t>(key));
+    if (!m) return;
+    Timeline* tl = m->tl;
+    --tl->watching;
+    m->watched = false;
+    if (!tl->cs->retired) {
+        passed(m, CUDA_SUCCESS);
+        reap(tl);  // hands the open mark, if any, to its placer
     }
-    if (wake) {
-        std::lock_guard<std::mutex> g(eng->mu);
-        wake_locked();
-    }
+    unref(m);  // the watch's reference
 }
 
 CUresult wait_stream(uintptr_t stream, int device, Node* n, std::string* why) {
@@ -937,29 +1046,39 @@ CUresult wait_device(int device, Node* n, std::string* why) {
     return CUDA_SUCCESS;
 }
 
-CUresult mark_query(Mark* m, std::string* why) {
-    CUresult r = check_ready(why);
-    if (r != CUDA_SUCCESS) return r;
-    CUevent ev;
+// The event behind a mark a thread wants to query or wait on, once its context is known to be
+// the one it was made in (a reset destroyed the events of the one before); else its result.
+CUresult mark_event(Mark* m, bool wait_placed, CUevent* ev) {
+    CtxState* cs;
     {
-        std::lock_guard<std::mutex> g(eng->mu);
+        std::unique_lock<std::mutex> g(eng->mu);
+        if (wait_placed) eng->placed_cv.wait(g, [&] { return m->done || m->placed; });
         if (m->done) return m->status;
         if (!m->placed) return CUDA_ERROR_NOT_READY;
-        ev = m->ev;
+        cs = m->tl->cs;
+        *ev = m->ev;
     }
+    unsigned long long id = 0;
+    CUresult r = api.cuCtxGetId(cs->ctx, &id);
+    if (r == CUDA_SUCCESS && id == cs->id) return CUDA_SUCCESS;
+    std::lock_guard<std::mutex> g(eng->mu);
+    retire(cs, r != CUDA_SUCCESS ? r : CUDA_ERROR_CONTEXT_IS_DESTROYED);
+    return m->status;
+}
+
+CUresult mark_query(Mark* m, std::string* why) {
+    CUevent ev = nullptr;
+    CUresult r = check_ready(why);
+    if (r == CUDA_SUCCESS) r = mark_event(m, false, &ev);
+    if (r != CUDA_SUCCESS || !ev) return r;
     return thread_local_mode([&] { return api.cuEventQuery(ev); });
 }
 
 CUresult mark_synchronize(Mark* m, std::string* why) {
+    CUevent ev = nullptr;
     CUresult r = check_ready(why);
-    if (r != CUDA_SUCCESS) return r;
-    CUevent ev;
-    {
-        std::unique_lock<std::mutex> g(eng->mu);
-        eng->placed_cv.wait(g, [&] { return m->done || m->placed; });
-        if (m->done) return m->status;
-        ev = m->ev;
-    }
+    if (r == CUDA_SUCCESS) r = mark_event(m, true, &ev);
+    if (r != CUDA_SUCCESS || !ev) return r;
     // A blocking-sync event: the thread sleeps instead of spinning.
     return thread_local_mode([&] { return api.cuEventSynchronize(ev); });
 }
@@ -972,20 +1091,13 @@ void mark_release(Mark* m) {
 
 void set_strategy(Strategy s) {
     int old = g_strategy.exchange(static_cast<int>(s));
-    if (old == static_cast<int>(s) || s != Strategy::kCallback) {
-        std::lock_guard<std::mutex> g(eng->mu);
-        wake_locked();
-        return;
-    }
-    // Now the callback strategy: every placed mark not watched yet gets a host function.
     std::lock_guard<std::mutex> g(eng->mu);
-    for (Timeline* tl : eng->active)
-        for (Mark* m = tl->head; m; m = m->next)
-            if (!m->done && !m->watched &&
-                std::find(eng->to_watch.begin(), eng->to_watch.end(), m) == eng->to_watch.end()) {
-                ++m->refs;
-                eng->to_watch.push_back(m);
-            }
+    if (old != static_cast<int>(s) && s == Strategy::kCallback) {
+        // Every placed mark not watched yet gets a host function.
+        for (Timeline* tl : eng->active)
+            for (Mark* m = tl->head; m; m = m->next)
+                if (!m->done && !m->watched) watch(m);
+    }
     wake_locked();
 }
 
@@ -997,7 +1109,11 @@ void hold(bool on) {
     std::unique_lock<std::mutex> g(eng->mu);
     eng->held = on;
     eng->hold_cv.notify_all();
-    if (on) eng->hold_cv.wait(g, [] { return !eng->in_pass; });
+    eng->cv.notify_all();
+    if (!on)
+        for (Placer* p : eng->placers)
+            if (p) p->cv.notify_all();
+    if (on) eng->hold_cv.wait(g, [] { return !eng->in_pass && eng->placing == 0; });
 }
 
 void after_fork_in_child() {

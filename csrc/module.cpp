@@ -127,11 +127,16 @@ public:
             if (code) discard(n);
         } else {
             Py_BEGIN_ALLOW_THREADS  // driver calls can block (a full stream): never with the GIL
-            switch (kind) {  // each frees n itself on failure
-                case kEvent: code = cuda::wait_event(handle, device, n, &why); break;
-                case kDevice: code = cuda::wait_device(device, n, &why); break;
-                case kRecord: code = cuda::record(handle, device, n, mark, &why); break;
-                default: code = cuda::wait_stream(handle, device, n, &why);
+            try {
+                switch (kind) {  // each frees n itself on failure
+                    case kEvent: code = cuda::wait_event(handle, device, n, &why); break;
+                    case kDevice: code = cuda::wait_device(device, n, &why); break;
+                    case kRecord: code = cuda::record(handle, device, n, mark, &why); break;
+                    default: code = cuda::wait_stream(handle, device, n, &why);
+                }
+            } catch (std::exception& e) {  // no memory or no thread: say so with the GIL back
+                code = kRefused;
+                why = std::string("aiocuda could not start the wait: ") + e.what();
             }
             Py_END_ALLOW_THREADS
             if (code && why.empty()) why = cuda::error_text(code);

@@ -404,3 +404,111 @@ def test_five_hundred_streams_with_twenty_awaits_each(run, emu, strategy):
     assert blocked_ns < 1_000_000 and submitted < 2.0
     for h in streams:
         emu.lib.cuStreamDestroy_v2(h)
+
+
+def test_a_late_host_function_completes_no_later_mark(run, emu):
+    # The backstop may find a mark passed before its host function runs; that host function
+    # must not then complete the marks after it.
+    before = aiocuda.strategy()
+    aiocuda.set_strategy("callback")
+    _core.cuda_set_backstop_period_ms(2)
+    emu.lib.emu_set_hostfn_latency_us(60_000)  # a busy host-function thread
+    s = emu.stream()
+
+    async def main():
+        emu.sleep(s, 0.02)
+        first = aiocuda.synchronize(s)
+        emu.sleep(s, 0.3)
+        t0 = time.perf_counter()
+        second = aiocuda.synchronize(s)
+        await first
+        await second
+        return time.perf_counter() - t0
+
+    try:
+        assert run(main()) >= 0.3
+    finally:
+        aiocuda.set_strategy(before)
+        _core.cuda_set_backstop_period_ms(20)
+
+
+def test_handles_0_and_1_name_one_stream_in_order(run, emu, strategy):
+    async def main():
+        order: list[int] = []
+        emu.lib.cuCtxSetCurrent(emu.primary(0))
+        futs = []
+        for _ in range(10):
+            emu.sleep(0, 0.005)
+            futs.append(aiocuda.synchronize(0, device=0))  # joins the open mark past 8
+        emu.sleep(0, 0.005)
+        futs.append(aiocuda.synchronize(1, device=0))  # CU_STREAM_LEGACY: the same stream, later
+        emu.lib.cuCtxSetCurrent(None)
+        for i, f in enumerate(futs):
+            f.add_done_callback(lambda _f, i=i: order.append(i))
+        await asyncio.gather(*futs)
+        return order
+
+    assert run(main()) == list(range(11))
+
+
+def test_the_per_thread_default_stream_is_refused(run, emu):
+    async def main():
+        with pytest.raises(aiocuda.AiocudaError, match="CU_STREAM_PER_THREAD"):
+            aiocuda.synchronize(2, device=0)
+
+    run(main())
+
+
+def test_an_event_after_a_reset_reports_it_without_touching_the_driver(run, emu, strategy):
+    s = emu.stream()
+
+    async def main():
+        emu.sleep(s, 5.0)
+        ev = aiocuda.record(s)
+        emu.reset_device(0)
+        with pytest.raises(aiocuda.CudaError, match="CONTEXT_IS_DESTROYED"):
+            ev.done()  # its event was destroyed: aiocuda checks the context before the query
+        with pytest.raises(aiocuda.CudaError, match="CONTEXT_IS_DESTROYED"):
+            ev.synchronize()
+        with pytest.raises(aiocuda.CudaError, match="CONTEXT_IS_DESTROYED"):
+            await ev
+
+    run(main())
+
+
+def test_a_capture_beginning_under_pending_legacy_awaits_fails_those_only(run, emu, strategy):
+    # Past 8 marks, aiocuda's placer marks the legacy stream later; a relaxed-mode capture of a
+    # blocking stream that began meanwhile makes the driver refuse that mark (cuda.h: the legacy
+    # stream may not be used while a blocking stream captures). Those awaits fail with the
+    # driver's error; the context is not taken for broken, and later awaits work.
+    s, cap = emu.stream(), emu.stream()
+    began = threading.Event()
+
+    async def main():
+        emu.lib.cuCtxSetCurrent(emu.primary(0))
+        emu.sleep(0, 0.1)
+        emu.lib.cuCtxSetCurrent(None)
+        futs = [aiocuda.synchronize(0, device=0) for _ in range(12)]
+        result = {}
+
+        def capture():
+            emu.lib.cuCtxSetCurrent(emu.primary(0))
+            result["begin"] = emu.lib.cuStreamBeginCapture_v2(ctypes.c_void_p(cap), MODE_RELAXED)
+            began.set()
+            time.sleep(0.3)
+            graph = ctypes.c_void_p()
+            result["end"] = emu.lib.cuStreamEndCapture(ctypes.c_void_p(cap), ctypes.byref(graph))
+            if graph.value:
+                emu.lib.cuGraphDestroy(graph)
+
+        t = threading.Thread(target=capture)
+        t.start()
+        out = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 5)
+        await asyncio.get_running_loop().run_in_executor(None, t.join)
+        emu.sleep(s, 0.01)
+        await asyncio.wait_for(aiocuda.synchronize(s), 2)  # the device still works
+        return out
+
+    out = run(main())
+    assert out[:8] == [None] * 8
+    assert all(r is None or (isinstance(r, aiocuda.CudaError) and r.code == 906) for r in out[8:])
