@@ -29,6 +29,10 @@
 
 #include "spin.hpp"
 
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
+
 namespace aiocuda::cuda {
 
 using namespace drv;
@@ -858,8 +862,11 @@ void engine_run() {
     api.cuThreadExchangeStreamCaptureMode(&mode);
     auto last_progress = Clock::now();
     auto last_backstop = Clock::now();
+#ifdef __linux__
+    prctl(PR_SET_TIMERSLACK, 1000UL);  // the poll strategy's naps are tens of microseconds
+#endif
     for (;;) {
-        Strategy strat = current_strategy();
+        Strategy strat;
         auto now = Clock::now();
         auto backstop_every = std::chrono::milliseconds(g_backstop_ms.load());
         {
@@ -872,7 +879,9 @@ void engine_run() {
                 eng->sleeping = false;
                 last_progress = now = Clock::now();
             }
-            if (strat == Strategy::kCallback && eng->to_watch.empty()) {
+            // Read after the wait: a switch meanwhile must not leave new marks unwatched.
+            strat = current_strategy();
+            if (strat == Strategy::kCallback && eng->to_watch.empty() && !eng->kick) {
                 // Host functions report completions; wake for new marks or the backstop.
                 auto until = last_backstop + backstop_every;
                 eng->sleeping = true;
@@ -881,6 +890,7 @@ void engine_run() {
                 });
                 eng->sleeping = false;
                 now = Clock::now();
+                strat = current_strategy();
             }
             if (eng->held) continue;
             eng->kick = false;
@@ -895,7 +905,7 @@ void engine_run() {
                 for (int i = 0; i < 32; ++i) cpu_relax();
             } else {
                 // Back off, in proportion to how long nothing happened; new marks wake it.
-                auto nap = std::min<Clock::duration>(kPollMaxSleep, quiet / 16);
+                auto nap = std::min<Clock::duration>(kPollMaxSleep, quiet / 64);
                 std::unique_lock<std::mutex> g(eng->mu);
                 eng->sleeping = true;
                 eng->cv.wait_for(g, nap);

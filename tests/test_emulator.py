@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # cuda.h values
 SUCCESS, INVALID_VALUE, NOT_INITIALIZED, NO_DEVICE = 0, 1, 3, 100
 INVALID_CONTEXT, INVALID_HANDLE, ILLEGAL_STATE, NOT_FOUND, NOT_READY = 201, 400, 401, 500, 600
-ILLEGAL_ADDRESS, CONTEXT_IS_DESTROYED, NOT_PERMITTED = 700, 709, 800
+ILLEGAL_ADDRESS, CONTEXT_IS_DESTROYED, NOT_PERMITTED, NOT_SUPPORTED = 700, 709, 800, 801
+HOST_MEMORY_ALREADY_REGISTERED, HOST_MEMORY_NOT_REGISTERED = 712, 713
+DEVICEMAP, WAIT_GEQ, WAIT_FLUSH = 0x2, 0x0, 1 << 30
 CAPTURE_UNSUPPORTED, CAPTURE_INVALIDATED, CAPTURE_UNMATCHED, CAPTURE_UNJOINED = 900, 901, 903, 904
 CAPTURE_ISOLATION, CAPTURE_IMPLICIT, CAPTURED_EVENT, CAPTURE_WRONG_THREAD = 905, 906, 907, 908
 GLOBAL, THREAD_LOCAL, RELAXED = 0, 1, 2
@@ -266,6 +268,11 @@ def test_host_functions_share_one_thread_per_context_and_block_their_stream():
          " lib.cuEventRecord(e, s)", "cuEventRecord: event 0x"),
         ("lib.cuCtxSetCurrent(0x1234)", "cuCtxSetCurrent: context 0x1234 is not"),
         ("sleep(0xbeef0, 1)", "emu_enqueue_sleep: stream 0xbeef0"),
+        ("c = retain(0); push(c); s = stream(c); buf = (ctypes.c_uint32 * 1024)();"
+         " ok(lib.cuMemHostRegister_v2(buf, 4096, 2)); d = ctypes.c_ulonglong();"
+         " ok(lib.cuMemHostGetDevicePointer_v2(byref(d), buf, 0));"
+         " ok(lib.cuStreamWaitValue32_v2(s, d.value, 1, 0)); out(x=1); lib.cuMemHostUnregister(buf)",
+         "cuMemHostUnregister: host range 0x"),
     ],
 )
 def test_an_invalid_or_destroyed_handle_aborts(body, message):
@@ -609,6 +616,91 @@ def test_a_forked_child_gets_not_initialized():
     assert res == {"child": [NOT_INITIALIZED] * 4 + [0, 0], "parent": 0}
 
 
+# Rule 14: registered host memory; a stream waits on a word in it until the host writes it ---------
+WORD = """
+c = retain(0); push(c)
+buf = (ctypes.c_uint32 * 1024)()                       # one page, the word at its start
+host = ctypes.addressof(buf)
+def register(flags=2): return lib.cuMemHostRegister_v2(host, 4096, flags)
+def dptr(p=host):
+    d = ctypes.c_ulonglong(0); rc = lib.cuMemHostGetDevicePointer_v2(byref(d), p, 0); return rc, d.value
+"""
+
+
+def test_a_stream_waiting_on_a_host_word_runs_later_work_only_once_it_is_written():
+    res = emu_run(
+        WORD
+        + textwrap.dedent("""        ok(register()); rc, d = dptr()
+        s = stream(c); ev = event(c)
+        ok(lib.cuStreamWaitValue32_v2(s, d, 2, 0))           # GEQ 2
+        ok(sleep(s, 0)); ok(lib.cuEventRecord(ev, s))
+        time.sleep(0.1); before = lib.cuEventQuery(ev)
+        buf[0] = 1; time.sleep(0.1); at_1 = lib.cuEventQuery(ev)   # 1 < 2: still waiting
+        buf[0] = 5                                           # >= 2: the stream goes on
+        rc2, wait = timed(lib.cuEventSynchronize, ev)
+        out(rc=rc, same=d == host, before=before, at_1=at_1, rc2=rc2, wait=wait,
+            waits=lib.emu_stream_ops(s, b"waitvalue"), unregister=lib.cuMemHostUnregister(host),
+            again=lib.cuMemHostUnregister(host))
+        """)
+    )
+    assert res["rc"] == SUCCESS and res["same"]  # the device pointer is the host pointer
+    assert res["before"] == res["at_1"] == NOT_READY
+    assert res["rc2"] == SUCCESS and res["wait"] < 0.05
+    assert res["waits"] == 1
+    assert res["unregister"] == SUCCESS and res["again"] == HOST_MEMORY_NOT_REGISTERED
+
+
+def test_a_word_wait_is_a_pending_operation_of_the_bounded_queue():
+    res = emu_run(
+        WORD
+        + textwrap.dedent("""        lib.emu_set_queue_depth(2)
+        ok(register()); _, d = dptr(); s = stream(c); ev = event(c)
+        ok(lib.cuStreamWaitValue32_v2(s, d, 1, 0)); ok(sleep(s, 0))   # full: the wait runs
+        t = threading.Thread(target=lambda: (push(c), lib.cuEventRecord(ev, s))); t.start()
+        time.sleep(0.1); blocked = t.is_alive()
+        buf[0] = 1; t.join(2); unblocked = not t.is_alive()
+        ok(lib.cuEventSynchronize(ev)); lib.emu_defaults()
+        out(blocked=blocked, unblocked=unblocked)
+        """)
+    )
+    assert res == {"blocked": True, "unblocked": True}
+
+
+def test_host_registration_and_word_wait_rules():
+    res = emu_run(
+        WORD
+        + textwrap.dedent("""        s = stream(c)
+        unregistered = [dptr()[0], lib.cuStreamWaitValue32_v2(s, host, 1, 0),
+                        lib.cuMemHostUnregister(host)]
+        ok(register(0))                                      # not device-mapped
+        not_mapped = [dptr()[0], lib.cuStreamWaitValue32_v2(s, host, 1, 0)]
+        ok(lib.cuMemHostUnregister(host)); ok(register())
+        d = dptr()[1]
+        twice = [register(), lib.cuMemHostRegister_v2(host + 64, 16, DEVICEMAP)]
+        flags = [lib.cuMemHostGetDevicePointer_v2(byref(ctypes.c_ulonglong()), host, 1),
+                 lib.cuStreamWaitValue32_v2(s, d, 1, WAIT_FLUSH),
+                 lib.cuStreamWaitValue32_v2(s, d, 1, 0x10),
+                 lib.cuMemHostRegister_v2(host + 8192, 16, 0x4),     # IOMEMORY: not modelled
+                 lib.cuMemHostRegister_v2(host + 8192, 16, 0x100)]
+        edges = [lib.cuStreamWaitValue32_v2(s, d + 2, 1, 0),          # misaligned
+                 lib.cuStreamWaitValue32_v2(s, d + 4096, 1, 0),       # past the range
+                 dptr(host + 4092)[0]]
+        pop(); no_ctx = [lib.cuMemHostRegister_v2(host + 8192, 16, 2), lib.cuMemHostUnregister(host)]
+        push(c); ok(lib.cuMemHostUnregister(host))
+        out(unregistered=unregistered, not_mapped=not_mapped, twice=twice, flags=flags,
+            edges=edges, no_ctx=no_ctx)
+        """).replace("DEVICEMAP", str(DEVICEMAP)).replace("WAIT_FLUSH", str(WAIT_FLUSH))
+    )
+    assert res == {
+        "unregistered": [INVALID_VALUE, INVALID_VALUE, HOST_MEMORY_NOT_REGISTERED],
+        "not_mapped": [INVALID_VALUE, INVALID_VALUE],
+        "twice": [HOST_MEMORY_ALREADY_REGISTERED, HOST_MEMORY_ALREADY_REGISTERED],
+        "flags": [INVALID_VALUE, NOT_SUPPORTED, INVALID_VALUE, NOT_SUPPORTED, INVALID_VALUE],
+        "edges": [INVALID_VALUE, INVALID_VALUE, SUCCESS],
+        "no_ctx": [INVALID_CONTEXT, INVALID_CONTEXT],
+    }
+
+
 # cuGetProcAddress follows cudaTypedefs.h's variants and the emulated driver version -----------------
 PROC = """\
 def gpa(name, version):
@@ -636,6 +728,11 @@ def test_get_proc_address_picks_the_variant_for_the_version():
             "info_12000": gpa("cuStreamGetCaptureInfo", 12000)[2] == addr("cuStreamGetCaptureInfo_v2"),
             "info_12030": gpa("cuStreamGetCaptureInfo", 12030)[2] == addr("cuStreamGetCaptureInfo_v3"),
             "destroy": gpa("cuEventDestroy", 12000)[2] == addr("cuEventDestroy_v2"),
+            "register": gpa("cuMemHostRegister", 12000)[2] == addr("cuMemHostRegister_v2"),
+            "devptr": gpa("cuMemHostGetDevicePointer", 12000)[2] == addr("cuMemHostGetDevicePointer_v2"),
+            "unregister": gpa("cuMemHostUnregister", 12000)[2] == addr("cuMemHostUnregister"),
+            "wait_v1": gpa("cuStreamWaitValue32", 11000)[2] == addr("cuStreamWaitValue32"),
+            "wait_v2": gpa("cuStreamWaitValue32", 12000)[2] == addr("cuStreamWaitValue32_v2"),
         }
         aiocuda = ["cuInit", "cuDriverGetVersion", "cuDeviceGetCount", "cuDeviceGet",
                    "cuDeviceGetName", "cuDevicePrimaryCtxRetain", "cuDevicePrimaryCtxGetState",

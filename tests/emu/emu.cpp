@@ -1,13 +1,15 @@
 // A strict CUDA driver emulator for aiocuda's tests (test-only: built by tests/emu/build.py into
 // libcuda_emu.so, loaded through AIOCUDA_LIBCUDA, never installed). It implements the subset of the
-// driver API that aiocuda and its tests call as strictly as cuda.h (CUDA 13) describes the real
-// driver, never kinder. Each rule quotes the cuda.h text it models; where cuda.h is silent the
-// comment says "Choice:" and why. It stands in for hardware CI lacks; it never replaces a GPU run.
+// driver API that aiocuda, its tests and its benchmarks call as strictly as cuda.h (CUDA 13)
+// describes the real driver, never kinder. Each rule quotes the cuda.h text it models; where cuda.h
+// is silent the comment says "Choice:" and why. It stands in for hardware CI lacks; it never
+// replaces a GPU run.
 //
 // Model: a context owns streams; each stream is a native worker thread executing its FIFO of items
-// (kernels from emu_enqueue_sleep, event records, event waits, host-function calls, context-wide
-// records) like a GPU front end. A stream holds a bounded number of pending items and an enqueue
-// on a full one blocks the caller. All host functions of a context run on one callback thread.
+// (kernels from emu_enqueue_sleep, event records, event waits, waits on a registered host word,
+// host-function calls, context-wide records) like a GPU front end. A stream holds a bounded number
+// of pending items and an enqueue on a full one blocks the caller. All host functions of a context
+// run on one callback thread.
 // Handles are registered: naming one that was never created or was destroyed aborts the process.
 //
 // Environment (read at load; AIOCUDA_EMU_DEVICES and AIOCUDA_EMU_INIT_ERROR at cuInit):
@@ -17,7 +19,7 @@
 //   AIOCUDA_EMU_QUEUE_DEPTH (1024)     pending (queued + running) items per stream
 //   AIOCUDA_EMU_HOSTFN_CAP (256)       pending host functions per context
 //   AIOCUDA_EMU_HOSTFN_LATENCY_US (0)  wake-up latency before each host function
-// Controls for tests: section 17.
+// Controls for tests: section 18.
 #include <pthread.h>
 #include <sched.h>
 
@@ -31,6 +33,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -56,7 +59,9 @@ using ULock = std::unique_lock<std::mutex>;
 enum : CUresult {
     kSuccess = 0, kInvalidValue = 1, kNotInitialized = 3, kNoDevice = 100, kInvalidDevice = 101,
     kInvalidContext = 201, kInvalidHandle = 400, kIllegalState = 401, kNotFound = 500,
-    kNotReady = 600, kPrimaryContextActive = 708, kContextIsDestroyed = 709, kNotPermitted = 800,
+    kNotReady = 600, kPrimaryContextActive = 708, kContextIsDestroyed = 709,
+    kHostMemoryAlreadyRegistered = 712, kHostMemoryNotRegistered = 713, kNotPermitted = 800,
+    kNotSupported = 801,
     kCaptureUnsupported = 900, kCaptureInvalidated = 901, kCaptureMerge = 902,
     kCaptureUnmatched = 903, kCaptureUnjoined = 904, kCaptureIsolation = 905,
     kCaptureImplicit = 906, kCapturedEvent = 907, kCaptureWrongThread = 908,
@@ -66,11 +71,17 @@ constexpr unsigned kStreamNonBlocking = 0x1, kEventWaitExternal = 0x1;
 constexpr unsigned kEventBlockingSync = 0x1, kEventDisableTiming = 0x2, kEventInterprocess = 0x4;
 constexpr unsigned kSchedMask = 0x7, kSchedSpin = 0x1, kSchedYield = 0x2, kSchedBlocking = 0x4;
 constexpr unsigned kCtxFlagsValid = 0xff;  // sched, MAP_HOST, LMEM, COREDUMP x2, SYNC_MEMOPS
+// CU_MEMHOSTREGISTER_PORTABLE, _DEVICEMAP, _IOMEMORY, _READ_ONLY
+constexpr unsigned kHostRegPortable = 0x1, kHostRegDeviceMap = 0x2, kHostRegIoMemory = 0x4,
+                   kHostRegReadOnly = 0x8;
+// CU_STREAM_WAIT_VALUE_GEQ, _EQ, _AND, _NOR (the low bits), _FLUSH
+constexpr unsigned kWaitGeq = 0x0, kWaitEq = 0x1, kWaitAnd = 0x2, kWaitNor = 0x3, kWaitFlush = 1u << 30;
 enum { kCapNone = 0, kCapActive = 1, kCapInvalidated = 2 };
 enum { kModeGlobal = 0, kModeThreadLocal = 1, kModeRelaxed = 2 };
 enum { kProcSuccess = 0, kProcSymbolNotFound = 1, kProcVersionNotSufficient = 2 };
-enum OpKind { kOpKernel, kOpRecord, kOpWait, kOpHostFn, kOpCtxRecord, kOpCaptured, kNumOps };
-const char* const kOpNames[kNumOps] = {"kernel", "record", "wait", "hostfn", "ctxrecord", "captured"};
+enum OpKind { kOpKernel, kOpRecord, kOpWait, kOpHostFn, kOpCtxRecord, kOpWaitValue, kOpCaptured, kNumOps };
+const char* const kOpNames[kNumOps] = {"kernel", "record", "wait", "hostfn", "ctxrecord", "waitvalue",
+                                       "captured"};
 
 // Every entry point, for per-thread call counts; versioned symbols count under their base name.
 #define EMU_ENTRIES(X)                                                                             \
@@ -83,7 +94,8 @@ const char* const kOpNames[kNumOps] = {"kernel", "record", "wait", "hostfn", "ct
     X(cuStreamBeginCapture) X(cuStreamEndCapture) X(cuStreamIsCapturing) X(cuStreamGetCaptureInfo)  \
     X(cuThreadExchangeStreamCaptureMode) X(cuGraphDestroy) X(cuEventCreate) X(cuEventRecord)        \
     X(cuEventQuery) X(cuEventSynchronize) X(cuEventDestroy) X(cuEventElapsedTime) X(cuGetErrorName) \
-    X(cuGetErrorString) X(cuGetProcAddress)
+    X(cuGetErrorString) X(cuGetProcAddress) X(cuMemHostRegister) X(cuMemHostUnregister)            \
+    X(cuMemHostGetDevicePointer) X(cuStreamWaitValue32)
 #define X(n) E_##n,
 enum Entry { EMU_ENTRIES(X) kNumEntries };
 #undef X
@@ -136,12 +148,25 @@ struct HostCall {
 
 using Deps = std::vector<std::pair<std::shared_ptr<Stream>, uint64_t>>;  // (stream, its enq count)
 
+// A host memory range from cuMemHostRegister. Items waiting on a word in it hold a reference, so
+// cuMemHostUnregister can tell that the "device" may still read the range.
+struct HostReg {
+    uintptr_t base = 0;
+    size_t size = 0;
+    unsigned flags = 0;
+    Ctx* ctx = nullptr;  // current at the registration (a reset of it forgets the range)
+};
+
 struct Item {
     OpKind kind = kOpKernel;
     long long usec = 0;              // kernel
     std::shared_ptr<Mark> mark;      // record, ctxrecord, wait
     std::shared_ptr<HostCall> call;  // hostfn
-    Deps deps;                       // legacy-stream implicit synchronization
+    std::shared_ptr<HostReg> reg;    // waitvalue: the range holding the word
+    const uint32_t* word = nullptr;
+    uint32_t value = 0;
+    unsigned cond = kWaitGeq;
+    Deps deps;  // legacy-stream implicit synchronization
 };
 
 struct Stream {
@@ -206,6 +231,7 @@ struct State {
     std::unordered_map<uintptr_t, std::shared_ptr<Stream>> streams;
     std::unordered_map<uintptr_t, std::shared_ptr<Event>> events;
     std::unordered_map<uintptr_t, Graph> graphs;
+    std::map<uintptr_t, std::shared_ptr<HostReg>> host_regs;  // by base address
     std::set<std::shared_ptr<Capture>> captures;  // ongoing
     uintptr_t next_handle = 0x10000;               // never reused: a stale handle cannot alias
     unsigned long long next_ctx_id = 1, next_capture_id = 1;
@@ -276,9 +302,10 @@ State::State() {  // runs when the library is loaded
 // ==== 4. Undefined behaviour and handle lookup (S.mu held) ==========================================
 // cuStreamGetCtx: "Passing an invalid handle will result in undefined behavior." So for every
 // handle the driver is given; the emulator makes it loud and deterministic.
-[[noreturn]] void ub(const char* fn, const char* what, const void* h) {
-    std::fprintf(stderr, "aiocuda driver emulator: %s: %s %p is not a valid/live handle (undefined "
-                 "behaviour in the CUDA driver)\n", fn, what, h);
+[[noreturn]] void ub(const char* fn, const char* what, const void* h,
+                     const char* why = "is not a valid/live handle") {
+    std::fprintf(stderr, "aiocuda driver emulator: %s: %s %p %s (undefined behaviour in the CUDA "
+                 "driver)\n", fn, what, h, why);
     std::fflush(stderr);
     std::abort();
 }
@@ -553,6 +580,23 @@ bool all_done(const Deps& deps) {
     return true;
 }
 
+// cuStreamWaitValue32: "By default, the condition is to wait for (int32_t)(*addr - value) >= 0, a
+// cyclic greater-or-equal." CU_STREAM_WAIT_VALUE_EQ: "Wait until *addr == value."
+// CU_STREAM_WAIT_VALUE_AND: "Wait until (*addr & value) != 0." CU_STREAM_WAIT_VALUE_NOR: "Wait until
+// ~(*addr | value) != 0."
+bool wait_value_met(uint32_t word, uint32_t value, unsigned cond) {
+    switch (cond) {
+        case kWaitEq: return word == value;
+        case kWaitAnd: return (word & value) != 0;
+        case kWaitNor: return ~(word | value) != 0;
+        default: return static_cast<int32_t>(word - value) >= 0;
+    }
+}
+// Choice: how often a waiting stream reads the word: every 20 us at first, then less often the
+// longer the wait lasts (a sixteenth of the time waited, at most every 1 ms). A GPU polls without
+// host CPU; this thread does not, and a gate held for seconds must not cost a core.
+constexpr int64_t kWaitValuePollMinNs = 20'000, kWaitValuePollMaxNs = 1'000'000;
+
 void run_item(Stream& s, Item& it) {
     wait_progress([&] { return s.aborted() || all_done(it.deps); });
     if (s.aborted()) return discard(it, false);
@@ -567,6 +611,18 @@ void run_item(Stream& s, Item& it) {
         case kOpWait:
             wait_progress([&] { return s.aborted() || it.mark->done.load(); });
             break;
+        case kOpWaitValue: {
+            // The front end polls the word in host memory, as a GPU polls mapped pinned memory:
+            // nothing notifies it of a host write, so it checks again after a short sleep.
+            int64_t t0 = now_ns();
+            auto met = [&] { return wait_value_met(__atomic_load_n(it.word, __ATOMIC_ACQUIRE), it.value, it.cond); };
+            while (!s.aborted() && !met()) {
+                int64_t waited = now_ns() - t0;
+                int64_t nap = std::min(kWaitValuePollMaxNs, std::max(kWaitValuePollMinNs, waited / 16));
+                sleep_until(now_ns() + nap, [&] { return s.aborted(); });
+            }
+            break;
+        }
         case kOpHostFn:
             // cuLaunchHostFunc: "The function will be called after currently enqueued work and will
             // block work added after it." The stream waits until the function has returned.
@@ -738,10 +794,11 @@ void fault(Ctx* c, int code) {
 // usage."
 // Chosen semantics: the context's streams and events are destroyed (later use of their handles
 // aborts), their pending work is dropped (host functions never called), ongoing captures on its
-// streams end, the sticky error is cleared. The CUcontext handle value stays the same (it was
-// retained, not released) but the context gets a NEW cuCtxGetId id ("unique for the life of the
-// program for this instance of CUDA"): code detects a reset by comparing ids. (S.mu held;
-// abort_ctx takes only stream, host and progress locks.)
+// streams end, host memory registered while it was current is no longer registered, the sticky
+// error is cleared. The CUcontext handle value stays the same (it was retained, not released) but
+// the context gets a NEW cuCtxGetId id ("unique for the life of the program for this instance of
+// CUDA"): code detects a reset by comparing ids. (S.mu held; abort_ctx takes only stream, host and
+// progress locks.)
 void reset_ctx(Ctx* c) {
     c->epoch++;
     c->id = S.next_ctx_id++;
@@ -753,6 +810,8 @@ void reset_ctx(Ctx* c) {
         it = it->second->ctx == c ? S.streams.erase(it) : std::next(it);
     for (auto it = S.events.begin(); it != S.events.end();)
         it = it->second->ctx == c ? S.events.erase(it) : std::next(it);
+    for (auto it = S.host_regs.begin(); it != S.host_regs.end();)
+        it = it->second->ctx == c ? S.host_regs.erase(it) : std::next(it);
     for (auto& cap : std::vector<std::shared_ptr<Capture>>(S.captures.begin(), S.captures.end()))
         if (std::any_of(cap->members.begin(), cap->members.end(), [&](auto& m) { return m->ctx == c; }))
             S.graphs.erase(cap->graph), end_capture(cap);
@@ -799,7 +858,7 @@ CUresult submit(const char* fn, void* hs, OpKind kind, B build) {
             if (s->cap->status != kCapActive) return kCaptureInvalidated;
             TRY(build(s, it, true));
             s->ops[kind]++, s->ops[kOpCaptured]++;
-            if (kind == kOpKernel || kind == kOpHostFn)  // the operations that add graph nodes
+            if (kind == kOpKernel || kind == kOpHostFn || kind == kOpWaitValue)  // graph nodes
                 s->cap->nodes++, s->cap_nodes++, s->joined = false;
             return kSuccess;
         }
@@ -1449,7 +1508,124 @@ EXPORT CUresult cuEventElapsedTime(float* ms, void* ha, void* hb) {
 }
 EXPORT CUresult cuEventElapsedTime_v2(float* ms, void* a, void* b) { return cuEventElapsedTime(ms, a, b); }
 
-// ==== 16. Entry points: errors and cuGetProcAddress ===============================================
+// ==== 16. Entry points: registered host memory and waits on a word in it ===========================
+namespace {
+// The registration that holds all of [p, p + n), or null (S.mu held).
+std::shared_ptr<HostReg> find_reg(uintptr_t p, size_t n) {
+    auto it = S.host_regs.upper_bound(p);
+    if (it == S.host_regs.begin()) return nullptr;
+    const std::shared_ptr<HostReg>& r = std::prev(it)->second;
+    return p - r->base < r->size && n <= r->size - (p - r->base) ? r : nullptr;
+}
+}  // namespace
+
+// cuMemHostRegister: "Page-locks the memory range specified by p and bytesize and maps it for the
+// device(s) as specified by Flags." "CU_MEMHOSTREGISTER_DEVICEMAP: Maps the allocation into the CUDA
+// address space. The device pointer to the memory may be obtained by calling
+// cuMemHostGetDevicePointer()." "The memory page-locked by this function must be unregistered with
+// cuMemHostUnregister()." Its return codes include CUDA_ERROR_INVALID_CONTEXT,
+// CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED and CUDA_ERROR_NOT_SUPPORTED. Choices: a range that
+// overlaps a registered one -> CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED; _IOMEMORY and _READ_ONLY
+// are not modelled -> CUDA_ERROR_NOT_SUPPORTED (what cuda.h returns where they are unsupported);
+// nothing is page-locked (the range stays ordinary memory, which the emulated device reads).
+EXPORT CUresult cuMemHostRegister_v2(void* p, size_t bytesize, unsigned flags) {
+    ENTER(cuMemHostRegister);
+    constexpr unsigned valid = kHostRegPortable | kHostRegDeviceMap | kHostRegIoMemory | kHostRegReadOnly;
+    uintptr_t base = reinterpret_cast<uintptr_t>(p);
+    if (!p || !bytesize || bytesize > UINTPTR_MAX - base || (flags & ~valid)) return kInvalidValue;
+    if (flags & (kHostRegIoMemory | kHostRegReadOnly)) return kNotSupported;
+    Lock g(S.mu);
+    Ctx* c;
+    TRY(need_current(c));
+    auto next = S.host_regs.lower_bound(base);
+    if (next != S.host_regs.end() && next->first < base + bytesize) return kHostMemoryAlreadyRegistered;
+    if (next != S.host_regs.begin()) {
+        const HostReg& prev = *std::prev(next)->second;
+        if (prev.base + prev.size > base) return kHostMemoryAlreadyRegistered;
+    }
+    auto r = std::make_shared<HostReg>();
+    r->base = base, r->size = bytesize, r->flags = flags, r->ctx = c;
+    S.host_regs[base] = r;
+    return kSuccess;
+}
+// The CUDA 4.0 variant has the same prototype.
+EXPORT CUresult cuMemHostRegister(void* p, size_t bytesize, unsigned flags) {
+    return cuMemHostRegister_v2(p, bytesize, flags);
+}
+
+// cuMemHostUnregister: "Unmaps the memory range whose base address is specified by p, and makes it
+// pageable again. The base address must be the same one specified to cuMemHostRegister()." Its
+// return codes include CUDA_ERROR_INVALID_CONTEXT and CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED.
+// Choice: unmapping a range while a stream's wait still reads a word in it (the wait has not
+// finished) would leave the device reading memory that is no longer mapped: undefined behaviour,
+// which aborts like a dead handle does.
+EXPORT CUresult cuMemHostUnregister(void* p) {
+    ENTER(cuMemHostUnregister);
+    Lock g(S.mu);
+    Ctx* c;
+    TRY(need_current(c));
+    auto it = S.host_regs.find(reinterpret_cast<uintptr_t>(p));
+    if (!p || it == S.host_regs.end()) return kHostMemoryNotRegistered;
+    if (it->second.use_count() > 1)
+        ub("cuMemHostUnregister", "host range", p,
+           "has a stream wait on a word in it that is not finished");
+    S.host_regs.erase(it);
+    return kSuccess;
+}
+
+// cuMemHostGetDevicePointer: "Passes back the device pointer pdptr corresponding to the mapped, pinned
+// host buffer p [...] cuMemHostGetDevicePointer() will fail if the CU_MEMHOSTALLOC_DEVICEMAP flag was
+// not specified at the time the memory was allocated" (for registered memory, cuMemHostRegister:
+// "The failure is deferred to cuMemHostGetDevicePointer()"). "Flags provides for future releases.
+// For now, it must be set to 0." "If all devices visible to the application have a non-zero value
+// for the device attribute, the device pointer returned by cuMemHostGetDevicePointer() will match
+// the original pointer p." Choices: every emulated device has that attribute
+// (CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM), so the device pointer IS the host
+// pointer; p outside a registered range, or in one registered without _DEVICEMAP ->
+// CUDA_ERROR_INVALID_VALUE (the only failure code cuda.h lists besides context errors).
+EXPORT CUresult cuMemHostGetDevicePointer_v2(unsigned long long* pdptr, void* p, unsigned flags) {
+    ENTER(cuMemHostGetDevicePointer);
+    if (!pdptr || !p || flags != 0) return kInvalidValue;
+    Lock g(S.mu);
+    Ctx* c;
+    TRY(need_current(c));
+    auto r = find_reg(reinterpret_cast<uintptr_t>(p), 1);
+    if (!r || !(r->flags & kHostRegDeviceMap)) return kInvalidValue;
+    *pdptr = reinterpret_cast<uintptr_t>(p);
+    return kSuccess;
+}
+
+// cuStreamWaitValue32: "Enqueues a synchronization of the stream on the given memory location. Work
+// ordered after the operation will block until the given condition on the memory is satisfied. By
+// default, the condition is to wait for (int32_t)(*addr - value) >= 0, a cyclic greater-or-equal."
+// "If the memory was registered via cuMemHostRegister(), the device pointer should be obtained with
+// cuMemHostGetDevicePointer()." CU_STREAM_WAIT_VALUE_FLUSH: "Support for this operation is
+// restricted to selected platforms". The wait is an item of the stream like any other: one pending
+// operation (the bounded queue counts it), recorded into a capture as a node, dropped by a sticky
+// error or a reset; while it runs the stream reads the word again and again (every 20 us, backing
+// off to 1 ms: kWaitValuePollMinNs; nothing tells a GPU that the host wrote). Choices: addr must be
+// 4-byte aligned and its 4 bytes inside a range registered with CU_MEMHOSTREGISTER_DEVICEMAP, else
+// CUDA_ERROR_INVALID_VALUE (device memory is not modelled); _FLUSH -> CUDA_ERROR_NOT_SUPPORTED; _NOR
+// is supported.
+EXPORT CUresult cuStreamWaitValue32_v2(void* h, unsigned long long addr, uint32_t value, unsigned flags) {
+    ENTER(cuStreamWaitValue32);
+    if (flags & kWaitFlush) return kNotSupported;
+    if (flags & ~(kWaitGeq | kWaitEq | kWaitAnd | kWaitNor)) return kInvalidValue;
+    auto build = [&](const std::shared_ptr<Stream>&, Item& it, bool) -> CUresult {
+        std::shared_ptr<HostReg> r = addr % 4 ? nullptr : find_reg(static_cast<uintptr_t>(addr), 4);
+        if (!r || !(r->flags & kHostRegDeviceMap)) return kInvalidValue;
+        it.reg = r, it.word = reinterpret_cast<const uint32_t*>(static_cast<uintptr_t>(addr));
+        it.value = value, it.cond = flags;
+        return kSuccess;
+    };
+    return submit("cuStreamWaitValue32", h, kOpWaitValue, build);
+}
+// The CUDA 8.0 variant has the same prototype and conditions.
+EXPORT CUresult cuStreamWaitValue32(void* h, unsigned long long addr, uint32_t value, unsigned flags) {
+    return cuStreamWaitValue32_v2(h, addr, value, flags);
+}
+
+// ==== 17. Entry points: errors and cuGetProcAddress ===============================================
 namespace {
 struct ErrorText {
     CUresult code;
@@ -1471,8 +1647,11 @@ const ErrorText kErrors[] = {
     {700, "CUDA_ERROR_ILLEGAL_ADDRESS", "an illegal memory access was encountered"},
     {708, "CUDA_ERROR_PRIMARY_CONTEXT_ACTIVE", "primary context active"},
     {709, "CUDA_ERROR_CONTEXT_IS_DESTROYED", "context is destroyed"},
+    {712, "CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED", "part or all of the requested memory range is already mapped"},
+    {713, "CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED", "pointer does not correspond to a registered memory region"},
     {719, "CUDA_ERROR_LAUNCH_FAILED", "unspecified launch failure"},
     {800, "CUDA_ERROR_NOT_PERMITTED", "operation not permitted"},
+    {801, "CUDA_ERROR_NOT_SUPPORTED", "operation not supported"},
     {900, "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED", "operation not permitted when stream is capturing"},
     {901, "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED", "operation failed due to a previous error during capture"},
     {902, "CUDA_ERROR_STREAM_CAPTURE_MERGE", "operation would result in a merge of separate capture sequences"},
@@ -1552,6 +1731,10 @@ const ProcEntry kProcs[] = {
     P(cuEventElapsedTime, 2000, cuEventElapsedTime), P(cuEventElapsedTime, 12080, cuEventElapsedTime_v2),
     P(cuLaunchHostFunc, 10000, cuLaunchHostFunc), P(cuGraphDestroy, 10000, cuGraphDestroy),
     P(cuGetProcAddress, 11030, cuGetProcAddress), P(cuGetProcAddress, 12000, cuGetProcAddress_v2),
+    P(cuMemHostRegister, 4000, cuMemHostRegister), P(cuMemHostRegister, 6050, cuMemHostRegister_v2),
+    P(cuMemHostUnregister, 4000, cuMemHostUnregister),
+    P(cuMemHostGetDevicePointer, 3020, cuMemHostGetDevicePointer_v2),
+    P(cuStreamWaitValue32, 8000, cuStreamWaitValue32), P(cuStreamWaitValue32, 11070, cuStreamWaitValue32_v2),
 };
 #undef P
 }  // namespace
@@ -1590,7 +1773,7 @@ EXPORT CUresult cuGetProcAddress_v2(const char* symbol, void** pfn, int version,
     return kSuccess;
 }
 
-// ==== 17. Controls for tests =======================================================================
+// ==== 18. Controls for tests =======================================================================
 // A "kernel" of `usec` microseconds: enqueued like any work (blocks on a full queue, recorded if the
 // stream is capturing, aborted by a sticky error). 0 names the current context's legacy stream.
 EXPORT int emu_enqueue_sleep(void* h, long long usec) {

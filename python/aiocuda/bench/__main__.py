@@ -25,10 +25,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats (< 1 minute)")
     ap.add_argument("--out", type=Path, default=Path("bench-report"),
-                    help="output folder (default: bench-report)")
+                    help="output folder (default: bench-report); report.json and report.txt "
+                    "are rewritten after every measurement")
     ap.add_argument("--loop", choices=("asyncio", "uvloop"), action="append",
                     help="only this loop (repeatable; default: both when uvloop is installed)")
     ap.add_argument("--repeats", type=int, help="override the number of repeats")
+    ap.add_argument("--step-timeout", type=float, metavar="SECONDS",
+                    help="a measurement that takes longer is reported as timed out "
+                    "(default: 30 with --quick, else 120)")
     ap.add_argument("--redraw", type=Path, metavar="REPORT_JSON",
                     help="measure nothing: redraw the table and plots of an earlier report.json "
                     "into --out")
@@ -44,14 +48,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.repeats < 1:
             ap.error("--repeats must be at least 1")
         cfg = Config(**{**cfg.__dict__, "repeats": args.repeats})
+    if args.step_timeout is not None:
+        if args.step_timeout <= 0:
+            ap.error("--step-timeout must be positive")
+        cfg = Config(**{**cfg.__dict__, "step_timeout_s": args.step_timeout})
     loops = tuple(args.loop) if args.loop else available_loops()
     if "uvloop" in loops and "uvloop" not in available_loops():
         ap.error("uvloop is not installed: pip install 'aiocuda[bench]'")
-    report = run(cfg, args.quick, loops)
+    report = run(cfg, args.quick, loops, out=args.out)
     print(table(report), end="")
     for p in write_report(report, args.out):
         print(f"wrote {p}")
-    return 0
+    return 0 if not report.timed_out and not report.failed else 1
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """The ways to wait for stream work from a coroutine, and what is measured of each.
 
 Every method waits for the same work from the same source. aiocuda waits through its native
-completion queue; the others are what users write without it:
+completion queue; on the cuda source it is measured once per completion strategy,
+``aiocuda (callback)`` and ``aiocuda (poll)`` (`aiocuda.set_strategy` around each measurement,
+restored after it). The others are what users write without it:
 
 - ``run_in_executor``: ``await loop.run_in_executor(None, event.synchronize)``;
 - ``to_thread``: ``await asyncio.to_thread(event.synchronize)``;
 - ``poll sleep(0)`` / ``poll 1ms``: ``while not event.query(): await asyncio.sleep(...)``;
 - ``call_soon_threadsafe``: a Python callback on the stream calls ``loop.call_soon_threadsafe``
-  (numba-cuda's ``async_done`` design);
+  (numba-cuda's ``async_done`` design; on the cuda source one Python host function per wait, so
+  at most `Source.max_py_hostfns` in flight);
 - ``in-loop floor``: the same futures resolved on the loop thread, with no cross-thread signal.
 """
 
@@ -16,23 +19,53 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import statistics
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from .._api import synchronize
+from .._api import set_strategy, strategy, synchronize
 from .._loop import BATCH
-from ._sources import DriverSource, Source
+from ._sources import DriverSource, HostEvent, Source
 
-AIOCUDA = "aiocuda"
+AIOCUDA = "aiocuda"  # the cpu backend (its worker completes; no strategy)
+AIOCUDA_CALLBACK = "aiocuda (callback)"
+AIOCUDA_POLL = "aiocuda (poll)"
 EXECUTOR = "run_in_executor"
 TO_THREAD = "to_thread"
 POLL0 = "poll sleep(0)"
 POLL1 = "poll 1ms"
 CALLBACK = "call_soon_threadsafe"
 FLOOR = "in-loop floor"
-METHODS = (AIOCUDA, EXECUTOR, TO_THREAD, POLL0, POLL1, CALLBACK, FLOOR)
+NOTHING = "nothing waiting"  # idle CPU: the gate alone, a baseline for the others
+OURS = (AIOCUDA, AIOCUDA_CALLBACK, AIOCUDA_POLL)
+ALTERNATIVES = (EXECUTOR, TO_THREAD, POLL0, POLL1, CALLBACK, FLOOR)
+METHODS = OURS + ALTERNATIVES  # every method, in the report's order
+STRATEGIES = {AIOCUDA_CALLBACK: "callback", AIOCUDA_POLL: "poll"}
+
+
+def methods_for(source_kind: str) -> tuple[str, ...]:
+    """The methods measured on a source of this kind ("cpu", "cuda"): aiocuda (per strategy on
+    the cuda source), then the alternatives."""
+    ours = (AIOCUDA_CALLBACK, AIOCUDA_POLL) if source_kind == "cuda" else (AIOCUDA,)
+    return ours + ALTERNATIVES
+
+
+@contextmanager
+def strategy_of(method: str) -> Iterator[None]:
+    """The cuda completion strategy `method` names, for the duration; any other method: as is."""
+    name = STRATEGIES.get(method)
+    if name is None:
+        yield
+        return
+    before = strategy()
+    set_strategy(name)
+    try:
+        yield
+    finally:
+        set_strategy(before)
 
 
 async def _poll(done: Callable[[], bool], delay: float) -> None:
@@ -51,19 +84,25 @@ def _stamp(into: list[float]) -> None:
     into.append(time.perf_counter())
 
 
-def waiter(method: str, src: Source) -> Callable[[], Awaitable[Any]]:
-    """Return a function that starts one wait for the end of `src`'s current work."""
+def waiter(method: str, src: Source,
+           event: HostEvent | None = None) -> Callable[[], Awaitable[Any]]:
+    """Return a function that starts one wait for the end of `src`'s current work.
+
+    The event-based alternatives record an event per wait, or wait on `event` when one is given
+    (many waits for the same work: no stream operation per wait).
+    """
     loop = asyncio.get_running_loop()
-    if method == AIOCUDA:
+    if method in OURS:
         stream = src.stream
         return lambda: synchronize(stream)
+    ev: Callable[[], HostEvent] = (lambda: event) if event is not None else src.event
     if method == EXECUTOR:
-        return lambda: loop.run_in_executor(None, src.event().wait)
+        return lambda: loop.run_in_executor(None, ev().wait)
     if method == TO_THREAD:
-        return lambda: asyncio.to_thread(src.event().wait)
+        return lambda: asyncio.to_thread(ev().wait)
     if method in (POLL0, POLL1):
         delay = 0.0 if method == POLL0 else 0.001
-        return lambda: _poll(src.event().done, delay)
+        return lambda: _poll(ev().done, delay)
     if method == CALLBACK:
 
         def start() -> asyncio.Future[None]:
@@ -83,6 +122,12 @@ def waiter(method: str, src: Source) -> Callable[[], Awaitable[Any]]:
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
+def in_flight_for(method: str, src: Source, wanted: int) -> int:
+    """How many waits of `method` may be in flight on `src` (Python host functions are capped)."""
+    cap = src.max_py_hostfns
+    return min(wanted, cap) if method == CALLBACK and cap is not None else wanted
+
+
 class _NoGC:
     """Collect, then keep the garbage collector off in a timed region (for every method alike)."""
 
@@ -94,53 +139,68 @@ class _NoGC:
         gc.enable()
 
 
+async def _settle(futs: list[asyncio.Future[Any]]) -> None:
+    """Cancel what is still pending (a measurement cut short), letting the cancellations run."""
+    for f in futs:
+        f.cancel()
+    await asyncio.sleep(0)
+
+
 async def throughput(method: str, src: Source, in_flight: int, ops: int) -> tuple[float, float]:
     """Run rounds of `in_flight` concurrent waits, `ops` waits in all (at least one round).
 
     Returns (operations per second, process CPU microseconds per operation).
     """
-    start = waiter(method, src)
-    rounds = max(1, ops // in_flight)
-    with _NoGC():
-        c0, t0 = time.process_time(), time.perf_counter()
-        for _ in range(rounds):
-            await asyncio.gather(*[start() for _ in range(in_flight)])
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    with strategy_of(method):
+        start = waiter(method, src)
+        rounds = max(1, ops // in_flight)
+        with _NoGC():
+            c0, t0 = time.process_time(), time.perf_counter()
+            for _ in range(rounds):
+                await asyncio.gather(*[start() for _ in range(in_flight)])
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     n = rounds * in_flight
     return n / wall, cpu / n * 1e6
 
 
 async def wake_latency(method: str, src: Source, samples: int) -> list[float]:
     """Seconds from the moment the work is done (a stamp taken on the stream) to the awaiting
-    coroutine running again, one operation at a time on an otherwise idle loop."""
+    coroutine running again, one operation at a time on an otherwise idle loop.
+
+    Returns 1 + `samples` values: the first is the first wake-up after the method was set up
+    (for aiocuda on the cuda source: right after `set_strategy`), reported on its own.
+    """
     loop = asyncio.get_running_loop()
     out: list[float] = []
-    for _ in range(samples):
-        stamp: list[float] = []
-        src.hold(0.0005)  # the loop is waiting when the work finishes
-        if method == CALLBACK:
-            fut = loop.create_future()
-            resolve = _resolver(loop, fut)
+    with strategy_of(method):
+        for _ in range(1 + samples):
+            stamp: list[float] = []
+            src.hold(0.0005)  # the loop is waiting when the work finishes
+            if method == CALLBACK:
+                fut = loop.create_future()
+                resolve = _resolver(loop, fut)
 
-            def stamp_and_resolve(stamp: list[float] = stamp, resolve: Any = resolve) -> None:
-                _stamp(stamp)
-                resolve()
+                def stamp_and_resolve(stamp: list[float] = stamp, resolve: Any = resolve) -> None:
+                    _stamp(stamp)
+                    resolve()
 
-            src.post(stamp_and_resolve)
-            await fut
-        else:
-            src.post(functools.partial(_stamp, stamp))
-            await waiter(method, src)()
-        out.append(time.perf_counter() - stamp[0])
+                src.post(stamp_and_resolve)
+                await fut
+            else:
+                src.post(functools.partial(_stamp, stamp))
+                await waiter(method, src)()
+            out.append(time.perf_counter() - stamp[0])
     return out
 
 
 async def stream_stall(method: str, src: DriverSource, samples: int) -> list[float]:
-    """Seconds the completion holds the stream (timing events on both sides of it) while another
-    Python thread spins in pure Python, contending for the GIL.
+    """Seconds the wait holds the stream (timing events on both sides of what it enqueues) while
+    another Python thread spins in pure Python, contending for the GIL.
 
-    The stream is held long enough for the loop thread, itself slowed by the spinner, to enqueue
-    the two events and the completion first; a sample where it was not is not counted.
+    aiocuda enqueues an event record; ``call_soon_threadsafe`` a Python host function, which
+    holds the stream until it has the GIL. The stream is held long enough for the loop thread,
+    itself slowed by the spinner, to enqueue the two events and the wait first; a sample where
+    it was not is not counted.
     """
     loop = asyncio.get_running_loop()
     stop = threading.Event()
@@ -154,20 +214,21 @@ async def stream_stall(method: str, src: DriverSource, samples: int) -> list[flo
     spinner.start()
     out: list[float] = []
     try:
-        for _ in range(samples):
-            src.hold(0.05)
-            a = src.mark()
-            if method == AIOCUDA:
-                fut = synchronize(src.stream)
-            else:
-                fut = loop.create_future()
-                src.post(_resolver(loop, fut))
-            b = src.mark()
-            queued_in_time = not a.done()
-            await fut
-            await synchronize(src.stream)  # b has been reached
-            if queued_in_time:
-                out.append(src.elapsed(a, b))
+        with strategy_of(method):
+            for _ in range(samples):
+                src.hold(0.05)
+                a = src.mark()
+                if method in OURS:
+                    fut = synchronize(src.stream)
+                else:
+                    fut = loop.create_future()
+                    src.post(_resolver(loop, fut))
+                b = src.mark()
+                queued_in_time = not a.done()
+                await fut
+                await synchronize(src.stream)  # b has been reached
+                if queued_in_time:
+                    out.append(src.elapsed(a, b))
     finally:
         stop.set()
         spinner.join()
@@ -182,45 +243,57 @@ async def burst_lag(method: str, src: Source, n: int) -> dict[str, float]:
     resolves the same number of futures on the loop, in aiocuda's batches, at that moment.
     """
     loop = asyncio.get_running_loop()
-    if method == FLOOR:
-        futs: list[asyncio.Future[Any]] = [loop.create_future() for _ in range(n)]
-        left = iter(futs)
+    gate = None
+    with strategy_of(method):
+        if method == FLOOR:
+            futs: list[asyncio.Future[Any]] = [loop.create_future() for _ in range(n)]
+            left = iter(futs)
 
-        def batch() -> None:
-            for i, f in enumerate(left):
-                f.set_result(None)
-                if i == BATCH - 1:
-                    loop.call_soon(batch)
-                    return
+            def batch() -> None:
+                for i, f in enumerate(left):
+                    f.set_result(None)
+                    if i == BATCH - 1:
+                        loop.call_soon(batch)
+                        return
 
-        def release() -> None:
-            loop.call_soon(batch)
+            def release() -> None:
+                loop.call_soon(batch)
 
-    else:
-        start = waiter(method, src)
-        release = src.gate()
-        futs = [asyncio.ensure_future(start()) for _ in range(n)]
-    everything = _all_done(futs)  # not gather(): its O(n) last step would be counted as lag
-    late: list[tuple[float, float]] = []  # (beat end, lateness)
-    stop = False
+        else:
+            start = waiter(method, src)
+            gate = src.gate()
+            release = gate.open
+            futs = []
+        try:
+            if gate is not None:
+                futs.extend(asyncio.ensure_future(start()) for _ in range(n))
+            everything = _all_done(futs)  # not gather(): its O(n) last step would count as lag
+            late: list[tuple[float, float]] = []  # (beat end, lateness)
+            stop = False
 
-    async def heartbeat() -> None:
-        while not stop:
-            t = time.perf_counter()
-            await asyncio.sleep(0.001)
-            now = time.perf_counter()
-            late.append((now, now - t - 0.001))
+            async def heartbeat() -> None:
+                while not stop:
+                    t = time.perf_counter()
+                    await asyncio.sleep(0.001)
+                    now = time.perf_counter()
+                    late.append((now, now - t - 0.001))
 
-    with _NoGC():
-        beat = asyncio.ensure_future(heartbeat())
-        await asyncio.sleep(0.02)
-        started = time.perf_counter()
-        release()
-        await everything
-        last = time.perf_counter()
-        await asyncio.sleep(0.003)
-        stop = True
-        await beat
+            with _NoGC():
+                beat = asyncio.ensure_future(heartbeat())
+                await asyncio.sleep(0.02)
+                release()
+                if gate is not None:
+                    await gate.until_open()
+                started = time.perf_counter()
+                await everything
+                last = time.perf_counter()
+                await asyncio.sleep(0.003)
+                stop = True
+                await beat
+        finally:
+            if gate is not None:
+                gate.open()
+            await _settle(futs)
     in_burst = sorted(lag for end, lag in late if end >= started and end - lag - 0.001 <= last)
     return {
         "burst_s": last - started,
@@ -235,11 +308,13 @@ def _all_done(futs: list[asyncio.Future[Any]]) -> asyncio.Future[None]:
     loop = asyncio.get_running_loop()
     everything: asyncio.Future[None] = loop.create_future()
     left = len(futs)
+    if not futs:
+        everything.set_result(None)
 
     def one_done(_: object) -> None:
         nonlocal left
         left -= 1
-        if left == 0:
+        if left == 0 and not everything.done():
             everything.set_result(None)
 
     for f in futs:
@@ -248,23 +323,36 @@ def _all_done(futs: list[asyncio.Future[Any]]) -> asyncio.Future[None]:
 
 
 async def idle_cpu(method: str, src: Source, n: int, window: float) -> float:
-    """Process CPU, in % of one core, while `n` waits are pending on gated work."""
-    start = waiter(method, src)
-    release = src.gate()
-    futs = [asyncio.ensure_future(start()) for _ in range(n)]
-    await asyncio.sleep(0.05)
-    c0, t0 = time.process_time(), time.perf_counter()
-    await asyncio.sleep(window)
-    pct = (time.process_time() - c0) / (time.perf_counter() - t0) * 100
-    release()
-    await asyncio.gather(*futs)
+    """Process CPU, in % of one core, while `n` waits are pending on gated work (`NOTHING`: the
+    gate alone, which on the driver emulator is a thread reading the gate's word).
+
+    The event-based alternatives all wait on one event recorded after the gate (they wait for
+    the same work; an event per wait would be `n` stream operations behind a closed gate).
+    """
+    with strategy_of(method):
+        gate = src.gate(min_hold_s=window + 1.0)
+        futs: list[asyncio.Future[Any]] = []
+        try:
+            if method != NOTHING:
+                shared = src.event() if method in (EXECUTOR, TO_THREAD, POLL0, POLL1) else None
+                start = waiter(method, src, shared)
+                futs = [asyncio.ensure_future(start()) for _ in range(n)]
+            await asyncio.sleep(0.05)
+            c0, t0 = time.process_time(), time.perf_counter()
+            await asyncio.sleep(window)
+            pct = (time.process_time() - c0) / (time.perf_counter() - t0) * 100
+            gate.open()
+            await asyncio.gather(*futs)
+        finally:
+            gate.open()
+            await _settle(futs)
     return pct
 
 
-async def kernel_throughput(src: DriverSource, kernels: int) -> dict[str, float]:
+async def tiny_kernels(method: str, src: DriverSource, kernels: int) -> dict[str, float]:
     """`kernels` tiny kernels, each awaited by its own coroutine (all in flight together),
-    against launching them back to back with one blocking synchronize at the end."""
-    with _NoGC():
+    against launching them back to back with one blocking synchronize at the end (wall time)."""
+    with strategy_of(method), _NoGC():
         t0 = time.perf_counter()
         for _ in range(kernels):
             src.kernel()
@@ -282,6 +370,67 @@ async def kernel_throughput(src: DriverSource, kernels: int) -> dict[str, float]
         "back_to_back_per_s": kernels / back_to_back,
         "awaited_per_s": kernels / awaited,
         "ratio": back_to_back / awaited,
+    }
+
+
+async def awaited_kernels(method: str, src: DriverSource, kernels: int, usec: float,
+                          repeats: int) -> dict[str, Any]:
+    """`kernels` kernels of `usec` each, every one followed by an ``aiocuda.synchronize`` kept in
+    flight (gathered at the end), against the same kernels back to back with one await at the
+    end. Stream time: timing events recorded before the first kernel and after the last one
+    (it includes any gap where the loop did not keep the stream fed); wall time: from the first
+    launch to the coroutine running after the last completion. Medians of `repeats` pairs.
+
+    An await that completes before the stream reached the timing event recorded before it is
+    an under-wait: counted in "early_completions" (the measurement then waits for the event).
+    """
+    b2b: list[tuple[float, float]] = []
+    each: list[tuple[float, float]] = []
+    early = 0
+
+    async def reached(ev: HostEvent) -> None:
+        nonlocal early
+        if not ev.done():
+            early += 1
+            while not ev.done():
+                await asyncio.sleep(0.0005)
+
+    with strategy_of(method):
+        await synchronize(src.stream)
+        for _ in range(repeats):
+            with _NoGC():
+                a = src.mark()
+                t0 = time.perf_counter()
+                for _ in range(kernels):
+                    src.kernel(usec)
+                b = src.mark()
+                await synchronize(src.stream)
+                wall = time.perf_counter() - t0
+                await reached(b)
+                b2b.append((src.elapsed(a, b), wall))
+            with _NoGC():
+                futs = []
+                a = src.mark()
+                t0 = time.perf_counter()
+                for _ in range(kernels):
+                    src.kernel(usec)
+                    futs.append(synchronize(src.stream))
+                b = src.mark()
+                await asyncio.gather(*futs)
+                wall = time.perf_counter() - t0
+                await synchronize(src.stream)
+                await reached(b)
+                each.append((src.elapsed(a, b), wall))
+    b2b_stream = statistics.median(x[0] for x in b2b)
+    each_stream = statistics.median(x[0] for x in each)
+    b2b_wall = statistics.median(x[1] for x in b2b)
+    each_wall = statistics.median(x[1] for x in each)
+    return {
+        "kernels": kernels, "kernel_us": usec, "repeats": repeats,
+        "back_to_back_stream_s": b2b_stream, "awaited_stream_s": each_stream,
+        "back_to_back_wall_s": b2b_wall, "awaited_wall_s": each_wall,
+        "ratio": b2b_stream / each_stream, "wall_ratio": b2b_wall / each_wall,
+        "early_completions": early,
     }
 
 

@@ -2,13 +2,21 @@
 
 A CUDA stream is driven through the same libcuda aiocuda loaded (``ctypes``): a real GPU, or the
 test-only driver emulator when ``AIOCUDA_LIBCUDA`` names it. On a real GPU, work that keeps the
-stream busy and tiny kernels come from PyTorch (``torch.cuda._sleep``, ``add_``).
+stream busy and kernels come from PyTorch (``torch.cuda._sleep``, ``add_``).
+
+Every driver queue is bounded and an enqueue on a full one blocks (the emulator models this), so
+nothing here puts more than a few operations on a stream that the event loop itself waits for:
+a gate is one stream operation (a wait on a word of host memory, not a host function), and
+Python host functions, one per wait in the ``call_soon_threadsafe`` design, are capped by
+`DriverSource.max_py_hostfns`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import importlib
+import mmap
 import threading
 import time
 from collections.abc import Callable
@@ -26,9 +34,33 @@ class HostEvent(Protocol):
     def wait(self) -> None: ...
 
 
+class Gate:
+    """Holds a stream's later work until `open()` (see `Source.gate`).
+
+    `timed` gates (the fallback where a stream cannot wait on host memory) are a long kernel
+    instead: `open()` does nothing and the stream goes on when the kernel ends; `until_open()`
+    returns once it has.
+    """
+
+    def __init__(self, open_fn: Callable[[], None],
+                 passed: Callable[[], bool] | None = None) -> None:
+        self._open, self._passed = open_fn, passed
+        self.timed = passed is not None
+
+    def open(self) -> None:
+        self._open()
+
+    async def until_open(self) -> None:
+        while self._passed is not None and not self._passed():
+            await asyncio.sleep(0.0002)
+
+
 class Source(Protocol):
     name: str
+    kind: str  # "cpu" or "cuda"
     stream: Any  # what aiocuda.synchronize() takes
+    max_py_hostfns: int | None  # Python host functions in flight at most (None: no limit)
+    notes: list[str]  # how this source holds and gates work, for the report
 
     def post(self, fn: Callable[[], object]) -> None:
         """Run a Python callable on the stream's own thread (the Python-callback design)."""
@@ -39,8 +71,12 @@ class Source(Protocol):
     def event(self) -> HostEvent:
         """Record an event at the current end of the stream (no aiocuda future attached)."""
 
-    def gate(self) -> Callable[[], None]:
-        """Hold the stream's later work until the returned function is called."""
+    def gate(self, min_hold_s: float = 2.0) -> Gate:
+        """Hold the stream's later work until the gate is opened (a timed gate: for at least
+        `min_hold_s`)."""
+
+    def open_gates(self) -> None:
+        """Open every gate (the watchdog's way out of a stuck measurement); any thread."""
 
     def close(self) -> None: ...
 
@@ -48,11 +84,15 @@ class Source(Protocol):
 class CpuSource:
     """The cpu backend: a native worker thread."""
 
-    name = "cpu"
+    name: str = "cpu"
+    kind: str = "cpu"
+    max_py_hostfns: int | None = None
 
     def __init__(self) -> None:
         self.stream = CpuStream()
         self._gate = CpuStream()
+        self._gos: list[threading.Event] = []
+        self.notes: list[str] = []
 
     def post(self, fn: Callable[[], object]) -> None:
         _ok(self.stream._post(fn))
@@ -65,15 +105,21 @@ class CpuSource:
         _ok(self.stream._record(ev))
         return ev
 
-    def gate(self) -> Callable[[], None]:
+    def gate(self, min_hold_s: float = 2.0) -> Gate:
         go = threading.Event()
+        self._gos.append(go)
         _ok(self._gate._post(go.wait))  # the gate's worker waits without the GIL
         ev = _core.CpuEvent()
         _ok(self._gate._record(ev))
         _ok(self.stream._wait_event(ev))
-        return go.set
+        return Gate(go.set)
+
+    def open_gates(self) -> None:
+        for go in list(self._gos):
+            go.set()
 
     def close(self) -> None:
+        self.open_gates()
         self.stream.close()
         self._gate.close()
 
@@ -86,6 +132,29 @@ def _ok(err: str) -> None:
 _HOST_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _CU_EVENT_DISABLE_TIMING = 2
 _CU_STREAM_NON_BLOCKING = 1
+# cuda.h: "#define CU_MEMHOSTREGISTER_DEVICEMAP 0x02", "CU_STREAM_WAIT_VALUE_GEQ = 0x0",
+# "CUDA_ERROR_NOT_SUPPORTED = 801"
+_CU_MEMHOSTREGISTER_DEVICEMAP = 0x02
+_CU_STREAM_WAIT_VALUE_GEQ = 0x0
+_CUDA_ERROR_NOT_SUPPORTED = 801
+# The prototypes, from cuda.h (CUDA 13); CUdeviceptr is unsigned long long, cuuint32_t uint32_t:
+#   CUresult cuMemHostRegister_v2(void *p, size_t bytesize, unsigned int Flags);
+#   CUresult cuMemHostUnregister(void *p);
+#   CUresult cuMemHostGetDevicePointer_v2(CUdeviceptr *pdptr, void *p, unsigned int Flags);
+#   CUresult cuStreamWaitValue32_v2(CUstream stream, CUdeviceptr addr, cuuint32_t value,
+#                                   unsigned int flags);
+_PROTOTYPES: dict[str, list[Any]] = {
+    "cuMemHostRegister_v2": [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint],
+    "cuMemHostUnregister": [ctypes.c_void_p],
+    "cuMemHostGetDevicePointer_v2": [ctypes.POINTER(ctypes.c_ulonglong), ctypes.c_void_p,
+                                     ctypes.c_uint],
+    "cuStreamWaitValue32_v2": [ctypes.c_void_p, ctypes.c_ulonglong, ctypes.c_uint32, ctypes.c_uint],
+}
+# Python host functions in flight on the cuda source at most: each is one pending operation of a
+# bounded stream queue and of the context's host-function queue (the emulator admits 1024 and 256;
+# a real driver's are finite too), and on a gated stream none of them finishes, so more would
+# block the launching loop thread for ever. aiocuda's own lanes need a few of those slots.
+PY_HOSTFN_CAP = 200
 
 
 class DriverEvent:
@@ -110,24 +179,79 @@ class DriverEvent:
         self._lib.cuEventDestroy_v2(ctypes.c_void_p(self.handle))
 
 
+class DriverError(AiocudaError):
+    def __init__(self, name: str, code: int) -> None:
+        super().__init__(f"{name} failed with CUDA error {code}: {_core.cuda_error_text(code)}")
+        self.code = code
+
+
 def _cu(lib: ctypes.CDLL, name: str, *args: Any) -> None:
     code = int(getattr(lib, name)(*args))
     if code:
-        raise AiocudaError(f"{name} failed with CUDA error {code}: {_core.cuda_error_text(code)}")
+        raise DriverError(name, code)
+
+
+class HostWord:
+    """A 32-bit word of host memory registered with the driver and mapped for the device, which a
+    stream can wait on (``cuStreamWaitValue32``) until the host writes it.
+
+    cuda.h, cuStreamWaitValue32: "Enqueues a synchronization of the stream on the given memory
+    location. Work ordered after the operation will block until the given condition on the memory
+    is satisfied. By default, the condition is to wait for (int32_t)(*addr - value) >= 0, a cyclic
+    greater-or-equal." and "If the memory was registered via cuMemHostRegister(), the device
+    pointer should be obtained with cuMemHostGetDevicePointer()." cuMemHostRegister:
+    "CU_MEMHOSTREGISTER_DEVICEMAP: Maps the allocation into the CUDA address space. The device
+    pointer to the memory may be obtained by calling cuMemHostGetDevicePointer()." and "The
+    memory page-locked by this function must be unregistered with cuMemHostUnregister()."
+    """
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._lib = lib
+        self._mem = mmap.mmap(-1, mmap.PAGESIZE)  # page-aligned, zeroed
+        self._word = ctypes.c_uint32.from_buffer(self._mem)
+        self.host = ctypes.addressof(self._word)
+        _cu(lib, "cuMemHostRegister_v2", self.host, mmap.PAGESIZE, _CU_MEMHOSTREGISTER_DEVICEMAP)
+        try:
+            d = ctypes.c_ulonglong()
+            _cu(lib, "cuMemHostGetDevicePointer_v2", ctypes.byref(d), self.host, 0)
+        except AiocudaError:
+            lib.cuMemHostUnregister(self.host)
+            raise
+        self.device = d.value
+
+    @property
+    def value(self) -> int:
+        return self._word.value
+
+    def write(self, value: int) -> None:
+        self._word.value = value
+
+    def unregister(self) -> None:
+        _cu(self._lib, "cuMemHostUnregister", self.host)
 
 
 class DriverSource:
     """A CUDA stream on device 0's primary context: a real GPU or the driver emulator."""
+
+    kind: str = "cuda"
+    max_py_hostfns: int | None = PY_HOSTFN_CAP
 
     def __init__(self) -> None:
         info = _core.cuda_info()
         if not info["available"]:
             raise AiocudaError(f"the cuda backend is not available: {info['reason']}")
         self.lib = lib = ctypes.CDLL(str(info["path"]))
+        self.path = str(info["path"])
         self.emulated = hasattr(lib, "emu_enqueue_sleep")
         self._torch: Any = None
+        self.notes: list[str] = []
+        for fn, argtypes in _PROTOTYPES.items():
+            if hasattr(lib, fn):
+                getattr(lib, fn).argtypes = argtypes
+                getattr(lib, fn).restype = ctypes.c_int
         if self.emulated:
             self.name = "cuda (driver emulator)"
+            self.device = "the test-only driver emulator (tests/emu), not a GPU"
             ctx, s = ctypes.c_void_p(), ctypes.c_void_p()
             _cu(lib, "cuDevicePrimaryCtxRetain", ctypes.byref(ctx), 0)
             _cu(lib, "cuCtxSetCurrent", ctx)
@@ -140,14 +264,20 @@ class DriverSource:
             if not torch.cuda.is_available():
                 raise AiocudaError("a GPU benchmark needs PyTorch with CUDA on a visible device")
             self._torch = torch
-            self.name = f"cuda ({_core.cuda_device_name(0)})"
+            self.device = _core.cuda_device_name(0)
+            self.name = f"cuda ({self.device})"
             self.stream = torch.cuda.Stream()
             self.handle = int(self.stream.cuda_stream)
-            self._x = torch.zeros(1, device="cuda")
+            self._x = torch.zeros(1, device="cuda")  # also makes the primary context current
             self._cycles_per_s = self._calibrate()
         self._pending: dict[int, Callable[[], object]] = {}
         self._next = 0
         self._trampoline = _HOST_FN(self._dispatch)  # kept alive as long as the source
+        self._word: HostWord | None = None
+        self._gates = 0  # gate n waits until the word is >= n
+        self._word_refused = ""
+        self.notes.append(f"cuda: Python host functions (call_soon_threadsafe) capped at "
+                          f"{self.max_py_hostfns} in flight (bounded driver queues)")
 
     def _calibrate(self) -> float:
         torch = self._torch
@@ -173,24 +303,54 @@ class DriverSource:
             ctypes.c_void_p(self._next))
 
     def hold(self, seconds: float) -> None:
+        self.kernel(seconds * 1e6)
+
+    def kernel(self, usec: float = 0) -> None:
+        """Launch one kernel of about `usec` microseconds (0: a tiny kernel; the emulator: one
+        zero-length work item)."""
         if self._torch is None:
-            self.lib.emu_enqueue_sleep(self.handle, int(seconds * 1e6))
+            self.lib.emu_enqueue_sleep(self.handle, int(usec))
             return
         with self._torch.cuda.stream(self.stream):
-            self._torch.cuda._sleep(int(seconds * self._cycles_per_s))
+            if usec <= 0:
+                self._x.add_(1)
+            else:
+                self._torch.cuda._sleep(int(usec * 1e-6 * self._cycles_per_s))
 
-    def gate(self) -> Callable[[], None]:
-        go = threading.Event()
-        self.post(go.wait)  # a host function that blocks the stream (GIL released while waiting)
-        return go.set
+    def gate(self, min_hold_s: float = 2.0) -> Gate:
+        """The stream waits until a word of registered host memory reaches this gate's number
+        (cuStreamWaitValue32, GEQ): one stream operation, and no host function, so the loop can
+        queue any number of awaits behind it. Where the driver refuses that, a kernel of
+        `min_hold_s` holds the stream instead (a timed gate; the report says so)."""
+        if not self._word_refused:
+            try:
+                if self._word is None:
+                    self._word = HostWord(self.lib)
+                    self.notes.append("cuda: gates are a stream wait on a word of registered "
+                                      "host memory (cuStreamWaitValue32_v2, GEQ); opening one "
+                                      "writes the word")
+                n = self._gates + 1
+                _cu(self.lib, "cuStreamWaitValue32_v2", ctypes.c_void_p(self.handle),
+                    self._word.device, n, _CU_STREAM_WAIT_VALUE_GEQ)
+                self._gates = n
+                return Gate(lambda: self._open_word(n))
+            except (AiocudaError, AttributeError) as e:
+                if self.emulated:
+                    raise
+                self._word_refused = str(e)
+                self.notes.append(f"cuda: {e}; gates are a torch.cuda._sleep hold instead "
+                                  "(timed gates: the stream goes on when the hold ends)")
+        self.hold(min_hold_s)
+        ev = self.event()
+        return Gate(lambda: None, passed=ev.done)
 
-    def kernel(self) -> None:
-        """Launch one tiny kernel (the emulator: one zero-length work item)."""
-        if self._torch is None:
-            self.lib.emu_enqueue_sleep(self.handle, 0)
-            return
-        with self._torch.cuda.stream(self.stream):
-            self._x.add_(1)
+    def _open_word(self, n: int) -> None:
+        word = self._word
+        if word is not None and word.value < n:
+            word.write(n)
+
+    def open_gates(self) -> None:
+        self._open_word(self._gates)
 
     def event(self) -> HostEvent:
         return DriverEvent(self.lib, self.handle)
@@ -205,8 +365,25 @@ class DriverSource:
             ctypes.c_void_p(b.handle))
         return ms.value / 1e3
 
-    def close(self) -> None:
-        deadline = time.monotonic() + 30
+    def idle(self, timeout: float) -> bool:
+        """Wait (blocking, at most `timeout` s) until the stream has finished its work."""
+        deadline = time.monotonic() + timeout
         ev = self.event()
-        while not ev.done() and time.monotonic() < deadline:
+        while not ev.done():
+            if time.monotonic() > deadline:
+                return False
             time.sleep(0.001)
+        return True
+
+    def close(self) -> None:
+        self.open_gates()
+        drained = self.idle(30)
+        if self._word is not None:
+            if drained:  # unregistering a range a stream still waits on is undefined behaviour
+                self._word.unregister()
+            else:
+                _stuck.append(self._word)  # still registered: its memory must stay mapped
+            self._word = None
+
+
+_stuck: list[HostWord] = []
