@@ -29,7 +29,7 @@ constexpr int kRefused = -100;  // a cpu-backend submission was refused (closed 
 struct Hooks {
     PyObject* get_running_loop = nullptr;  // asyncio._get_running_loop
     PyObject* state_for = nullptr;         // loop -> LoopState (with .queue)
-    PyObject* cuda_handle = nullptr;       // stream-like -> int, or raises TypeError/ValueError
+    PyObject* cuda_handle = nullptr;       // stream-like -> (handle, device or -1), or raises
     PyObject* refused = nullptr;           // (code, text) -> exception instance
     PyObject* no_loop = nullptr;           // (what) -> exception instance
     PyObject* invalid_state = nullptr;     // asyncio.InvalidStateError

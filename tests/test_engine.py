@@ -122,7 +122,7 @@ def test_many_awaits_cost_bounded_resources(run, emu, strategy):
 
     async def main():
         for h in streams:
-            emu.sleep(h, 0.05)
+            emu.sleep(h, 0.5)  # long enough that all are pending when counted, even under ASan
         futs = [aiocuda.synchronize(h) for h in streams for _ in range(250)]
         await asyncio.sleep(0.02)
         mid = _core.cuda_stats(), emu.lib.emu_live(b"hostfns_pending")
