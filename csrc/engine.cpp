@@ -338,6 +338,17 @@ void retire(CtxState* cs, CUresult code) {
     eng->placed_cv.notify_all();
 }
 
+// Whether `cs` is still the context instance it was made for; if not (a reset gave the context a
+// new cuCtxGetId), retires it before any of its handles is touched. Takes eng->mu when retiring.
+bool still_current(CtxState* cs) {
+    unsigned long long id = 0;
+    CUresult r = api.cuCtxGetId(cs->ctx, &id);
+    if (r == CUDA_SUCCESS && id == cs->id) return true;
+    std::lock_guard<std::mutex> g(eng->mu);
+    retire(cs, r != CUDA_SUCCESS ? r : CUDA_ERROR_CONTEXT_IS_DESTROYED);
+    return false;
+}
+
 // ---- contexts ----------------------------------------------------------------------------------
 
 // Runs `fn` with `ctx` current on this thread, restoring the previous context after.
@@ -762,15 +773,8 @@ bool pass(Strategy strat, bool backstop) {
     }
     bool progress = false;
     // A reset (a new context id) retires the context before any of its handles is touched.
-    for (CtxState* cs : ctxs) {
-        unsigned long long id = 0;
-        CUresult r = api.cuCtxGetId(cs->ctx, &id);
-        if (r != CUDA_SUCCESS || id != cs->id) {
-            std::lock_guard<std::mutex> g(eng->mu);
-            retire(cs, r != CUDA_SUCCESS ? r : CUDA_ERROR_CONTEXT_IS_DESTROYED);
-            progress = true;
-        }
-    }
+    for (CtxState* cs : ctxs)
+        if (!still_current(cs)) progress = true;
     // A lane that cannot wait or launch fails that mark's awaits only; a sticky context error
     // behind it is found by the next query.
     for (Watch& w : watches) {
@@ -1068,11 +1072,8 @@ CUresult mark_event(Mark* m, bool wait_placed, CUevent* ev) {
         cs = m->tl->cs;
         *ev = m->ev;
     }
-    unsigned long long id = 0;
-    CUresult r = api.cuCtxGetId(cs->ctx, &id);
-    if (r == CUDA_SUCCESS && id == cs->id) return CUDA_SUCCESS;
+    if (still_current(cs)) return CUDA_SUCCESS;
     std::lock_guard<std::mutex> g(eng->mu);
-    retire(cs, r != CUDA_SUCCESS ? r : CUDA_ERROR_CONTEXT_IS_DESTROYED);
     return m->status;
 }
 

@@ -36,6 +36,15 @@ def strategy(request: pytest.FixtureRequest):
     aiocuda.set_strategy(before)
 
 
+def end_capture(emu, stream: int) -> int:
+    """End the capture on `stream` (destroying its graph); return cuStreamEndCapture's result."""
+    graph = ctypes.c_void_p()
+    rc = emu.lib.cuStreamEndCapture(ctypes.c_void_p(stream), ctypes.byref(graph))
+    if graph.value:
+        emu.lib.cuGraphDestroy(graph)
+    return int(rc)
+
+
 def calls(emu, names=WAITING_CALLS) -> dict[str, int]:
     """The calling thread's count of each driver call so far."""
     return {n: emu.lib.emu_thread_calls(n.encode()) for n in names}
@@ -150,10 +159,7 @@ def test_a_global_capture_elsewhere_stays_valid(run, emu, strategy):
         emu.sleep(captured, 0.001)  # recorded into the graph, not run
         began.set()
         end_now.wait(10)
-        graph = ctypes.c_void_p()
-        result["end"] = emu.lib.cuStreamEndCapture(ctypes.c_void_p(captured), ctypes.byref(graph))
-        if graph.value:
-            emu.lib.cuGraphDestroy(graph)
+        result["end"] = end_capture(emu, captured)
 
     async def main():
         t = threading.Thread(target=capture)
@@ -185,10 +191,7 @@ def test_awaiting_a_capturing_stream_raises_at_once(run, emu, mode):
             with pytest.raises(aiocuda.AiocudaError, match="capturing a CUDA graph"):
                 aiocuda.record(s)
         finally:
-            graph = ctypes.c_void_p()
-            rc = emu.lib.cuStreamEndCapture(ctypes.c_void_p(s), ctypes.byref(graph))
-            if graph.value:
-                emu.lib.cuGraphDestroy(graph)
+            rc = end_capture(emu, s)
             emu.lib.cuCtxSetCurrent(None)
         assert rc == 0  # the refused await left the capture valid
         await aiocuda.synchronize(s)  # and the stream is awaitable again
@@ -496,10 +499,7 @@ def test_a_capture_beginning_under_pending_legacy_awaits_fails_those_only(run, e
             result["begin"] = emu.lib.cuStreamBeginCapture_v2(ctypes.c_void_p(cap), MODE_RELAXED)
             began.set()
             time.sleep(0.3)
-            graph = ctypes.c_void_p()
-            result["end"] = emu.lib.cuStreamEndCapture(ctypes.c_void_p(cap), ctypes.byref(graph))
-            if graph.value:
-                emu.lib.cuGraphDestroy(graph)
+            result["end"] = end_capture(emu, cap)
 
         t = threading.Thread(target=capture)
         t.start()
