@@ -602,29 +602,40 @@ CUresult mark(Timeline* tl, Node* n, Mark** user, std::string* why) {
         if (n) discard(n);
         return r;
     }
+    // Under eng->mu: join the open mark if kMarksInFlight are out (or one is open already);
+    // false if this await may place its own mark. Joining needs no driver call, so it never waits
+    // behind a placement that a full stream holds up.
+    auto joined = [&](CUresult* res) {
+        *res = CUDA_SUCCESS;
+        if (tl->cs->retired) {
+            if (n) discard(n);
+            *res = tl->cs->error;
+            return true;
+        }
+        reap(tl);
+        if (tl->in_flight < kMarksInFlight && !tl->open) return false;
+        if (!tl->open) {
+            start_placer(tl->cs->device);
+            tl->open = new_mark(tl);
+        }
+        if (n) attach(tl->open, n);
+        if (user) {
+            ++tl->open->refs;
+            *user = tl->open;
+        }
+        if (activate(tl)) wake_locked();
+        start_engine_locked();
+        want_placing(tl);  // room may have freed up since the open mark was made
+        return true;
+    };
+    {
+        std::lock_guard<std::mutex> g(eng->mu);
+        if (joined(&r)) return r;
+    }
     std::lock_guard<std::mutex> order(tl->record_mu);
     {
         std::lock_guard<std::mutex> g(eng->mu);
-        if (tl->cs->retired) {
-            if (n) discard(n);
-            return tl->cs->error;
-        }
-        reap(tl);
-        if (tl->in_flight >= kMarksInFlight || tl->open) {
-            if (!tl->open) {
-                start_placer(tl->cs->device);
-                tl->open = new_mark(tl);
-            }
-            if (n) attach(tl->open, n);
-            if (user) {
-                ++tl->open->refs;
-                *user = tl->open;
-            }
-            if (activate(tl)) wake_locked();
-            start_engine_locked();
-            want_placing(tl);  // room may have freed up since the open mark was made
-            return CUDA_SUCCESS;
-        }
+        if (joined(&r)) return r;  // others marked meanwhile
     }
     r = place_now(tl, n, user);
     if (r != CUDA_SUCCESS && n) discard(n);
