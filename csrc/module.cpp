@@ -438,6 +438,19 @@ void on_fork_child() {
 
 PyObject* intern(const char* s) { return PyUnicode_InternFromString(s); }
 
+// A query or wait on the mark behind an aiocuda.Event, made without the GIL: (code, why).
+template <int (*Fn)(cuda::Mark*, std::string*)>
+py::tuple mark_call(uintptr_t m) {
+    std::string why;
+    int r;
+    {
+        py::gil_scoped_release nogil;
+        r = Fn(reinterpret_cast<cuda::Mark*>(m), &why);
+    }
+    if (r != 0 && why.empty()) why = cuda::error_text(r);
+    return py::make_tuple(r, why);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -570,26 +583,8 @@ PYBIND11_MODULE(_core, m) {
     m.def("cuda_strategy", [] { return static_cast<int>(cuda::strategy()); });
     m.def("cuda_hold", &cuda::hold, py::call_guard<py::gil_scoped_release>());
     // Marks behind aiocuda.Event, passed to Python as integers (a reference each).
-    m.def("cuda_mark_query", [](uintptr_t m) {
-        std::string why;
-        int r;
-        {
-            py::gil_scoped_release nogil;
-            r = cuda::mark_query(reinterpret_cast<cuda::Mark*>(m), &why);
-        }
-        if (r != 0 && why.empty()) why = cuda::error_text(r);
-        return py::make_tuple(r, why);
-    });
-    m.def("cuda_mark_synchronize", [](uintptr_t m) {
-        std::string why;
-        int r;
-        {
-            py::gil_scoped_release nogil;
-            r = cuda::mark_synchronize(reinterpret_cast<cuda::Mark*>(m), &why);
-        }
-        if (r != 0 && why.empty()) why = cuda::error_text(r);
-        return py::make_tuple(r, why);
-    });
+    m.def("cuda_mark_query", mark_call<cuda::mark_query>);
+    m.def("cuda_mark_synchronize", mark_call<cuda::mark_synchronize>);
     m.def("cuda_mark_release", [](uintptr_t m) {
         cuda::mark_release(reinterpret_cast<cuda::Mark*>(m));
     }, py::call_guard<py::gil_scoped_release>());
