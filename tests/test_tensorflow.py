@@ -77,3 +77,42 @@ def test_an_exception_from_a_tf_function_reaches_the_awaiter(run):
         assert float(await aiocuda.gpu_op(tf.reduce_sum, tf.ones((2, 3)))) == 6.0
 
     run(main())
+
+
+def test_tensorflow_gpu_numbers_are_mapped_to_cuda_ordinals(monkeypatch):
+    class Physical:  # what tf.config lists: "/physical_device:GPU:N" carries the CUDA ordinal
+        def __init__(self, n: int) -> None:
+            self.name, self.device_type = f"/physical_device:GPU:{n}", "GPU"
+
+    gpus = [Physical(0), Physical(1), Physical(2)]
+    visible, split = gpus[1:], {id(gpus[1]): [object(), object()]}  # GPU 1 split in two
+    monkeypatch.setattr(tf.config, "get_visible_devices", lambda kind=None: visible)
+    monkeypatch.setattr(tf.config, "get_logical_device_configuration",
+                        lambda gpu: split.get(id(gpu)))
+    # set_visible_devices([GPU1, GPU2]) with GPU 1 split: /GPU:0 and /GPU:1 are CUDA 1, /GPU:2 is 2
+    assert [atf.cuda_ordinal(i) for i in range(3)] == [1, 1, 2]
+    with pytest.raises(aiocuda.AiocudaError, match=r"no /GPU:3: it sees 3 GPU"):
+        atf.cuda_ordinal(3)
+    visible = []  # no GPU visible to TensorFlow: the number can only be CUDA's
+    assert atf.cuda_ordinal(1) == 1
+
+
+def test_a_tensorflow_gpu_wait_uses_the_cuda_ordinal(run, monkeypatch):
+    waited: list[int] = []
+
+    async def synchronize_device(device: int) -> None:
+        waited.append(device)
+
+    monkeypatch.setattr(atf, "cuda_ordinal", lambda index: index + 3)
+    monkeypatch.setattr(atf, "synchronize_device", synchronize_device)
+    monkeypatch.setattr(aiocuda._ops, "synchronize_device", synchronize_device)
+
+    monkeypatch.setattr(atf, "gpu_index", lambda x: 1)  # as if on /GPU:1 (tensorflow-cpu here)
+
+    async def main():
+        x = tf.constant(1.0)
+        assert await atf.wait(x) is x
+        assert await aiocuda.gpu_op(lambda: 7, device="/GPU:0") == 7
+
+    run(main())
+    assert waited == [4, 3]

@@ -95,6 +95,38 @@ def test_device_tensors_may_not_be_contradicted(monkeypatch):
     assert _ops.placement(None, (on_gpu,), {}, None, "GPU:0") == Place("tf", 0)
 
 
+def test_a_device_without_an_index_names_the_tensors_device(monkeypatch):
+    on_gpu1 = object()  # stands for a tensor on cuda:1 (no GPU here)
+    cuda1 = Place("torch", torch.device("cuda", 1))
+    monkeypatch.setattr(_ops, "place_of", lambda v: cuda1 if v is on_gpu1 else None)
+    assert _ops.placement(None, (on_gpu1,), {}, None, "cuda") == cuda1
+    assert _ops.placement(None, (on_gpu1,), {}, None, torch.device("cuda")) == cuda1
+    assert _ops.placement(None, (on_gpu1,), {}, None, "cuda:1") == cuda1
+    with pytest.raises(ValueError, match="device= says cuda:0, but the tensors are on cuda:1"):
+        _ops.placement(None, (on_gpu1,), {}, None, "cuda:0")
+
+
+def test_tensors_are_found_at_any_depth():
+    from collections import UserDict, namedtuple
+    from dataclasses import dataclass
+
+    @dataclass
+    class Output:
+        logits: torch.Tensor
+        extra: object = None
+
+    class Config(dict):  # a dict subclass, which torch's pytree keeps whole
+        pass
+
+    Pair = namedtuple("Pair", "a b")
+    t = [torch.zeros(1) for _ in range(8)]
+    loop: list[object] = [t[7]]
+    loop.append(loop)  # a list holding itself is walked once
+    tree = [{"a": (t[0], [t[1]])}, Output(t[2], Config(x=(t[3],))), UserDict(y=t[4]),
+            Pair(t[5], "text"), {t[6]}, loop, 3, None]
+    assert sorted(id(x) for x in at._tensors(tree)) == sorted(id(x) for x in t)
+
+
 def test_an_unsupported_framework_array_is_refused(run):
     class Foreign:  # a DLPack-capable array from a framework aiocuda does not know
         def __dlpack__(self):  # pragma: no cover - never called
@@ -191,7 +223,8 @@ def test_a_missing_framework_names_the_extra(module, extra):
     assert "ImportError" in r.stderr and f"pip install '{extra}'" in r.stderr, r.stderr
 
 
-def test_the_cuda_path_orders_streams_and_awaits_the_side_stream(run, emu, monkeypatch):
+@pytest.mark.parametrize("fn_raises", [False, True])
+def test_the_cuda_path_orders_streams_and_awaits_the_side_stream(run, emu, monkeypatch, fn_raises):
     # gpu_op's torch CUDA path on the driver emulator: the torch CPU build has no CUDA streams,
     # so torch's stream functions are stood in for by objects carrying emulator streams.
     log: list[str] = []
@@ -225,6 +258,8 @@ def test_the_cuda_path_orders_streams_and_awaits_the_side_stream(run, emu, monke
     def kernel(n: int) -> int:
         log.append(f"fn runs on {current[-1].name}")
         emu.sleep(current[-1].cuda_stream, 0.1)  # device work enqueued by fn
+        if fn_raises:
+            raise KeyError("after enqueuing work")
         return n + 1
 
     async def main():
@@ -232,6 +267,122 @@ def test_the_cuda_path_orders_streams_and_awaits_the_side_stream(run, emu, monke
         out = await at.run_on_cuda(kernel, (41,), {}, torch.device("cuda", 0), None)
         return out, time.perf_counter() - t0
 
-    out, took = run(main())
-    assert out == 42 and took >= 0.09  # awaited the side stream's work
+    if fn_raises:  # the work fn enqueued still runs: the caller's later work comes after it
+        with pytest.raises(KeyError, match="after enqueuing work"):
+            run(main())
+    else:
+        out, took = run(main())
+        assert out == 42 and took >= 0.09  # awaited the side stream's work
     assert log == ["side waits for caller", "fn runs on side", "caller waits for side"]
+
+
+class DefaultStream:
+    """What torch reports for the default stream of cuda:`index`: handle 0, with its device."""
+
+    def __init__(self, index: int) -> None:
+        self.cuda_stream, self.device_index = 0, index
+        self.device = torch.device("cuda", index)
+
+
+class OnCuda1(torch.Tensor):
+    """A CPU tensor that says it lives on cuda:1 (the torch CPU build has no CUDA tensors)."""
+
+    is_cuda = True
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return torch.device("cuda", 1)
+
+
+@pytest.fixture
+def device1_busy(emu, monkeypatch):
+    """Two emulated GPUs, device 0 current on the loop thread, torch's CUDA queries stood in for;
+    calling it queues `seconds` of work on device 1's default stream."""
+    monkeypatch.setattr(at.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(at.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(at.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(at.torch.cuda, "current_stream", lambda device=None: DefaultStream(
+        device if isinstance(device, int) else getattr(device, "index", None) or 0))
+
+    def busy(seconds: float) -> None:
+        emu.lib.cuCtxSetCurrent(emu.primary(1))
+        emu.sleep(0, seconds)
+        emu.lib.cuCtxSetCurrent(emu.primary(0))
+
+    emu.lib.cuCtxSetCurrent(emu.primary(0))
+    yield busy
+    emu.lib.cuCtxSetCurrent(None)
+
+
+async def _took(aw) -> float:
+    t0 = time.perf_counter()
+    await aw
+    return time.perf_counter() - t0
+
+
+def test_default_stream_waits_go_to_the_tensors_device(run, device1_busy, monkeypatch):
+    # Each of these waits on handle 0 of cuda:1 while cuda:0 is current: if it went to the
+    # current device instead, it would end at once, before device 1's work.
+    class Work:
+        waited_after: float | None = None
+
+        def get_future(self) -> torch.futures.Future:
+            fut = torch.futures.Future()
+            fut.set_result([torch.Tensor._make_subclass(OnCuda1, torch.ones(2))])
+            return fut
+
+        def wait(self) -> bool:
+            self.waited_after = time.perf_counter() - t0
+            return True
+
+    monkeypatch.setattr(at, "_work_type", lambda: Work)
+    x = torch.Tensor._make_subclass(OnCuda1, torch.ones(2))
+
+    async def main():
+        nonlocal t0
+        device1_busy(0.1)
+        assert await _took(aiocuda.wait(x)) >= 0.09  # a tensor on cuda:1
+        device1_busy(0.1)
+        work, t0 = Work(), time.perf_counter()
+        out = await aiocuda.wait(work)  # a work handle whose result is on cuda:1
+        assert out[0].is_cuda and work.waited_after is not None and work.waited_after >= 0.09
+
+    t0 = 0.0
+    run(main())
+
+
+def test_replay_waits_on_the_graphs_device(run, device1_busy, monkeypatch):
+    class Graph:  # stands for a graph captured on cuda:1: torch replays it there
+        def replay(self) -> None:
+            device1_busy(0.1)
+
+    monkeypatch.setattr(at.torch.cuda, "CUDAGraph", Graph)
+
+    async def main():
+        assert await _took(at.replay(Graph(), device=1)) >= 0.09
+        assert await _took(at.replay(Graph(), device="cuda:1")) >= 0.09
+        # No device said, two GPUs: every GPU's current stream is awaited, never too early.
+        assert await _took(at.replay(Graph())) >= 0.09
+        with pytest.raises(ValueError, match="not a CUDA device"):
+            await at.replay(Graph(), device="cpu")
+
+    run(main())
+
+
+def test_a_collectives_error_surfaces_after_the_await(run, monkeypatch):
+    class Work:  # torch.distributed reports a failed or timed-out collective from wait()
+        def get_future(self) -> torch.futures.Future:
+            fut = torch.futures.Future()
+            fut.set_result([torch.ones(1)])
+            return fut
+
+        def wait(self) -> bool:
+            raise RuntimeError("collective timed out after 1800000 ms")
+
+    monkeypatch.setattr(at, "_work_type", lambda: Work)
+
+    async def main():
+        with pytest.raises(RuntimeError, match="timed out"):
+            await aiocuda.wait(Work())
+
+    run(main())

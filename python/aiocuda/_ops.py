@@ -127,6 +127,13 @@ def _stream_place(stream: object) -> Place:
     )
 
 
+def _names(given: Place, place: Place) -> bool:
+    """Whether `given` names `place`: "cuda" (no index) names any CUDA device."""
+    if given.kind == "torch" and place.kind == "torch" and given.device.index is None:
+        return True
+    return str(given) == str(place)
+
+
 def placement(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any], stream: object,
               device: object) -> Place:
     """Decide where `fn(*args, **kwargs)` runs; raise if the arguments disagree."""
@@ -151,7 +158,7 @@ def placement(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any], stream:
         if given is None:
             continue
         # Host tensors may feed a device (copies to it); device tensors must stay where they are.
-        if place not in (None, CPU) and given.kind != "stream" and str(given) != str(place):
+        if place not in (None, CPU) and given.kind != "stream" and not _names(given, place):
             raise ValueError(f"{what} says {given}, but the tensors are on {place}")
         if place in (None, CPU) or given.kind == "stream":
             place = given
@@ -209,7 +216,7 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
         return await run_on_cuda(fn, args, kwargs, place.device, stream)
     if place.kind == "tf":
         result = fn(*args, **kwargs)
-        await synchronize_device(place.device)
+        await synchronize_device(_tf_cuda_ordinal(place.device))
         return result
     if place.kind == "stream":
         result = fn(*args, **kwargs)
@@ -217,6 +224,14 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
         return result
     cpu = stream if isinstance(stream, CpuStream) else _cpu_pool.get()
     return await cpu.submit(fn, *args, **kwargs)
+
+
+def _tf_cuda_ordinal(index: int) -> int:
+    if "tensorflow" not in sys.modules:
+        return index  # "/GPU:N" given with TensorFlow not imported: nothing renumbers it
+    from .tensorflow import cuda_ordinal
+
+    return cuda_ordinal(index)
 
 
 def _waitable(x: object) -> Awaitable[Any] | None:

@@ -23,15 +23,43 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
     ) from exc
 
 from ._api import synchronize_device
+from ._errors import AiocudaError
 from ._ops import CPU, _tf_place
 
-__all__ = ["gpu_index", "wait"]
+__all__ = ["cuda_ordinal", "gpu_index", "wait"]
 
 
 def gpu_index(x: tf.Tensor | tf.Variable) -> int | None:
-    """The GPU ordinal a TensorFlow tensor lives on, or None for the host."""
+    """TensorFlow's GPU index of a tensor (N in "/GPU:N"), or None for the host."""
     place = _tf_place(x.device)
     return None if place == CPU else int(place.device)
+
+
+def cuda_ordinal(index: int) -> int:
+    """The CUDA device ordinal behind TensorFlow's "/GPU:`index`".
+
+    TensorFlow numbers its GPUs among the visible ones (``tf.config.set_visible_devices``), one
+    number per logical device (``tf.config.set_logical_device_configuration`` splits a GPU), in
+    order; its physical devices ("/physical_device:GPU:N") carry the CUDA ordinal N. When
+    TensorFlow sees no GPU at all, `index` is taken as the CUDA ordinal.
+    """
+    logical: list[Any] = []
+    for gpu in tf.config.get_visible_devices("GPU"):
+        split = tf.config.get_logical_device_configuration(gpu)
+        logical += [gpu] * (len(split) if split else 1)
+    if not logical:
+        return index  # TensorFlow sees no GPU (a CPU build): "/GPU:N" can only be CUDA's N
+    if not 0 <= index < len(logical):
+        raise AiocudaError(
+            f"TensorFlow has no /GPU:{index}: it sees {len(logical)} GPU(s) "
+            f"({', '.join(g.name for g in logical) or 'none'}); check tf.config.get_visible_devices()"
+        )
+    name = logical[index].name
+    try:
+        return int(name.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        raise AiocudaError(f"cannot tell the CUDA ordinal of TensorFlow's /GPU:{index} "
+                           f"(physical device {name!r})") from None
 
 
 async def _on_device(x: Any, index: int) -> Any:
@@ -48,7 +76,7 @@ def waitable(x: object) -> Awaitable[Any] | None:
     if not isinstance(x, (tf.Tensor, tf.Variable)):
         return None
     index = gpu_index(x)
-    return _done(x) if index is None else _on_device(x, index)
+    return _done(x) if index is None else _on_device(x, cuda_ordinal(index))
 
 
 async def wait(x: tf.Tensor | tf.Variable) -> Any:

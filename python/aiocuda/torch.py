@@ -12,10 +12,11 @@ cpu backend (:class:`CpuTorchStream`), so the same loop runs in tests and on lap
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import threading
-from collections.abc import Awaitable, Callable, Generator, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 try:
@@ -24,6 +25,8 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
     raise ImportError(
         "aiocuda.torch needs PyTorch, which is not installed: pip install 'aiocuda[torch]'"
     ) from exc
+
+import torch.utils._pytree as pytree
 
 from . import _core
 from ._api import CpuStream, synchronize, wait_cuda_event
@@ -217,14 +220,45 @@ def _pooled(device: torch.device) -> Stream:
         return next(it)
 
 
-def _tensors(values: Any) -> Iterator[torch.Tensor]:
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            yield v
-        elif isinstance(v, (list, tuple)):
-            yield from (t for t in v if isinstance(t, torch.Tensor))
-        elif isinstance(v, dict):
-            yield from (t for t in v.values() if isinstance(t, torch.Tensor))
+def _children(node: object) -> Iterable[Any]:
+    """One level of `node`: what torch's pytree flattens it into (containers torch and libraries
+    registered, such as transformers' ModelOutput), else the values of mappings (dict
+    subclasses, ``UserDict`` such as BatchEncoding), items of lists, tuples and sets, fields of
+    dataclasses, which pytree keeps whole."""
+    if isinstance(node, (str, bytes, torch.Tensor)):
+        return ()
+    registered = pytree.SUPPORTED_NODES.get(pytree._get_node_type(node))
+    if registered is not None:
+        return registered.flatten_fn(node)[0]
+    if isinstance(node, Mapping):
+        return node.values()
+    if isinstance(node, (list, tuple, set, frozenset)):
+        return node
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        return [getattr(node, f.name) for f in dataclasses.fields(node)]
+    return ()
+
+
+def _tensors(tree: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in `tree`, at any depth, each once; a container reached twice (or holding
+    itself) is walked once, without recursion."""
+    stack, seen = [tree], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, torch.Tensor):
+            yield node
+        else:
+            stack.extend(_children(node))
+
+
+def _on_current_stream(device: torch.device) -> asyncio.Future[None]:
+    """Await the current stream of `device`: torch gives handle 0 for every device's default
+    stream, so the device goes with it."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return synchronize(torch.cuda.current_stream(index), device=index)
 
 
 async def run_on_cuda(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -238,31 +272,63 @@ async def run_on_cuda(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[
     caller = torch.cuda.current_stream(device)
     s = stream if stream is not None else _pooled(device)
     s.wait_stream(caller)  # inputs are ready before fn's kernels read them
-    with torch.cuda.stream(s):
-        result = fn(*args, **kwargs)
-    if s != caller:
-        # The caching allocator ties a block to the stream that allocated it: inputs are now
-        # also used on `s`, and outputs (allocated on `s`) will be used on the caller's stream.
-        for t in _tensors(itertools.chain(args, kwargs.values())):
-            if t.is_cuda:
-                t.record_stream(s)
-        for t in _tensors((result,)):
-            if t.is_cuda:
-                t.record_stream(caller)
-        caller.wait_stream(s)
-    await synchronize(s)
-    return result
+    result: Any = None
+    try:
+        with torch.cuda.stream(s):
+            result = fn(*args, **kwargs)
+    finally:
+        # Also when fn raised: what it enqueued before raising still runs on `s`, and the
+        # caller's later work must come after it.
+        if s != caller:
+            # The caching allocator ties a block to the stream that allocated it: inputs are
+            # now also used on `s`, and outputs (allocated on `s`) will be used on the caller's.
+            for t in _tensors((args, kwargs)):
+                if t.is_cuda:
+                    t.record_stream(s)
+            for t in _tensors(result):
+                if t.is_cuda:
+                    t.record_stream(caller)
+            caller.wait_stream(s)
+    await synchronize(s, device=device.index)
+    return result  # type: ignore[no-any-return]
 
 
-async def replay(graph: torch.cuda.CUDAGraph, stream: Any = None) -> None:
-    """Replay a captured CUDA graph on `stream` (default: the current stream) and await it."""
+async def replay(graph: torch.cuda.CUDAGraph, stream: Any = None, *, device: Any = None) -> None:
+    """Replay a captured CUDA graph and await it.
+
+    torch launches a graph on the current stream of the device it was captured on, whatever the
+    current device is (``CUDAGraph::replay`` guards to the capture stream's device). Say which
+    device that is with ``device=`` (or with a `stream` on it, which becomes the current stream
+    for the launch). torch does not tell, so with neither and more than one GPU, the current
+    stream of every GPU is awaited: never too early, possibly late.
+    """
     if not isinstance(graph, torch.cuda.CUDAGraph):
         raise TypeError(f"replay() needs a torch.cuda.CUDAGraph, got {type(graph).__name__}")
     _require_cuda()
-    s = stream if stream is not None else torch.cuda.current_stream()
-    with torch.cuda.stream(s):
-        graph.replay()
-    await synchronize(s)
+    index = None if device is None else _cuda_index(device)
+    if stream is not None:
+        if index is not None and index != stream.device.index:
+            raise ValueError(f"stream is on {stream.device}, but device={device!r}")
+        with torch.cuda.stream(stream):
+            graph.replay()
+        await synchronize(stream, device=stream.device.index)
+        return
+    graph.replay()
+    if index is None and torch.cuda.device_count() == 1:
+        index = 0
+    devices = [index] if index is not None else list(range(torch.cuda.device_count()))
+    await asyncio.gather(*(_on_current_stream(torch.device("cuda", d)) for d in devices))
+
+
+def _cuda_index(device: Any) -> int:
+    if isinstance(device, int) and not isinstance(device, bool):
+        if device < 0:
+            raise ValueError(f"device must be >= 0, got {device}")
+        return device
+    d = torch.device(device)
+    if d.type != "cuda":
+        raise ValueError(f"device={device!r} is not a CUDA device")
+    return d.index if d.index is not None else torch.cuda.current_device()
 
 
 # ---- aiocuda.wait for torch objects ------------------------------------------------------------
@@ -304,10 +370,12 @@ async def _work(work: Any) -> Any:
     NCCL when it is enqueued, after which the current stream waits for the collective's stream
     and that stream is awaited (no blocking wait)."""
     value = await _from_torch_future(work.get_future())
-    cuda = [t for t in _tensors(value if isinstance(value, (list, tuple)) else (value,))
-            if t.is_cuda]
-    if cuda:
-        await synchronize(torch.cuda.current_stream(cuda[0].device))
+    cuda = next((t for t in _tensors(value) if t.is_cuda), None)
+    if cuda is not None:
+        await _on_current_stream(cuda.device)
+    # The collective's own errors and timeouts surface here; it has completed, so this does not
+    # block (with NCCL it also orders the current stream after the collective, already done).
+    work.wait()
     return value
 
 
@@ -321,12 +389,12 @@ def waitable(x: object) -> Awaitable[Any] | None:
     """aiocuda.wait's torch cases; None if `x` is not a torch object."""
     if isinstance(x, torch.Tensor):
         if x.is_cuda:
-            return _then(synchronize(torch.cuda.current_stream(x.device)), x)
+            return _then(_on_current_stream(x.device), x)
         return _done(x)  # CPU tensors are computed synchronously
     if isinstance(x, (torch.cuda.Event, CpuTorchEvent)):
         return _then(x if isinstance(x, CpuTorchEvent) else _event_future(x), None)
     if isinstance(x, torch.cuda.Stream):
-        return _then(synchronize(x), None)
+        return _then(synchronize(x, device=x.device_index), None)
     if isinstance(x, torch.futures.Future):
         return _from_torch_future(x)
     work = _work_type()
