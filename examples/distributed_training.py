@@ -3,6 +3,8 @@ all-reduces with aiocuda.wait while its event loop stays free.
 
     python examples/distributed_training.py [--steps 20]
 
+Needs: torch.
+
 Unchanged on GPUs with backend "nccl": aiocuda.wait then awaits the collective's stream instead
 of blocking (see aiocuda.torch).
 """

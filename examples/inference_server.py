@@ -4,6 +4,8 @@ and the usual loop.run_in_executor.
 
     python examples/inference_server.py [--seconds 3] [--clients 64]
 
+Needs: torch, aiohttp.
+
 Runs on the GPU when PyTorch sees one, else on the CPU (the cpu backend keeps the loop free).
 The load generator runs in its own process, so it does not share the server's event loop.
 """

@@ -3,6 +3,8 @@ handler, awaited with aiocuda.gpu_op and with run_in_executor.
 
     python examples/tf_inference_server.py [--seconds 3] [--clients 64]
 
+Needs: tensorflow, aiohttp.
+
 On a GPU, gpu_op awaits the device's queued work (TensorFlow exposes no stream; see
 aiocuda.tensorflow); on the CPU the model runs on a cpu-backend stream.
 """

@@ -3,6 +3,8 @@ an aiocuda.torch.Stream, while the event loop stays free (here: a heartbeat task
 
     python examples/training_overlap.py [--steps 30]
 
+Needs: torch.
+
 On a GPU, host-side loading runs on a cpu-backend stream and the copy to the device on a side
 stream (`aiocuda.torch.Stream()`, ordered before the step that uses it), while the step runs on
 the default stream; on a machine without CUDA, `aiocuda.torch.Stream(device="cpu")` gives the

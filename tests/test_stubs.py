@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import aiocuda
 from aiocuda import _core
 
 PKG = Path(_core.__file__).resolve().parent
@@ -43,14 +45,27 @@ def test_stub_class_members_match():
             assert stubbed - {"__init__"} == real, node.name
 
 
+FRAMEWORK_MODULES = {"aiocuda.torch": "torch"}  # aiocuda.tensorflow is typed without TF stubs
+
+
 @pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="mypy is not installed")
-def test_mypy_strict_passes_on_the_package(tmp_path):
+@pytest.mark.parametrize("part", ["core", "aiocuda.torch"])
+def test_mypy_strict_passes_on_the_package(tmp_path, part):
     # From an empty directory, so mypy checks the installed package with its stubs.
+    if part == "core":  # every module but those typed against a framework's own annotations
+        names = [m.name for m in pkgutil.walk_packages(aiocuda.__path__, "aiocuda.")
+                 if m.name not in FRAMEWORK_MODULES]
+        args = ["--follow-imports=silent", "-m", "aiocuda", *(a for n in names for a in ("-m", n))]
+    else:
+        if importlib.util.find_spec(FRAMEWORK_MODULES[part]) is None:
+            pytest.skip(f"{part} is typed against {FRAMEWORK_MODULES[part]}, which is not installed")
+        args = ["-m", part]
     r = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "-p", "aiocuda"],
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", *args],
         capture_output=True, text=True, cwd=tmp_path,
     )
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "Success" in r.stdout, r.stdout
 
 
 def test_py_typed_is_shipped():
