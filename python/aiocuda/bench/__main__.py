@@ -8,20 +8,35 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._report import MEMORY_CHILD, QUICK, Config, Report, available_loops, memory_child, run, table
+from .. import _core, backends
+from . import __doc__ as steps_doc
+from ._report import (
+    MEMORY_CHILD,
+    QUICK,
+    Config,
+    Report,
+    available_loops,
+    load,
+    memory_child,
+    mismatch,
+    run,
+    table,
+)
 from ._report import write as write_report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == [MEMORY_CHILD]:
-        memory_child(argv[1], argv[2], int(argv[3]))
+        memory_child(argv[1], argv[2], int(argv[3]), *map(float, argv[4:5]))
         return 0
     ap = argparse.ArgumentParser(
         prog="python -m aiocuda.bench",
         description="Measure aiocuda against the alternatives (same process, same run) and "
         "write report.txt, report.json and PNG plots. With AIOCUDA_LIBCUDA naming the test "
         "driver emulator (scripts/bench does this), the cuda path is measured without a GPU.",
+        epilog=steps_doc.split("\n\n", 1)[1] if steps_doc else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats (< 1 minute)")
     ap.add_argument("--out", type=Path, default=Path("bench-report"),
@@ -29,6 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "are rewritten after every measurement")
     ap.add_argument("--loop", choices=("asyncio", "uvloop"), action="append",
                     help="only this loop (repeatable; default: both when uvloop is installed)")
+    ap.add_argument("--source", choices=("cpu", "cuda"), action="append",
+                    help="only this source (repeatable; default: cpu, and cuda where the cuda "
+                    "backend is available)")
+    ap.add_argument("--merge", action="store_true",
+                    help="add to OUT/report.json (if there is one): each source and loop "
+                    "measured now replaces its rows there; the table and targets cover the "
+                    "whole report. Use the same --quick and --repeats as the report")
     ap.add_argument("--repeats", type=int, help="override the number of repeats")
     ap.add_argument("--step-timeout", type=float, metavar="SECONDS",
                     help="a measurement that takes longer is reported as timed out "
@@ -37,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="measure nothing: redraw the table and plots of an earlier report.json "
                     "into --out")
     args = ap.parse_args(argv)
+    if args.redraw and args.merge:
+        ap.error("--redraw measures nothing: nothing to --merge")
     if args.redraw:
         report = Report(**json.loads(args.redraw.read_text()))
         print(table(report), end="")
@@ -52,10 +76,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.step_timeout <= 0:
             ap.error("--step-timeout must be positive")
         cfg = Config(**{**cfg.__dict__, "step_timeout_s": args.step_timeout})
-    loops = tuple(args.loop) if args.loop else available_loops()
+    loops = tuple(dict.fromkeys(args.loop)) if args.loop else available_loops()
     if "uvloop" in loops and "uvloop" not in available_loops():
         ap.error("uvloop is not installed: pip install 'aiocuda[bench]'")
-    report = run(cfg, args.quick, loops, out=args.out)
+    kinds = tuple(dict.fromkeys(args.source or ("cpu", "cuda")))
+    if args.source and "cuda" in kinds and "cuda" not in backends():
+        ap.error(f"--source cuda: the cuda backend is not available here: "
+                 f"{_core.cuda_info()['reason']}")
+    base = None
+    if args.merge and (args.out / "report.json").exists():
+        base = load(args.out / "report.json")
+        why = mismatch(base, args.quick, cfg.__dict__)
+        if why:
+            ap.error(f"--merge: {args.out / 'report.json'} cannot take these rows: {why}")
+    report = run(cfg, args.quick, loops, out=args.out, kinds=kinds, base=base)
     print(table(report), end="")
     for p in write_report(report, args.out):
         print(f"wrote {p}")

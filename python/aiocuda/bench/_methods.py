@@ -12,6 +12,9 @@ restored after it). The others are what users write without it:
   (numba-cuda's ``async_done`` design; on the cuda source one Python host function per wait, so
   at most `Source.max_py_hostfns` in flight);
 - ``in-loop floor``: the same futures resolved on the loop thread, with no cross-thread signal.
+
+On a real GPU the peers (`_peers`: numba-cuda's ``async_done``, CuPy's ``synchronize`` in an
+executor and its host-function callback) wait on the same stream with their own code.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 
 from .._api import set_strategy, strategy, synchronize
 from .._loop import BATCH
+from ._peers import HOSTFN_PEERS, PEERS
 from ._sources import DriverSource, HostEvent, Source
 
 AIOCUDA = "aiocuda"  # the cpu backend (its worker completes; no strategy)
@@ -42,15 +46,16 @@ FLOOR = "in-loop floor"
 NOTHING = "nothing waiting"  # idle CPU: the gate alone, a baseline for the others
 OURS = (AIOCUDA, AIOCUDA_CALLBACK, AIOCUDA_POLL)
 ALTERNATIVES = (EXECUTOR, TO_THREAD, POLL0, POLL1, CALLBACK, FLOOR)
-METHODS = OURS + ALTERNATIVES  # every method, in the report's order
+METHODS = OURS + ALTERNATIVES + PEERS  # every method, in the report's order
 STRATEGIES = {AIOCUDA_CALLBACK: "callback", AIOCUDA_POLL: "poll"}
+HOSTFN_METHODS = (CALLBACK, *HOSTFN_PEERS)  # a Python callback on the stream per wait
 
 
-def methods_for(source_kind: str) -> tuple[str, ...]:
+def methods_for(source_kind: str, peers: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The methods measured on a source of this kind ("cpu", "cuda"): aiocuda (per strategy on
-    the cuda source), then the alternatives."""
+    the cuda source), the alternatives, then the `peers` the source has (`Source.peers`)."""
     ours = (AIOCUDA_CALLBACK, AIOCUDA_POLL) if source_kind == "cuda" else (AIOCUDA,)
-    return ours + ALTERNATIVES
+    return ours + ALTERNATIVES + tuple(p for p in PEERS if p in peers)
 
 
 @contextmanager
@@ -95,6 +100,8 @@ def waiter(method: str, src: Source,
     if method in OURS:
         stream = src.stream
         return lambda: synchronize(stream)
+    if method in src.peers:
+        return src.peers[method](loop)
     ev: Callable[[], HostEvent] = (lambda: event) if event is not None else src.event
     if method == EXECUTOR:
         return lambda: loop.run_in_executor(None, ev().wait)
@@ -125,7 +132,7 @@ def waiter(method: str, src: Source,
 def in_flight_for(method: str, src: Source, wanted: int) -> int:
     """How many waits of `method` may be in flight on `src` (Python host functions are capped)."""
     cap = src.max_py_hostfns
-    return min(wanted, cap) if method == CALLBACK and cap is not None else wanted
+    return min(wanted, cap) if method in HOSTFN_METHODS and cap is not None else wanted
 
 
 class _NoGC:
@@ -197,12 +204,11 @@ async def stream_stall(method: str, src: DriverSource, samples: int) -> list[flo
     """Seconds the wait holds the stream (timing events on both sides of what it enqueues) while
     another Python thread spins in pure Python, contending for the GIL.
 
-    aiocuda enqueues an event record; ``call_soon_threadsafe`` a Python host function, which
-    holds the stream until it has the GIL. The stream is held long enough for the loop thread,
-    itself slowed by the spinner, to enqueue the two events and the wait first; a sample where
-    it was not is not counted.
+    aiocuda enqueues an event record; ``call_soon_threadsafe`` and the host-function peers a
+    Python callback, which holds the stream until it has the GIL. The stream is held long
+    enough for the loop thread, itself slowed by the spinner, to enqueue the two events and the
+    wait first; a sample where it was not is not counted.
     """
-    loop = asyncio.get_running_loop()
     stop = threading.Event()
 
     def spin() -> None:
@@ -218,11 +224,7 @@ async def stream_stall(method: str, src: DriverSource, samples: int) -> list[flo
             for _ in range(samples):
                 src.hold(0.05)
                 a = src.mark()
-                if method in OURS:
-                    fut = synchronize(src.stream)
-                else:
-                    fut = loop.create_future()
-                    src.post(_resolver(loop, fut))
+                fut = waiter(method, src)()  # enqueues what the method puts on the stream
                 b = src.mark()
                 queued_in_time = not a.done()
                 await fut

@@ -5,6 +5,10 @@ listed as timed out, and the run goes on. A watchdog thread covers a loop thread
 asyncio cannot cancel it (in a driver call): it opens the source's gates, and if that does not
 free the loop either, writes the report so far, with the step named, and ends the process.
 With an output folder, report.json and report.txt are rewritten after every step.
+
+A report can be made in parts (`merge`): each run measures some sources and loops, and what it
+measures replaces those (source, loop) pairs in the report it is merged into. A pair's rows
+always come from one run, since the targets compare methods measured in the same run.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from ._methods import (
     tiny_kernels,
     wake_latency,
 )
+from ._peers import CUPY_EXECUTOR, HOSTFN_PEERS, PEERS, attach
 from ._sources import CpuSource, DriverSource, Source
 
 
@@ -77,7 +82,8 @@ QUICK = Config(
 )
 
 LOOPS = ("asyncio", "uvloop")
-SLOW_METHODS = (EXECUTOR, TO_THREAD, POLL0, POLL1)  # not run with more than 10,000 in flight
+# not run with more than 10,000 in flight
+SLOW_METHODS = (EXECUTOR, TO_THREAD, POLL0, POLL1, CUPY_EXECUTOR)
 IDLE_ALTERNATIVES = (EXECUTOR, POLL0, POLL1, CALLBACK)  # to_thread waits as the executor does
 
 
@@ -101,6 +107,68 @@ class Report:
     failed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+    # one per (source, loop) measured: {"source", "loop", "machine", "seconds"}; a merged report
+    # lists the runs its pairs come from
+    parts: list[dict[str, Any]] = field(default_factory=list)
+
+
+ROWS = ("throughput", "latency", "stall", "burst", "idle_cpu", "kernels", "awaited_kernels")
+# configuration that may differ between the parts of one report
+RUN_ONLY = ("step_timeout_s", "stuck_grace_s")
+
+
+def load(path: Path) -> Report:
+    data = json.loads(path.read_text())
+    names = Report.__dataclass_fields__
+    return Report(**{k: v for k, v in data.items() if k in names})
+
+
+def mismatch(base: Report, quick: bool, config: dict[str, Any]) -> str:
+    """Why a run with this configuration cannot be merged into `base` ("" if it can)."""
+    config = json.loads(json.dumps(config))  # as report.json holds it (tuples are lists)
+    if base.quick != quick:
+        return f"it was made {'with' if base.quick else 'without'} --quick"
+    diff = [k for k in config if k not in RUN_ONLY and base.config.get(k) != config[k]]
+    if diff:
+        return "its configuration differs: " + ", ".join(
+            f"{k} {base.config.get(k)!r} there, {config[k]!r} now" for k in diff)
+    return ""
+
+
+def merge(base: Report, new: Report) -> Report:
+    """`base` with what `new` measured: each (source, loop) in `new.parts` replaces that pair's
+    rows, timeouts and failures; a memory row replaces that source's; notes and skips are
+    joined; the targets are computed over the whole."""
+    pairs = {(p["source"], p["loop"]) for p in new.parts}
+    measured = {p["source"] for p in new.parts}
+    out = Report(**{**asdict(base), "targets": []})
+    for name in ROWS:
+        kept = [r for r in getattr(base, name) if (r["source"], r["loop"]) not in pairs]
+        setattr(out, name, sorted(kept + getattr(new, name), key=_order))
+    again = {m["source"] for m in new.memory}
+    out.memory = [m for m in base.memory if m["source"] not in again] + new.memory
+    # step messages start with "<source> <loop>: ", a source's own ones with "<source>: "
+    prefixes = tuple([f"{s} {lp}: " for s, lp in pairs] + [f"{s}: " for s in measured])
+    out.timed_out = [x for x in base.timed_out if not x.startswith(prefixes)] + new.timed_out
+    out.failed = [x for x in base.failed if not x.startswith(prefixes)] + new.failed
+    out.notes = list(dict.fromkeys(base.notes + new.notes))
+    out.skipped = list(dict.fromkeys(base.skipped + new.skipped))
+    out.parts = sorted([p for p in base.parts if (p["source"], p["loop"]) not in pairs]
+                       + new.parts, key=_order)
+    if new.machine not in base.machine.split(" + "):
+        out.machine = f"{base.machine} + {new.machine}"
+    out.cuda = new.cuda or base.cuda
+    out.config = {**base.config, **{k: new.config[k] for k in RUN_ONLY if k in new.config}}
+    out.elapsed_s = base.elapsed_s + new.elapsed_s
+    out.targets = targets(out)
+    return out
+
+
+def _order(row: dict[str, Any]) -> tuple[bool, int]:
+    """A full run's order (cpu first, asyncio first), whichever part measured a row; a stable
+    sort keeps the order within a pair."""
+    loop = row.get("loop")
+    return row["source"] != "cpu", LOOPS.index(loop) if loop in LOOPS else len(LOOPS)
 
 
 class Progress:
@@ -158,13 +226,14 @@ def available_loops() -> tuple[str, ...]:
     return LOOPS
 
 
-def sources(skipped: list[str]) -> list[Callable[[], Source]]:
+def sources(skipped: list[str], kinds: tuple[str, ...] = ("cpu", "cuda")
+            ) -> list[Callable[[], Source]]:
     from .. import backends
 
-    out: list[Callable[[], Source]] = [CpuSource]
-    if "cuda" in backends():
+    out: list[Callable[[], Source]] = [CpuSource] if "cpu" in kinds else []
+    if "cuda" in kinds and "cuda" in backends():
         out.append(DriverSource)
-    else:
+    elif "cuda" in kinds:
         skipped.append("cuda: the cuda backend is not available here (no driver or no device; "
                        "set AIOCUDA_LIBCUDA to the driver emulator to measure the cuda path)")
     return out
@@ -221,8 +290,10 @@ Step = tuple[str, Callable[[], Awaitable[None]]]
 
 
 class Runner:
-    def __init__(self, report: Report, cfg: Config, progress: Progress, out: Path | None) -> None:
+    def __init__(self, report: Report, cfg: Config, progress: Progress, out: Path | None,
+                 base: Report | None = None) -> None:
         self.report, self.cfg, self.progress, self.out = report, cfg, progress, out
+        self.base = base  # the report this run is merged into, if any
         self.src: Source | None = None
         self.watchdog = Watchdog(cfg.stuck_grace_s, self._stuck, progress.say)
 
@@ -256,38 +327,50 @@ class Runner:
         while not ev.done() and time.monotonic() < deadline:
             await asyncio.sleep(0.001)
 
+    def current(self) -> Report:
+        """The report so far, merged into the base report if there is one."""
+        if self.base is not None:
+            return merge(self.base, self.report)
+        self.report.targets = targets(self.report)
+        return self.report
+
     def save(self) -> None:
+        # with a base, every save holds the base too: a run cut short loses none of it
         if self.out is not None:
-            self.report.targets = targets(self.report)
-            write(self.report, self.out, plot=False)
+            write(self.current(), self.out, plot=False)
 
     def _stuck(self, what: str) -> None:  # on the watchdog's thread: the loop thread is stuck
         self.report.timed_out.append(f"{what}: the loop thread was stuck past the timeout "
                                      "(in a driver call?); the run stopped here")
-        self.report.targets = targets(self.report)
-        self.progress.say(table(self.report))
+        report = self.current()
+        self.progress.say(table(report))
         if self.out is not None:
-            write(self.report, self.out, plot=False)
+            write(report, self.out, plot=False)
             self.progress.say(f"partial report in {self.out}")
         sys.stdout.flush()
         os._exit(3)
 
 
-def run(cfg: Config, quick: bool, loops: tuple[str, ...], out: Path | None = None) -> Report:
+def run(cfg: Config, quick: bool, loops: tuple[str, ...], out: Path | None = None,
+        kinds: tuple[str, ...] = ("cpu", "cuda"), base: Report | None = None) -> Report:
+    """Measure the sources of `kinds` on `loops`; with `base`, return the two merged."""
     t_start = time.monotonic()
     report = Report(machine_name(), quick, asdict(cfg))
-    makers = sources(report.skipped)
-    if "uvloop" not in loops:
+    makers = sources(report.skipped, kinds)
+    if "uvloop" not in available_loops():
         report.skipped.append("uvloop: not installed (pip install 'aiocuda[bench]')")
-    kinds = ["cpu"] + (["cuda"] if DriverSource in makers else [])
-    total = sum(len(loops) * len(_plan(report, cfg, kind, None, "")) + cfg.memory_repeats
-                for kind in kinds)
+    total = sum(len(loops) * len(_plan(report, cfg, "cuda" if make is DriverSource else "cpu",
+                                       None, "")) + cfg.memory_repeats for make in makers)
     progress = Progress(total)
-    runner = Runner(report, cfg, progress, out)
+    runner = Runner(report, cfg, progress, out, base)
     try:
         for make in makers:
             src = make()
             runner.src = src
+            src.peers.update(attach(src, report.skipped, report.failed, report.notes))
+            progress.total += len(loops) * (len(_plan(report, cfg, src.kind, None, "",
+                                                      tuple(src.peers)))
+                                            - len(_plan(report, cfg, src.kind, None, "")))
             for note in src.notes:
                 if note not in report.notes:
                     report.notes.append(note)
@@ -296,11 +379,16 @@ def run(cfg: Config, quick: bool, loops: tuple[str, ...], out: Path | None = Non
                                f"aiocuda's cuda backend on {src.device} ({src.path})")
             try:
                 for kind in loops:
+                    part = {"source": src.name, "loop": kind, "machine": report.machine,
+                            "seconds": 0.0}
+                    report.parts.append(part)  # from now on this pair replaces a base's
+                    t0 = time.monotonic()
                     loop = new_loop(kind)
                     try:
                         loop.run_until_complete(_suite(runner, src, kind))
                     finally:
                         loop.close()
+                        part["seconds"] = round(time.monotonic() - t0, 1)
             finally:
                 src.close()
                 runner.src = None
@@ -312,33 +400,37 @@ def run(cfg: Config, quick: bool, loops: tuple[str, ...], out: Path | None = Non
         runner.watchdog.close()
     progress.finish()
     report.elapsed_s = time.monotonic() - t_start
-    report.targets = targets(report)
-    return report
+    return runner.current()
 
 
 async def _suite(runner: Runner, src: Source, kind: str) -> None:
-    for what, step in _plan(runner.report, runner.cfg, src.kind, src, kind):
+    for what, step in _plan(runner.report, runner.cfg, src.kind, src, kind, tuple(src.peers)):
         await runner.step(what, step)
 
 
-def _plan(report: Report, cfg: Config, source_kind: str, src: Source | None, loop: str
-          ) -> list[Step]:
-    """The measurements for one source on one loop, in order (`src` None: only to count them)."""
+def _plan(report: Report, cfg: Config, source_kind: str, src: Source | None, loop: str,
+          peers: tuple[str, ...] = ()) -> list[Step]:
+    """The measurements for one source on one loop, in order (`src` None: only to count them),
+    with these of the peers (`Source.peers`)."""
     name = src.name if src else source_kind
     row = {"source": name, "loop": loop}
-    methods = methods_for(source_kind)
+    methods = methods_for(source_kind, peers)
     ours = tuple(m for m in methods if m in OURS)
+    hostfn_peers = tuple(m for m in methods if m in HOSTFN_PEERS)
     cuda = source_kind == "cuda"
     steps: list[Step] = []
     the_src: Any = src
+    broken: set[str] = set()  # peers that failed or timed out once here: not run again
 
-    def add(what: str, fn: Callable[[], Awaitable[None]]) -> None:
+    def add(what: str, fn: Callable[[], Awaitable[None]], method: str = "") -> None:
+        if method in PEERS:
+            fn = _unless_broken(method, fn, broken)
         steps.append((f"{name} {loop}: {what}", fn))
 
     for m in methods:  # warm-up
         async def warm(m: str = m) -> None:
             await throughput(m, the_src, in_flight_for(m, the_src, 100), 100)
-        add(f"warm-up {m}", warm)
+        add(f"warm-up {m}", warm, m)
     for m in methods:
         if m == FLOOR:  # nothing crosses a thread: no wake-up to measure
             continue
@@ -347,7 +439,7 @@ def _plan(report: Report, cfg: Config, source_kind: str, src: Source | None, loo
             first, *samples = await wake_latency(m, the_src, cfg.latency_samples)
             report.latency.append({**row, "method": m, **_summary_us(samples),
                                    "first_us": first * 1e6})
-        add(f"wake-up latency {m}", lat)
+        add(f"wake-up latency {m}", lat, m)
     too_slow: set[str] = set()
     runs: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for n in cfg.in_flight:
@@ -373,26 +465,26 @@ def _plan(report: Report, cfg: Config, source_kind: str, src: Source | None, loo
                         "cpu_us_per_op": statistics.median(x[1] for x in got),
                         "repeats": len(got),
                     })
-                add(f"throughput, {n} in flight, {m}", tput)
-    for m in (*ours, CALLBACK, FLOOR):
+                add(f"throughput, {n} in flight, {m}", tput, m)
+    for m in (*ours, CALLBACK, *hostfn_peers, FLOOR):
         async def burst(m: str = m) -> None:
             n = in_flight_for(m, the_src, cfg.burst)
             lag = await burst_lag(m, the_src, n)
             report.burst.append({**row, "method": m, "completions": n,
                                  "capped": n < cfg.burst, **lag})
-        add(f"loop lag during a burst, {m}", burst)
+        add(f"loop lag during a burst, {m}", burst, m)
     if cuda:
-        for m in (*ours, CALLBACK):
+        for m in (*ours, CALLBACK, *hostfn_peers):
             async def stall(m: str = m) -> None:
                 samples = await stream_stall(m, the_src, cfg.stall_samples)
                 report.stall.append({**row, "method": m, **_summary_us(samples)})
-            add(f"stream stall under GIL contention, {m}", stall)
-    for m in (NOTHING, *ours, *IDLE_ALTERNATIVES):
+            add(f"stream stall under GIL contention, {m}", stall, m)
+    for m in (NOTHING, *ours, *IDLE_ALTERNATIVES, *(p for p in methods if p in PEERS)):
         async def idle(m: str = m) -> None:
             n = 0 if m == NOTHING else in_flight_for(m, the_src, cfg.idle_ops)
             pct = await idle_cpu(m, the_src, n, cfg.idle_window_s)
             report.idle_cpu.append({**row, "method": m, "percent": pct, "waits": n})
-        add(f"CPU while {cfg.idle_ops} wait, {m}", idle)
+        add(f"CPU while {cfg.idle_ops} wait, {m}", idle, m)
     if cuda:
         for m in ours:
             async def tiny(m: str = m) -> None:
@@ -408,6 +500,21 @@ def _plan(report: Report, cfg: Config, source_kind: str, src: Source | None, loo
                                                "time": "stream (timing events)", **k})
             add(f"awaiting each of {cfg.busy_kernels} {cfg.kernel_us:g} us kernels, {m}", busy)
     return steps
+
+
+def _unless_broken(method: str, fn: Callable[[], Awaitable[None]], broken: set[str]
+                   ) -> Callable[[], Awaitable[None]]:
+    """`fn`, not run once `method` is in `broken`; its failure or timeout puts it there (a peer
+    that fails, fails every step: its first failure is reported, and the run goes on)."""
+    async def run() -> None:
+        if method in broken:
+            return
+        try:
+            await fn()
+        except BaseException:
+            broken.add(method)
+            raise
+    return run
 
 
 def _upsert(rows: list[dict[str, Any]], key: dict[str, Any], values: dict[str, Any]) -> None:
@@ -437,13 +544,15 @@ def _memory(runner: Runner, source: str) -> None:
             for kind in got:
                 r = subprocess.run(
                     [sys.executable, "-m", "aiocuda.bench", MEMORY_CHILD, source, kind,
-                     str(cfg.memory_ops)],
+                     str(cfg.memory_ops), str(cfg.step_timeout_s)],
                     capture_output=True, text=True, check=True, timeout=cfg.step_timeout_s,
                 )
                 got[kind].append(int(r.stdout.strip()) / cfg.memory_ops)
         except subprocess.TimeoutExpired:
             report.timed_out.append(f"{what}: no result within {cfg.step_timeout_s:g} s")
-        except (subprocess.CalledProcessError, ValueError) as e:
+        except subprocess.CalledProcessError as e:
+            report.failed.append(f"{what}: {e}: {e.stderr.strip()[-500:]}")
+        except ValueError as e:
             report.failed.append(f"{what}: {e}")
         runner.save()
     if got["futures"] and got["aiocuda"]:
@@ -453,11 +562,19 @@ def _memory(runner: Runner, source: str) -> None:
         runner.save()
 
 
-def memory_child(source: str, what: str, n: int) -> None:
+MEMORY_HOLD_S = 5.0  # a timed gate's hold in the memory child (the measurement takes ~1 s)
+
+
+def memory_child(source: str, what: str, n: int, timeout_s: float = 120.0) -> None:
     """Print the RSS growth from `n` pending waits (futures alone, or aiocuda's)."""
+    import faulthandler
     import gc
 
     from .._api import synchronize
+
+    # Ends the child (with a traceback on stderr) even where its main thread is stuck in a
+    # driver call; the parent also kills it after the same time.
+    faulthandler.dump_traceback_later(timeout_s, exit=True)
 
     def rss() -> int:
         with open("/proc/self/statm") as f:
@@ -466,7 +583,11 @@ def memory_child(source: str, what: str, n: int) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         src: Source = CpuSource() if source == "cpu" else DriverSource()
-        src.hold(60)  # everything below stays pending
+        # Everything below stays pending behind a gate, opened once measured: nothing is left
+        # running on the device when the child exits. A timed gate (where the driver cannot
+        # wait on host memory) is a short kernel instead; the event tells if it ended too soon.
+        gate = src.gate(min_hold_s=MEMORY_HOLD_S)
+        held = src.event()
         synchronize(src.stream).cancel()  # the loop's queue exists before the baseline
         gc.collect()
         gc.disable()
@@ -475,9 +596,16 @@ def memory_child(source: str, what: str, n: int) -> None:
             keep = [loop.create_future() for _ in range(n)]
         else:
             keep = [synchronize(src.stream) for _ in range(n)]
-        print(rss() - before, flush=True)
+        grown = rss() - before
+        pending = not held.done()
+        gate.open()
+        if not pending:
+            print(f"the stream was not held for the whole measurement (a timed gate of "
+                  f"{MEMORY_HOLD_S:g} s)", file=sys.stderr, flush=True)
+            os._exit(1)
+        print(grown, flush=True)
         del keep
-        os._exit(0)  # the stream is still busy: do not wait for it
+        os._exit(0)  # the waits are still being completed: do not wait for them
 
     asyncio.run(main())
 
@@ -541,9 +669,23 @@ def targets(r: Report) -> list[dict[str, Any]]:
                     v = ratio(mine["cpu_us_per_op"], ex["cpu_us_per_op"])
                     check(f"{m}: CPU per completion vs run_in_executor ({where}, "
                           f"{ex['in_flight']} in flight)", v)
+                for p in PEERS:  # at ours' largest size, else the peer's own largest
+                    o = (_find(r.throughput, method=p, in_flight=n, **key)
+                         or _largest(r.throughput, method=p, **key))
+                    mine = o and _find(r.throughput, method=m, in_flight=o["in_flight"], **key)
+                    if o and mine:
+                        size = (f"{o['in_flight']} in flight" +
+                                (f"; {p} at most {o['max_in_flight']}"
+                                 if o.get("max_in_flight", o["in_flight"]) < o["in_flight"]
+                                 else ""))
+                        check(f"{m}: throughput vs {p} ({where}, {size})",
+                              ratio(mine["ops_per_s"], o["ops_per_s"]))
+                        check(f"{m}: CPU per completion vs {p} ({where}, {size})",
+                              ratio(mine["cpu_us_per_op"], o["cpu_us_per_op"]))
             lat = _find(r.latency, method=m, **key)
             if lat:
-                for other, limit in ((EXECUTOR, 0.5), (POLL1, 0.05), (POLL0, None)):
+                for other, limit in ((EXECUTOR, 0.5), (POLL1, 0.05), (POLL0, None),
+                                     *((p, None) for p in PEERS)):
                     o = _find(r.latency, method=other, **key)
                     if o:
                         for p in ("p50_us", "p99_us"):
@@ -576,6 +718,11 @@ def targets(r: Report) -> list[dict[str, Any]]:
             if s:
                 check(f"{m}: stream stall p50 under GIL contention ({where}), us", s["p50_us"],
                       "< 50", s["p50_us"] < 50)
+                for p in HOSTFN_PEERS:
+                    o = _find(r.stall, method=p, **key)
+                    if o:
+                        check(f"{m}: stream stall p50 under GIL contention vs {p} ({where})",
+                              ratio(s["p50_us"], o["p50_us"]))
             b = _find(r.burst, method=m, **key)
             if b:
                 floor = _find(r.burst, method=FLOOR, **key)
@@ -612,6 +759,9 @@ def table(r: Report) -> str:
     lines = [f"machine: {r.machine}"]
     if r.cuda:
         lines.append(f"cuda rows: {r.cuda}")
+    if r.parts:
+        lines.append("measured: " + ", ".join(
+            f"{p['source']} {p['loop']} {p['seconds']:.0f} s" for p in r.parts))
     lines.append("mode: " + ("--quick" if r.quick else "full") +
                  f", medians of {r.config['repeats']} (throughput), "
                  f"{r.config['latency_samples']} samples (wake-up)"
@@ -619,11 +769,12 @@ def table(r: Report) -> str:
     lines += [f"note: {n}" for n in r.notes]
     lines.append("")
     capped_rows: list[str] = []
+    w = max([22, *(len(x["method"]) for x in [*r.throughput, *r.latency])])  # method column
     for src in dict.fromkeys(t["source"] for t in r.throughput):
         for loop in dict.fromkeys(t["loop"] for t in r.throughput if t["source"] == src):
             key = {"source": src, "loop": loop}
             lines.append(f"{src} on {loop}")
-            lines.append(f"  {'method':22} {'ops/s':>10} {'in flight':>9} {'x floor':>8} "
+            lines.append(f"  {'method':{w}} {'ops/s':>10} {'in flight':>9} {'x floor':>8} "
                          f"{'CPU us/op':>9} {'wake p50':>9} {'wake p99':>9} {'idle CPU':>9}")
             mine = [t for t in r.throughput if t["source"] == src and t["loop"] == loop]
             for m in _methods_in(mine + [x for x in r.latency if x["source"] == src
@@ -640,7 +791,7 @@ def table(r: Report) -> str:
                     capped_rows.append(f"{m} on {src}: at most {t['max_in_flight']} in flight "
                                        f"(the row stands for {t['in_flight']})")
                 lines.append(
-                    f"  {m:22} {t['ops_per_s'] if t else 0:10.0f} {n:>9} {ratio} "
+                    f"  {m:{w}} {t['ops_per_s'] if t else 0:10.0f} {n:>9} {ratio} "
                     f"{t['cpu_us_per_op'] if t else 0:9.1f} "
                     + (f"{lat['p50_us']:7.0f}us {lat['p99_us']:7.0f}us " if lat
                        else f"{'-':>9} {'-':>9} ")
@@ -668,13 +819,13 @@ def table(r: Report) -> str:
         lines.append("stream stall while a Python thread spins (what the wait enqueues, timing "
                      "events on both sides)")
         for s in r.stall:
-            lines.append(f"  {s['source']} {s['loop']:8} {s['method']:22} p50 {s['p50_us']:8.1f} us"
-                         f"  p99 {s['p99_us']:8.1f} us")
+            lines.append(f"  {s['source']} {s['loop']:8} {s['method']:{w}} p50 "
+                         f"{s['p50_us']:8.1f} us  p99 {s['p99_us']:8.1f} us")
         lines.append("")
     if r.burst:
         lines.append("1 ms heartbeat lateness while the completions of a burst arrive")
     for b in r.burst:
-        lines.append(f"  {b['source']} {b['loop']:8} {b['method']:22} {b['completions']} in "
+        lines.append(f"  {b['source']} {b['loop']:8} {b['method']:{w}} {b['completions']} in "
                      f"{b['burst_s'] * 1e3:6.0f} ms: p50 {b['p50_ms']:5.2f} p99 {b['p99_ms']:5.2f} "
                      f"max {b['max_ms']:5.2f} ms ({b['beats']:.0f} beats)"
                      + (" (capped)" if b.get("capped") else ""))
@@ -761,8 +912,17 @@ def plots(r: dict[str, Any], out: Path) -> list[Path]:
 
 
 def _color(method: str) -> str:
-    """One color per method in every panel (matplotlib's default cycle, C0..C9)."""
-    return f"C{METHODS.index(method) % 10}" if method in METHODS else "black"
+    """One color per method in every panel: matplotlib's default cycle, C0..C9, then more for
+    the peers (which are also drawn dashed)."""
+    if method not in METHODS:
+        return "black"
+    i = METHODS.index(method)
+    return f"C{i}" if i < 10 else ("black", "darkgoldenrod", "magenta", "teal")[(i - 10) % 4]
+
+
+def _style(method: str) -> dict[str, Any]:
+    return {"color": _color(method), "linewidth": 2.5 if method in OURS else 1.2,
+            "linestyle": "--" if method in PEERS else "-"}
 
 
 def _draw_throughput(ax: Any, r: dict[str, Any], src: str, loop: str) -> None:
@@ -770,8 +930,7 @@ def _draw_throughput(ax: Any, r: dict[str, Any], src: str, loop: str) -> None:
         pts = sorted((t["in_flight"], t["ops_per_s"]) for t in r["throughput"]
                      if t["method"] == m and t["source"] == src and t["loop"] == loop)
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=m, color=_color(m),
-                    linewidth=2.5 if m in OURS else 1.2)
+            ax.plot(*zip(*pts), marker="o", label=m, **_style(m))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("operations in flight")
@@ -783,7 +942,7 @@ def _draw_latency(ax: Any, r: dict[str, Any], src: str, loop: str) -> None:
         if lat["source"] == src and lat["loop"] == loop:
             us = lat["samples_us"]
             ax.plot(us, [(i + 1) / len(us) for i in range(len(us))], label=lat["method"],
-                    color=_color(lat["method"]), linewidth=2.5 if lat["method"] in OURS else 1.2)
+                    **_style(lat["method"]))
     ax.set_xscale("log")
     ax.set_xlabel("wake-up latency, us (work done -> coroutine runs)")
     ax.set_ylabel("fraction of operations")

@@ -19,7 +19,7 @@ import importlib
 import mmap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from .. import _core
@@ -55,12 +55,18 @@ class Gate:
             await asyncio.sleep(0.0002)
 
 
+#: A peer library's way to wait (see `_peers`): given the running loop, a function that starts
+#: one wait for the end of the stream's current work.
+PeerWaiter = Callable[[asyncio.AbstractEventLoop], Callable[[], Awaitable[Any]]]
+
+
 class Source(Protocol):
     name: str
     kind: str  # "cpu" or "cuda"
     stream: Any  # what aiocuda.synchronize() takes
     max_py_hostfns: int | None  # Python host functions in flight at most (None: no limit)
     notes: list[str]  # how this source holds and gates work, for the report
+    peers: dict[str, PeerWaiter]  # other libraries' waits on this stream, by method name
 
     def post(self, fn: Callable[[], object]) -> None:
         """Run a Python callable on the stream's own thread (the Python-callback design)."""
@@ -93,6 +99,7 @@ class CpuSource:
         self._gate = CpuStream()
         self._gos: list[threading.Event] = []
         self.notes: list[str] = []
+        self.peers: dict[str, PeerWaiter] = {}
 
     def post(self, fn: Callable[[], object]) -> None:
         _ok(self.stream._post(fn))
@@ -245,6 +252,7 @@ class DriverSource:
         self.emulated = hasattr(lib, "emu_enqueue_sleep")
         self._torch: Any = None
         self.notes: list[str] = []
+        self.peers: dict[str, PeerWaiter] = {}  # filled on a real GPU (see `_peers.attach`)
         for fn, argtypes in _PROTOTYPES.items():
             if hasattr(lib, fn):
                 getattr(lib, fn).argtypes = argtypes
@@ -354,6 +362,12 @@ class DriverSource:
 
     def event(self) -> HostEvent:
         return DriverEvent(self.lib, self.handle)
+
+    def stream_context(self) -> int:
+        """The stream's context (cuStreamGetCtx), which the peers must be working in."""
+        ctx = ctypes.c_void_p()
+        _cu(self.lib, "cuStreamGetCtx", ctypes.c_void_p(self.handle), ctypes.byref(ctx))
+        return ctx.value or 0
 
     def mark(self) -> DriverEvent:
         """Record a timing event (for stream time between two points)."""
