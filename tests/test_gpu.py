@@ -2,9 +2,9 @@
 
     AIOCUDA_TEST_REAL_DRIVER=1 .venv/bin/python -m pytest -m gpu
 
-Elsewhere every test here skips with its reason. They are written for one GPU (an H100 takes
-about a minute for all of them, most of it torch.compile and two child processes); the tests of
-a second device skip on one. Every wait has a bound (asyncio.wait_for, subprocess timeouts), so
+Elsewhere every test here skips with its reason. They are written for one GPU (an H100 should
+take one to two minutes for all of them, most of it torch.compile, NCCL set-up and three child
+processes); the tests of a second device skip on one. Every wait has a bound (asyncio.wait_for, subprocess timeouts), so
 a bug fails a test instead of hanging the run. Long kernels are torch.cuda._sleep, whose cycle
 count is calibrated against CUDA timing events once per device (sleep_cycles).
 
@@ -331,12 +331,15 @@ def test_sixty_four_streams_with_fifty_awaits_each(run, torch_cuda, strategy):
     assert counts == [per_stream] * n_streams
 
 
-def _foreign_stream(library: str) -> Any:
-    """A new stream of `library` (skips if the library is missing)."""
+def _foreign_stream(library: str) -> tuple[Any, int, Any]:
+    """A new stream of `library`: what to await (the stream, or its raw handle where this
+    version lacks __cuda_stream__), its CUstream handle, and the stream object to keep alive.
+    Skips if the library is missing."""
     if library == "cupy":
         cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
-        return cupy.cuda.Stream(non_blocking=True)
-    if library == "cuda.core":
+        stream = cupy.cuda.Stream(non_blocking=True)
+        raw = stream.ptr
+    elif library == "cuda.core":
         pytest.importorskip("cuda.core", reason="cuda.core is not installed")
         try:
             from cuda.core import Device
@@ -344,22 +347,30 @@ def _foreign_stream(library: str) -> Any:
             from cuda.core.experimental import Device
         dev = Device(0)
         dev.set_current()
-        return dev.create_stream()
-    cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
-    return cuda.stream()
+        stream = dev.create_stream()
+        raw = None
+    else:
+        cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+        stream = cuda.stream()
+        h = stream.handle  # a ctypes c_void_p, or a cuda.bindings CUstream
+        raw = h.value if hasattr(h, "value") else int(h)
+    proto = getattr(stream, "__cuda_stream__", None)  # a method; a property in early cuda.core
+    if proto is not None:
+        return stream, (proto() if callable(proto) else proto)[1], stream
+    if raw is None:
+        pytest.skip(f"this {library} version's streams have no __cuda_stream__")
+    return raw, raw, stream
 
 
 @pytest.mark.filterwarnings("default")
 @pytest.mark.parametrize("library", ["cupy", "cuda.core", "numba"])
 def test_streams_of_other_libraries_are_awaited(run, torch_cuda, library):
-    """Streams given by the __cuda_stream__ protocol (CuPy, cuda.core, numba-cuda): the await
-    ends after a kernel queued on that stream (launched through torch.cuda.ExternalStream)."""
+    """Streams of CuPy, cuda.core and numba-cuda (by the __cuda_stream__ protocol, or by their
+    raw handle where a version lacks it): the await ends after a kernel queued on that stream
+    (launched through torch.cuda.ExternalStream), and wait() takes the stream too."""
     torch = torch_cuda
-    stream = _foreign_stream(library)
-    if not hasattr(stream, "__cuda_stream__"):
-        pytest.skip(f"this {library} version's streams have no __cuda_stream__")
-    proto = stream.__cuda_stream__  # a method; a property in early cuda.core
-    ext = torch.cuda.ExternalStream((proto() if callable(proto) else proto)[1])
+    stream, handle, _keep = _foreign_stream(library)
+    ext = torch.cuda.ExternalStream(handle)
     cycles = sleep_cycles(torch, 0.1)
 
     async def main():
@@ -896,6 +907,7 @@ def test_a_failing_nccl_collective_raises_from_the_await(gpu, tmp_path):
         "TORCH_NCCL_ENABLE_MONITORING": "0",
         "TORCH_NCCL_DUMP_ON_TIMEOUT": "0",
         "TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC": "100",
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": "0",  # no flight recorder to symbolize on the timeout
     })
     assert out["first"] == 2048.0, out
     assert out["error"] is not None, (
