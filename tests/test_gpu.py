@@ -4,9 +4,10 @@
 
 Elsewhere every test here skips with its reason. They are written for one GPU (an H100 should
 take one to two minutes for all of them, most of it torch.compile, NCCL set-up and three child
-processes); the tests of a second device skip on one. Every wait has a bound (asyncio.wait_for, subprocess timeouts), so
-a bug fails a test instead of hanging the run. Long kernels are torch.cuda._sleep, whose cycle
-count is calibrated against CUDA timing events once per device (sleep_cycles).
+processes); the tests of a second device skip on one. Every wait has a bound
+(asyncio.wait_for, subprocess timeouts), so a bug fails a test instead of hanging the run. Long
+kernels are torch.cuda._sleep, whose cycle count is calibrated against CUDA timing events once
+per device (sleep_cycles).
 
 Child processes (tests/gpu/*.py) inherit this environment unchanged, AIOCUDA_TEST_REAL_DRIVER
 included (the real driver: conftest sets AIOCUDA_LIBCUDA only for the emulator), with the
@@ -148,7 +149,8 @@ def run_child(script: str, *args: str, env: dict[str, str] | None = None,
     assert r.returncode == 0 and lines, (
         f"{script} exited with {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(lines[-1])
-    assert "setup_error" not in result, f"{script} failed:\n{result['setup_error']}\n{r.stderr[-3000:]}"
+    assert "setup_error" not in result, (
+        f"{script} failed:\n{result['setup_error']}\n{r.stderr[-3000:]}")
     return result
 
 
@@ -254,7 +256,8 @@ def test_awaiting_every_kernel_keeps_order_and_sees_each_result(run, torch_cuda,
     """Rule 2: 500 small kernels, each followed by an await kept in flight, then the same
     kernels back to back with one await. Each kernel increments a GPU counter and copies it to
     pinned host memory: every await, when it resumes, sees its own kernel's count; the awaits
-    resume in launch order; the counter ends at 1000. (No timing: stream time is the benchmark's.)"""
+    resume in launch order; the counter ends at 1000. (No timing: the benchmark measures stream
+    time.)"""
     torch = torch_cuda
     n = 500
 
