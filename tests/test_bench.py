@@ -8,17 +8,22 @@ lives in the reports themselves.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import io
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import types
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import aiocuda
-from aiocuda.bench import _report
+from aiocuda.bench import _peers, _report
 from aiocuda.bench._methods import (
     AIOCUDA,
     AIOCUDA_CALLBACK,
@@ -31,6 +36,7 @@ from aiocuda.bench._methods import (
     POLL1,
     methods_for,
 )
+from aiocuda.bench._peers import CUPY_EXECUTOR, CUPY_HOSTFN, NUMBA, PEERS
 from aiocuda.bench._sources import PY_HOSTFN_CAP, CpuSource, DriverSource
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -262,3 +268,290 @@ def test_pytest_benchmark_suite_runs():
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout
+
+
+# ---- peers: numba-cuda and CuPy, faked here (no GPU) ------------------------------------------
+class _FakeNumbaStream:
+    """numba-cuda's Stream.async_done: a stream callback that calls call_soon_threadsafe."""
+
+    def __init__(self, src: DriverSource) -> None:
+        self.src = src
+
+    def async_done(self) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def resolver() -> None:
+            if not fut.done():
+                fut.set_result(self)
+
+        self.src.post(lambda: loop.call_soon_threadsafe(resolver))
+        return fut
+
+
+class _FakeCupyStream:
+    """cupy.cuda.ExternalStream: synchronize, done, launch_host_func (optionally missing)."""
+
+    def __init__(self, src: DriverSource, ptr: int) -> None:
+        self.src, self.ptr = src, ptr
+
+    @property
+    def done(self) -> bool:
+        return int(self.src.lib.cuStreamQuery(ctypes.c_void_p(self.ptr))) == 0
+
+    def synchronize(self) -> None:  # ctypes releases the GIL, as CuPy does
+        assert int(self.src.lib.cuStreamSynchronize(ctypes.c_void_p(self.ptr))) == 0
+
+    def add_callback(self, callback: Any, arg: Any) -> None:
+        self.src.post(lambda: callback(self, 0, arg))
+
+
+class _FakeCupyStreamWithHostFunc(_FakeCupyStream):
+    def launch_host_func(self, callback: Any, arg: Any) -> None:
+        self.src.post(lambda: callback(arg))
+
+
+def _current_context(src: DriverSource) -> int:
+    ctx = ctypes.c_void_p()
+    assert int(src.lib.cuCtxGetCurrent(ctypes.byref(ctx))) == 0
+    return ctx.value or 0
+
+
+def _install_fakes(monkeypatch: pytest.MonkeyPatch, src: DriverSource, host_func: bool = True,
+                   numba_context: int | None = None) -> None:
+    """Fake numba, numba.cuda and cupy modules with the surface the peers use, on `src`'s
+    stream (a stream handle other than `src.handle` is an error, as the peers must wrap it)."""
+    def stream_of(handle: int) -> DriverSource:
+        assert handle == src.handle
+        return src
+
+    numba = types.ModuleType("numba")
+    numba.__version__ = "0.0+fake"
+    cuda = types.ModuleType("numba.cuda")
+    cuda.external_stream = lambda h: _FakeNumbaStream(stream_of(h))
+    cuda.current_context = lambda: types.SimpleNamespace(
+        handle=ctypes.c_void_p(numba_context or _current_context(src)))
+    numba.cuda = cuda
+    cupy = types.ModuleType("cupy")
+    cupy.__version__ = "0.0+fake"
+    cls = _FakeCupyStreamWithHostFunc if host_func else _FakeCupyStream
+
+    def external_stream(ptr: int, device_id: int = -1) -> _FakeCupyStream:
+        assert device_id == 0
+        return cls(stream_of(ptr), ptr)
+
+    cupy.cuda = types.SimpleNamespace(
+        ExternalStream=external_stream,
+        driver=types.SimpleNamespace(ctxGetCurrent=lambda: _current_context(src)))
+    for name, mod in (("numba", numba), ("numba.cuda", cuda), ("cupy", cupy)):
+        monkeypatch.setitem(sys.modules, name, mod)
+
+
+@pytest.fixture
+def gpu_like(monkeypatch):
+    """A cuda source on the driver emulator that says it is a real GPU (`emulated` False)."""
+    if not CUDA:
+        pytest.skip("the cuda backend is not available")
+    src = DriverSource()
+    monkeypatch.setattr(src, "emulated", False)
+    yield src
+    src.close()
+
+
+def test_peers_are_selected_only_on_a_real_gpu(monkeypatch, gpu_like):
+    _install_fakes(monkeypatch, gpu_like)
+    skipped: list[str] = []
+    failed: list[str] = []
+    notes: list[str] = []
+    cpu = CpuSource()
+    try:
+        assert _peers.attach(cpu, skipped, failed, notes) == {}
+    finally:
+        cpu.close()
+    emulated = DriverSource()
+    try:
+        assert emulated.emulated and _peers.attach(emulated, skipped, failed, notes) == {}
+    finally:
+        emulated.close()
+    assert skipped == failed == notes == []
+    peers = _peers.attach(gpu_like, skipped, failed, notes)
+    assert list(peers) == [NUMBA, CUPY_EXECUTOR, CUPY_HOSTFN] and skipped == failed == []
+    assert any(n.startswith("peer numba-cuda") and "numba 0.0+fake" in n for n in notes)
+    assert any(n.startswith("peer CuPy 0.0+fake") and "launch_host_func" in n for n in notes)
+    assert any(f"{gpu_like.handle:#x}" in n and f"at most {PY_HOSTFN_CAP}" in n for n in notes)
+    assert methods_for("cuda", tuple(peers))[-3:] == PEERS
+
+
+def test_a_missing_peer_package_is_skipped_with_its_name(monkeypatch, gpu_like):
+    for name in ("numba", "numba.cuda", "cupy"):
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+    skipped: list[str] = []
+    failed: list[str] = []
+    assert _peers.attach(gpu_like, skipped, failed, []) == {}
+    assert [s.split(":")[0] for s in skipped] == ["numba-cuda", "CuPy"] and failed == []
+    assert all("not installed" in s for s in skipped)
+
+
+def test_a_peer_in_another_context_is_a_failure_not_a_measurement(monkeypatch, gpu_like):
+    _install_fakes(monkeypatch, gpu_like, numba_context=0x1234)
+    failed: list[str] = []
+    peers = _peers.attach(gpu_like, [], failed, [])
+    assert list(peers) == [CUPY_EXECUTOR, CUPY_HOSTFN]
+    assert len(failed) == 1 and "numba-cuda" in failed[0] and "0x1234" in failed[0]
+
+
+def test_cupy_without_launch_host_func_uses_add_callback(monkeypatch, gpu_like):
+    _install_fakes(monkeypatch, gpu_like, host_func=False)
+    notes: list[str] = []
+    peers = _peers.attach(gpu_like, [], [], notes)
+    assert any("add_callback" in n for n in notes)
+
+    async def main() -> None:
+        gpu_like.hold(0.001)
+        await asyncio.wait_for(peers[CUPY_HOSTFN](asyncio.get_running_loop())(), 10)
+
+    asyncio.run(main())
+
+
+def test_peers_are_measured_beside_aiocuda_on_the_same_stream(tmp_path, monkeypatch, gpu_like):
+    _install_fakes(monkeypatch, gpu_like)
+    report = _report.Report("test machine", True, dict(TINY.__dict__))
+    gpu_like.peers.update(_peers.attach(gpu_like, report.skipped, report.failed, report.notes))
+    runner = _report.Runner(report, TINY, _report.Progress(1, out=io.StringIO()), tmp_path)
+    runner.src = gpu_like
+    wanted = (*PEERS, AIOCUDA_CALLBACK, FLOOR)
+    steps = [(w, f) for w, f in _report._plan(report, TINY, "cuda", gpu_like, "asyncio",
+                                              tuple(gpu_like.peers))
+             if w.endswith(wanted) and "kernels" not in w]
+
+    async def main() -> None:
+        for what, step in steps:
+            await runner.step(what, step)
+
+    try:
+        asyncio.run(main())
+    finally:
+        runner.watchdog.close()
+    assert report.failed == [] and report.timed_out == []
+    capped = {NUMBA: PY_HOSTFN_CAP, CUPY_HOSTFN: PY_HOSTFN_CAP, CUPY_EXECUTOR: 300}
+    for p in PEERS:
+        rows = {t["in_flight"]: t["max_in_flight"] for t in report.throughput if t["method"] == p}
+        assert rows == {1: 1, 10: 10, 300: capped[p]}, p
+    assert {r["method"] for r in report.latency} >= set(PEERS)
+    assert {(b["method"], b["completions"]) for b in report.burst if b["method"] in PEERS} == {
+        (NUMBA, PY_HOSTFN_CAP), (CUPY_HOSTFN, PY_HOSTFN_CAP)}
+    assert {s["method"] for s in report.stall if s["method"] in PEERS} == {NUMBA, CUPY_HOSTFN}
+    assert {i["method"] for i in report.idle_cpu} >= set(PEERS)
+    report.targets = _report.targets(report)
+    names = [t["what"] for t in report.targets]
+    for p in PEERS:
+        assert any(n.startswith(f"{AIOCUDA_CALLBACK}: throughput vs {p} (") for n in names), p
+        assert any(n.startswith(f"{AIOCUDA_CALLBACK}: wake-up p50 vs {p} (") for n in names), p
+    text = _report.table(report)
+    assert all(f"  {p} " in text for p in PEERS)
+
+
+def test_a_failing_peer_is_reported_once_and_the_run_goes_on(tmp_path):
+    def broken(loop: asyncio.AbstractEventLoop) -> Any:
+        def start() -> Any:
+            raise RuntimeError("boom")
+        return start
+
+    src = CpuSource()
+    src.peers[NUMBA] = broken
+    report = _report.Report("test machine", True, dict(TINY.__dict__))
+    runner = _report.Runner(report, TINY, _report.Progress(1, out=io.StringIO()), tmp_path)
+    runner.src = src
+    steps = [(w, f) for w, f in _report._plan(report, TINY, "cpu", src, "asyncio", (NUMBA,))
+             if w.endswith((NUMBA, FLOOR))]
+
+    async def main() -> list[bool]:
+        return [await runner.step(what, step) for what, step in steps]
+
+    try:
+        ok = asyncio.run(main())
+    finally:
+        runner.watchdog.close()
+        src.close()
+    assert ok.count(False) == 1  # its warm-up failed; no later step ran it again
+    assert len(report.failed) == 1 and NUMBA in report.failed[0] and "boom" in report.failed[0]
+    assert [t["method"] for t in report.throughput] == [FLOOR] * len(TINY.in_flight)
+
+
+# ---- a report in parts: --source and --merge ----------------------------------------------------
+def _bench(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "aiocuda.bench", "--quick", "--repeats", "1",
+                           "--out", str(out), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_a_report_is_built_in_parts_with_source_and_merge(tmp_path):
+    if not CUDA and "uvloop" not in _report.available_loops():
+        pytest.skip("needs the cuda backend or uvloop for a second part")
+    first = _bench(tmp_path, "--source", "cpu", "--loop", "asyncio")
+    assert first.returncode == 0, first.stderr[-3000:]
+    one = json.loads((tmp_path / "report.json").read_text())
+    assert {(t["source"], t["loop"]) for t in one["throughput"]} == {("cpu", "asyncio")}
+    assert [m["source"] for m in one["memory"]] == ["cpu"]
+    pair = (EMULATED, "asyncio") if CUDA else ("cpu", "uvloop")
+    second = _bench(tmp_path, "--source", "cuda" if CUDA else "cpu", "--loop", pair[1], "--merge")
+    assert second.returncode == 0, second.stderr[-3000:]
+    two = json.loads((tmp_path / "report.json").read_text())
+    assert list(dict.fromkeys((t["source"], t["loop"]) for t in two["throughput"])) == [
+        ("cpu", "asyncio"), pair]
+    assert [t for t in two["throughput"] if t["source"] == "cpu" and t["loop"] == "asyncio"] == \
+        one["throughput"]  # the first part's rows, untouched
+    assert [(p["source"], p["loop"]) for p in two["parts"]] == [("cpu", "asyncio"), pair]
+    assert two["elapsed_s"] > one["elapsed_s"]
+    # targets over both parts, the table too
+    assert any(f"({pair[0]}, {pair[1]}" in t["what"] for t in two["targets"])
+    assert any("(cpu, asyncio" in t["what"] for t in two["targets"])
+    text = (tmp_path / "report.txt").read_text()
+    assert "cpu on asyncio" in text and f"{pair[0]} on {pair[1]}" in text and "measured: " in text
+    # measuring a pair again replaces its rows: no duplicates
+    third = _bench(tmp_path, "--source", "cpu", "--loop", "asyncio", "--merge")
+    assert third.returncode == 0, third.stderr[-3000:]
+    three = json.loads((tmp_path / "report.json").read_text())
+    assert len(three["throughput"]) == len(two["throughput"])
+    assert [t for t in three["throughput"] if (t["source"], t["loop"]) == pair] == [
+        t for t in two["throughput"] if (t["source"], t["loop"]) == pair]
+    assert [m["source"] for m in three["memory"]] == (["cpu", EMULATED] if CUDA else ["cpu"])
+
+
+def test_merge_refuses_a_report_of_another_configuration(tmp_path):
+    base = _report.Report("m", True, json.loads(json.dumps(asdict(_report.QUICK))))
+    _report.write(base, tmp_path, plot=False)
+    r = subprocess.run([sys.executable, "-m", "aiocuda.bench", "--merge", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "made with --quick" in r.stderr
+    r = _bench(tmp_path, "--merge", "--repeats", "2", "--source", "cpu")
+    assert r.returncode == 2 and "repeats 3 there, 2 now" in r.stderr
+    assert _report.mismatch(base, True, {**asdict(_report.QUICK),
+                                         "step_timeout_s": 5.0}) == ""
+
+
+def test_merge_replaces_pairs_and_keeps_the_rest():
+    def rows(source: str, loop: str, value: float) -> dict[str, Any]:
+        return {"source": source, "loop": loop, "method": FLOOR, "in_flight": 1,
+                "ops_per_s": value, "cpu_us_per_op": 1.0}
+
+    base = _report.Report("m", True, {"repeats": 1}, elapsed_s=10.0,
+                          throughput=[rows("cpu", "asyncio", 1), rows("cpu", "uvloop", 2)],
+                          memory=[{"source": "cpu", "future_bytes": 1}],
+                          failed=["cpu asyncio: x: boom", "cpu uvloop: y: boom", "cpu: memory"],
+                          notes=["a"], skipped=["s"],
+                          parts=[{"source": "cpu", "loop": "asyncio", "machine": "m",
+                                  "seconds": 5.0},
+                                 {"source": "cpu", "loop": "uvloop", "machine": "m",
+                                  "seconds": 5.0}])
+    new = _report.Report("m2", True, {"repeats": 1}, elapsed_s=4.0,
+                         throughput=[rows("cpu", "asyncio", 3)], notes=["a", "b"],
+                         parts=[{"source": "cpu", "loop": "asyncio", "machine": "m2",
+                                 "seconds": 4.0}])
+    merged = _report.merge(base, new)
+    assert [t["ops_per_s"] for t in merged.throughput] == [3, 2]  # asyncio replaced, in order
+    assert merged.memory == base.memory  # not measured again: kept
+    assert merged.failed == ["cpu uvloop: y: boom"]  # the cpu source and pair were measured
+    assert merged.notes == ["a", "b"] and merged.skipped == ["s"]
+    assert [p["seconds"] for p in merged.parts] == [4.0, 5.0]
+    assert merged.machine == "m + m2" and merged.elapsed_s == 14.0
+    assert base.throughput[0]["ops_per_s"] == 1  # the base report is not changed

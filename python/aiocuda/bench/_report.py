@@ -146,7 +146,8 @@ def merge(base: Report, new: Report) -> Report:
         kept = [r for r in getattr(base, name) if (r["source"], r["loop"]) not in pairs]
         setattr(out, name, sorted(kept + getattr(new, name), key=_order))
     again = {m["source"] for m in new.memory}
-    out.memory = [m for m in base.memory if m["source"] not in again] + new.memory
+    out.memory = sorted([m for m in base.memory if m["source"] not in again] + new.memory,
+                        key=_order)
     # step messages start with "<source> <loop>: ", a source's own ones with "<source>: "
     prefixes = tuple([f"{s} {lp}: " for s, lp in pairs] + [f"{s}: " for s in measured])
     out.timed_out = [x for x in base.timed_out if not x.startswith(prefixes)] + new.timed_out
