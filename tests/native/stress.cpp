@@ -1,0 +1,917 @@
+// A native stress harness for aiocuda's core, built by scripts/tsan-test with -fsanitize=thread
+// (it runs under any build: each part checks its own results and exits non-zero on a failure).
+// No Python: it drives csrc/ directly, standing in for the event loops (one Queue per "loop").
+//
+//   queue  producers completing records into one Queue while its consumer polls the eventfd and
+//          drains in small batches (every record once, per-producer order, no lost wake-up); then
+//          the consumer closing the queue while records are still being completed
+//   cpu    CpuStreams with markers, event records, cross-stream event waits and delays, closed
+//          (from another thread too) and destroyed while busy; checks every accepted marker
+//          completed once, in stream order, after the records and waits submitted before it
+//   cuda   the completion engine on the driver emulator (AIOCUDA_LIBCUDA): several loop threads,
+//          each with its own Queue, waiting on their own and on a shared stream (wait_stream,
+//          record + mark_query/mark_synchronize, wait_device, foreign events), under the callback
+//          and the poll strategy and while another thread switches between them; then a sticky
+//          error injected and a primary-context reset, each while waits are pending, and recovery
+//
+// Never submits a cpu Call item (the one path that needs the Python C API: cpu.cpp is linked
+// against libpython, which is never initialised).
+//
+// Usage: stress [--part queue|cpu|cuda|all] [--scale N] [--seed N] [--timeout S]
+#include <dlfcn.h>
+#include <poll.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cpu.hpp"
+#include "engine.hpp"
+#include "loader.hpp"
+#include "queue.hpp"
+
+using namespace aiocuda;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+// ---- reporting ---------------------------------------------------------------------------------
+
+std::atomic<int> g_failures{0};
+std::mutex g_print_mu;
+
+void say(const char* fmt, ...) {
+    std::lock_guard<std::mutex> g(g_print_mu);
+    va_list ap;
+    va_start(ap, fmt);
+    std::vfprintf(stdout, fmt, ap);
+    va_end(ap);
+    std::fputc('\n', stdout);
+    std::fflush(stdout);
+}
+
+void fail(const char* fmt, ...) {
+    int n = g_failures.fetch_add(1);
+    if (n >= 20) return;  // the first ones say enough
+    std::lock_guard<std::mutex> g(g_print_mu);
+    std::fputs("FAIL: ", stdout);
+    va_list ap;
+    va_start(ap, fmt);
+    std::vfprintf(stdout, fmt, ap);
+    va_end(ap);
+    std::fputc('\n', stdout);
+    std::fflush(stdout);
+}
+
+// A hang cannot be checked and then continued from: say what and leave at once.
+[[noreturn]] void fatal(const char* fmt, ...) {
+    {
+        std::lock_guard<std::mutex> g(g_print_mu);
+        std::fputs("FAIL (fatal): ", stdout);
+        va_list ap;
+        va_start(ap, fmt);
+        std::vfprintf(stdout, fmt, ap);
+        va_end(ap);
+        std::fputc('\n', stdout);
+        std::fflush(stdout);
+    }
+    _exit(3);
+}
+
+#define CHECK(cond, ...)              \
+    do {                              \
+        if (!(cond)) fail(__VA_ARGS__); \
+    } while (0)
+
+double secs_since(Clock::time_point t0) {
+    return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+struct Options {
+    std::string part = "all";
+    int scale = 1;
+    unsigned seed = 1;
+    int timeout_s = 300;
+};
+Options opt;
+
+// Waits for all of a set of threads at once (C++17 has no std::barrier).
+class Barrier {
+public:
+    explicit Barrier(int n) : n_(n) {}
+    void wait() {
+        std::unique_lock<std::mutex> g(mu_);
+        uint64_t gen = gen_;
+        if (++arrived_ == n_) {
+            arrived_ = 0;
+            ++gen_;
+            cv_.notify_all();
+            return;
+        }
+        if (!cv_.wait_for(g, std::chrono::seconds(opt.timeout_s), [&] { return gen_ != gen; }))
+            fatal("a barrier was never reached (a thread hangs)");
+    }
+
+private:
+    std::mutex mu_;
+    std::condition_variable cv_;
+    int n_, arrived_ = 0;
+    uint64_t gen_ = 0;
+};
+
+// ---- the consumer side of a Queue (what module.cpp's PyQueue does, without Python) --------------
+
+class Consumer {
+public:
+    explicit Consumer(Queue* q) : q_(q), buf_(256) {}
+
+    // Waits up to `timeout_ms` for the eventfd, then drains everything in batches of `max`
+    // (1..256), handing each record to `fn(token, status)` and freeing it. Returns how many.
+    // A poll that timed out although records were waiting is a lost wake-up (only checked for
+    // long timeouts: a producer may sit between its push and its signal for a moment).
+    size_t pump(int timeout_ms, size_t max, const std::function<void(uint64_t, int32_t)>& fn) {
+        pollfd p{q_->fd(), POLLIN, 0};
+        int r;
+        do { r = ::poll(&p, 1, timeout_ms); } while (r < 0 && errno == EINTR);
+        size_t total = 0;
+        bool more = true;
+        while (more) {
+            size_t k = q_->drain(max, buf_.data(), &more);
+            for (size_t i = 0; i < k; ++i) {
+                Node* n = buf_[i];
+                uint64_t token = n->token;
+                int32_t status = n->status;
+                free_node(n);  // its producer already dropped the queue reference
+                fn(token, status);
+            }
+            total += k;
+        }
+        if (r == 0 && timeout_ms >= 2000 && total > 0)
+            fail("lost wake-up: the eventfd stayed quiet for %d ms while %zu records waited",
+                 timeout_ms, total);
+        return total;
+    }
+
+    // One drain pass of at most `max` records, no waiting: leaves the rest where it is.
+    size_t drain_once(size_t max) {
+        bool more = false;
+        size_t k = q_->drain(max, buf_.data(), &more);
+        for (size_t i = 0; i < k; ++i) free_node(buf_[i]);
+        return k;
+    }
+
+private:
+    Queue* q_;
+    std::vector<Node*> buf_;
+};
+
+// A record the consumer created and nothing will complete (a refused submission).
+void discard(Node* n) {
+    Queue* q = n->queue;
+    free_node(n);
+    q->release();
+}
+
+bool wait_live_nodes_zero(double seconds) {
+    auto t0 = Clock::now();
+    while (g_live_nodes.load() != 0) {
+        if (secs_since(t0) > seconds) return false;
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return true;
+}
+
+// ==== part 1: the completion queue ===============================================================
+
+// A producer: takes records handed over by the consumer (through a mutex, as a cpu stream's
+// submission does) and completes them, `status` = its index + 1.
+struct Producer {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::vector<Node*> inbox;
+    bool done = false;
+    std::thread th;
+};
+
+void part_queue() {
+    auto t0 = Clock::now();
+    const int P = 4;
+    const uint64_t N = 50000ull * opt.scale;  // records per producer
+    // -- phase 1: many producers, one consumer ----------------------------------------------------
+    {
+        Queue* q = Queue::create();
+        Consumer c(q);
+        std::vector<std::unique_ptr<Producer>> ps;
+        for (int i = 0; i < P; ++i) ps.emplace_back(new Producer);
+        for (int i = 0; i < P; ++i) {
+            Producer* p = ps[i].get();
+            p->th = std::thread([p, i] {
+                std::mt19937 rng(opt.seed * 7919 + i);
+                std::vector<Node*> work;
+                for (;;) {
+                    {
+                        std::unique_lock<std::mutex> g(p->mu);
+                        p->cv.wait(g, [&] { return p->done || !p->inbox.empty(); });
+                        if (p->inbox.empty()) return;
+                        work.swap(p->inbox);
+                    }
+                    for (Node* n : work) {
+                        complete(n, i + 1);
+                        if (rng() % 512 == 0) std::this_thread::yield();
+                    }
+                    work.clear();
+                }
+            });
+        }
+        std::vector<uint64_t> next_seq(P, 0), got(P, 0);
+        uint64_t received = 0;
+        auto on_record = [&](uint64_t token, int32_t status) {
+            int pid = static_cast<int>(token >> 32);
+            uint64_t seq = token & 0xffffffffu;
+            ++received;
+            if (pid < 0 || pid >= P) return fail("queue: bad token %llx", (unsigned long long)token);
+            CHECK(status == pid + 1, "queue: token %llx has status %d", (unsigned long long)token, status);
+            CHECK(seq == got[pid], "queue: producer %d: record %llu arrived when %llu was due "
+                  "(lost, doubled or reordered)", pid, (unsigned long long)seq,
+                  (unsigned long long)got[pid]);
+            got[pid] = seq + 1;
+        };
+        std::mt19937 rng(opt.seed);
+        uint64_t handed = 0;
+        while (handed < N * P) {
+            int pid = static_cast<int>(rng() % P);
+            size_t chunk = 1 + rng() % 64;
+            std::vector<Node*> nodes;
+            for (size_t k = 0; k < chunk && next_seq[pid] < N; ++k)
+                nodes.push_back(new_node(q, (static_cast<uint64_t>(pid) << 32) | next_seq[pid]++));
+            handed += nodes.size();
+            {
+                std::lock_guard<std::mutex> g(ps[pid]->mu);
+                ps[pid]->inbox.insert(ps[pid]->inbox.end(), nodes.begin(), nodes.end());
+            }
+            ps[pid]->cv.notify_one();
+            if (rng() % 4 == 0) c.pump(0, 1 + rng() % 256, on_record);
+        }
+        for (auto& p : ps) {
+            {
+                std::lock_guard<std::mutex> g(p->mu);
+                p->done = true;
+            }
+            p->cv.notify_one();
+        }
+        auto until = Clock::now() + std::chrono::seconds(opt.timeout_s / 2);
+        while (received < N * P && Clock::now() < until) c.pump(5000, 1 + rng() % 256, on_record);
+        for (auto& p : ps) p->th.join();
+        CHECK(received == N * P, "queue: %llu of %llu records arrived", (unsigned long long)received,
+              (unsigned long long)(N * P));
+        CHECK(q->pushed() == N * P, "queue: pushed() says %llu", (unsigned long long)q->pushed());
+        CHECK(q->signals() >= 1 && q->signals() <= q->pushed(), "queue: %llu signals for %llu pushes",
+              (unsigned long long)q->signals(), (unsigned long long)q->pushed());
+        say("queue: %llu records from %d producers, %llu eventfd signals",
+            (unsigned long long)received, P, (unsigned long long)q->signals());
+        q->release();
+        CHECK(g_live_nodes.load() == 0, "queue: %lld records never freed", (long long)g_live_nodes.load());
+    }
+    // -- phase 2: the consumer closes the queue while records are being completed -----------------
+    const int R = 200 * opt.scale;
+    const int M = 500;  // records per producer per round
+    uint64_t drained = 0;
+    for (int round = 0; round < R; ++round) {
+        Queue* q = Queue::create();
+        Consumer c(q);
+        std::vector<std::vector<Node*>> slices(P);
+        for (int i = 0; i < P; ++i)
+            for (int k = 0; k < M; ++k) slices[i].push_back(new_node(q, (uint64_t(i) << 32) | k));
+        std::atomic<int> started{0};
+        std::vector<std::thread> ts;
+        for (int i = 0; i < P; ++i)
+            ts.emplace_back([&, i] {
+                std::mt19937 rng(opt.seed * 31 + round * 8 + i);
+                started.fetch_add(1);
+                for (Node* n : slices[i]) {
+                    complete(n, 0);
+                    if (rng() % 64 == 0) std::this_thread::yield();
+                }
+            });
+        while (started.load() < P) std::this_thread::yield();
+        std::mt19937 rng(opt.seed + round);
+        // A few small drains leave a partly reversed stack and a backlog for the destructor.
+        int passes = static_cast<int>(rng() % 4);
+        for (int k = 0; k < passes; ++k) {
+            if (rng() % 2) std::this_thread::yield();
+            drained += c.drain_once(1 + rng() % 8);
+        }
+        q->release();  // closed: records still in flight keep the queue until they land
+        for (auto& t : ts) t.join();
+        CHECK(g_live_nodes.load() == 0, "queue close, round %d: %lld records never freed", round,
+              (long long)g_live_nodes.load());
+    }
+    say("queue: %d closes with records in flight (%llu drained before the close)", R,
+        (unsigned long long)drained);
+    say("queue: done in %.1f s", secs_since(t0));
+}
+
+// ==== part 2: the cpu backend ====================================================================
+
+void part_cpu() {
+    auto t0 = Clock::now();
+    constexpr int S = 4, E = 4;
+    const int N = 20000 * opt.scale;  // submissions per round
+    const int R = 10;
+    Queue* q = Queue::create();
+    Consumer c(q);
+    uint64_t total_markers = 0, total_refused = 0;
+    for (int round = 0; round < R; ++round) {
+        std::mt19937 rng(opt.seed * 101 + round);
+        std::vector<std::unique_ptr<CpuStream>> ss;
+        for (int i = 0; i < S; ++i) ss.emplace_back(new CpuStream);
+        std::vector<std::shared_ptr<CpuEventState>> evs;
+        for (int e = 0; e < E; ++e) evs.push_back(std::make_shared<CpuEventState>());
+        struct Marker {
+            int stream;
+            uint64_t need[E];
+            int count = 0;
+        };
+        std::vector<Marker> markers;
+        uint64_t need[S][E] = {};
+        std::vector<uint64_t> last_done(S, 0);  // per stream: 1 + the last marker drained
+        auto on_record = [&](uint64_t token, int32_t status) {
+            if (token >= markers.size()) return fail("cpu: bad token %llu", (unsigned long long)token);
+            Marker& m = markers[token];
+            CHECK(status == kOk, "cpu: marker %llu has status %d", (unsigned long long)token, status);
+            CHECK(++m.count == 1, "cpu: marker %llu completed %d times", (unsigned long long)token, m.count);
+            CHECK(token + 1 > last_done[m.stream], "cpu: stream %d completed marker %llu after %llu",
+                  m.stream, (unsigned long long)token, (unsigned long long)(last_done[m.stream] - 1));
+            last_done[m.stream] = token + 1;
+            for (int e = 0; e < E; ++e) {
+                uint64_t reached;
+                {
+                    std::lock_guard<std::mutex> g(evs[e]->mu);
+                    reached = evs[e]->completed;
+                }
+                CHECK(reached >= m.need[e], "cpu: marker %llu ran before event %d reached %llu "
+                      "(it is at %llu)", (unsigned long long)token, e,
+                      (unsigned long long)m.need[e], (unsigned long long)reached);
+            }
+        };
+        // Another thread closes stream 0 while this one submits to it (and then to the others).
+        std::thread closer([&, pause = std::chrono::microseconds(500 + rng() % 3000)] {
+            std::this_thread::sleep_for(pause);
+            ss[0]->close();
+        });
+        auto refused = [&](const std::string& why, int s) {
+            ++total_refused;
+            CHECK(s == 0 && why.find("closed") != std::string::npos,
+                  "cpu: stream %d refused a submission: %s", s, why.c_str());
+        };
+        for (int i = 0; i < N; ++i) {
+            int s = static_cast<int>(rng() % S);
+            int e = static_cast<int>(rng() % E);
+            unsigned op = rng() % 100;
+            std::string why;
+            if (op < 55) {
+                Marker m{s, {}};
+                std::copy(need[s], need[s] + E, m.need);
+                Node* n = new_node(q, markers.size());
+                why = ss[s]->marker(n);
+                if (why.empty()) markers.push_back(m);
+                else discard(n), refused(why, s);
+            } else if (op < 75) {
+                uint64_t gen = evs[e]->recorded + 1;  // `recorded`: this (the loop) thread only
+                why = ss[s]->record(evs[e], gen);
+                if (why.empty()) evs[e]->recorded = gen, need[s][e] = std::max(need[s][e], gen);
+                else refused(why, s);
+            } else if (op < 95) {
+                uint64_t gen = evs[e]->recorded;
+                why = ss[s]->wait_event(evs[e], gen);
+                if (why.empty()) need[s][e] = std::max(need[s][e], gen);
+                else refused(why, s);
+            } else {
+                why = ss[s]->delay(1e-6 * (rng() % 50));
+                if (!why.empty()) refused(why, s);
+            }
+            if (i % 32 == 0) c.pump(0, 1 + rng() % 64, on_record);
+        }
+        // Close while busy: from here (1, 2), concurrently with the closer (0), and by
+        // destruction (3); each waits for the work already submitted.
+        ss[0]->close();
+        ss[1]->close();
+        ss[2]->close();
+        closer.join();
+        ss[3].reset();
+        for (int s = 0; s < 3; ++s) {
+            CHECK(ss[s]->closed(), "cpu: stream %d is not closed", s);
+            Node* n = new_node(q, ~0ull);
+            std::string why = ss[s]->marker(n);
+            CHECK(!why.empty(), "cpu: a closed stream accepted a marker");
+            if (why.empty()) fatal("cannot continue");
+            discard(n);
+        }
+        size_t got = 0;
+        for (auto& m : markers) got += m.count;
+        auto until = Clock::now() + std::chrono::seconds(opt.timeout_s / 4);
+        while (got < markers.size() && Clock::now() < until) got += c.pump(5000, 64, on_record);
+        CHECK(got == markers.size(), "cpu round %d: %zu of %zu markers completed", round, got,
+              markers.size());
+        for (int e = 0; e < E; ++e) CHECK(evs[e]->done(), "cpu: event %d never reached its last record", e);
+        total_markers += markers.size();
+        ss.clear();  // destroys the closed streams
+    }
+    q->release();
+    CHECK(wait_live_nodes_zero(5), "cpu: %lld records never freed", (long long)g_live_nodes.load());
+    say("cpu: %d rounds, %llu markers completed, %llu submissions refused after a close", R,
+        (unsigned long long)total_markers, (unsigned long long)total_refused);
+    say("cpu: done in %.1f s", secs_since(t0));
+}
+
+// ==== part 3: the cuda engine on the driver emulator =============================================
+
+constexpr int kIllegalAddress = 700, kContextIsDestroyed = 709, kNotReady = 600;
+
+// The emulator's entry points and controls, from the library aiocuda loads (same path: dlopen
+// returns the same instance).
+struct Emu {
+    int (*retain)(void**, int);
+    int (*reset)(int);
+    int (*push)(void*);
+    int (*pop)(void**);
+    int (*stream_create)(void**, unsigned);
+    int (*stream_destroy)(void*);
+    int (*event_create)(void**, unsigned);
+    int (*event_record)(void*, void*);
+    int (*event_destroy)(void*);
+    int (*sleep)(void*, long long);
+    void (*inject)(int, int);
+    long long (*live)(const char*);
+    void* ctx[2] = {nullptr, nullptr};
+
+    void load() {
+        const char* path = std::getenv("AIOCUDA_LIBCUDA");
+        if (!path || !*path) fatal("set AIOCUDA_LIBCUDA to the driver emulator");
+        void* lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+        if (!lib) fatal("dlopen %s: %s", path, dlerror());
+        auto sym = [&](auto& slot, const char* name) {
+            void* p = dlsym(lib, name);
+            if (!p) fatal("the emulator has no %s", name);
+            slot = reinterpret_cast<std::remove_reference_t<decltype(slot)>>(p);
+        };
+        sym(retain, "cuDevicePrimaryCtxRetain");
+        sym(reset, "cuDevicePrimaryCtxReset_v2");
+        sym(push, "cuCtxPushCurrent_v2");
+        sym(pop, "cuCtxPopCurrent_v2");
+        sym(stream_create, "cuStreamCreate");
+        sym(stream_destroy, "cuStreamDestroy_v2");
+        sym(event_create, "cuEventCreate");
+        sym(event_record, "cuEventRecord");
+        sym(event_destroy, "cuEventDestroy_v2");
+        sym(sleep, "emu_enqueue_sleep");
+        sym(inject, "emu_inject_error");
+        sym(live, "emu_live");
+    }
+    void* stream(int dev, unsigned flags) {
+        void* s = nullptr;
+        if (push(ctx[dev]) != 0) fatal("cuCtxPushCurrent failed");
+        int r = stream_create(&s, flags);
+        pop(nullptr);
+        if (r != 0) fatal("cuStreamCreate: %d", r);
+        return s;
+    }
+    void* event_on(int dev, void* s) {  // a foreign event (as torch makes one), recorded on s
+        void* ev = nullptr;
+        push(ctx[dev]);
+        int r = event_create(&ev, 0);
+        if (r == 0) r = event_record(ev, s);
+        pop(nullptr);
+        if (r != 0) fatal("foreign event on device %d: %d", dev, r);
+        return ev;
+    }
+};
+Emu emu;
+
+// Reset as conftest.py's Emu.reset_device does: the engine is held between two passes, standing
+// for cuda.h's "no other module in the process is using the device".
+void reset_device(int dev) {
+    cuda::hold(true);
+    int r = emu.reset(dev);
+    cuda::hold(false);
+    if (r != 0) fatal("cuDevicePrimaryCtxReset: %d", r);
+}
+
+enum WaitKind : uint8_t { kStreamWait, kRecordWait, kDeviceWait, kForeignWait };
+
+struct Wait {
+    WaitKind kind;
+    int dev;
+    int slot;        // the stream it is ordered on (-1: none)
+    int want;        // expected status; -1: 0 or the phase's error (raced with the error)
+    int count = 0;
+    int status = -1;
+    void* foreign = nullptr;  // destroyed once completed (when its context still exists)
+};
+
+struct StreamSlot {
+    void* h;
+    int dev;
+    int id;  // unique across the run: completion order is checked per id
+};
+
+void* g_shared = nullptr;  // a device-1 stream every loop thread waits on too
+std::atomic<bool> g_injected{false};
+
+// One event loop: its own Queue, its own streams, the waits it submitted and their checks.
+class Loop {
+public:
+    explicit Loop(int idx)
+        : idx_(idx), rng_(opt.seed * 1009 + idx), q_(Queue::create()), c_(q_),
+          next_slot_(idx * 100000) {}
+    ~Loop() { q_->release(); }
+
+    void make_streams() {
+        a_ = slot(emu.stream(0, 0), 0);
+        b_ = slot(emu.stream(0, 1), 0);  // non-blocking
+        d_ = slot(emu.stream(1, 0), 1);
+        shared_ = slot(g_shared, 1);
+    }
+    // After a reset of device 0 its streams and events were destroyed with it: never touch
+    // them again.
+    void forget_device0_events() {
+        for (auto& w : waits_)
+            if (w.foreign && w.dev == 0) w.foreign = nullptr;
+    }
+    void forget_device0() {
+        forget_device0_events();
+        a_ = slot(emu.stream(0, 0), 0);
+        b_ = slot(emu.stream(0, 1), 0);
+        for (auto it = marks_.begin(); it != marks_.end();)
+            if (it->dev == 0) {
+                cuda::mark_release(it->m);  // native memory only: no driver call
+                it = marks_.erase(it);
+            } else {
+                ++it;
+            }
+    }
+    void destroy_streams() {
+        for (StreamSlot* s : {&a_, &b_, &d_}) emu.stream_destroy(s->h);
+    }
+
+    // Random waits of every kind on every stream, with short kernels in between.
+    void stress(int n) {
+        for (int i = 0; i < n; ++i) {
+            StreamSlot& s = pick();
+            unsigned op = rng_() % 100;
+            if (op < 20) {
+                emu.sleep(s.h, rng_() % 300);
+            } else if (op < 55) {
+                submit(kStreamWait, s, 0);
+            } else if (op < 67) {
+                submit(kRecordWait, s, 0);
+            } else if (op < 75) {
+                submit(kDeviceWait, s, 0);
+            } else if (op < 88) {
+                submit(kForeignWait, s, 0);
+            } else if (!marks_.empty()) {
+                size_t k = rng_() % marks_.size();
+                std::string why;
+                cuda::Mark* m = marks_[k].m;
+                int r = cuda::mark_query(m, &why);
+                CHECK(r == 0 || r == kNotReady, "loop %d: mark_query: %d %s", idx_, r, why.c_str());
+                if (rng_() % 8 == 0) {
+                    r = cuda::mark_synchronize(m, &why);
+                    CHECK(r == 0, "loop %d: mark_synchronize: %d %s", idx_, r, why.c_str());
+                }
+                cuda::mark_release(m);
+                marks_.erase(marks_.begin() + k);
+            }
+            if (i % 16 == 0) pump(0);
+        }
+        settle("stress");
+        release_marks();
+    }
+
+    // Long work on device 0, waits behind it of every kind; short work and waits on device 1.
+    // What device 0's waits end with is the caller's event (`want`: a sticky error, a reset).
+    void pending_behind_long_work(int k, int want) {
+        emu.sleep(a_.h, 5'000'000);
+        emu.sleep(d_.h, 20'000);
+        for (int i = 0; i < k; ++i) {
+            submit(kStreamWait, a_, want);
+            submit(kRecordWait, a_, want);
+            submit(kForeignWait, a_, want);
+            submit(kStreamWait, d_, 0);
+            submit(kRecordWait, shared_, 0);
+            submit(kForeignWait, d_, 0);
+            if (i % 8 == 0) submit(kDeviceWait, a_, want), submit(kDeviceWait, d_, 0);
+        }
+    }
+    // Loop 0, while the error is injected: waits that race with it (either outcome is right,
+    // but each accepted one completes exactly once).
+    void race_the_error() {
+        int after = 0;
+        while (after < 50) {
+            if (g_injected.load()) ++after;
+            submit(rng_() % 2 ? kStreamWait : kRecordWait, b_, -1);
+            if (rng_() % 4 == 0) emu.sleep(b_.h, rng_() % 200);
+            pump(0);
+        }
+    }
+    void check_refused_after_error() {
+        Node* n = new_node(q_, ~0ull);
+        std::string why;
+        int r = cuda::wait_stream(reinterpret_cast<uintptr_t>(a_.h), -1, n, &why);
+        CHECK(r == kIllegalAddress, "loop %d: a wait on a broken context returned %d", idx_, r);
+    }
+    // Every mark of `dev` reports `want` (its context is broken or was reset).
+    void check_marks(int dev, int want) {
+        for (auto& mk : marks_) {
+            if (mk.dev != dev || mk.want < 0) continue;
+            std::string why;
+            int r = cuda::mark_query(mk.m, &why);
+            CHECK(r == want, "loop %d: a mark of device %d queried %d, not %d", idx_, dev, r, want);
+        }
+    }
+
+    // Waits until every accepted wait completed; checks them; destroys finished foreign events.
+    void settle(const char* phase) {
+        auto until = Clock::now() + std::chrono::seconds(opt.timeout_s / 4);
+        while (outstanding_ > 0 && Clock::now() < until) pump(5000);
+        if (outstanding_ > 0) {
+            auto st = cuda::stats();
+            fatal("loop %d, %s: %zu waits never completed (engine: %zu pending, %zu marks)", idx_,
+                  phase, outstanding_, st.pending, st.marks);
+        }
+        for (auto& w : waits_) {
+            CHECK(w.count == 1, "loop %d, %s: a wait completed %d times", idx_, phase, w.count);
+            bool ok = w.want >= 0 ? w.status == w.want
+                                  : (w.status == 0 || w.status == error_);
+            CHECK(ok, "loop %d, %s: a %s wait on device %d ended with %d, not %d", idx_, phase,
+                  kind_name(w.kind), w.dev, w.status, w.want);
+            if (w.foreign) emu.event_destroy(w.foreign);
+        }
+        base_ += waits_.size();
+        total_ += waits_.size();
+        waits_.clear();
+    }
+    void release_marks() {
+        for (auto& mk : marks_) cuda::mark_release(mk.m);
+        marks_.clear();
+    }
+    void set_error(int e) { error_ = e; }
+    size_t total() const { return total_; }
+    size_t refused() const { return refused_; }
+
+private:
+    static const char* kind_name(WaitKind k) {
+        return k == kStreamWait ? "stream" : k == kRecordWait ? "record" : k == kDeviceWait ? "device"
+                                                                                            : "foreign";
+    }
+    StreamSlot slot(void* h, int dev) { return StreamSlot{h, dev, next_slot_++}; }
+    StreamSlot& pick() {
+        switch (rng_() % 5) {
+            case 0: return a_;
+            case 1: return b_;
+            case 2: return d_;
+            default: return shared_;
+        }
+    }
+
+    void submit(WaitKind kind, StreamSlot& s, int want) {
+        uint64_t token = base_ + waits_.size();
+        Wait w{kind, s.dev, kind == kStreamWait || kind == kRecordWait ? s.id : -1, want};
+        Node* n = new_node(q_, token);
+        std::string why;
+        int r;
+        uintptr_t h = reinterpret_cast<uintptr_t>(s.h);
+        switch (kind) {
+            case kStreamWait: r = cuda::wait_stream(h, -1, n, &why); break;
+            case kRecordWait: {
+                cuda::Mark* m = nullptr;
+                r = cuda::record(h, -1, n, &m, &why);
+                if (r == 0) marks_.push_back(MarkRef{m, s.dev, want});
+                break;
+            }
+            case kDeviceWait: r = cuda::wait_device(s.dev, n, &why); break;
+            default:
+                w.foreign = emu.event_on(s.dev, s.h);
+                r = cuda::wait_event(reinterpret_cast<uintptr_t>(w.foreign), s.dev, n, &why);
+                if (r != 0) {  // (on a broken context: destroyed, and the error returned)
+                    emu.event_destroy(w.foreign);
+                    w.foreign = nullptr;
+                }
+        }
+        if (r != 0) {  // the engine freed n
+            ++refused_;
+            CHECK(want == -1 && r == error_, "loop %d: a %s wait on device %d was refused: %d %s",
+                  idx_, kind_name(kind), s.dev, r, why.c_str());
+            return;
+        }
+        waits_.push_back(w);
+        ++outstanding_;
+    }
+
+    void pump(int timeout_ms) {
+        c_.pump(timeout_ms, 1 + rng_() % 128, [&](uint64_t token, int32_t status) {
+            if (token < base_ || token - base_ >= waits_.size())
+                return fail("loop %d: unknown token %llu", idx_, (unsigned long long)token);
+            Wait& w = waits_[token - base_];
+            ++w.count;
+            w.status = status;
+            --outstanding_;
+            if (w.slot >= 0) {
+                uint64_t& last = last_[w.slot];
+                CHECK(token + 1 > last, "loop %d: stream %d completed wait %llu after %llu", idx_,
+                      w.slot, (unsigned long long)token, (unsigned long long)(last - 1));
+                last = token + 1;
+            }
+        });
+    }
+
+    int idx_;
+    std::mt19937 rng_;
+    Queue* q_;
+    Consumer c_;
+    StreamSlot a_{}, b_{}, d_{}, shared_{};
+    std::vector<Wait> waits_;
+    struct MarkRef {
+        cuda::Mark* m;
+        int dev;
+        int want;
+    };
+    std::vector<MarkRef> marks_;  // aiocuda.Event's share of a mark, until released
+    std::map<int, uint64_t> last_;  // per stream slot: 1 + the last wait token completed
+    uint64_t base_ = 0;             // token of waits_[0]
+    size_t outstanding_ = 0, total_ = 0, refused_ = 0;
+    int error_ = 0;                 // the error submissions may race with (-1 waits)
+    int next_slot_;
+};
+
+void part_cuda() {
+    auto t0 = Clock::now();
+    emu.load();
+    const cuda::DriverInfo& info = cuda::load();
+    if (!info.available) fatal("cuda: the emulator did not load: %s", info.reason.c_str());
+    if (info.device_count < 2) fatal("cuda: the emulator has %d devices; 2 are needed", info.device_count);
+    for (int d = 0; d < 2; ++d)
+        if (emu.retain(&emu.ctx[d], d) != 0) fatal("cuDevicePrimaryCtxRetain(%d)", d);
+    g_shared = emu.stream(1, 0);
+
+    const int T = 3;  // loop threads (and main, which injects, resets and switches strategies)
+    const int N = 700 * opt.scale;
+    const int K = 12;
+    Barrier bar(T + 1);
+    std::vector<std::unique_ptr<Loop>> loops;
+    for (int i = 0; i < T; ++i) loops.emplace_back(new Loop(i));
+    std::atomic<bool> toggling{false};
+
+    // The script every loop thread follows, in step with main through the barrier.
+    auto loop_main = [&](int i) {
+        Loop& L = *loops[i];
+        L.make_streams();
+        for (int strat = 0; strat < 3; ++strat) {  // callback, poll, switching
+            bar.wait();
+            L.stress(N);
+            bar.wait();
+        }
+        for (int strat = 0; strat < 2; ++strat) {
+            // A sticky error while waits are pending, then a reset, then recovery.
+            L.set_error(kIllegalAddress);
+            bar.wait();
+            L.pending_behind_long_work(K, kIllegalAddress);
+            bar.wait();  // all submitted: main injects the error
+            if (i == 0) L.race_the_error();
+            bar.wait();
+            L.settle("sticky error");
+            L.check_marks(0, kIllegalAddress);
+            L.check_refused_after_error();
+            bar.wait();  // main resets device 0
+            bar.wait();
+            L.forget_device0();
+            L.set_error(0);
+            L.stress(N / 4);
+            // A reset while waits are pending, then recovery.
+            bar.wait();
+            L.pending_behind_long_work(K, kContextIsDestroyed);
+            bar.wait();  // main resets device 0
+            bar.wait();
+            L.forget_device0_events();
+            L.settle("reset");
+            L.check_marks(0, kContextIsDestroyed);
+            L.forget_device0();
+            L.stress(N / 4);
+            bar.wait();
+        }
+        L.release_marks();
+        L.destroy_streams();
+    };
+    std::vector<std::thread> ts;
+    for (int i = 0; i < T; ++i) ts.emplace_back(loop_main, i);
+
+    const char* names[] = {"callback", "poll", "switching"};
+    for (int strat = 0; strat < 3; ++strat) {
+        auto t1 = Clock::now();
+        if (strat < 2) cuda::set_strategy(static_cast<cuda::Strategy>(strat));
+        bar.wait();
+        if (strat == 2) {  // switch strategies while the loops wait
+            std::mt19937 rng(opt.seed);
+            toggling = true;
+            std::thread toggler([&] {
+                int s = 0;
+                while (toggling.load()) {
+                    cuda::set_strategy(static_cast<cuda::Strategy>(s ^= 1));
+                    std::this_thread::sleep_for(std::chrono::microseconds(200 + rng() % 2000));
+                }
+            });
+            bar.wait();
+            toggling = false;
+            toggler.join();
+        } else {
+            bar.wait();
+        }
+        say("cuda: stress, %s strategy, %.1f s", names[strat], secs_since(t1));
+    }
+    for (int strat = 0; strat < 2; ++strat) {
+        auto t1 = Clock::now();
+        cuda::set_strategy(static_cast<cuda::Strategy>(strat));
+        bar.wait();
+        bar.wait();  // every loop has waits pending behind long work on device 0
+        std::this_thread::sleep_for(std::chrono::milliseconds(30));
+        emu.inject(0, kIllegalAddress);
+        g_injected = true;
+        bar.wait();
+        bar.wait();  // every wait ended
+        g_injected = false;
+        reset_device(0);
+        bar.wait();
+        bar.wait();  // recovered
+        bar.wait();  // waits pending again
+        std::this_thread::sleep_for(std::chrono::milliseconds(30));
+        reset_device(0);
+        bar.wait();
+        bar.wait();  // recovered again
+        say("cuda: sticky error, reset and recovery, %s strategy, %.1f s", names[strat], secs_since(t1));
+    }
+    for (auto& t : ts) t.join();
+
+    auto until = Clock::now() + std::chrono::seconds(10);
+    cuda::Stats st = cuda::stats();
+    while ((st.pending || st.marks) && Clock::now() < until) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        st = cuda::stats();
+    }
+    CHECK(st.pending == 0 && st.marks == 0, "cuda: the engine still has %zu pending, %zu marks",
+          st.pending, st.marks);
+    size_t total = 0, refused = 0;
+    for (auto& L : loops) total += L->total(), refused += L->refused();
+    loops.clear();
+    emu.stream_destroy(g_shared);
+    CHECK(wait_live_nodes_zero(5), "cuda: %lld records never freed", (long long)g_live_nodes.load());
+    say("cuda: %zu waits completed and checked, %zu refused while the context was broken; engine: "
+        "%zu events, %zu lanes, %zu threads", total, refused, st.events, st.lanes, st.threads);
+    say("cuda: done in %.1f s", secs_since(t0));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    for (int i = 1; i < argc; ++i) {
+        std::string a = argv[i];
+        auto val = [&]() -> std::string {
+            if (i + 1 >= argc) fatal("%s needs a value", a.c_str());
+            return argv[++i];
+        };
+        if (a == "--part") opt.part = val();
+        else if (a == "--scale") opt.scale = std::max(1, std::atoi(val().c_str()));
+        else if (a == "--seed") opt.seed = static_cast<unsigned>(std::atoll(val().c_str()));
+        else if (a == "--timeout") opt.timeout_s = std::max(10, std::atoi(val().c_str()));
+        else fatal("unknown argument %s (--part queue|cpu|cuda|all, --scale N, --seed N, --timeout S)",
+                   a.c_str());
+    }
+    // A watchdog: a hang anywhere ends the run with a failure instead of blocking CI.
+    std::thread([] {
+        std::this_thread::sleep_for(std::chrono::seconds(opt.timeout_s));
+        fatal("the harness ran longer than %d s", opt.timeout_s);
+    }).detach();
+    say("stress: part %s, scale %d, seed %u", opt.part.c_str(), opt.scale, opt.seed);
+    auto t0 = Clock::now();
+    bool all = opt.part == "all";
+    if (all || opt.part == "queue") part_queue();
+    if (all || opt.part == "cpu") part_cpu();
+    if (all || opt.part == "cuda") part_cuda();
+    int f = g_failures.load();
+    say("stress: %s in %.1f s (%d failure%s)", f ? "FAILED" : "passed", secs_since(t0), f,
+        f == 1 ? "" : "s");
+    return f ? 1 : 0;
+}
