@@ -545,7 +545,7 @@ def _memory(runner: Runner, source: str) -> None:
             for kind in got:
                 r = subprocess.run(
                     [sys.executable, "-m", "aiocuda.bench", MEMORY_CHILD, source, kind,
-                     str(cfg.memory_ops), str(cfg.step_timeout_s)],
+                     str(cfg.memory_ops), str(0.9 * cfg.step_timeout_s)],
                     capture_output=True, text=True, check=True, timeout=cfg.step_timeout_s,
                 )
                 got[kind].append(int(r.stdout.strip()) / cfg.memory_ops)
@@ -573,8 +573,8 @@ def memory_child(source: str, what: str, n: int, timeout_s: float = 120.0) -> No
 
     from .._api import synchronize
 
-    # Ends the child (with a traceback on stderr) even where its main thread is stuck in a
-    # driver call; the parent also kills it after the same time.
+    # Ends the child even where its main thread is stuck in a driver call, before the parent
+    # kills it (which it does at its timeout), so the failure shows the child's traceback.
     faulthandler.dump_traceback_later(timeout_s, exit=True)
 
     def rss() -> int:
@@ -686,7 +686,7 @@ def targets(r: Report) -> list[dict[str, Any]]:
             lat = _find(r.latency, method=m, **key)
             if lat:
                 for other, limit in ((EXECUTOR, 0.5), (POLL1, 0.05), (POLL0, None),
-                                     *((p, None) for p in PEERS)):
+                                     *((peer, None) for peer in PEERS)):
                     o = _find(r.latency, method=other, **key)
                     if o:
                         for p in ("p50_us", "p99_us"):
