@@ -31,17 +31,18 @@ bool CpuEventState::done() {
 CpuStream::CpuStream()
     : sh_(std::make_shared<Shared>()),
       epoch_(g_fork_epoch.load(std::memory_order_relaxed)),
-      worker_([sh = sh_] { run(*sh); }) {}
+      worker_(std::make_unique<std::thread>([sh = sh_] { run(*sh); })) {}
 
 CpuStream::~CpuStream() { close(); }
 
 bool CpuStream::closed() {
+    if (forked()) return true;  // unusable here; its lock may be held by a thread not copied
     std::lock_guard<std::mutex> g(sh_->mu);
     return sh_->closing;
 }
 
 std::string CpuStream::enqueue(Item&& item) {
-    if (epoch_ != g_fork_epoch.load(std::memory_order_relaxed))
+    if (forked())
         return "this CpuStream was created before fork(); its worker thread does not exist in the "
                "child process: create a new CpuStream in the child";
     Shared& sh = *sh_;
@@ -102,6 +103,13 @@ std::string CpuStream::delay(double seconds) {
 }
 
 void CpuStream::close() {
+    if (forked()) {
+        // A forked child's copy: its worker, and any thread that held its lock at the fork, do
+        // not exist here. Touch neither the lock nor the thread (detaching it would ask the
+        // system about a thread it does not have); the handle is let go of.
+        static_cast<void>(worker_.release());
+        return;
+    }
     {
         std::lock_guard<std::mutex> g(sh_->mu);
         sh_->closing = true;
@@ -109,14 +117,13 @@ void CpuStream::close() {
         sh_->joined = true;
     }
     sh_->cv.notify_one();
-    if (epoch_ != g_fork_epoch.load(std::memory_order_relaxed) ||
-        worker_.get_id() == std::this_thread::get_id()) {
-        // The parent's thread (nothing to join in this process), or a call on the worker
-        // closing its own stream: the worker finishes what was submitted and exits by itself.
-        worker_.detach();
+    if (worker_->get_id() == std::this_thread::get_id()) {
+        // A call on the worker closing its own stream: the worker finishes what was submitted
+        // and exits by itself.
+        worker_->detach();
         return;
     }
-    worker_.join();
+    worker_->join();
 }
 
 void CpuStream::run_call(Item& it) {

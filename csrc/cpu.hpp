@@ -73,9 +73,11 @@ private:
     static void run(Shared& sh);
     static void run_call(Item& it);
 
+    bool forked() const { return epoch_ != g_fork_epoch.load(std::memory_order_relaxed); }
+
     std::shared_ptr<Shared> sh_;
     uint32_t epoch_;
-    std::thread worker_;
+    std::unique_ptr<std::thread> worker_;  // let go of, never joined, in a forked child
 };
 
 }  // namespace aiocuda

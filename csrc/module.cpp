@@ -6,8 +6,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <pthread.h>
+#include <unistd.h>
 
 #include <atomic>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -35,6 +37,7 @@ struct Hooks {
     PyObject* invalid_state = nullptr;     // asyncio.InvalidStateError
     PyObject* s_create_future = nullptr;
     PyObject* s_set_result = nullptr;
+    PyObject* s_set_exception = nullptr;
     PyObject* s_queue = nullptr;
 } hooks;
 
@@ -73,6 +76,7 @@ public:
             Py_CLEAR(s.keep);
         }
         pending_ = 0;
+        clear_outcomes();
         q_->release();  // records in flight keep the native queue until they land
         q_ = nullptr;
     }
@@ -97,6 +101,7 @@ public:
             Py_CLEAR(s.keep);
         }
         pending_ = 0;
+        clear_outcomes();
         q_ = nullptr;  // leaked on purpose: it is the parent's
     }
     int fd() const { return live()->fd(); }
@@ -150,7 +155,7 @@ public:
     }
 
     py::object submit_call(CpuStream& s, py::handle loop, py::object fn, py::tuple args,
-                           py::object kwargs, py::dict outcomes) {
+                           py::object kwargs) {
         live();
         py::object fut = py::reinterpret_steal<py::object>(
             PyObject_CallMethodNoArgs(loop.ptr(), hooks.s_create_future));
@@ -159,7 +164,7 @@ public:
         Node* n = new_node(q_, token);
         PyObject* kw = kwargs.is_none() ? nullptr : kwargs.release().ptr();
         std::string why = s.call(n, fn.release().ptr(), args.release().ptr(), kw,
-                                 outcomes.release().ptr());
+                                 py::object(outcomes_).release().ptr());
         if (!why.empty()) {
             discard(n);
             Py_XDECREF(take(token));
@@ -169,40 +174,92 @@ public:
         return fut;
     }
 
-    // Resolves up to `max` finished records. Successful waits are resolved here; the rest come
-    // back as [(future, status, token)] for Python. Returns (count, rest, more).
+    // Resolves up to `max` finished records, in the order they finished, whatever their kind:
+    // a stream's completions reach their futures in stream order. Nothing a future or an
+    // outcome does stops the pass half way. Returns (count, more).
     py::tuple drain(size_t max) {
         Queue* q = live();
         if (max == 0 || max > kMaxBatch) max = kMaxBatch;
         if (buf_.size() < max) buf_.resize(max);
         bool more = false;
         size_t k = q->drain(max, buf_.data(), &more);
-        py::list rest;
         for (size_t i = 0; i < k; ++i) {
             Node* n = buf_[i];
             uint64_t token = n->token;
             int32_t status = n->status;
             free_node(n);  // its producer already dropped the queue reference
             PyObject* fut = take(token);
-            if (!fut) continue;  // its submission was refused after the fact
-            if (status != kOk) {
-                rest.append(py::make_tuple(py::reinterpret_steal<py::object>(fut), status, token));
-                continue;
+            PyObject* outcome = nullptr;  // a cpu call's return value or exception
+            if (status == kCallReturned || status == kCallRaised) {
+                PyObject* key = PyLong_FromUnsignedLongLong(token);
+                if (key) {
+                    outcome = PyDict_GetItemWithError(outcomes_.ptr(), key);  // borrowed
+                    Py_XINCREF(outcome);
+                    if (outcome) PyDict_DelItem(outcomes_.ptr(), key);
+                    Py_DECREF(key);
+                }
+                PyErr_Clear();  // no memory for the key: the waiter still completes (None)
             }
-            PyObject* r = PyObject_CallMethodOneArg(fut, hooks.s_set_result, Py_None);
-            if (r) {
-                Py_DECREF(r);
-            } else if (PyErr_ExceptionMatches(hooks.invalid_state)) {
-                PyErr_Clear();  // cancelled while waiting: never resurrect it
-            } else {
-                PyErr_WriteUnraisable(fut);
-            }
-            Py_DECREF(fut);
+            if (fut) resolve(fut, status, outcome);  // no fut: refused after the fact
+            Py_XDECREF(outcome);
+            Py_XDECREF(fut);
         }
-        return py::make_tuple(k, std::move(rest), more);
+        return py::make_tuple(k, more);
     }
 
+    void clear_outcomes() { PyDict_Clear(outcomes_.ptr()); }
+
 private:
+    // Settles `fut` from a record's status. Never raises: what cannot be delivered as asked is
+    // delivered as a RuntimeError, and what cannot be delivered at all is reported unraisable.
+    static void resolve(PyObject* fut, int32_t status, PyObject* outcome) {
+        PyObject* exc = nullptr;  // new reference, or null for a result
+        if (status == kCallRaised && outcome) {
+            if (PyErr_GivenExceptionMatches(outcome, PyExc_StopIteration)) {
+                // A future cannot hold StopIteration (it would end the awaiting coroutine's
+                // frame): asyncio turns it into a RuntimeError for the same reason.
+                exc = PyObject_CallFunction(PyExc_RuntimeError, "s",
+                                            "the function raised StopIteration");
+                if (exc) {
+                    Py_INCREF(outcome);
+                    PyException_SetCause(exc, outcome);
+                }
+            } else {
+                exc = Py_NewRef(outcome);
+            }
+        } else if (status != kOk && status != kCallReturned && status != kCallRaised) {
+            exc = PyObject_CallFunction(hooks.refused, "is", static_cast<int>(status),
+                                        cuda::error_text(status).c_str());
+        }
+        PyObject* r;
+        if (exc) {
+            r = PyObject_CallMethodOneArg(fut, hooks.s_set_exception, exc);
+        } else if (PyErr_Occurred()) {
+            r = nullptr;  // building the exception failed: that error is reported below
+        } else {
+            r = PyObject_CallMethodOneArg(fut, hooks.s_set_result,
+                                          status == kCallReturned && outcome ? outcome : Py_None);
+        }
+        Py_XDECREF(exc);
+        if (r) {
+            Py_DECREF(r);
+            return;
+        }
+        if (PyErr_ExceptionMatches(hooks.invalid_state)) {
+            PyErr_Clear();  // cancelled while waiting: never resurrect it
+            return;
+        }
+        PyErr_WriteUnraisable(fut);  // a future that refused its outcome: tell it so instead
+        PyObject* again = PyObject_CallFunction(
+            PyExc_RuntimeError, "s", "aiocuda could not deliver this operation's outcome");
+        if (again) {
+            r = PyObject_CallMethodOneArg(fut, hooks.s_set_exception, again);
+            Py_XDECREF(r);
+            Py_DECREF(again);
+        }
+        PyErr_Clear();
+    }
+
     struct Slot { PyObject* fut; PyObject* keep; uint32_t gen; };
 
     Queue* live() const {
@@ -250,12 +307,15 @@ private:
     std::vector<uint32_t> free_;
     size_t pending_ = 0;
     std::vector<Node*> buf_;
+    py::dict outcomes_;  // cpu calls: token -> return value or exception, until drained
 };
 
 // ---- aiocuda.synchronize: native, because it runs once per operation -----------------------
+// The last (loop -> queue) this thread used. It owns nothing, so it keeps no loop alive: the
+// queue is valid while the epoch is unchanged, since every queue bumps it when it closes, and a
+// collected loop's queue is closed by its finalizer before another loop can take its address.
 struct LoopCache {
-    PyObject* loop = nullptr;   // borrowed: compared by identity only
-    PyObject* state = nullptr;  // strong: keeps `queue` alive
+    PyObject* loop = nullptr;  // compared by identity only
     PyQueue* queue = nullptr;
     uint64_t epoch = 0;
 };
@@ -263,49 +323,55 @@ thread_local LoopCache t_cache;
 
 PyQueue* queue_for(PyObject* loop) {
     LoopCache& c = t_cache;
-    if (c.loop == loop && c.epoch == g_queue_epoch.load(std::memory_order_relaxed)) return c.queue;
     uint64_t epoch = g_queue_epoch.load(std::memory_order_relaxed);
+    if (c.loop == loop && c.epoch == epoch) return c.queue;
     PyObject* st = PyObject_CallOneArg(hooks.state_for, loop);
     if (!st) return nullptr;
     PyObject* qo = PyObject_GetAttr(st, hooks.s_queue);
-    if (!qo) {
-        Py_DECREF(st);
-        return nullptr;
-    }
+    Py_DECREF(st);  // the loop's state lives on in aiocuda._loop._states
+    if (!qo) return nullptr;
     PyQueue* q = py::handle(qo).cast<PyQueue*>();
     Py_DECREF(qo);
-    Py_XSETREF(c.state, st);
     c.loop = loop;
     c.queue = q;
     c.epoch = epoch;
     return q;
 }
 
+pid_t g_pid = 0;  // this process's id, kept by on_fork_child: getpid() is a system call
+
 #if PY_VERSION_HEX < 0x030C0000
-// Python 3.11's asyncio._get_running_loop() makes a getpid() system call every time, which is
-// a large share of an operation's cost. asyncio keeps the running loop in a holder object in
-// the thread-state dict and makes a new holder whenever the running loop changes, so while the
-// holder is the one we saw, so is the loop. (3.12 keeps it in the thread state: no syscall.)
+// Python 3.10 and 3.11's asyncio._get_running_loop() makes a getpid() system call every time,
+// a large share of an operation's cost. Their C accelerator keeps the running loop in a holder
+// object in the thread-state dict (Modules/_asynciomodule.c, PyRunningLoopHolder: the loop and
+// the pid that set it; a new holder whenever the running loop changes), so the loop is read
+// from the holder directly, borrowing nothing across calls. The holder's type is learned from
+// one that agrees with asyncio's own answer; anything else takes asyncio's way.
+struct RunningLoopHolder {
+    PyObject_HEAD
+    PyObject* rl_loop;
+    pid_t rl_pid;
+};
 PyObject* s_running_key = nullptr;
-thread_local PyObject* t_holder = nullptr;  // strong: its identity must not be reused
-thread_local PyObject* t_loop = nullptr;    // borrowed: the holder references it
-thread_local uint32_t t_fork_epoch = 0;
+PyTypeObject* g_holder_type = nullptr;
 
 PyObject* get_running_loop() {
     PyObject* d = PyThreadState_GetDict();
-    PyObject* holder = d ? PyDict_GetItemWithError(d, s_running_key) : nullptr;
-    if (holder && holder == t_holder &&
-        t_fork_epoch == g_fork_epoch.load(std::memory_order_relaxed)) {
-        Py_INCREF(t_loop);
-        return t_loop;
+    PyObject* holder = d ? PyDict_GetItemWithError(d, s_running_key) : nullptr;  // borrowed
+    if (holder && Py_TYPE(holder) == g_holder_type) {
+        auto* h = reinterpret_cast<RunningLoopHolder*>(holder);
+        if (h->rl_pid == g_pid) return Py_NewRef(h->rl_loop);
     }
     PyErr_Clear();
     PyObject* loop = PyObject_CallNoArgs(hooks.get_running_loop);
-    if (loop && holder) {
-        Py_INCREF(holder);
-        Py_XSETREF(t_holder, holder);
-        t_loop = loop;
-        t_fork_epoch = g_fork_epoch.load(std::memory_order_relaxed);
+    if (loop && !g_holder_type) {
+        holder = d ? PyDict_GetItemWithError(d, s_running_key) : nullptr;
+        PyErr_Clear();
+        if (holder && loop != Py_None &&
+            std::strcmp(Py_TYPE(holder)->tp_name, "_RunningLoopHolder") == 0 &&
+            reinterpret_cast<RunningLoopHolder*>(holder)->rl_loop == loop &&
+            reinterpret_cast<RunningLoopHolder*>(holder)->rl_pid == g_pid)
+            g_holder_type = Py_TYPE(holder);
     }
     return loop;
 }
@@ -432,6 +498,7 @@ struct GilFreeDelete {
 };
 
 void on_fork_child() {
+    g_pid = getpid();
     g_fork_epoch.fetch_add(1, std::memory_order_relaxed);
     cuda::after_fork_in_child();
 }
@@ -455,9 +522,11 @@ py::tuple mark_call(uintptr_t m) {
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "aiocuda's native core: completion queues, the cpu backend and the CUDA driver.";
+    g_pid = getpid();
     pthread_atfork(nullptr, nullptr, on_fork_child);
     hooks.s_create_future = intern("create_future");
     hooks.s_set_result = intern("set_result");
+    hooks.s_set_exception = intern("set_exception");
     hooks.s_queue = intern("queue");
 #if PY_VERSION_HEX < 0x030C0000
     s_running_key = intern("__asyncio_running_event_loop__");

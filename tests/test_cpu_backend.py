@@ -200,3 +200,60 @@ def test_the_last_reference_may_go_away_on_the_worker(run):
         return await fut
 
     assert "CpuStream" in run(main())
+
+
+def test_completions_reach_their_futures_in_stream_order(run):
+    # Calls, plain waits and events mixed on one stream resolve their futures in stream order:
+    # when `await s` resumes, every earlier submit's future is done and its callback has run.
+    async def main():
+        got: list[object] = []
+        with aiocuda.CpuStream() as s:
+            s.delay(0.01)
+            for i in range(5):
+                s.submit(int, i).add_done_callback(lambda f: got.append(f.result()))
+                aiocuda.synchronize(s).add_done_callback(lambda f, i=i: got.append(f"wait {i}"))
+            ev = aiocuda.record(s)
+            last = s.submit(int, 99)
+            await s
+            seen = list(got)
+            await asyncio.gather(ev, last)
+        return seen
+
+    expected = [x for i in range(5) for x in (i, f"wait {i}")]
+    assert run(main()) == expected
+
+
+def test_a_call_raising_stop_iteration_fails_its_future_only(run):
+    # A future cannot hold StopIteration; the call's future gets a RuntimeError caused by it,
+    # and the rest of the drain pass (here: the same batch) is delivered.
+    async def main():
+        with aiocuda.CpuStream() as s:
+            s.delay(0.01)  # so that all three finish in one drain pass
+            bad = s.submit(next, iter([]))
+            good = s.submit(int, 1)
+            done = aiocuda.synchronize(s)
+            results = await asyncio.wait_for(
+                asyncio.gather(bad, good, done, return_exceptions=True), 5)
+        return results
+
+    bad, good, done = run(main())
+    assert isinstance(bad, RuntimeError) and "StopIteration" in str(bad)
+    assert isinstance(bad.__cause__, StopIteration)
+    assert good == 1 and done is None
+
+
+def test_base_exceptions_from_a_call_reach_the_awaiter(run):
+    class Stop(BaseException):
+        pass
+
+    def boom() -> None:
+        raise Stop("not an Exception")
+
+    async def main():
+        with aiocuda.CpuStream() as s:
+            fut = s.submit(boom)
+            with pytest.raises(Stop, match="not an Exception"):
+                await asyncio.wait_for(asyncio.shield(fut), 5)
+            return await s.submit(int, 2)
+
+    assert run(main()) == 2

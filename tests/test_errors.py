@@ -64,10 +64,9 @@ def test_bad_arguments_to_cpu_streams(run):
                 s.submit(42)
             with pytest.raises(TypeError, match="number"):
                 s.delay("1")
-            with pytest.raises(ValueError, match="finite and >= 0"):
-                s.delay(-1)
-            with pytest.raises(ValueError, match="finite and >= 0"):
-                s.delay(float("nan"))
+            for bad in (-1, float("nan"), float("inf"), 1e300, 10**400, -(10**400)):
+                with pytest.raises(ValueError, match=">= 0 and at most 1e"):
+                    s.delay(bad)
             with pytest.raises(TypeError, match="aiocuda.Event"):
                 s.wait_event(object())
             await s

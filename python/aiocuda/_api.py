@@ -34,6 +34,7 @@ class CudaStreamProtocol(Protocol):
 StreamLike = Union["CpuStream", CudaStreamProtocol, int, Any]
 
 _U64 = 1 << 64
+_MAX_DELAY_S = 1e9  # the worker sleeps in nanoseconds of a 64-bit clock: about 292 years at most
 
 
 def _cuda_handle(stream: object) -> tuple[int, int]:
@@ -241,7 +242,7 @@ class CpuStream(_core.CpuStreamBase):
         loop = running_loop("CpuStream.submit()")
         st = state_for(loop)
         fut: asyncio.Future[T] = st.queue.submit_call(
-            self, loop, fn, args, kwargs or None, st.outcomes
+            self, loop, fn, args, kwargs or None
         )
         return fut
 
@@ -265,9 +266,13 @@ class CpuStream(_core.CpuStreamBase):
         """Hold the stream for `seconds` without the GIL (the cpu analogue of a sleep kernel)."""
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
             raise TypeError(f"seconds must be a number, got {type(seconds).__name__}")
-        if not math.isfinite(seconds) or seconds < 0:
-            raise ValueError(f"seconds must be finite and >= 0, got {seconds}")
-        _check(self._delay(float(seconds)))
+        try:
+            value = float(seconds)
+        except OverflowError:  # an int beyond any float
+            value = math.inf
+        if not 0 <= value <= _MAX_DELAY_S:
+            raise ValueError(f"seconds must be >= 0 and at most {_MAX_DELAY_S:g}, got {seconds}")
+        _check(self._delay(value))
 
     def close(self) -> None:
         """Stop accepting work and wait for the work already submitted. Idempotent."""

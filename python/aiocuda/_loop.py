@@ -10,15 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _core
-from ._errors import AiocudaError, CudaError
+from ._errors import AiocudaError
 
 __all__ = ["Statistics", "statistics", "state_for", "running_loop"]
 
 #: Completions resolved per pass before the drain yields back to the loop (invariant 9).
 BATCH = 256
 
-_STATUS_CALL_RETURNED = _core.STATUS_CALL_RETURNED
-_STATUS_CALL_RAISED = _core.STATUS_CALL_RAISED
 
 
 @dataclass(frozen=True)
@@ -36,15 +34,15 @@ class LoopState:
     """The completion queue of one event loop, and the futures waiting on it."""
 
     __slots__ = (
-        "loop_ref", "queue", "outcomes", "completed", "wakeups", "batches", "largest_batch",
-        "_again", "fd",
+        "loop_ref", "queue", "completed", "wakeups", "batches", "largest_batch", "_again", "fd",
+        "finalizer",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop_ref = weakref.ref(loop)  # weak: the loop owns us through its reader, not back
         self.queue = _core.CompletionQueue()
         self.fd = self.queue.fd
-        self.outcomes: dict[int, Any] = {}  # cpu calls: token -> return value or exception
+        self.finalizer: weakref.finalize[Any, Any] | None = None  # set by _new_state
         self.completed = self.wakeups = self.batches = self.largest_batch = 0
         self._again = False
         try:
@@ -71,9 +69,7 @@ class LoopState:
 
         At most one further pass is scheduled at a time, however often the fd fires meanwhile.
         """
-        n, rest, more = self.queue.drain(BATCH)  # resolves the plain waits natively
-        if rest:
-            self._resolve_rest(rest)
+        n, more = self.queue.drain(BATCH)  # resolves the futures natively, in finishing order
         if n:
             self.completed += n
             self.batches += 1
@@ -85,27 +81,14 @@ class LoopState:
                 self._again = True
                 loop.call_soon(self._drain_again)
 
-    def _resolve_rest(self, rest: list[tuple[asyncio.Future[Any], int, int]]) -> None:
-        outcomes = self.outcomes
-        for fut, status, token in rest:
-            if status == _STATUS_CALL_RETURNED or status == _STATUS_CALL_RAISED:
-                value = outcomes.pop(token, None)
-            else:
-                value = CudaError(status, _core.cuda_error_text(status))
-            if fut.done():
-                continue  # cancelled: a cancelled future is never resurrected
-            if status == _STATUS_CALL_RETURNED:
-                fut.set_result(value)
-            else:
-                fut.set_exception(value)
-
     def close(self) -> None:
         """Detach from the loop and drop the queue; records still in flight free themselves."""
+        if self.queue.closed:
+            return  # closed already, or a forked child's copy of the parent's (abandoned)
         loop = self.loop_ref()
         if loop is not None and not loop.is_closed():
             loop.remove_reader(self.fd)  # remove the reader first, then let the fd close
         self.queue.close()
-        self.outcomes.clear()
 
     def statistics(self) -> Statistics:
         return Statistics(
@@ -118,6 +101,9 @@ class LoopState:
 
 
 _states: dict[int, LoopState] = {}  # id(loop) -> state; entries die with their loop
+# Guards the changes to _states. Held only around dict operations, never across code that can
+# run a finalizer (dropping a loop, closing a state): a finalizer runs on whatever thread
+# happens to drop the last reference, possibly one that holds the lock.
 _states_lock = threading.Lock()
 
 
@@ -146,33 +132,38 @@ def state_for(loop: asyncio.AbstractEventLoop) -> LoopState:
 
 
 def _new_state(loop: asyncio.AbstractEventLoop) -> LoopState:
-    with _states_lock:
-        _close_stale_locked()  # loops closed since we last looked
-        st = LoopState(loop)
-        _states[id(loop)] = st
-        weakref.finalize(loop, _forget, id(loop), st)
-        return st
+    close_loop_states()  # loops closed since we last looked
+    st = LoopState(loop)
+    with _states_lock:  # dict operations only
+        other = _states.get(id(loop))
+        winner = other if other is not None and other.loop_ref() is loop else None
+        if winner is None:
+            _states[id(loop)] = st
+    if winner is not None:  # another thread made one meanwhile
+        st.close()
+        return winner
+    # The finalizer holds no reference to the loop; it runs when the loop is collected.
+    st.finalizer = weakref.finalize(loop, _forget, id(loop), st)
+    return st
 
 
 def _forget(key: int, st: LoopState) -> None:
-    with _states_lock:
-        if _states.get(key) is st:
-            del _states[key]
+    # Runs when a loop is collected, on any thread, maybe one inside _new_state: no lock wait.
+    if _states.get(key) is st:
+        _states.pop(key, None)  # a new loop cannot have this id yet: this one is not freed
     st.close()
 
 
 def close_loop_states() -> None:
     """Close the queues of loops that are closed or gone (done lazily otherwise)."""
+    stale: list[LoopState] = []
     with _states_lock:
-        _close_stale_locked()
-
-
-def _close_stale_locked() -> None:
-    for key, st in list(_states.items()):
-        loop = st.loop_ref()
-        if loop is None or loop.is_closed():
-            del _states[key]
-            st.close()
+        for key, st in list(_states.items()):
+            if st.loop_ref() is None or st.loop_ref().is_closed():  # type: ignore[union-attr]
+                del _states[key]
+                stale.append(st)
+    for st in stale:  # outside the lock: closing may drop a loop's last reference
+        st.close()
 
 
 def statistics() -> Statistics:
@@ -185,8 +176,12 @@ def statistics() -> Statistics:
 
 
 def _after_fork_in_child() -> None:
-    # The parent's queues, fds and in-flight records are not ours: never read, close or free
-    # them. Futures that waited on the parent's work fail now instead of hanging.
+    # The parent's queues, fds, in-flight records and reader registrations (in an epoll
+    # instance the child shares) are not ours: never read, close, free or unregister them,
+    # however the child exits. Futures that waited on the parent's work fail now instead of
+    # hanging. The lock may have been held by a thread that does not exist here.
+    global _states_lock
+    _states_lock = threading.Lock()
     states = list(_states.values())
     _states.clear()
     err = AiocudaError(
@@ -194,12 +189,13 @@ def _after_fork_in_child() -> None:
         "delivered to the parent only: submit it again in the child"
     )
     for st in states:
+        if st.finalizer is not None:
+            st.finalizer.detach()  # at exit it would unregister the parent's reader
         loop = st.loop_ref()
         st.queue.abandon(err, loop is not None and not loop.is_closed())
-        st.outcomes.clear()
         _orphans.append(st)
 
 
-_orphans: list[LoopState] = []
+_orphans: list[LoopState] = []  # kept, never closed: see _after_fork_in_child
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -149,12 +149,6 @@ _waiter: _CpuEventWaiter | None = None
 _waiter_lock = threading.Lock()
 
 
-def _forget_waiter() -> None:  # a forked child must not use the parent's worker
-    global _waiter, _waiter_lock
-    _waiter, _waiter_lock = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_waiter)
 
 
 def _cpu_event_waiter() -> _CpuEventWaiter:
@@ -209,6 +203,18 @@ class CpuTorchStream(CpuStream):
 _POOL_SIZE = 4
 _pool: dict[int, Iterator[Stream]] = {}
 _pool_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # The parent's worker and streams are not the child's, and a lock may have been held by a
+    # thread that does not exist here.
+    global _waiter, _waiter_lock, _pool_lock
+    _waiter, _waiter_lock = None, threading.Lock()
+    _pool.clear()
+    _pool_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _pooled(device: torch.device) -> Stream:

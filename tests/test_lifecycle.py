@@ -1,0 +1,191 @@
+"""Loops, threads and forks coming and going: nothing hangs, nothing is kept alive, the parent
+keeps working. Each case runs in a subprocess, so a hang is a timeout and a crash is an exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def run_script(code: str, timeout: float = 60) -> str:
+    """Run `code` in a fresh interpreter; return its stdout (fails on a non-zero exit or hang)."""
+    try:
+        r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                           text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"hung for {timeout} s:\n{exc.stdout}\n{exc.stderr}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def new_loop_code(kind: str) -> str:
+    if kind == "uvloop":
+        pytest.importorskip("uvloop", reason="uvloop is not installed (pip install aiocuda[test])")
+        return "import uvloop; new_loop = uvloop.new_event_loop"
+    return "import asyncio; new_loop = asyncio.new_event_loop"
+
+
+def test_a_loop_closed_with_work_pending_is_collected_without_a_deadlock():
+    # The second asyncio.run collects the first loop (closed with a wait pending) while aiocuda
+    # registers the second one: its finalizer must not wait for a lock its own thread holds.
+    out = run_script("""
+        import asyncio, gc, aiocuda
+        s = aiocuda.CpuStream()
+        async def first():
+            s.delay(0.01)
+            aiocuda.synchronize(s)  # left pending when the loop closes
+        asyncio.run(first())
+        async def second():
+            await s
+        for _ in range(20):
+            asyncio.run(second())
+            gc.collect()
+        print("ok")
+    """, timeout=30)
+    assert out.strip() == "ok"
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_threads_that_end_keep_no_loop_alive(kind):
+    # Each thread runs a loop that awaits aiocuda work (one left pending at close), then ends:
+    # afterwards no loop of theirs may still be alive, but the last one: a closed loop's queue
+    # (and the future pending in it) is let go when the next loop is registered.
+    out = run_script(new_loop_code(kind) + """
+import asyncio, gc, threading, aiocuda
+s = aiocuda.CpuStream()
+
+def worker():
+    loop = new_loop()
+    async def main():
+        await s.submit(int, 1)
+        await aiocuda.synchronize(s)
+        s.delay(0.001)
+        aiocuda.synchronize(s)  # still pending when the loop closes
+    loop.run_until_complete(main())
+    loop.close()
+
+for _ in range(200):
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+for _ in range(3):
+    gc.collect()
+alive = [o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop)]
+print(len(alive))
+""")
+    assert int(out.strip()) <= 1
+
+
+def test_the_main_threads_last_loop_is_not_kept_alive():
+    out = run_script("""
+        import asyncio, gc, weakref, aiocuda
+        s = aiocuda.CpuStream()
+        refs = []
+        async def main(leave_pending):
+            refs.append(weakref.ref(asyncio.get_running_loop()))
+            await aiocuda.synchronize(s)
+            if leave_pending:
+                s.delay(0.001)
+                aiocuda.synchronize(s)
+        asyncio.run(main(False))
+        gc.collect()
+        print(refs[0]() is None)  # all its work done: nothing of aiocuda's holds it
+        asyncio.run(main(True))
+        asyncio.run(main(False))  # registering a new loop lets the closed one's queue go
+        gc.collect()
+        print(refs[1]() is None)
+    """)
+    assert out.split() == ["True", "True"]
+
+
+FORK_PRELUDE = """
+import asyncio, os, sys, threading, time, warnings
+import aiocuda
+warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads: the point here
+
+def wait_child(pid, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return "hung"
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("kind", LOOPS)
+@pytest.mark.parametrize("child_exit", ["sys.exit", "os._exit", "return"])
+def test_a_forked_child_never_touches_the_parents_loop(kind, child_exit):
+    # The child shares the parent's epoll instance: whichever way it exits (finalizers and
+    # atexit run on sys.exit), the parent's reader must stay registered.
+    ending = {"sys.exit": "sys.exit(0)", "os._exit": "os._exit(0)", "return": "pass"}[child_exit]
+    out = run_script(new_loop_code(kind) + FORK_PRELUDE + f"""
+s = aiocuda.CpuStream()
+
+async def child_work():
+    with aiocuda.CpuStream() as mine:
+        return await mine.submit(int, 5)
+
+async def main():
+    await s.submit(int, 1)  # the parent's reader is registered
+    pid = os.fork()
+    if pid == 0:
+        asyncio.events._set_running_loop(None)
+        loop = new_loop()
+        assert loop.run_until_complete(child_work()) == 5
+        loop.close()
+        {ending}
+        return "child"
+    code = wait_child(pid)
+    results = []
+    for i in range(3):  # the parent's completions still arrive
+        results.append(await asyncio.wait_for(s.submit(int, i), 5))
+    return code, results
+
+loop = new_loop()
+out = loop.run_until_complete(main())
+if out != "child":
+    print(out)
+""")
+    assert out.strip() == "(0, [0, 1, 2])"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_while_another_thread_registers_a_loop_does_not_hang_the_child():
+    # Another thread is inside aiocuda's loop registration (holding its lock) when this one
+    # forks: the child, where that thread does not exist, must still be able to use aiocuda.
+    out = run_script(FORK_PRELUDE + """
+from aiocuda import _loop
+held, release = threading.Event(), threading.Event()
+
+def registering():
+    with _loop._states_lock:
+        held.set()
+        release.wait()
+
+t = threading.Thread(target=registering)
+t.start()
+held.wait()
+pid = os.fork()
+if pid == 0:
+    async def use():
+        with aiocuda.CpuStream() as s:
+            return await s.submit(int, 3)
+    os._exit(0 if asyncio.run(use()) == 3 else 1)
+code = wait_child(pid)
+release.set()
+t.join()
+print(code)
+""")
+    assert out.strip() == "0"
