@@ -276,6 +276,7 @@ class _FakeNumbaStream:
 
     def __init__(self, src: DriverSource) -> None:
         self.src = src
+        self.handle = ctypes.c_void_p(src.handle)  # numba's ctypes binding holds a c_void_p
 
     def async_done(self) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
@@ -293,7 +294,7 @@ class _FakeCupyStream:
     """cupy.cuda.ExternalStream: synchronize, done, launch_host_func (optionally missing)."""
 
     def __init__(self, src: DriverSource, ptr: int) -> None:
-        self.src, self.ptr = src, ptr
+        self.src, self.ptr = src, ptr  # CuPy: Stream.ptr, the raw handle
 
     @property
     def done(self) -> bool:

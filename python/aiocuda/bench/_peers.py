@@ -66,7 +66,8 @@ def attach(src: Any, skipped: list[str], failed: list[str], notes: list[str]
 
 def _numba(cuda: Any, src: Any) -> tuple[dict[str, PeerWaiter], str]:
     stream = cuda.external_stream(src.handle)
-    _same_context("numba-cuda", _address(cuda.current_context().handle), src)
+    _same_stream("numba-cuda", _address(stream.handle), _address(cuda.current_context().handle),
+                 src)
 
     def waiter(loop: asyncio.AbstractEventLoop) -> Callable[[], Awaitable[Any]]:
         start: Callable[[], Awaitable[Any]] = stream.async_done  # its future, on the running loop
@@ -81,7 +82,7 @@ def _numba(cuda: Any, src: Any) -> tuple[dict[str, PeerWaiter], str]:
 def _cupy(cp: Any, src: Any) -> tuple[dict[str, PeerWaiter], str]:
     stream = cp.cuda.ExternalStream(src.handle, device_id=0)
     _ = stream.done  # a query through CuPy's runtime: the handle is valid in its context
-    _same_context("CuPy", int(cp.cuda.driver.ctxGetCurrent()), src)
+    _same_stream("CuPy", int(stream.ptr), int(cp.cuda.driver.ctxGetCurrent()), src)
     launch = getattr(stream, "launch_host_func", None)  # CuPy >= 9; add_callback before
 
     def executor(loop: asyncio.AbstractEventLoop) -> Callable[[], Awaitable[Any]]:
@@ -124,7 +125,12 @@ def _done(fut: asyncio.Future[None], status: int) -> None:
         fut.set_result(None)
 
 
-def _same_context(package: str, ctx: int, src: Any) -> None:
+def _same_stream(package: str, stream: int, ctx: int, src: Any) -> None:
+    """The peer's stream object wraps the benchmark stream, and it works in that stream's
+    context (else its waits would not be for the same work)."""
+    if stream != src.handle:
+        raise RuntimeError(f"{package} wraps stream {stream:#x}, not the benchmark stream "
+                           f"{src.handle:#x}")
     want = src.stream_context()
     if ctx != want:
         raise RuntimeError(f"{package} works in context {ctx:#x}, the benchmark stream is in "
