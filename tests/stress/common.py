@@ -1,0 +1,80 @@
+"""What the stress harnesses measure about the process, and how they start a helper process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULT_PREFIX = "STRESS-RESULT "
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer from the environment (``AIOCUDA_STRESS_*``), or `default`."""
+    text = os.environ.get(name, "").strip().replace("_", "")
+    return int(text) if text else default
+
+
+def rss_bytes() -> int:
+    """The process's resident set size."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def fd_count() -> int:
+    """Open file descriptors of this process."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def native_threads() -> int:
+    """Threads of this process, native ones included (not only Python's)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return threading.active_count()
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Print a helper process's result as one JSON line the parent finds (see run_helper)."""
+    print(RESULT_PREFIX + json.dumps(result, default=repr), flush=True)
+
+
+def run_helper(module: str, args: list[str], timeout: float,
+               env: dict[str, str] | None = None) -> tuple[dict[str, Any] | None, str]:
+    """Run ``python -m tests.stress.<module> ARGS`` from the repository root.
+
+    Returns (its result, a description of how it ended with the tail of its output). The
+    result is None when it crashed, hung (killed after `timeout` s) or printed none.
+    """
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env.setdefault("PYTHONFAULTHANDLER", "1")
+    cmd = [sys.executable, "-X", "faulthandler", "-m", f"tests.stress.{module}", *args]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = _text(e.stdout) + _text(e.stderr)
+        return None, f"hung: killed after {timeout:.0f} s; output:\n{out[-6000:]}"
+    out = proc.stdout + proc.stderr
+    result = None
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX):])
+    how = "exited with %d" % proc.returncode if proc.returncode >= 0 else (
+        "killed by signal %d" % -proc.returncode)
+    if proc.returncode != 0:
+        result = None if result is None else {**result, "exit_status": proc.returncode}
+    return result, f"{how}; output:\n{out[-6000:]}"
+
+
+def _text(b: bytes | str | None) -> str:
+    if b is None:
+        return ""
+    return b if isinstance(b, str) else b.decode(errors="replace")
