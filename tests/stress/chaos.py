@@ -34,6 +34,7 @@ from aiocuda import _core, _loop, _ops
 from .common import fd_count, native_threads, rss_bytes
 
 MiB = 1 << 20
+CUDA_THREAD_SLACK = 40  # aiocuda's lanes and engine threads stay (bounded: 16 lanes a device)
 ILLEGAL_ADDRESS = 700  # the sticky error injected on the emulator
 
 
@@ -87,7 +88,7 @@ class Figures:
         """Every check this run failed, each in words (empty: all passed)."""
         cuda = self.backend == "cuda"
         if thread_slack is None:
-            thread_slack = 40 if cuda else 0  # cuda: lanes and engine threads stay (bounded)
+            thread_slack = CUDA_THREAD_SLACK if cuda else 0
         if fd_slack is None:
             fd_slack = 8 if cuda else 0
         out = []
@@ -757,7 +758,8 @@ def run_chaos(ops: int, seed: int, backend: str, loop_kind: str, emu: Any = None
             fig.never_retrieved += 1
         fig.note(f"loop exception handler: {msg} {exc}"[:400], "loop")
     end = time.monotonic() + 5  # workers exit after close() returns; give them a moment
-    while (native_threads() > threads0 or fd_count() > fds0) and time.monotonic() < end:
+    slack = CUDA_THREAD_SLACK if backend == "cuda" else 0
+    while (native_threads() > threads0 + slack or fd_count() > fds0) and time.monotonic() < end:
         time.sleep(0.01)
     fig.fds_delta = fd_count() - fds0
     fig.threads_delta = native_threads() - threads0
