@@ -17,7 +17,11 @@
 // Never submits a cpu Call item (the one path that needs the Python C API: cpu.cpp is linked
 // against libpython, which is never initialised).
 //
-// Usage: stress [--part queue|cpu|cuda|all] [--scale N] [--seed N] [--timeout S]
+// Usage: stress [--part queue|cpu|cuda|all|selftest|repro] [--scale N (10)] [--seed N]
+//               [--timeout S (300)] [--strict]
+// selftest: a deliberate race, for checking that the build reports one. --strict: the open issues
+// listed below fail the run, and the cuda part ends with repro_placer_after_reset (also alone:
+// --part repro).
 #include <dlfcn.h>
 #include <poll.h>
 #include <unistd.h>
@@ -48,6 +52,15 @@ using namespace aiocuda;
 using Clock = std::chrono::steady_clock;
 
 namespace {
+
+struct Options {
+    std::string part = "all";
+    int scale = 10;
+    unsigned seed = 1;
+    int timeout_s = 300;
+    bool strict = false;  // open issues fail the run (and their repro scenarios run)
+};
+Options opt;
 
 // ---- reporting ---------------------------------------------------------------------------------
 
@@ -92,6 +105,36 @@ void fail(const char* fmt, ...) {
     _exit(3);
 }
 
+// Known defects of csrc/ that the harness finds (not data races: TSan is clean on them). Each is
+// checked strictly, but by default counted and reported instead of failing the run, so that the
+// run stays a usable gate for races meanwhile; --strict makes them failures and runs their repro
+// scenarios. Remove an entry (and its tolerance) once csrc/ is fixed.
+enum OpenIssue {
+    kErrorsOutOfOrder,    // engine.cpp pass() (failed lane watch) and place_open(): finish() of one
+                          // mark while earlier marks of its stream are pending: error completions
+                          // reach the queue out of stream order
+    kBrokenLaneHandle,    // engine.cpp pass(): a lane whose cuStreamCreate failed stays in the
+                          // context's lanes with a null stream; later watches on it fail with
+                          // CUDA_ERROR_INVALID_HANDLE (400) instead of the context's error
+    kOldDriverDeviceWait, // engine.cpp device_waiter_run(): on drivers without cuCtxRecordEvent,
+                          // device waits queued behind a cuCtxSynchronize that a reset ended get
+                          // a fresh cuCtxSynchronize on the new context: success for dropped work
+    kNumOpenIssues,
+};
+const char* const kOpenIssueNames[kNumOpenIssues] = {
+    "error completions out of stream order (engine.cpp pass() lane failure, place_open failure)",
+    "INVALID_HANDLE (400) from a lane whose stream creation failed (engine.cpp pass())",
+    "device waits succeed after a reset on drivers without cuCtxRecordEvent "
+    "(engine.cpp device_waiter_run())",
+};
+std::atomic<int> g_open_issues[kNumOpenIssues];
+
+// True when a failed check is open issue `i` and tolerated (counted) in this run.
+bool open_issue(OpenIssue i) {
+    g_open_issues[i].fetch_add(1);
+    return !opt.strict;
+}
+
 #define CHECK(cond, ...)              \
     do {                              \
         if (!(cond)) fail(__VA_ARGS__); \
@@ -101,13 +144,6 @@ double secs_since(Clock::time_point t0) {
     return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-struct Options {
-    std::string part = "all";
-    int scale = 1;
-    unsigned seed = 1;
-    int timeout_s = 300;
-};
-Options opt;
 
 // Waits for all of a set of threads at once (C++17 has no std::barrier).
 class Barrier {
@@ -368,9 +404,11 @@ void part_cpu() {
                       (unsigned long long)m.need[e], (unsigned long long)reached);
             }
         };
-        // Another thread closes stream 0 while this one submits to it (and then to the others).
-        std::thread closer([&, pause = std::chrono::microseconds(500 + rng() % 3000)] {
-            std::this_thread::sleep_for(pause);
+        // Another thread closes stream 0 while this one submits to it (and then to the others),
+        // somewhere in the second half of the round.
+        std::atomic<int> submitted{0};
+        std::thread closer([&, at = N / 2 + static_cast<int>(rng() % (N / 2))] {
+            while (submitted.load(std::memory_order_relaxed) < at) std::this_thread::yield();
             ss[0]->close();
         });
         auto refused = [&](const std::string& why, int s) {
@@ -405,6 +443,7 @@ void part_cpu() {
                 if (!why.empty()) refused(why, s);
             }
             if (i % 32 == 0) c.pump(0, 1 + rng() % 64, on_record);
+            submitted.store(i + 1, std::memory_order_relaxed);
         }
         // Close while busy: from here (1, 2), concurrently with the closer (0), and by
         // destruction (3); each waits for the work already submitted.
@@ -502,6 +541,13 @@ struct Emu {
 };
 Emu emu;
 
+// Whether the emulator plays a driver older than 12.5 (no cuCtxRecordEvent: device waits are
+// cuCtxSynchronize threads).
+bool old_driver() {
+    const char* v = std::getenv("AIOCUDA_EMU_DRIVER_VERSION");
+    return v && *v && std::atoi(v) < 12050;
+}
+
 // Reset as conftest.py's Emu.reset_device does: the engine is held between two passes, standing
 // for cuda.h's "no other module in the process is using the device".
 void reset_device(int dev) {
@@ -598,7 +644,7 @@ public:
             }
             if (i % 16 == 0) pump(0);
         }
-        settle("stress");
+        settle(phase_);
         release_marks();
     }
 
@@ -646,6 +692,7 @@ public:
 
     // Waits until every accepted wait completed; checks them; destroys finished foreign events.
     void settle(const char* phase) {
+        phase_ = phase;
         auto until = Clock::now() + std::chrono::seconds(opt.timeout_s / 4);
         while (outstanding_ > 0 && Clock::now() < until) pump(5000);
         if (outstanding_ > 0) {
@@ -657,6 +704,11 @@ public:
             CHECK(w.count == 1, "loop %d, %s: a wait completed %d times", idx_, phase, w.count);
             bool ok = w.want >= 0 ? w.status == w.want
                                   : (w.status == 0 || w.status == error_);
+            if (!ok && w.want == kIllegalAddress && w.status == 400)
+                ok = open_issue(kBrokenLaneHandle);
+            if (!ok && w.want == kContextIsDestroyed && w.status == 0 && w.kind == kDeviceWait &&
+                old_driver())
+                ok = open_issue(kOldDriverDeviceWait);
             CHECK(ok, "loop %d, %s: a %s wait on device %d ended with %d, not %d", idx_, phase,
                   kind_name(w.kind), w.dev, w.status, w.want);
             if (w.foreign) emu.event_destroy(w.foreign);
@@ -670,6 +722,7 @@ public:
         marks_.clear();
     }
     void set_error(int e) { error_ = e; }
+    void set_phase(const char* p) { phase_ = p; }
     size_t total() const { return total_; }
     size_t refused() const { return refused_; }
 
@@ -731,10 +784,16 @@ private:
             w.status = status;
             --outstanding_;
             if (w.slot >= 0) {
-                uint64_t& last = last_[w.slot];
-                CHECK(token + 1 > last, "loop %d: stream %d completed wait %llu after %llu", idx_,
-                      w.slot, (unsigned long long)token, (unsigned long long)(last - 1));
-                last = token + 1;
+                Last& last = last_[w.slot];
+                // Two failures with one error out of order: open issue kErrorsOutOfOrder.
+                bool tolerated = token + 1 <= last.token && status != 0 &&
+                                 status == last.status && open_issue(kErrorsOutOfOrder);
+                CHECK(token + 1 > last.token || tolerated,
+                      "loop %d, %s: stream %d completed %s wait %llu (status %d) after %s wait %llu "
+                      "(status %d): out of stream order", idx_, phase_, w.slot, kind_name(w.kind),
+                      (unsigned long long)token, status, kind_name(last.kind),
+                      (unsigned long long)(last.token - 1), last.status);
+                if (token + 1 > last.token) last = Last{token + 1, w.kind, status};
             }
         });
     }
@@ -751,26 +810,89 @@ private:
         int want;
     };
     std::vector<MarkRef> marks_;  // aiocuda.Event's share of a mark, until released
-    std::map<int, uint64_t> last_;  // per stream slot: 1 + the last wait token completed
+    struct Last {
+        uint64_t token;  // 1 + the last wait token completed
+        WaitKind kind;
+        int status;
+    };
+    std::map<int, Last> last_;  // per stream slot
     uint64_t base_ = 0;             // token of waits_[0]
     size_t outstanding_ = 0, total_ = 0, refused_ = 0;
     int error_ = 0;                 // the error submissions may race with (-1 waits)
+    const char* phase_ = "stress";  // for messages
     int next_slot_;
 };
 
-void part_cuda() {
-    auto t0 = Clock::now();
+// Open issue, deterministic (--strict only: today the emulator aborts the process on it).
+// engine.cpp placer_run() / place_open(): a timeline queued for its placer while the engine is held
+// is placed after hold(false) with only `cs->retired` checked; a reset during the hold left the
+// context state unretired (only the engine thread's next pass, or a new wait, notices the new
+// cuCtxGetId), so place_open() calls cuStreamIsCapturing (then cuEventRecord with pooled events)
+// on handles the reset destroyed: undefined behaviour in the driver. Sequence: more than
+// kMarksInFlight (8) waits on a stream with a short kernel (an open mark), hold, the kernel ends
+// and the host functions (which run while the engine is held) pass the marks and queue the open
+// mark for placing, reset, release. Right: no destroyed handle is touched, and every wait
+// completes once, in stream order, with 0 (its mark was seen to pass before the reset) or
+// CONTEXT_IS_DESTROYED (the open mark's: never placed).
+// After hold(false) the engine thread's pass (which retires the context first) and the placer
+// race: repeated, as one round shows it in most runs.
+void repro_placer_after_reset() {
+    say("cuda: repro: a reset while the placer has an open mark queued (callback strategy), 5 rounds");
+    cuda::set_strategy(cuda::Strategy::kCallback);
+    for (int round = 0; round < 5; ++round) {
+        Queue* q = Queue::create();
+        Consumer c(q);
+        void* s = emu.stream(0, 0);
+        emu.sleep(s, 100'000);
+        const int n = 12;
+        for (int i = 0; i < n; ++i) {
+            std::string why;
+            int r = cuda::wait_stream(reinterpret_cast<uintptr_t>(s), -1, new_node(q, i), &why);
+            if (r != 0) fatal("repro: wait_stream: %d %s", r, why.c_str());
+        }
+        // The engine launches the marks' host functions first (it makes its lanes on first use).
+        std::this_thread::sleep_for(std::chrono::milliseconds(40));
+        cuda::hold(true);
+        std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the kernel ends meanwhile
+        if (emu.reset(0) != 0) fatal("repro: reset failed");
+        cuda::hold(false);
+        std::vector<int> status(n, -1);
+        int got = 0;
+        auto until = Clock::now() + std::chrono::seconds(10);
+        while (got < n && Clock::now() < until)
+            got += static_cast<int>(c.pump(2000, 64, [&](uint64_t t, int32_t st) { status[t] = st; }));
+        CHECK(got == n, "repro: %d of %d waits completed", got, n);
+        for (int i = 0; i < n; ++i) {
+            CHECK(status[i] == 0 || status[i] == kContextIsDestroyed, "repro: wait %d ended with %d",
+                  i, status[i]);
+            CHECK(i == 0 || status[i - 1] == 0 || status[i] != 0, "repro: wait %d succeeded after %d "
+                  "failed", i, i - 1);
+        }
+        CHECK(status[n - 1] == kContextIsDestroyed, "repro: the open mark's waits ended with %d",
+              status[n - 1]);
+        q->release();
+    }
+    say("cuda: repro passed: the placer did not touch the reset context's handles");
+}
+
+void cuda_setup() {
     emu.load();
     const cuda::DriverInfo& info = cuda::load();
     if (!info.available) fatal("cuda: the emulator did not load: %s", info.reason.c_str());
     if (info.device_count < 2) fatal("cuda: the emulator has %d devices; 2 are needed", info.device_count);
     for (int d = 0; d < 2; ++d)
         if (emu.retain(&emu.ctx[d], d) != 0) fatal("cuDevicePrimaryCtxRetain(%d)", d);
+}
+
+void part_cuda() {
+    auto t0 = Clock::now();
+    cuda_setup();
     g_shared = emu.stream(1, 0);
 
     const int T = 3;  // loop threads (and main, which injects, resets and switches strategies)
     const int N = 700 * opt.scale;
     const int K = 12;
+    const int cycles = 1 + opt.scale / 4;  // error-reset cycles per strategy
     Barrier bar(T + 1);
     std::vector<std::unique_ptr<Loop>> loops;
     for (int i = 0; i < T; ++i) loops.emplace_back(new Loop(i));
@@ -785,9 +907,10 @@ void part_cuda() {
             L.stress(N);
             bar.wait();
         }
-        for (int strat = 0; strat < 2; ++strat) {
+        for (int cycle = 0; cycle < 2 * cycles; ++cycle) {
             // A sticky error while waits are pending, then a reset, then recovery.
             L.set_error(kIllegalAddress);
+            L.set_phase("sticky error");
             bar.wait();
             L.pending_behind_long_work(K, kIllegalAddress);
             bar.wait();  // all submitted: main injects the error
@@ -800,8 +923,10 @@ void part_cuda() {
             bar.wait();
             L.forget_device0();
             L.set_error(0);
+            L.set_phase("stress after a reset");
             L.stress(N / 4);
             // A reset while waits are pending, then recovery.
+            L.set_phase("reset");
             bar.wait();
             L.pending_behind_long_work(K, kContextIsDestroyed);
             bar.wait();  // main resets device 0
@@ -810,6 +935,7 @@ void part_cuda() {
             L.settle("reset");
             L.check_marks(0, kContextIsDestroyed);
             L.forget_device0();
+            L.set_phase("stress after a reset");
             L.stress(N / 4);
             bar.wait();
         }
@@ -842,8 +968,9 @@ void part_cuda() {
         }
         say("cuda: stress, %s strategy, %.1f s", names[strat], secs_since(t1));
     }
-    for (int strat = 0; strat < 2; ++strat) {
+    for (int cycle = 0; cycle < 2 * cycles; ++cycle) {
         auto t1 = Clock::now();
+        int strat = cycle % 2;
         cuda::set_strategy(static_cast<cuda::Strategy>(strat));
         bar.wait();
         bar.wait();  // every loop has waits pending behind long work on device 0
@@ -880,7 +1007,17 @@ void part_cuda() {
     CHECK(wait_live_nodes_zero(5), "cuda: %lld records never freed", (long long)g_live_nodes.load());
     say("cuda: %zu waits completed and checked, %zu refused while the context was broken; engine: "
         "%zu events, %zu lanes, %zu threads", total, refused, st.events, st.lanes, st.threads);
+    if (opt.strict) repro_placer_after_reset();
     say("cuda: done in %.1f s", secs_since(t0));
+}
+
+// A deliberate data race, to show that a TSan build reports (scripts/tsan-test must fail).
+void part_selftest() {
+    static int counter = 0;
+    std::thread t([] { for (int i = 0; i < 1000; ++i) ++counter; });
+    for (int i = 0; i < 1000; ++i) ++counter;
+    t.join();
+    say("selftest: counter %d (a TSan build reports the race above)", counter);
 }
 
 }  // namespace
@@ -896,7 +1033,9 @@ int main(int argc, char** argv) {
         else if (a == "--scale") opt.scale = std::max(1, std::atoi(val().c_str()));
         else if (a == "--seed") opt.seed = static_cast<unsigned>(std::atoll(val().c_str()));
         else if (a == "--timeout") opt.timeout_s = std::max(10, std::atoi(val().c_str()));
-        else fatal("unknown argument %s (--part queue|cpu|cuda|all, --scale N, --seed N, --timeout S)",
+        else if (a == "--strict") opt.strict = true;
+        else fatal("unknown argument %s (--part queue|cpu|cuda|all|selftest|repro, --scale N, --seed N, "
+                   "--timeout S, --strict)",
                    a.c_str());
     }
     // A watchdog: a hang anywhere ends the run with a failure instead of blocking CI.
@@ -910,6 +1049,12 @@ int main(int argc, char** argv) {
     if (all || opt.part == "queue") part_queue();
     if (all || opt.part == "cpu") part_cpu();
     if (all || opt.part == "cuda") part_cuda();
+    if (opt.part == "selftest") part_selftest();
+    if (opt.part == "repro") cuda_setup(), repro_placer_after_reset();
+    for (int i = 0; i < kNumOpenIssues; ++i)
+        if (int k = g_open_issues[i].load())
+            say("OPEN ISSUE (%s): %d occurrence%s: %s", opt.strict ? "failed" : "tolerated", k,
+                k == 1 ? "" : "s", kOpenIssueNames[i]);
     int f = g_failures.load();
     say("stress: %s in %.1f s (%d failure%s)", f ? "FAILED" : "passed", secs_since(t0), f,
         f == 1 ? "" : "s");
