@@ -34,7 +34,7 @@ if __name__ == "__main__" and "AIOCUDA_LIBCUDA" not in os.environ:
 import aiocuda  # noqa: E402
 from aiocuda import _core, _loop  # noqa: E402
 
-from .common import emit, env_int, fd_count, native_threads, rss_bytes  # noqa: E402
+from .common import emit, env_int, fd_count, native_threads, rss_bytes, watchdog  # noqa: E402
 
 MiB = 1 << 20
 THREAD_SLACK = 20  # cuda: aiocuda's lanes (one per awaited stream, at most 16 a device) stay
@@ -249,6 +249,7 @@ def main() -> None:
     a = p.parse_args()
     # A deadlock must end this process with every thread's traceback, not hang its parent.
     faulthandler.dump_traceback_later(a.timeout + 2, exit=True)
+    watchdog()
     r = churn(a.threads, a.loops, a.kinds.split(","), a.cuda, a.timeout)
     r["problems"] = problems(r)
     emit(r)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -40,6 +41,15 @@ def native_threads() -> int:
     return threading.active_count()
 
 
+def watchdog() -> None:
+    """Dump every thread's stack on SIGUSR1 (run_helper sends it to a helper that hangs).
+
+    Not faulthandler.dump_traceback_later: re-arming it in a forked child deadlocks."""
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 def emit(result: dict[str, Any]) -> None:
     """Print a helper process's result as one JSON line the parent finds (see run_helper)."""
     print(RESULT_PREFIX + json.dumps(result, default=repr), flush=True)
@@ -54,17 +64,26 @@ def run_helper(module: str, args: list[str], timeout: float,
     """
     full_env = dict(os.environ)
     full_env.update(env or {})
-    full_env.setdefault("PYTHONFAULTHANDLER", "1")
-    cmd = [sys.executable, "-X", "faulthandler", "-m", f"tests.stress.{module}", *args]
+    cmd = [sys.executable, "-m", f"tests.stress.{module}", *args]
+    # A session of its own: on a hang, the helper and any child it forked are killed together.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        out = _text(e.stdout) + _text(e.stderr)
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # helpers dump every thread's stack on SIGUSR1
+        try:
+            stdout, stderr = proc.communicate(timeout=3)
+        except subprocess.TimeoutExpired:
+            stdout = stderr = ""
+        _kill_group(proc.pid)
+        more_out, more_err = proc.communicate()
+        out = _text(stdout) + _text(more_out) + _text(stderr) + _text(more_err)
         return None, f"hung: killed after {timeout:.0f} s; output:\n{out[-6000:]}"
-    out = proc.stdout + proc.stderr
+    _kill_group(proc.pid)  # children it left behind
+    out = stdout + stderr
     result = None
-    for line in proc.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
             result = json.loads(line[len(RESULT_PREFIX):])
     how = "exited with %d" % proc.returncode if proc.returncode >= 0 else (
@@ -72,6 +91,13 @@ def run_helper(module: str, args: list[str], timeout: float,
     if proc.returncode != 0:
         result = None if result is None else {**result, "exit_status": proc.returncode}
     return result, f"{how}; output:\n{out[-6000:]}"
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _text(b: bytes | str | None) -> str:
