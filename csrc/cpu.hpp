@@ -25,6 +25,10 @@ struct CpuEventState {
     void reach(uint64_t gen);
     void wait_for(uint64_t gen);
     bool done();
+    uint64_t last_recorded() {  // any thread
+        std::lock_guard<std::mutex> g(mu);
+        return recorded;
+    }
 };
 
 class CpuStream {

@@ -63,6 +63,7 @@ struct Mark {
     bool owned = true;        // ev is from the pool (false: a foreign event, never re-pooled)
     bool watched = false;     // a lane's host function has yet to report it
     CUresult status = CUDA_SUCCESS;
+    CUresult fail = CUDA_SUCCESS;  // could not be placed: fails with this once earlier marks end
     uint64_t key = 0;         // what its host function gets: never a pointer
     Mark* next = nullptr;     // in its timeline, oldest first
     struct Engine* owner;     // a forked child has a new engine and ignores the old one's
@@ -71,6 +72,7 @@ struct Mark {
 struct Lane {
     CUstream s;
     int users = 0;
+    bool dead = false;  // its stream could not be made: out of its context's list, freed unused
 };
 
 // Marks in the order they complete: on one stream, on one context (device waits), or one foreign
@@ -120,7 +122,9 @@ struct DeviceWaiter {
     CUcontext ctx;
     std::mutex mu;
     std::condition_variable cv;
-    std::vector<Node*> waiting;
+    // Each wait with the context instance (cuCtxGetId) it was asked in: a reset ends the wait
+    // with an error, never with a success from the next instance's cuCtxSynchronize.
+    std::vector<std::pair<Node*, unsigned long long>> waiting;
 };
 
 // Heap-allocated and never destroyed: its threads wait on its condition variables until the
@@ -292,17 +296,22 @@ void placed(Timeline* tl, Mark* m, CUevent ev) {
 // Pops passed marks off the front of `tl`; returns its lane once nothing is watched there.
 void reap(Timeline* tl) {
     bool freed = false;
-    while (tl->head && tl->head->done && !tl->head->watched) {
-        Mark* m = tl->head;
+    while (Mark* m = tl->head) {
+        if (!m->done && m->fail != CUDA_SUCCESS) {  // every earlier mark has ended: now it fails
+            finish(m, m->fail);
+            eng->placed_cv.notify_all();
+        }
+        if (!m->done || m->watched) break;
         tl->head = m->next;
         if (!tl->head) tl->tail = nullptr;
-        --tl->in_flight;
+        if (m->placed) --tl->in_flight;
         unref(m);
         freed = true;
     }
     if (tl->lane && tl->watching == 0) {
-        --tl->lane->users;
+        Lane* lane = tl->lane;
         tl->lane = nullptr;
+        if (--lane->users == 0 && lane->dead) delete lane;
     }
     if (freed) want_placing(tl);
 }
@@ -314,7 +323,7 @@ void passed(Mark* m, CUresult status) {
     if (m->done) return;  // whoever finished it finished every earlier mark too
     Timeline* tl = m->tl;
     if (tl->kind != Timeline::kForeign)
-        for (Mark* p = tl->head; p && p != m; p = p->next) finish(p, status);
+        for (Mark* p = tl->head; p && p != m; p = p->next) finish(p, p->fail ? p->fail : status);
     finish(m, status);
 }
 
@@ -677,6 +686,9 @@ bool place_open(Timeline* tl) {
         open = tl->open;
         if (!open || tl->cs->retired || tl->in_flight >= kMarksInFlight) return true;
     }
+    // A reset since the open mark was queued destroyed the stream and the pooled events: find it
+    // (and retire the context) before touching any of them.
+    if (!still_current(tl->cs)) return true;
     CUstreamCaptureStatus st;
     CUresult r = capture_status(tl, &st);
     if (r == CUDA_SUCCESS && st != CU_STREAM_CAPTURE_STATUS_NONE) return false;
@@ -690,10 +702,13 @@ bool place_open(Timeline* tl) {
     tl->open = nullptr;
     if (r != CUDA_SUCCESS) {
         // Only these awaits fail: a capture that began meanwhile, or no memory for an event, is
-        // no context error (a sticky one the next query of this context finds).
+        // no context error (a sticky one the next query of this context finds). They fail in
+        // stream order: after the marks placed before, which may still be pending.
         if (ev) tl->cs->pool.push_back(ev);
-        finish(open, r);
-        unref(open);
+        open->fail = r;
+        if (tl->tail) tl->tail->next = open; else tl->head = open;
+        tl->tail = open;  // unplaced: no event, never queried or watched
+        reap(tl);
         return true;
     }
     placed(tl, open, ev);
@@ -802,11 +817,15 @@ bool pass(Strategy strat, bool backstop) {
         if (!retired && r == CUDA_SUCCESS)
             r = api.cuLaunchHostFunc(w.lane->s, on_host_fn, reinterpret_cast<void*>(w.m->key));
         if (retired || r != CUDA_SUCCESS) {
+            // The mark stays in its timeline unwatched: the backstop's queries complete it, in
+            // stream order, and find a sticky error behind the failure if there is one.
             std::lock_guard<std::mutex> g(eng->mu);
             --w.m->tl->watching;
-            if (r != CUDA_SUCCESS) {
-                finish(w.m, r);
-                progress = true;
+            if (!w.lane->s && !w.lane->dead) {  // never to be used again: lanes are made anew
+                w.lane->dead = true;
+                auto& ls = w.cs->lanes;
+                ls.erase(std::remove(ls.begin(), ls.end(), w.lane), ls.end());
+                --eng->lanes;
             }
             unwatch(w.m);
             reap(w.m->tl);
@@ -822,7 +841,7 @@ bool pass(Strategy strat, bool backstop) {
                 std::lock_guard<std::mutex> g(eng->mu);
                 if (tl->cs->retired) continue;
                 for (Mark* m = tl->head; m; m = m->next)
-                    if (!m->done) {
+                    if (!m->done && m->ev) {  // not one that could not be placed
                         ++m->refs;  // kept while queried outside the lock
                         marks.push_back(m);
                     }
@@ -941,7 +960,7 @@ void device_waiter_run(DeviceWaiter* w) {
     CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
     api.cuThreadExchangeStreamCaptureMode(&mode);
     api.cuCtxSetCurrent(w->ctx);
-    std::vector<Node*> taken;
+    std::vector<std::pair<Node*, unsigned long long>> taken;
     for (;;) {
         {
             std::unique_lock<std::mutex> g(w->mu);
@@ -949,7 +968,12 @@ void device_waiter_run(DeviceWaiter* w) {
             taken.swap(w->waiting);
         }
         CUresult r = api.cuCtxSynchronize();  // covers all work queued before these requests
-        for (Node* n : taken) complete(n, r);
+        unsigned long long now = 0;
+        CUresult id = api.cuCtxGetId(w->ctx, &now);
+        for (auto& [n, asked_in] : taken)
+            complete(n, r != CUDA_SUCCESS ? r
+                        : id != CUDA_SUCCESS ? id
+                        : asked_in != now ? CUDA_ERROR_CONTEXT_IS_DESTROYED : CUDA_SUCCESS);
         taken.clear();
     }
 }
@@ -1063,9 +1087,15 @@ CUresult wait_device(int device, Node* n, std::string* why) {
         }
         w = ws[device];
     }
+    unsigned long long id = 0;
+    r = api.cuCtxGetId(ctx, &id);
+    if (r != CUDA_SUCCESS) {
+        discard(n);
+        return r;
+    }
     {
         std::lock_guard<std::mutex> g(w->mu);
-        w->waiting.push_back(n);
+        w->waiting.emplace_back(n, id);
     }
     w->cv.notify_one();
     return CUDA_SUCCESS;

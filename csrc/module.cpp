@@ -547,10 +547,23 @@ PYBIND11_MODULE(_core, m) {
             return s.call(nullptr, fn.release().ptr(), PyTuple_New(0), nullptr, nullptr);
         })
         .def("_record", [](CpuStream& s, PyCpuEvent& e) {
-            return s.record(e.state, ++e.state->recorded);  // `recorded`: loop thread only
+            // The generation counts only once the stream took the record: a refused one (a
+            // closed stream) must leave the event as it was, or it would never be done.
+            CpuEventState& ev = *e.state;
+            uint64_t gen;
+            {
+                std::lock_guard<std::mutex> g(ev.mu);
+                gen = ev.recorded + 1;
+            }
+            std::string err = s.record(e.state, gen);
+            if (err.empty()) {
+                std::lock_guard<std::mutex> g(ev.mu);
+                ev.recorded = gen;
+            }
+            return err;
         })
         .def("_wait_event", [](CpuStream& s, PyCpuEvent& e) {
-            return s.wait_event(e.state, e.state->recorded);
+            return s.wait_event(e.state, e.state->last_recorded());
         });
 
     cpu_stream_type = reinterpret_cast<PyTypeObject*>(m.attr("CpuStreamBase").ptr());
@@ -559,7 +572,7 @@ PYBIND11_MODULE(_core, m) {
         .def(py::init<>())
         .def("done", [](PyCpuEvent& e) { return e.state->done(); })
         .def("wait", [](PyCpuEvent& e) {
-            uint64_t gen = e.state->recorded;
+            uint64_t gen = e.state->last_recorded();
             py::gil_scoped_release nogil;
             e.state->wait_for(gen);
         });

@@ -257,3 +257,14 @@ def test_base_exceptions_from_a_call_reach_the_awaiter(run):
             return await s.submit(int, 2)
 
     assert run(main()) == 2
+
+
+def test_a_record_refused_by_a_closed_stream_leaves_the_event_as_it_was(run):
+    from aiocuda import _core
+
+    ev = _core.CpuEvent()
+    s = aiocuda.CpuStream()
+    s.close()
+    assert s._record(ev)  # refused, with the reason
+    assert ev.done()  # never recorded: nothing to wait for
+    ev.wait()  # returns at once

@@ -18,10 +18,10 @@
 // against libpython, which is never initialised).
 //
 // Usage: stress [--part queue|cpu|cuda|all|selftest|repro] [--scale N (10)] [--seed N]
-//               [--timeout S (300)] [--strict]
-// selftest: a deliberate race, for checking that the build reports one. --strict: the open issues
-// listed below fail the run, and the cuda part ends with repro_placer_after_reset (also alone:
-// --part repro).
+//               [--timeout S (300)] [--lenient]
+// selftest: a deliberate race, for checking that the build reports one. The cuda part ends with
+// repro_placer_after_reset (also alone: --part repro). --lenient: the defects listed below are
+// counted instead of failing the run (for looking at an old build), and the repro is not run.
 #include <dlfcn.h>
 #include <poll.h>
 #include <unistd.h>
@@ -58,7 +58,7 @@ struct Options {
     int scale = 10;
     unsigned seed = 1;
     int timeout_s = 300;
-    bool strict = false;  // open issues fail the run (and their repro scenarios run)
+    bool strict = true;  // the defects below fail the run (and their repro scenarios run)
 };
 Options opt;
 
@@ -105,12 +105,9 @@ void fail(const char* fmt, ...) {
     _exit(3);
 }
 
-// Known defects of csrc/ that the harness finds (not data races: TSan is clean on them). Each is
-// checked strictly, but by default counted and reported instead of failing the run, so that the
-// run stays a usable gate for races meanwhile; --strict makes them failures and runs their repro
-// scenarios. Remove an entry (and its tolerance) once csrc/ is fixed. A fourth open issue cannot
-// be tolerated (the emulator aborts the process on it): repro_placer_after_reset, run by --strict
-// and by --part repro.
+// Defects of csrc/ that this harness found (not data races: TSan was clean on them), fixed since;
+// their checks fail the run (--lenient counts them instead). A fourth cannot be tolerated (the
+// emulator aborts the process on it): repro_placer_after_reset, also alone with --part repro.
 enum OpenIssue {
     kErrorsOutOfOrder,    // engine.cpp pass() (failed lane watch) and place_open(): finish() of one
                           // mark while earlier marks of its stream are pending: error completions
@@ -131,7 +128,7 @@ const char* const kOpenIssueNames[kNumOpenIssues] = {
 };
 std::atomic<int> g_open_issues[kNumOpenIssues];
 
-// True when a failed check is open issue `i` and tolerated (counted) in this run.
+// True when a failed check is defect `i` and tolerated (counted: --lenient) in this run.
 bool open_issue(OpenIssue i) {
     g_open_issues[i].fetch_add(1);
     return !opt.strict;
@@ -787,7 +784,7 @@ private:
             --outstanding_;
             if (w.slot >= 0) {
                 Last& last = last_[w.slot];
-                // Two failures with one error out of order: open issue kErrorsOutOfOrder.
+                // Two failures with one error out of order: defect kErrorsOutOfOrder.
                 bool tolerated = token + 1 <= last.token && status != 0 &&
                                  status == last.status && open_issue(kErrorsOutOfOrder);
                 CHECK(token + 1 > last.token || tolerated,
@@ -825,7 +822,7 @@ private:
     int next_slot_;
 };
 
-// Open issue, deterministic (--strict only: today the emulator aborts the process on it).
+// A fixed defect, deterministic (the emulator aborted the process on it).
 // engine.cpp placer_run() / place_open(): a timeline queued for its placer while the engine is held
 // is placed after hold(false) with only `cs->retired` checked; a reset during the hold left the
 // context state unretired (only the engine thread's next pass, or a new wait, notices the new
@@ -1036,9 +1033,9 @@ int main(int argc, char** argv) {
         else if (a == "--scale") opt.scale = std::max(1, std::atoi(val().c_str()));
         else if (a == "--seed") opt.seed = static_cast<unsigned>(std::atoll(val().c_str()));
         else if (a == "--timeout") opt.timeout_s = std::max(10, std::atoi(val().c_str()));
-        else if (a == "--strict") opt.strict = true;
+        else if (a == "--lenient") opt.strict = false;
         else fatal("unknown argument %s (--part queue|cpu|cuda|all|selftest|repro, --scale N, --seed N, "
-                   "--timeout S, --strict)",
+                   "--timeout S, --lenient)",
                    a.c_str());
     }
     // A watchdog: a hang anywhere ends the run with a failure instead of blocking CI.
@@ -1056,7 +1053,7 @@ int main(int argc, char** argv) {
     if (opt.part == "repro") cuda_setup(), repro_placer_after_reset();
     for (int i = 0; i < kNumOpenIssues; ++i)
         if (int k = g_open_issues[i].load())
-            say("OPEN ISSUE (%s): %d occurrence%s: %s", opt.strict ? "failed" : "tolerated", k,
+            say("DEFECT (%s): %d occurrence%s: %s", opt.strict ? "failed" : "tolerated", k,
                 k == 1 ? "" : "s", kOpenIssueNames[i]);
     int f = g_failures.load();
     say("stress: %s in %.1f s (%d failure%s)", f ? "FAILED" : "passed", secs_since(t0), f,
