@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from . import conftest
 from .conftest import LOOPS
 from .stress import churn, forks
 from .stress.chaos import run_chaos
@@ -23,6 +24,11 @@ pytestmark = pytest.mark.stress
 OPS = env_int("AIOCUDA_STRESS_OPS", 20_000)
 SEED = env_int("AIOCUDA_STRESS_SEED", 20_240_611)
 BACKENDS = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.emu)]
+
+
+def _need(kinds: str) -> None:
+    if "uvloop" in kinds and conftest.uvloop is None:
+        pytest.skip("uvloop is not installed (pip install aiocuda[test])")
 
 
 def _figures(x: Any) -> str:
@@ -66,6 +72,7 @@ def test_loop_churn(kinds):
     """Thousands of loops in four threads (the main thread among them), most closed with work
     pending, two asyncio.run in a row leaving a synchronize() pending: no deadlock, and fds,
     threads, live loops, loop states, native records and RSS back to their baseline."""
+    _need(kinds)
     loops = env_int("AIOCUDA_STRESS_LOOPS", 500)
     result, how = run_helper("churn", ["--threads", "4", "--loops", str(loops), "--kinds", kinds,
                                        "--cuda", "--timeout", "20"], timeout=40)
@@ -84,6 +91,7 @@ def test_fork(scenario, exit_mode, loop_kind):
     and again and again while three threads create loops; the child exits by sys.exit or
     os._exit. No child hangs, each sees the parent's pending work failed and can use aiocuda
     afresh, and the parent's loops keep delivering (tests/stress/forks.py)."""
+    _need("uvloop" if scenario == "churn" else loop_kind)  # the churning threads use both
     n = env_int("AIOCUDA_STRESS_FORKS", 20) if scenario == "churn" else 3
     result, how = run_helper("forks", ["--scenario", scenario, "--exit", exit_mode,
                                        "--loop", loop_kind, "--forks", str(n)],
@@ -102,6 +110,7 @@ def test_fuzz_public_api(group, loop_kind):
     """hypothesis on every public entry point, in a subprocess (a crash fails the test, not the
     run): each call works or raises TypeError, ValueError or AiocudaError with a message, and
     what it returns completes (tests/stress/fuzz.py)."""
+    _need(loop_kind)
     result, how = run_helper("fuzz", ["--group", group, "--loop", loop_kind], timeout=120)
     assert result is not None, f"the fuzzing process did not finish: {how}"
     failed = {k: v for k, v in result["results"].items() if v != "ok"}

@@ -191,6 +191,12 @@ def cuda_outcome(inner: Callable[[Any, BaseException | None], str | None] | None
     return check
 
 
+def _short(exc: BaseException | None) -> str:
+    if exc is None:
+        return "result"
+    return exc.name if isinstance(exc, aiocuda.CudaError) else type(exc).__name__
+
+
 class Tracker:
     """Done callbacks on every future: order per stream, outcome, counts; what is pending."""
 
@@ -198,7 +204,7 @@ class Tracker:
         self.fig = fig
         self.pending: dict[int, Any] = {}  # id(fut) -> fut, until it completes
         self.seq: dict[object, int] = {}
-        self.last: dict[object, int] = {}
+        self.last: dict[object, tuple[int, str]] = {}  # key -> (newest delivered, its outcome)
         self.alive: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def track(self, fut: Any, key: object, check: Callable[..., str | None], what: str,
@@ -234,14 +240,16 @@ class Tracker:
                 fig.wrong += 1
                 fig.note(f"{op.what}: cancelled, but nobody cancelled it", "cancel")
             return
-        if op.key is not None:
-            if op.seq < self.last.get(op.key, 0):
-                fig.inversions += 1
-                fig.note(f"{op.what} #{op.seq} of stream {op.key} delivered after "
-                         f"#{self.last[op.key]}", "order")
-            else:
-                self.last[op.key] = op.seq
         exc = fut.exception()  # retrieved: an unexpected one is ours to report, not asyncio's
+        if op.key is not None:
+            last = self.last.get(op.key)
+            if last is not None and op.seq < last[0]:
+                fig.inversions += 1
+                fig.note(f"{op.what} #{op.seq} of stream {op.key} ({_short(exc)}) delivered "
+                         f"after #{last[0]} ({last[1]}); strategy {aiocuda.strategy()}"
+                         + (f", generation broken: {op.gen.broken}" if op.gen else ""), "order")
+            else:
+                self.last[op.key] = (op.seq, _short(exc))
         if exc is None:
             fig.results += 1
         else:
@@ -273,7 +281,7 @@ def _work(counts: list[int], i: int, action: int, payload: Any) -> Any:
         return None
     if action == 3:  # chain sink
         cells, key = payload
-        return cells.get(key, "<not written yet>")
+        return cells.pop(key, "<not written yet>")
     raise AssertionError(action)
 
 
@@ -305,7 +313,7 @@ def _outcome(rng: random.Random, serial: int, awaited: bool) -> tuple[int, Any, 
 # ---- the run -------------------------------------------------------------------------------------
 class Chaos:
     def __init__(self, ops: int, seed: int, backend: str, emu: Any, fig: Figures,
-                 streams: int, workers: int, errors: int, guard: float) -> None:
+                 streams: int, workers: int, errors: int, guard: float, flips: int) -> None:
         self.rng = random.Random(seed)
         self.budget = ops
         self.total = ops
@@ -319,7 +327,7 @@ class Chaos:
         # the operation counts at which a sticky error is injected (cuda)
         self.error_at = sorted(self.rng.randrange(ops // 10, ops) for _ in range(errors)) \
             if backend == "cuda" and ops >= 10 else []
-        self.flip_at = sorted(self.rng.randrange(ops) for _ in range(3)) \
+        self.flip_at = sorted(self.rng.randrange(ops) for _ in range(flips)) \
             if backend == "cuda" else []
         self.gen_number = 0
         self.gen: CudaGen | None = None
@@ -498,7 +506,9 @@ class Chaos:
         if exc is None and ev and self.gen is gen:
             if self.emu.lib.cuEventQuery(ev) == 600:  # CUDA_ERROR_NOT_READY: still running
                 self.fig.early += 1
-                return "completed while work recorded before it was still running"
+                return (f"completed while work recorded before it was still running (strategy "
+                        f"{aiocuda.strategy()}, {self.fig.strategy_flips} flips and "
+                        f"{self.fig.sticky_errors} sticky errors so far)")
         return None
 
     def _destroy_event(self, gen: CudaGen, ev: int) -> None:
@@ -682,12 +692,14 @@ async def _await(aw: Any) -> Any:
 
 def run_chaos(ops: int, seed: int, backend: str, loop_kind: str, emu: Any = None, *,
               debug: bool = False, streams: int = 8, workers: int = 16, errors: int | None = None,
-              guard: float = 10.0, deadline: float | None = None) -> Figures:
+              guard: float = 10.0, deadline: float | None = None,
+              flips: int | None = None) -> Figures:
     """Run `ops` operations of chaos on a new loop of `loop_kind`; return the figures.
 
     `emu` (tests.conftest.Emu) is needed for the cuda backend. `errors`: sticky errors to
-    inject (cuda; default one per 50,000 operations, at least 2). `guard`: how long one await
-    may take before it counts as hung; `deadline`: the whole run.
+    inject (cuda; default one per 50,000 operations, at least 2); `flips`: set_strategy() calls
+    while awaits are pending (cuda; default one per 100,000 operations, at least 3). `guard`:
+    how long one await may take before it counts as hung; `deadline`: the whole run.
     """
     from ..conftest import new_loop
 
@@ -699,6 +711,8 @@ def run_chaos(ops: int, seed: int, backend: str, loop_kind: str, emu: Any = None
             raise RuntimeError(f"the cuda backend is unavailable: {info['reason']}")
     if errors is None:
         errors = max(2, ops // 50_000)
+    if flips is None:
+        flips = max(3, ops // 100_000)
     if deadline is None:
         deadline = 60 + ops / 2_000
     fig = Figures(backend=backend, loop=loop_kind, seed=seed, debug=debug)
@@ -710,7 +724,7 @@ def run_chaos(ops: int, seed: int, backend: str, loop_kind: str, emu: Any = None
     _loop.close_loop_states()
     fds0, threads0 = fd_count(), native_threads()
     strategy0 = aiocuda.strategy()
-    chaos = Chaos(ops, seed, backend, emu, fig, streams, workers, errors, guard)
+    chaos = Chaos(ops, seed, backend, emu, fig, streams, workers, errors, guard, flips)
     errors_seen: list[dict[str, Any]] = []
     loop = new_loop(loop_kind)
     loop.set_exception_handler(lambda _l, ctx: errors_seen.append(ctx))

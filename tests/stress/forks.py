@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -131,6 +133,9 @@ async def wait_child(pid: int, report_fd: int, rep: Report, exit_mode: str,
             status = os.waitstatus_to_exitcode(st)
             break
         if time.monotonic() > end:
+            print(f"hung child {pid}'s threads:\n{task_states(pid)}", file=sys.stderr,
+                  flush=True)
+            native_stacks(pid)
             os.kill(pid, signal.SIGUSR1)  # its stacks, to stderr (watchdog(), inherited)
             time.sleep(0.5)
             os.kill(pid, signal.SIGKILL)
@@ -164,6 +169,45 @@ async def wait_child(pid: int, report_fd: int, rep: Report, exit_mode: str,
     if status != expected:
         rep.r["bad_exit_status"] += 1
         rep.note(f"child exited with {status}, expected {expected}")
+
+
+def task_states(pid: int) -> str:
+    """A hung child's threads from /proc: state, kernel wait channel, system call."""
+    rows = []
+    try:
+        tasks = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
+    except OSError as e:
+        return f"no /proc/{pid}/task: {e!r}"
+    for tid in tasks:
+        base = f"/proc/{pid}/task/{tid}"
+        fields = []
+        for name in ("comm", "wchan", "syscall", "stat"):
+            try:
+                with open(f"{base}/{name}") as f:
+                    text = f.read().strip()
+            except OSError as e:
+                text = f"<{e.strerror}>"
+            if name == "stat":
+                text = "state " + text.rsplit(")", 1)[-1].split()[0]
+            fields.append(f"{name}={text[:80]}")
+        rows.append(f"  task {tid}: " + ", ".join(fields))
+    return "\n".join(rows)
+
+
+def native_stacks(pid: int) -> None:
+    """Print a hung child's native stacks (gdb, where installed and allowed) to stderr."""
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        return
+    try:
+        proc = subprocess.run([gdb, "-p", str(pid), "-batch", "-nx", "-ex",
+                               "thread apply all bt"], capture_output=True, text=True, timeout=30)
+        out = proc.stdout + proc.stderr
+    except (OSError, subprocess.SubprocessError) as e:
+        out = f"gdb failed: {e!r}"
+    lines = [x for x in out.splitlines() if x.startswith(("#", "Thread"))] or out.splitlines()
+    print(f"native stacks of hung child {pid}:\n" + "\n".join(lines[:200]), file=sys.stderr,
+          flush=True)
 
 
 def fork_here(kind: str, pending: list[asyncio.Future[Any]], exit_mode: str) -> tuple[int, int]:
