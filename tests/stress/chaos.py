@@ -322,7 +322,6 @@ class Chaos:
         self.tr = Tracker(fig)
         self.serial = 0
         self.cells: dict[int, Any] = {}
-        self.tasks: set[asyncio.Task[Any]] = set()
         self.rss_mid: int | None = None
         # the operation counts at which a sticky error is injected (cuda)
         self.error_at = sorted(self.rng.randrange(ops // 10, ops) for _ in range(errors)) \
