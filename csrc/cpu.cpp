@@ -126,8 +126,34 @@ void CpuStream::close() {
     worker_->join();
 }
 
+// A worker keeps one Python thread state from its first call to its exit. Made and deleted per
+// call, each would take CPython's runtime lock without the GIL, and a fork() in another thread
+// while a worker holds it hangs the child in PyOS_AfterFork_Child. (It also keeps a worker's
+// threading.local values from one call to the next, as on any Python thread.)
+thread_local bool t_keeps_tstate = false;
+
+void keep_thread_state() {  // with the GIL, inside a call's PyGILState_Ensure
+    if (t_keeps_tstate) return;
+    PyGILState_Ensure();  // a count of its own: each call's Release no longer deletes the state
+    t_keeps_tstate = true;
+}
+
+void drop_thread_state() {  // as the worker exits, without the GIL
+    if (!t_keeps_tstate) return;
+    t_keeps_tstate = false;
+#if PY_VERSION_HEX >= 0x030D0000
+    if (Py_IsFinalizing()) return;  // the interpreter is going away: leave the state to it
+#else
+    if (_Py_IsFinalizing()) return;
+#endif
+    PyGILState_STATE gs = PyGILState_Ensure();
+    PyGILState_Release(PyGILState_LOCKED);  // keep_thread_state's count
+    PyGILState_Release(gs);                 // the last: deletes the state, drops the GIL
+}
+
 void CpuStream::run_call(Item& it) {
     PyGILState_STATE gs = PyGILState_Ensure();
+    keep_thread_state();
     PyObject* result = PyObject_Call(it.fn, it.args, it.kwargs);
     if (!it.node) {  // posted: nobody waits for the outcome
         if (!result) PyErr_WriteUnraisable(it.fn);
@@ -178,7 +204,7 @@ void CpuStream::run(Shared& sh) {
                 sh.cv.wait(g, [&] { return sh.closing || !sh.items.empty(); });
                 sh.sleeping = false;
             }
-            if (sh.items.empty()) return;  // closing, and everything submitted has run
+            if (sh.items.empty()) break;  // closing, and everything submitted has run
             batch.swap(sh.items);  // take everything at once: one lock per batch, not per item
             taken += batch.size();
         }
@@ -195,6 +221,7 @@ void CpuStream::run(Shared& sh) {
         }
         batch.clear();
     }
+    drop_thread_state();
 }
 
 }  // namespace aiocuda

@@ -388,6 +388,8 @@ PyObject* running_loop(const char* what) {
     return loop;
 }
 
+constexpr int kMaxDevice = 1 << 20;  // far past any machine's device count; fits an int
+
 // `device`: None, or an int ordinal (Python checked the type). Returns -1 for None.
 int device_arg(PyObject* device) {
     if (!device || device == Py_None) return -1;
@@ -396,10 +398,12 @@ int device_arg(PyObject* device) {
                      Py_TYPE(device)->tp_name);
         return -2;
     }
-    long d = PyLong_AsLong(device);
+    int overflow = 0;
+    long d = PyLong_AsLongAndOverflow(device, &overflow);
     if (d == -1 && PyErr_Occurred()) return -2;
-    if (d < 0 || d > 1 << 20) {
-        PyErr_Format(PyExc_ValueError, "device must be >= 0, got %ld", d);
+    if (overflow || d < 0 || d > kMaxDevice) {
+        PyErr_Format(PyExc_ValueError, "device must be a CUDA device ordinal in [0, %d], got %R",
+                     kMaxDevice, device);
         return -2;
     }
     return static_cast<int>(d);

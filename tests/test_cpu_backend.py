@@ -268,3 +268,19 @@ def test_a_record_refused_by_a_closed_stream_leaves_the_event_as_it_was(run):
     assert s._record(ev)  # refused, with the reason
     assert ev.done()  # never recorded: nothing to wait for
     ev.wait()  # returns at once
+
+
+def test_a_worker_keeps_one_python_thread_state(run):
+    # One thread state for the worker's life (not one per call: making one takes CPython's
+    # runtime lock without the GIL, which a fork elsewhere could leave held in the child).
+    local = threading.local()
+
+    def count() -> int:
+        local.n = getattr(local, "n", 0) + 1
+        return local.n
+
+    async def main():
+        with aiocuda.CpuStream() as s:
+            return [await s.submit(count) for _ in range(3)]
+
+    assert run(main()) == [1, 2, 3]

@@ -34,6 +34,7 @@ class CudaStreamProtocol(Protocol):
 StreamLike = Union["CpuStream", CudaStreamProtocol, int, Any]
 
 _U64 = 1 << 64
+_MAX_DEVICE = 1 << 20  # as the native core: far past any machine's device count
 _MAX_DELAY_S = 1e9  # the worker sleeps in nanoseconds of a 64-bit clock: about 292 years at most
 
 
@@ -61,7 +62,7 @@ def _cuda_handle(stream: object) -> tuple[int, int]:
         elif hasattr(stream, "cuda_stream"):
             handle = stream.cuda_stream
             index = getattr(stream, "device_index", None)
-            if isinstance(index, int) and not isinstance(index, bool) and index >= 0:
+            if isinstance(index, int) and not isinstance(index, bool) and 0 <= index <= _MAX_DEVICE:
                 device = index
         else:
             raise TypeError(

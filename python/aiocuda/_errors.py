@@ -19,6 +19,12 @@ class CudaError(AiocudaError):
     name: str
 
     def __init__(self, code: int, message: str) -> None:
+        if isinstance(code, bool) or not isinstance(code, int):
+            raise TypeError(f"CudaError(code, message): code is an int CUresult, got "
+                            f"{type(code).__name__}")
+        if not isinstance(message, str):
+            raise TypeError(f"CudaError(code, message): message is a str, got "
+                            f"{type(message).__name__}")
         super().__init__(message)
         self.code = code
         head = message.split(":", 1)[0]
