@@ -18,7 +18,6 @@ __all__ = ["Statistics", "statistics", "state_for", "running_loop"]
 BATCH = 256
 
 
-
 @dataclass(frozen=True)
 class Statistics:
     """A snapshot of one loop's completion queue."""
@@ -159,7 +158,8 @@ def close_loop_states() -> None:
     stale: list[LoopState] = []
     with _states_lock:
         for key, st in list(_states.items()):
-            if st.loop_ref() is None or st.loop_ref().is_closed():  # type: ignore[union-attr]
+            loop = st.loop_ref()
+            if loop is None or loop.is_closed():
                 del _states[key]
                 stale.append(st)
     for st in stale:  # outside the lock: closing may drop a loop's last reference

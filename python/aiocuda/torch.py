@@ -248,12 +248,12 @@ def _children(node: object) -> Iterable[Any]:
 def _tensors(tree: Any) -> Iterator[torch.Tensor]:
     """Every tensor in `tree`, at any depth, each once; a container reached twice (or holding
     itself) is walked once, without recursion."""
-    stack, seen = [tree], set()
+    stack, seen = [tree], {}  # id -> node: held, so that no id is reused while we walk
     while stack:
         node = stack.pop()
         if id(node) in seen:
             continue
-        seen.add(id(node))
+        seen[id(node)] = node
         if isinstance(node, torch.Tensor):
             yield node
         else:
