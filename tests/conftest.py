@@ -37,6 +37,17 @@ except ImportError:  # pragma: no cover - uvloop is a test dependency
 LOOPS = ["asyncio", "uvloop"]
 
 
+@pytest.fixture(params=["callback", "poll"])
+def strategy(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test under each cuda completion strategy; restore the one before."""
+    import aiocuda
+
+    before = aiocuda.strategy()
+    aiocuda.set_strategy(request.param)
+    yield request.param
+    aiocuda.set_strategy(before)
+
+
 def new_loop(kind: str) -> asyncio.AbstractEventLoop:
     if kind == "uvloop":
         if uvloop is None:

@@ -28,14 +28,6 @@ WAITING_CALLS = ("cuLaunchHostFunc", "cuStreamWaitEvent", "cuEventQuery", "cuEve
                  "cuStreamQuery", "cuStreamSynchronize", "cuCtxSynchronize")
 
 
-@pytest.fixture(params=["callback", "poll"])
-def strategy(request: pytest.FixtureRequest):
-    before = aiocuda.strategy()
-    aiocuda.set_strategy(request.param)
-    yield request.param
-    aiocuda.set_strategy(before)
-
-
 def end_capture(emu, stream: int) -> int:
     """End the capture on `stream` (destroying its graph); return cuStreamEndCapture's result."""
     graph = ctypes.c_void_p()

@@ -78,15 +78,6 @@ def torch_cuda(gpu):
     return torch
 
 
-@pytest.fixture(params=["callback", "poll"])
-def strategy(request: pytest.FixtureRequest):
-    """Run the test under each completion strategy; restore the one before."""
-    before = aiocuda.strategy()
-    aiocuda.set_strategy(request.param)
-    yield request.param
-    aiocuda.set_strategy(before)
-
-
 _CYCLES_PER_S: dict[int, float] = {}
 
 
