@@ -42,9 +42,14 @@ def _chaos(request: pytest.FixtureRequest, backend: str, loop_kind: str, ops: in
                     deadline=30 + ops / 1_000)
     problems = fig.problems()
     assert not problems, "\n".join(problems) + "\nfigures: " + _figures(fig.as_dict())
-    assert fig.cancellations and fig.timeouts and fig.exceptions  # the chaos did happen
+    # Each kind of chaos happened: one of each is forced (a gate holds the stream), the rest is
+    # random; problems() above already failed the run if a forced outcome came out otherwise.
+    assert fig.cancellations and fig.timeouts and fig.exceptions, _figures(fig.as_dict())
+    forced = 3 + (fig.sticky_errors if backend == "cuda" else 0)
+    assert fig.forced == forced, _figures(fig.as_dict())
     if backend == "cuda":
-        assert fig.sticky_errors >= 2 and fig.cuda_errors and fig.strategy_flips
+        assert fig.sticky_errors >= 2 and fig.strategy_flips >= 3, _figures(fig.as_dict())
+        assert fig.cuda_errors >= fig.sticky_errors, _figures(fig.as_dict())
 
 
 # ---- chaos ------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import ctypes
 import functools
 import gc
 import random
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -71,6 +72,9 @@ class Figures:
     rss_growth: int = 0  #: bytes, from 20 % of the operations to the end
     fds_delta: int = 0  #: open fds after teardown minus before the run
     threads_delta: int = 0  #: native threads after teardown minus before the run
+    forced: int = 0  #: forced outcomes (one timeout, cancellation, exception; a CudaError
+    #: per sticky error) that came out as forced
+    forced_missed: int = 0  #: forced outcomes that did not (a gated await completed early...)
     seconds: float = 0.0
     run_timed_out: bool = False
     stalled: bool = False  #: an await outlived the guard: the run stopped early
@@ -110,6 +114,7 @@ class Figures:
             (self.threads_delta > thread_slack,
              f"{self.threads_delta} more threads than before the run"),
             (self.ops == 0, "no operation ran"),
+            (self.forced_missed, f"{self.forced_missed} forced outcomes did not happen"),
         ]
         out = [text for bad, text in checks if bad]
         if out and self.examples:
@@ -602,6 +607,7 @@ class Chaos:
         assert gen is not None
         if gen.broken:
             return  # another worker is injecting one already
+        self.force_cuda_error(gen)
         gen.broken = True
         self.fig.sticky_errors += 1
         self.emu.inject_error(ILLEGAL_ADDRESS)
@@ -610,6 +616,94 @@ class Chaos:
         self.emu.reset_device(0)  # destroys the generation's streams and events
         self.new_gen()
         gen.replaced.set()
+
+    # -- each kind of chaos, forced (random timing alone may produce no timeout at all)
+    def _expect_forced(self, what: str, happened: bool) -> None:
+        if happened:
+            self.fig.forced += 1
+        else:
+            self.fig.forced_missed += 1
+            self.fig.note(f"forced {what} did not happen", "forced")
+
+    async def _force_on_held(self, held: Callable[[], Any], release: Callable[[], None],
+                             failing: Callable[[BaseException], Any]) -> None:
+        """While `held()`'s stream is held by a gate: an await that must time out and one that
+        is cancelled; then `release()` and an operation `failing()` that must raise."""
+        fig = self.fig
+        timed = held()
+        try:
+            await asyncio.wait_for(timed, 0.001)
+        except asyncio.TimeoutError:
+            fig.timeouts += 1
+            self._expect_forced("timeout", timed.cancelled())
+        else:
+            self._expect_forced("timeout (the held await completed)", False)
+        cancelled = held()
+        cancelled.cancel()
+        await asyncio.sleep(0)
+        self._expect_forced("cancellation", cancelled.cancelled())
+        release()
+        exc = ValueError("forced")
+        fut = asyncio.ensure_future(failing(exc))
+        self.tr.track(fut, None, expect_raised(exc), "forced exception", self.gen)
+        try:
+            await asyncio.wait_for(fut, self.guard)
+        except ValueError as e:
+            self._expect_forced("exception", e is exc)
+        except asyncio.TimeoutError:
+            self.stall()
+
+    async def force_cpu(self) -> None:
+        s, gate = self.cpu[0], threading.Event()
+        opened = s.submit(gate.wait, self.guard)  # the worker waits without the GIL
+        self.tr.track(opened, None, expect_value(True), "submit(gate)")
+
+        def held() -> Any:
+            fut = s.synchronize()
+            return self.tr.track(fut, 0, functools.partial(self._no_early_cpu, 0, self.issued[0]),
+                                 "synchronize(held)")
+
+        await self._force_on_held(
+            held, gate.set, lambda exc: s.submit(_plain, 1, exc))
+        await asyncio.wait([opened], timeout=self.guard)
+
+    async def force_cuda(self) -> None:
+        gen, lib = self.gen, self.emu.lib
+        assert gen is not None
+        h = gen.streams[0]
+        from aiocuda.bench._sources import HostWord  # a word of host memory a stream waits on
+
+        assert lib.cuCtxPushCurrent_v2(gen.ctx) == 0
+        try:
+            word = HostWord(lib)
+        finally:
+            lib.cuCtxPopCurrent_v2(None)
+        assert lib.cuStreamWaitValue32_v2(h, word.device, 1, 0) == 0  # GEQ 1
+
+        def held() -> Any:
+            return self.tr.track(aiocuda.synchronize(h), (gen.number, 0), cuda_outcome(),
+                                 "synchronize(held)", gen)
+
+        await self._force_on_held(
+            held, lambda: word.write(1), lambda exc: aiocuda.gpu_op(_plain, 1, exc, stream=h))
+        await asyncio.wait_for(aiocuda.synchronize(h), self.guard)  # the wait has ended
+        assert lib.cuCtxPushCurrent_v2(gen.ctx) == 0
+        try:
+            word.unregister()
+        finally:
+            lib.cuCtxPopCurrent_v2(None)
+
+    def force_cuda_error(self, gen: CudaGen) -> None:
+        """An await that is surely pending when the sticky error comes: it must fail with it."""
+        h = gen.streams[0]
+        self.emu.lib.emu_enqueue_sleep(h, int(4 * self.guard * 1e6))  # dropped by the fault
+
+        def check(fut: Any, exc: BaseException | None) -> str | None:
+            got = isinstance(exc, aiocuda.CudaError) and exc.code == ILLEGAL_ADDRESS
+            self._expect_forced("CudaError", got)
+            return None if got else f"got {exc!r} from work the sticky error dropped"
+
+        self.tr.track(aiocuda.synchronize(h), (gen.number, 0), check, "synchronize(doomed)", gen)
 
     # -- workers
     async def worker(self) -> None:
@@ -643,6 +737,7 @@ class Chaos:
             self.new_gen()
         self.fig.rss_start = rss_bytes()
         try:
+            await (self.force_cpu() if self.backend == "cpu" else self.force_cuda())
             await asyncio.gather(*[self.worker() for _ in range(self.n_workers)])
             # Every stream once more, so that the late completions of cancelled awaits land.
             if self.backend == "cpu":
