@@ -3,6 +3,7 @@
 // together with cuda.h and cudaTypedefs.h and checks every line below against them.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 // Opaque handle types: the same tags as cuda.h, so the two agree where both are seen.
@@ -19,6 +20,7 @@ using CUcontext = CUctx_st*;
 using CUstream = CUstream_st*;
 using CUevent = CUevent_st*;
 using CUgraph = CUgraph_st*;
+using CUdeviceptr = unsigned long long;  // cuda.h: CUdeviceptr_v2 on 64-bit hosts
 using CUhostFn = void (*)(void*);
 using CUstreamCaptureStatus = int;  // cuda.h: enum CUstreamCaptureStatus_enum
 using CUstreamCaptureMode = int;    // cuda.h: enum CUstreamCaptureMode_enum
@@ -34,6 +36,7 @@ constexpr CUresult CUDA_ERROR_INVALID_HANDLE = 400;
 constexpr CUresult CUDA_ERROR_NOT_FOUND = 500;
 constexpr CUresult CUDA_ERROR_NOT_READY = 600;
 constexpr CUresult CUDA_ERROR_CONTEXT_IS_DESTROYED = 709;
+constexpr CUresult CUDA_ERROR_NOT_SUPPORTED = 801;
 constexpr CUresult CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED = 900;
 constexpr CUresult CUDA_ERROR_STREAM_CAPTURE_INVALIDATED = 901;
 constexpr CUresult CUDA_ERROR_STREAM_CAPTURE_IMPLICIT = 906;
@@ -41,6 +44,9 @@ constexpr unsigned CU_EVENT_BLOCKING_SYNC = 0x1;
 constexpr unsigned CU_EVENT_DISABLE_TIMING = 0x2;
 constexpr unsigned CU_STREAM_NON_BLOCKING = 0x1;
 constexpr unsigned CU_CTX_SCHED_BLOCKING_SYNC = 0x4;
+constexpr unsigned CU_STREAM_WRITE_VALUE_DEFAULT = 0x0;
+// cuda.h #defines it, so it cannot carry its name here (checked all the same).
+constexpr unsigned kMemHostRegisterDeviceMap = 0x2;  // CU_MEMHOSTREGISTER_DEVICEMAP
 constexpr CUstreamCaptureStatus CU_STREAM_CAPTURE_STATUS_NONE = 0;
 constexpr CUstreamCaptureStatus CU_STREAM_CAPTURE_STATUS_ACTIVE = 1;
 constexpr CUstreamCaptureStatus CU_STREAM_CAPTURE_STATUS_INVALIDATED = 2;
@@ -88,7 +94,12 @@ using PFN_cuGetProcAddress = CUresult (*)(const char*, void**, int, uint64_t, CU
     X(cuEventSynchronize, 2000, 12000, false, CUresult, (CUevent))                               \
     X(cuEventDestroy, 4000, 12000, false, CUresult, (CUevent))                                   \
     X(cuGetErrorName, 6000, 12000, false, CUresult, (CUresult, const char**))                    \
-    X(cuGetErrorString, 6000, 12000, false, CUresult, (CUresult, const char**))
+    X(cuGetErrorString, 6000, 12000, false, CUresult, (CUresult, const char**))                 \
+    X(cuStreamQuery, 2000, 12000, false, CUresult, (CUstream))                                   \
+    X(cuMemHostRegister, 6050, 12000, true, CUresult, (void*, size_t, unsigned))                 \
+    X(cuMemHostGetDevicePointer, 3020, 12000, true, CUresult, (CUdeviceptr*, void*, unsigned))   \
+    X(cuStreamWriteValue32, 11070, 12000, true, CUresult,                                        \
+      (CUstream, CUdeviceptr, uint32_t, unsigned))
 
 #define AIOCUDA_DRIVER_PFN(name, pfn, ask, optional, ret, params) using PFN_##name = ret(*) params;
 AIOCUDA_DRIVER_ENTRIES(AIOCUDA_DRIVER_PFN)

@@ -1,20 +1,25 @@
 // The completion engine. The data path, one await on a CUDA stream:
 //
 //   loop thread (GIL released)  wait_stream: stream -> its context's state -> the stream's
-//                               timeline; cuStreamIsCapturing; then either a mark (cuEventRecord
-//                               of a pooled event: the one operation put on the user's stream) or,
-//                               past kMarksInFlight, a place on the timeline's open mark
-//   engine thread               learns that marks were passed (Strategy::kPoll: cuEventQuery;
-//                               kCallback: a host function on an aiocuda "lane" stream that waits
-//                               on the mark), places open marks when room frees up, and checks
-//                               contexts for sticky errors and resets
+//                               timeline; cuStreamIsCapturing; then either a mark (the one operation
+//                               put on the user's stream: kFlag, cuStreamWriteValue32 of the
+//                               timeline's next sequence number into a word of host memory; else a
+//                               cuEventRecord of a pooled event), a second cuStreamIsCapturing (a
+//                               capture may begin between the check and the mark), or, past
+//                               kMarksInFlight, a place on the timeline's open mark
+//   engine thread               learns that marks were passed (kFlag: a plain load of each
+//                               timeline's word, spinning only while a completion is due, sleeping
+//                               otherwise; kPoll: cuEventQuery; kCallback: a host function on an
+//                               aiocuda "lane" stream that waits on the mark), places open marks
+//                               when room frees up, and checks contexts for sticky errors and resets
 //   completion                  every await behind a passed mark (and behind every earlier mark
 //                               of its timeline: stream order) is pushed to its loop's queue
 //
-// Nothing aiocuda puts on a user's stream holds it up (an event record never blocks later work);
-// host functions, stream waits, queries and synchronizes happen only on aiocuda's own threads
-// and streams, which run in thread-local capture mode, so a user's global-mode capture elsewhere
-// stays valid. What aiocuda holds is bounded by the streams it watches, not by the awaits.
+// Nothing aiocuda puts on a user's stream holds it up (an event record or a memory write never
+// blocks later work); host functions, stream waits, queries and synchronizes happen only on
+// aiocuda's own threads and streams, which run in thread-local capture mode, so a user's
+// global-mode capture elsewhere stays valid. What aiocuda holds is bounded by the streams it
+// watches, not by the awaits.
 #include "engine.hpp"
 
 #include <algorithm>
@@ -23,6 +28,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <tuple>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -48,11 +54,30 @@ constexpr unsigned kEventFlags = CU_EVENT_DISABLE_TIMING | CU_EVENT_BLOCKING_SYN
 constexpr auto kPollSpin = std::chrono::microseconds(2000);
 constexpr auto kPollMaxSleep = std::chrono::microseconds(200);
 
+// kFlag: how the engine thread waits for a word to change. It sleeps until a little before the
+// timeline's next completion is expected (its own history: kFlagLead before it, and earlier for
+// longer waits), spins from then until kFlagSpin past the expected time, then naps, for longer
+// the later the completion is (at most kFlagMaxNap): a long wait costs a few hundred wake-ups a
+// second, and no driver call (io_uring's hybrid polling sleeps through part of the expected time
+// in the same way).
+constexpr auto kFlagLead = std::chrono::microseconds(40);
+constexpr auto kFlagSpin = std::chrono::microseconds(150);
+constexpr auto kFlagMaxNap = std::chrono::microseconds(2000);
+constexpr size_t kFlagWordStride = 64;  // one cache line per timeline: the device writes whole lines
+constexpr size_t kFlagPage = 4096;
+
 struct CtxState;
 struct Timeline;
 
+// Who holds a reference to a mark (refs), and when it is released:
+//   - its timeline, from its making until reap() pops it (passed, failed or retired);
+//   - each aiocuda.Event made on it, until mark_release();
+//   - a lane's watch (kCallback: placed, host function pending), until on_host_fn or unwatch();
+//   - the engine while it queries the mark's event outside the lock, for that query only.
+// The last unref() frees it and returns its event to the pool. A timeline pops a finished mark
+// whoever else still holds it, so a watch that a held lane delays never holds up the timeline.
 struct Mark {
-    CUevent ev = nullptr;     // null until placed
+    CUevent ev = nullptr;     // null until placed, and for flag marks
     Timeline* tl;
     Node* head = nullptr;     // the awaits behind it, linked through Node::next until completed
     Node* tail = nullptr;
@@ -65,6 +90,9 @@ struct Mark {
     CUresult status = CUDA_SUCCESS;
     CUresult fail = CUDA_SUCCESS;  // could not be placed: fails with this once earlier marks end
     uint64_t key = 0;         // what its host function gets: never a pointer
+    bool flag = false;        // kFlag: passed once its timeline's word reaches seq
+    uint32_t seq = 0;
+    Clock::time_point at{};   // when it was placed (kFlag: the timeline's history)
     Mark* next = nullptr;     // in its timeline, oldest first
     struct Engine* owner;     // a forked child has a new engine and ignores the old one's
 };
@@ -90,6 +118,12 @@ struct Timeline {
     Lane* lane = nullptr;        // kCallback: where its marks are watched
     int watching = 0;            // its host functions not run yet
     bool active = false;         // in the engine's list
+    // kFlag: the word of host memory its stream writes each mark's sequence number to.
+    uint32_t* word = nullptr;
+    CUdeviceptr dword = 0;
+    uint32_t issued = 0;         // the last sequence number written (under record_mu)
+    bool no_flag = false;        // the driver cannot write host memory from this stream: events
+    int64_t est_ns = 0;          // how long its marks take, placed to passed (kFlag's sleeps)
     std::mutex record_mu;        // marks enter the timeline in the order they enter the stream
 };
 
@@ -106,6 +140,11 @@ struct CtxState {
     Timeline* device_tl = nullptr;
     std::vector<Lane*> lanes;
     struct Placer* placer = nullptr;
+    // kFlag: free words of registered host memory (their pages are never unregistered: a stream
+    // may still write a word after its timeline has gone, and a reset forgets them anyway).
+    std::vector<std::pair<uint32_t*, CUdeviceptr>> words;
+    bool no_words = false;       // registration failed: this context marks with events
+    CUstream probe = nullptr;    // kFlag's backstop: cuStreamQuery of it reports sticky errors
 };
 
 // Places open marks for one device. Its own thread, because placing is an enqueue on a user's
@@ -139,7 +178,9 @@ struct Engine {
     std::vector<Mark*> slots;            // host-function keys: (generation << 32) | index
     std::vector<uint32_t> gens;
     std::vector<uint32_t> free_slots;
-    size_t pending = 0, marks = 0, events = 0, lanes = 0, threads = 0;
+    size_t pending = 0, marks = 0, events = 0, lanes = 0, threads = 0, words = 0;
+    int sync_waiters = 0;                // threads in mark_synchronize (placed_cv)
+    Clock::time_point sleep_until{};     // the engine thread's wake-up, while it sleeps
     bool started = false;
     bool sleeping = false;               // the engine thread waits on cv
     bool kick = false;                   // something for the engine to do (an open mark has room)
@@ -161,14 +202,14 @@ void on_host_fn(void* key);
 namespace {
 
 Engine* eng = new Engine;
-std::atomic<int> g_strategy{-1};
+std::atomic<int> g_strategy{-1};  // -1: not chosen yet (AIOCUDA_STRATEGY, else kFlag)
 std::atomic<int> g_backstop_ms{20};
 
 Strategy current_strategy() {
     int s = g_strategy.load(std::memory_order_relaxed);
     if (s < 0) {
         const char* e = std::getenv("AIOCUDA_STRATEGY");
-        s = (e && std::strcmp(e, "poll") == 0) ? 1 : 0;
+        s = !e ? 2 : std::strcmp(e, "poll") == 0 ? 1 : std::strcmp(e, "callback") == 0 ? 0 : 2;
         g_strategy.store(s, std::memory_order_relaxed);
     }
     return static_cast<Strategy>(s);
@@ -254,6 +295,7 @@ void finish(Mark* m, CUresult status) {
     eng->pending -= m->waiters;
     m->head = m->tail = nullptr;
     m->waiters = 0;
+    if (eng->sync_waiters) eng->placed_cv.notify_all();
 }
 
 // Returns whether the engine had nothing to watch before.
@@ -289,7 +331,9 @@ void placed(Timeline* tl, Mark* m, CUevent ev) {
     if (tl->tail) tl->tail->next = m; else tl->head = m;
     tl->tail = m;
     ++tl->in_flight;
-    if (current_strategy() == Strategy::kCallback) watch(m);
+    m->at = Clock::now();
+    // Event marks: a lane's host function, unless polling (kFlag watches device waits this way).
+    if (!m->flag && current_strategy() != Strategy::kPoll) watch(m);
     eng->placed_cv.notify_all();
 }
 
@@ -301,7 +345,9 @@ void reap(Timeline* tl) {
             finish(m, m->fail);
             eng->placed_cv.notify_all();
         }
-        if (!m->done || m->watched) break;
+        // A finished mark leaves even while a lane still watches it (the watch holds a reference):
+        // a lane that a held stream delays never holds up this timeline's later marks.
+        if (!m->done) break;
         tl->head = m->next;
         if (!tl->head) tl->tail = nullptr;
         if (m->placed) --tl->in_flight;
@@ -574,18 +620,131 @@ void wake_locked() {
     if (eng->sleeping) eng->cv.notify_one();
 }
 
-// Places a mark on `tl` now (the caller holds tl->record_mu), for `n` and, if `user`, an Event.
-CUresult place_now(Timeline* tl, Node* n, Mark** user) {
-    CUevent ev = nullptr;
-    CUresult r = take_event(tl->cs, &ev);
-    if (r == CUDA_SUCCESS) r = record_on(tl, ev);
+// A flag mark was placed: wake the engine thread only if it sleeps past when this one may pass.
+void nudge_locked(Timeline* tl) {
+    if (!eng->sleeping) return;
+    auto due = Clock::now() + std::chrono::nanoseconds(tl->est_ns) - kFlagLead;
+    if (due < eng->sleep_until) eng->cv.notify_one();
+}
+
+// kFlag: the word `tl`'s stream writes its marks to, taken from a page of registered host memory
+// (one page per 64 timelines of a context). False: the driver cannot do it, and `tl` marks with
+// events. Loop or placer thread, tl->record_mu held.
+bool flag_word(Timeline* tl) {
+    if (tl->word) return true;
+    CtxState* cs = tl->cs;
+    {
+        std::lock_guard<std::mutex> g(eng->mu);
+        if (tl->kind != Timeline::kStream || cs->no_words || !api.cuStreamWriteValue32 ||
+            !api.cuMemHostRegister || !api.cuMemHostGetDevicePointer)
+            tl->no_flag = true;
+        if (tl->no_flag) return false;
+        if (!cs->words.empty()) {
+            std::tie(tl->word, tl->dword) = cs->words.back();
+            cs->words.pop_back();
+            return true;
+        }
+    }
+    void* page = nullptr;
+    if (posix_memalign(&page, kFlagPage, kFlagPage) != 0) return false;
+    std::memset(page, 0, kFlagPage);
+    CUdeviceptr d = 0;
+    bool registered = false;
+    // cuMemHostRegister: "Page-locks the memory range [...] and maps it for the device(s)";
+    // cuStreamWriteValue32: "If the memory was registered via cuMemHostRegister(), the device
+    // pointer should be obtained with cuMemHostGetDevicePointer()."
+    CUresult r = thread_local_mode([&] {
+        return with_ctx(cs->ctx, [&] {
+            CUresult rr = api.cuMemHostRegister(page, kFlagPage, kMemHostRegisterDeviceMap);
+            registered = rr == CUDA_SUCCESS;
+            if (registered) rr = api.cuMemHostGetDevicePointer(&d, page, 0);
+            return rr;
+        });
+    });
     std::lock_guard<std::mutex> g(eng->mu);
     if (r != CUDA_SUCCESS) {
-        if (ev && !tl->cs->retired) tl->cs->pool.push_back(ev);
-        return r;
+        if (!registered) std::free(page);  // else leaked: unregistering it could fail the same way
+        cs->no_words = tl->no_flag = true;
+        return false;
     }
+    char* base = static_cast<char*>(page);
+    for (size_t off = kFlagPage; off > 0; off -= kFlagWordStride)
+        cs->words.emplace_back(reinterpret_cast<uint32_t*>(base + off - kFlagWordStride),
+                               d + off - kFlagWordStride);
+    eng->words += kFlagPage / kFlagWordStride;
+    std::tie(tl->word, tl->dword) = cs->words.back();
+    cs->words.pop_back();
+    return true;
+}
+
+// What put() placed on a stream.
+struct Placed {
+    CUevent ev = nullptr;
+    bool flag = false;
+    uint32_t seq = 0;
+};
+
+const char* const kCapturedText =
+    "the stream began capturing a CUDA graph while aiocuda marked it (another thread began the "
+    "capture), so the mark may be part of the graph and cannot tell when the work ends: await "
+    "the stream after the capture ends";
+
+// The one operation an await puts on the user's stream (or on the context, for device waits),
+// then a second capture check (tl->record_mu held). A capture may begin between the check before
+// and the mark, and a mark taken into a capture never tells when the stream's work ends: its
+// awaits are refused (kCapturing), and a flag word a graph may write is never read again.
+CUresult put(Timeline* tl, Placed* p, std::string* why) {
+    CUresult r = CUDA_ERROR_NOT_SUPPORTED;
+    if (current_strategy() == Strategy::kFlag && flag_word(tl)) {
+        p->flag = true;
+        p->seq = tl->issued + 1;
+        CUstream st = tl->stream;
+        auto write = [&] {
+            return api.cuStreamWriteValue32(st, tl->dword, p->seq, CU_STREAM_WRITE_VALUE_DEFAULT);
+        };
+        r = is_legacy(reinterpret_cast<uintptr_t>(st)) ? with_ctx(tl->cs->ctx, write) : write();
+        if (r == CUDA_SUCCESS) tl->issued = p->seq;
+        if (r == CUDA_ERROR_NOT_SUPPORTED) {  // no stream memory operations: events, from now on
+            std::lock_guard<std::mutex> g(eng->mu);
+            tl->no_flag = true;
+        }
+    }
+    if (r == CUDA_ERROR_NOT_SUPPORTED) {
+        *p = Placed{};
+        r = take_event(tl->cs, &p->ev);
+        if (r == CUDA_SUCCESS) r = record_on(tl, p->ev);
+    }
+    CUstreamCaptureStatus st = CU_STREAM_CAPTURE_STATUS_NONE;
+    if (r == CUDA_SUCCESS && capture_status(tl, &st) == CUDA_SUCCESS &&
+        st != CU_STREAM_CAPTURE_STATUS_NONE) {
+        *why = kCapturedText;
+        r = kCapturing;
+        std::lock_guard<std::mutex> g(eng->mu);
+        if (p->flag) {  // the word may be written by every replay: earlier marks cannot trust it
+            for (Mark* m = tl->head; m; m = m->next)
+                if (m->flag && !m->done) finish(m, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+            tl->word = nullptr;
+            tl->dword = 0;
+        }
+    }
+    if (r != CUDA_SUCCESS && p->ev) {
+        std::lock_guard<std::mutex> g(eng->mu);
+        if (!tl->cs->retired) tl->cs->pool.push_back(p->ev);
+        p->ev = nullptr;
+    }
+    return r;
+}
+
+// Places a mark on `tl` now (the caller holds tl->record_mu), for `n` and, if `user`, an Event.
+CUresult place_now(Timeline* tl, Node* n, Mark** user, std::string* why) {
+    Placed p;
+    CUresult r = put(tl, &p, why);
+    std::lock_guard<std::mutex> g(eng->mu);
+    if (r != CUDA_SUCCESS) return r;
     Mark* m = new_mark(tl);
-    placed(tl, m, ev);
+    m->flag = p.flag;
+    m->seq = p.seq;
+    placed(tl, m, p.ev);
     if (n) attach(m, n);
     if (user) {
         ++m->refs;
@@ -593,7 +752,7 @@ CUresult place_now(Timeline* tl, Node* n, Mark** user) {
     }
     activate(tl);
     start_engine_locked();
-    wake_locked();
+    if (p.flag) nudge_locked(tl); else wake_locked();
     return CUDA_SUCCESS;
 }
 
@@ -646,7 +805,7 @@ CUresult mark(Timeline* tl, Node* n, Mark** user, std::string* why) {
         std::lock_guard<std::mutex> g(eng->mu);
         if (joined(&r)) return r;  // others marked meanwhile
     }
-    r = place_now(tl, n, user);
+    r = place_now(tl, n, user, why);
     if (r != CUDA_SUCCESS && n) discard(n);
     return r;
 }
@@ -692,11 +851,13 @@ bool place_open(Timeline* tl) {
     CUstreamCaptureStatus st;
     CUresult r = capture_status(tl, &st);
     if (r == CUDA_SUCCESS && st != CU_STREAM_CAPTURE_STATUS_NONE) return false;
-    CUevent ev = nullptr;
-    if (r == CUDA_SUCCESS) r = take_event(tl->cs, &ev);
-    if (r == CUDA_SUCCESS) r = record_on(tl, ev);
+    Placed p;
+    std::string why;
+    if (r == CUDA_SUCCESS) r = put(tl, &p, &why);
+    if (r == kCapturing) r = CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;  // taken into a capture
     std::lock_guard<std::mutex> g(eng->mu);
     if (tl->open != open || tl->cs->retired) {  // failed meanwhile (its handles are not ours)
+        if (p.ev && !tl->cs->retired) tl->cs->pool.push_back(p.ev);
         return true;
     }
     tl->open = nullptr;
@@ -704,15 +865,16 @@ bool place_open(Timeline* tl) {
         // Only these awaits fail: a capture that began meanwhile, or no memory for an event, is
         // no context error (a sticky one the next query of this context finds). They fail in
         // stream order: after the marks placed before, which may still be pending.
-        if (ev) tl->cs->pool.push_back(ev);
         open->fail = r;
         if (tl->tail) tl->tail->next = open; else tl->head = open;
         tl->tail = open;  // unplaced: no event, never queried or watched
         reap(tl);
         return true;
     }
-    placed(tl, open, ev);
-    wake_locked();
+    open->flag = p.flag;
+    open->seq = p.seq;
+    placed(tl, open, p.ev);
+    if (p.flag) nudge_locked(tl); else wake_locked();
     return true;
 }
 
@@ -747,6 +909,52 @@ void device_waiter_run(DeviceWaiter* w);
 
 bool is_capture_error(CUresult r) { return r >= 900 && r <= 908; }  // CUDA_ERROR_STREAM_CAPTURE_*
 
+// ---- kFlag: reading the words ------------------------------------------------------------------
+
+// When the engine thread should look at the words again: now (spin), at a time, or never (no flag
+// mark is pending).
+struct FlagPlan {
+    bool pending = false;
+    Clock::time_point next = Clock::time_point::max();
+};
+
+// Under eng->mu: completes every flag mark whose word its stream has written (plain loads, no
+// driver call), learns how long marks take, and plans the next look. A word only grows (cyclic,
+// as cuStreamWaitValue32 compares): a value that reached a mark's sequence number passed it.
+FlagPlan read_flags(Clock::time_point now, bool* progress) {
+    FlagPlan plan;
+    for (Timeline* tl : eng->active) {
+        if (!tl->word || tl->cs->retired) continue;
+        uint32_t v = __atomic_load_n(tl->word, __ATOMIC_ACQUIRE);
+        Mark* upto = nullptr;
+        Mark* oldest = nullptr;
+        for (Mark* m = tl->head; m; m = m->next) {
+            if (!m->flag || m->done) continue;
+            if (static_cast<int32_t>(v - m->seq) >= 0) upto = m;
+            else if (!oldest) oldest = m;
+        }
+        if (upto) {
+            // Its history: how long the newest passed mark took, seen now. Quick to come down and
+            // slow to go up, so that the thread wakes early rather than late.
+            int64_t took = std::chrono::duration_cast<std::chrono::nanoseconds>(now - upto->at).count();
+            tl->est_ns += (took - tl->est_ns) / (took < tl->est_ns ? 2 : 8);
+            passed(upto, CUDA_SUCCESS);
+            reap(tl);  // hands the open mark, if any, to its placer
+            *progress = true;
+        }
+        if (!oldest) continue;
+        plan.pending = true;
+        auto due = oldest->at + std::chrono::nanoseconds(tl->est_ns);
+        auto lead = kFlagLead + std::chrono::nanoseconds(tl->est_ns / 16);
+        Clock::time_point next;
+        if (now < due - lead) next = due - lead;               // sleep through most of it
+        else if (now < due + kFlagSpin) next = now;            // due: spin
+        else next = now + std::min<Clock::duration>(kFlagMaxNap, (now - due) / 16);  // late: nap
+        plan.next = std::min(plan.next, next);
+    }
+    return plan;
+}
+
 // One pass of the engine's driver calls; returns whether anything completed or was placed.
 bool pass(Strategy strat, bool backstop) {
     struct Watch { Mark* m; CUevent ev; Lane* lane; bool make_lane; CtxState* cs; };
@@ -755,8 +963,10 @@ bool pass(Strategy strat, bool backstop) {
     auto& ctxs = eng->pass_ctxs;
     tls.clear();
     ctxs.clear();
+    bool progress = false;
     {
         std::lock_guard<std::mutex> g(eng->mu);
+        read_flags(Clock::now(), &progress);
         tls = eng->active;
         for (Timeline* tl : tls)
             if (!tl->cs->retired && std::find(ctxs.begin(), ctxs.end(), tl->cs) == ctxs.end())
@@ -797,7 +1007,6 @@ bool pass(Strategy strat, bool backstop) {
             eng->to_watch.clear();
         }
     }
-    bool progress = false;
     // A reset (a new context id) retires the context before any of its handles is touched.
     for (CtxState* cs : ctxs)
         if (!still_current(cs)) progress = true;
@@ -829,6 +1038,30 @@ bool pass(Strategy strat, bool backstop) {
             }
             unwatch(w.m);
             reap(w.m->tl);
+        }
+    }
+    // Flag marks report no error: a sticky one stops the stream before its write. The backstop
+    // asks an idle aiocuda stream of each context, which reports it (cuStreamQuery: "this
+    // function may also return error codes from previous, asynchronous launches").
+    if (backstop) {
+        for (CtxState* cs : ctxs) {
+            bool flags = false;
+            {
+                std::lock_guard<std::mutex> g(eng->mu);
+                if (cs->retired) continue;
+                for (Timeline* tl : tls)
+                    if (tl->cs == cs && tl->word && tl->head) flags = true;
+            }
+            if (!flags) continue;
+            CUresult r = cs->probe ? CUDA_SUCCESS : with_ctx(cs->ctx, [&] {
+                return api.cuStreamCreate(&cs->probe, CU_STREAM_NON_BLOCKING);
+            });
+            if (r == CUDA_SUCCESS) r = api.cuStreamQuery(cs->probe);
+            if (r != CUDA_SUCCESS && r != CUDA_ERROR_NOT_READY) {
+                std::lock_guard<std::mutex> g(eng->mu);
+                retire(cs, r);
+                progress = true;
+            }
         }
     }
     // Queries: every pass when polling; once per backstop period for the callback strategy, where
@@ -909,20 +1142,35 @@ void engine_run() {
             eng->hold_cv.notify_all();
             while (eng->held || eng->active.empty()) {
                 eng->sleeping = true;
+                eng->sleep_until = Clock::time_point::max();
                 (eng->held ? eng->hold_cv : eng->cv).wait(g);
                 eng->sleeping = false;
                 last_progress = now = Clock::now();
             }
             // Read after the wait: a switch meanwhile must not leave new marks unwatched.
             strat = current_strategy();
-            if (strat == Strategy::kCallback && eng->to_watch.empty() && !eng->kick) {
-                // Host functions report completions; wake for new marks or the backstop.
-                auto until = last_backstop + backstop_every;
-                eng->sleeping = true;
-                eng->cv.wait_until(g, until, [&] {
-                    return !eng->to_watch.empty() || eng->kick || eng->held;
-                });
-                eng->sleeping = false;
+            if (strat != Strategy::kPoll) {
+                // Between passes host functions report event marks, and this thread reads the
+                // flag words: plain loads under the engine's lock, sleeping until one is due. A
+                // pass (driver calls) runs for new watches, a kick, or the backstop.
+                for (;;) {
+                    now = Clock::now();
+                    bool progress = false;
+                    FlagPlan plan = read_flags(now, &progress);
+                    if (eng->held || !eng->to_watch.empty() || eng->kick ||
+                        now >= last_backstop + backstop_every)
+                        break;
+                    if (plan.next > now) {
+                        eng->sleeping = true;
+                        eng->sleep_until = std::min(plan.next, last_backstop + backstop_every);
+                        eng->cv.wait_until(g, eng->sleep_until);
+                        eng->sleeping = false;
+                        continue;
+                    }
+                    g.unlock();  // due: spin, without the lock (the loop thread takes it to mark)
+                    for (int i = 0; i < 64; ++i) cpu_relax();
+                    g.lock();
+                }
                 now = Clock::now();
                 strat = current_strategy();
             }
@@ -942,7 +1190,8 @@ void engine_run() {
                 auto nap = std::min<Clock::duration>(kPollMaxSleep, quiet / 64);
                 std::unique_lock<std::mutex> g(eng->mu);
                 eng->sleeping = true;
-                eng->cv.wait_for(g, nap);
+                eng->sleep_until = Clock::now() + nap;
+                eng->cv.wait_until(g, eng->sleep_until);
                 eng->sleeping = false;
             }
         }
@@ -1113,11 +1362,25 @@ CUresult mark_event(Mark* m, bool wait_placed, CUevent* ev) {
         cs = m->tl->cs;
         *ev = m->ev;
     }
-    if (still_current(cs)) return CUDA_SUCCESS;
-    std::lock_guard<std::mutex> g(eng->mu);
-    return m->status;
+    if (!still_current(cs)) {  // a reset dropped the work: the word will never be written
+        std::lock_guard<std::mutex> g(eng->mu);
+        return m->status;
+    }
+    if (m->flag) {  // no event: the word tells (a plain load), or the engine finishes the mark
+        std::unique_lock<std::mutex> g(eng->mu);
+        auto passed = [&] {
+            uint32_t* w = m->tl->word;
+            return m->done || (w && static_cast<int32_t>(__atomic_load_n(w, __ATOMIC_ACQUIRE) - m->seq) >= 0);
+        };
+        if (wait_placed && !passed()) {  // the backstop finishes it on a sticky error or reset
+            ++eng->sync_waiters;
+            eng->placed_cv.wait(g, passed);
+            --eng->sync_waiters;
+        }
+        return m->done ? m->status : passed() ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY;
+    }
+    return CUDA_SUCCESS;
 }
-
 CUresult mark_query(Mark* m, std::string* why) {
     CUevent ev = nullptr;
     CUresult r = check_ready(why);
@@ -1144,11 +1407,12 @@ void mark_release(Mark* m) {
 void set_strategy(Strategy s) {
     int old = g_strategy.exchange(static_cast<int>(s));
     std::lock_guard<std::mutex> g(eng->mu);
-    if (old != static_cast<int>(s) && s == Strategy::kCallback) {
-        // Every placed mark not watched yet gets a host function.
+    if (old != static_cast<int>(s) && s != Strategy::kPoll) {
+        // Every placed event mark not watched yet gets a host function (flag marks are read
+        // whatever the strategy).
         for (Timeline* tl : eng->active)
             for (Mark* m = tl->head; m; m = m->next)
-                if (!m->done && !m->watched) watch(m);
+                if (!m->done && !m->watched && !m->flag && m->placed) watch(m);
     }
     wake_locked();
 }
@@ -1177,7 +1441,7 @@ void after_fork_in_child() {
 
 Stats stats() {
     std::lock_guard<std::mutex> g(eng->mu);
-    return Stats{eng->pending, eng->marks, eng->events, eng->lanes, eng->threads};
+    return Stats{eng->pending, eng->marks, eng->events, eng->lanes, eng->threads, eng->words};
 }
 
 }  // namespace aiocuda::cuda

@@ -16,6 +16,8 @@ namespace aiocuda::cuda {
 enum class Strategy : int {
     kCallback = 0,  // a host function on an aiocuda stream that waits on the mark: no CPU while waiting
     kPoll = 1,      // a native thread queries the marks, spinning briefly then backing off: lowest latency
+    kFlag = 2,      // the stream writes a word of host memory; a native thread reads it with plain
+                    // loads, spinning only while a completion is due (the default)
 };
 
 struct Mark;  // a point on a stream, shared by the awaits behind it; what an aiocuda.Event holds
@@ -52,6 +54,7 @@ struct Stats {
     size_t events;             // events aiocuda created (pooled)
     size_t lanes;              // aiocuda streams the callback strategy watches on
     size_t threads;            // native threads aiocuda started
+    size_t flag_words;         // words of host memory streams write their marks to
 };
 Stats stats();
 

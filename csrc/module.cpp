@@ -661,6 +661,7 @@ PYBIND11_MODULE(_core, m) {
         out["events"] = st.events;
         out["lanes"] = st.lanes;
         out["threads"] = st.threads;
+        out["flag_words"] = st.flag_words;
         return out;
     });
     m.def("cuda_pending", [] { return cuda::stats().pending; });

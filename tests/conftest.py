@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - uvloop is a test dependency
 LOOPS = ["asyncio", "uvloop"]
 
 
-@pytest.fixture(params=["callback", "poll"])
+@pytest.fixture(params=["flag", "callback", "poll"])
 def strategy(request: pytest.FixtureRequest) -> Iterator[str]:
     """Run the test under each cuda completion strategy; restore the one before."""
     import aiocuda

@@ -299,16 +299,21 @@ def _close_streams() -> None:
         s.close()
 
 
-_STRATEGIES = ("callback", "poll")
+_STRATEGIES = ("callback", "poll", "flag")  # indexed as csrc/engine.hpp's Strategy
 
 
 def set_strategy(name: str) -> None:
-    """Choose how the cuda backend learns that awaited work is done: "callback" or "poll".
+    """Choose how the cuda backend learns that awaited work is done: "flag", "callback" or "poll".
 
-    "callback" (the default): a host function on an aiocuda stream that waits on the mark; no
-    CPU is used while work runs. "poll": a native thread queries the marks, spinning for 2 ms
-    after the last completion and then sleeping at most 200 us at a time: the lowest latency, for
-    some CPU. ``AIOCUDA_STRATEGY`` sets it at start. Pending awaits are kept either way.
+    "flag" (the default): an await's mark is a write of a sequence number into a word of host
+    memory by the stream itself (cuStreamWriteValue32); aiocuda's thread reads the words with
+    plain loads, spinning only while a completion is due by the stream's own history and
+    sleeping otherwise. Where the driver cannot write host memory from a stream, marks are
+    event records watched as by "callback". "callback": a host function on an aiocuda stream
+    that waits on the mark's event; no CPU is used while work runs, at a host function's
+    latency. "poll": a native thread queries the marks' events, spinning for 2 ms after the last
+    completion and then sleeping at most 200 us at a time. ``AIOCUDA_STRATEGY`` sets it at
+    start. Pending awaits are kept either way.
     """
     if name not in _STRATEGIES:
         raise ValueError(f"strategy must be one of {_STRATEGIES}, got {name!r}")
@@ -316,7 +321,7 @@ def set_strategy(name: str) -> None:
 
 
 def strategy() -> str:
-    """Return the cuda backend's completion strategy: "callback" or "poll"."""
+    """Return the cuda backend's completion strategy: "flag", "callback" or "poll"."""
     return _STRATEGIES[_core.cuda_strategy()]
 
 

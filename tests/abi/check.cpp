@@ -95,6 +95,7 @@ CHECK_CONST(CUDA_ERROR_INVALID_HANDLE);
 CHECK_CONST(CUDA_ERROR_NOT_FOUND);
 CHECK_CONST(CUDA_ERROR_NOT_READY);
 CHECK_CONST(CUDA_ERROR_CONTEXT_IS_DESTROYED);
+CHECK_CONST(CUDA_ERROR_NOT_SUPPORTED);
 CHECK_CONST(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
 CHECK_CONST(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED);
 CHECK_CONST(CUDA_ERROR_STREAM_CAPTURE_IMPLICIT);
@@ -102,6 +103,7 @@ CHECK_CONST(CU_EVENT_BLOCKING_SYNC);
 CHECK_CONST(CU_EVENT_DISABLE_TIMING);
 CHECK_CONST(CU_STREAM_NON_BLOCKING);
 CHECK_CONST(CU_CTX_SCHED_BLOCKING_SYNC);
+CHECK_CONST(CU_STREAM_WRITE_VALUE_DEFAULT);
 CHECK_CONST(CU_STREAM_CAPTURE_STATUS_NONE);
 CHECK_CONST(CU_STREAM_CAPTURE_STATUS_ACTIVE);
 CHECK_CONST(CU_STREAM_CAPTURE_STATUS_INVALIDATED);
@@ -111,11 +113,14 @@ CHECK_CONST(CU_STREAM_CAPTURE_MODE_RELAXED);
 CHECK_CONST(CU_GET_PROC_ADDRESS_DEFAULT);
 CHECK_CONST(CU_GET_PROC_ADDRESS_SUCCESS);
 
+static_assert(aiocuda::drv::kMemHostRegisterDeviceMap == CU_MEMHOSTREGISTER_DEVICEMAP);
+
 // Handles: the very same pointer types, not merely compatible ones.
 static_assert(std::is_same_v<aiocuda::drv::CUcontext, ::CUcontext>, "CUcontext");
 static_assert(std::is_same_v<aiocuda::drv::CUstream, ::CUstream>, "CUstream");
 static_assert(std::is_same_v<aiocuda::drv::CUevent, ::CUevent>, "CUevent");
 static_assert(std::is_same_v<aiocuda::drv::CUgraph, ::CUgraph>, "CUgraph");
+static_assert(std::is_same_v<aiocuda::drv::CUdeviceptr, ::CUdeviceptr>, "CUdeviceptr");
 
 #ifdef AIOCUDA_ABI_SELFTEST_BREAK
 // Negative control for tests/test_abi.py: a deliberately wrong pairing that must fail.

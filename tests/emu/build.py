@@ -80,6 +80,7 @@ SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "cuMemHostUnregister": (_I, [_P]),
     "cuMemHostGetDevicePointer_v2": (_I, [ctypes.POINTER(_ULL), _P, _U]),
     "cuStreamWaitValue32_v2": (_I, [_P, _ULL, ctypes.c_uint32, _U]),
+    "cuStreamWriteValue32_v2": (_I, [_P, _ULL, ctypes.c_uint32, _U]),
     "emu_enqueue_sleep": (_I, [_P, _LL]),
     "emu_inject_error": (None, [_I, _I]),
     "emu_set_hostfn_latency_us": (None, [_LL]),

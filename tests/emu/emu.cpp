@@ -79,9 +79,10 @@ constexpr unsigned kWaitGeq = 0x0, kWaitEq = 0x1, kWaitAnd = 0x2, kWaitNor = 0x3
 enum { kCapNone = 0, kCapActive = 1, kCapInvalidated = 2 };
 enum { kModeGlobal = 0, kModeThreadLocal = 1, kModeRelaxed = 2 };
 enum { kProcSuccess = 0, kProcSymbolNotFound = 1, kProcVersionNotSufficient = 2 };
-enum OpKind { kOpKernel, kOpRecord, kOpWait, kOpHostFn, kOpCtxRecord, kOpWaitValue, kOpCaptured, kNumOps };
+enum OpKind { kOpKernel, kOpRecord, kOpWait, kOpHostFn, kOpCtxRecord, kOpWaitValue, kOpWriteValue,
+              kOpCaptured, kNumOps };
 const char* const kOpNames[kNumOps] = {"kernel", "record", "wait", "hostfn", "ctxrecord", "waitvalue",
-                                       "captured"};
+                                       "writevalue", "captured"};
 
 // Every entry point, for per-thread call counts; versioned symbols count under their base name.
 #define EMU_ENTRIES(X)                                                                             \
@@ -95,7 +96,7 @@ const char* const kOpNames[kNumOps] = {"kernel", "record", "wait", "hostfn", "ct
     X(cuThreadExchangeStreamCaptureMode) X(cuGraphDestroy) X(cuEventCreate) X(cuEventRecord)        \
     X(cuEventQuery) X(cuEventSynchronize) X(cuEventDestroy) X(cuEventElapsedTime) X(cuGetErrorName) \
     X(cuGetErrorString) X(cuGetProcAddress) X(cuMemHostRegister) X(cuMemHostUnregister)            \
-    X(cuMemHostGetDevicePointer) X(cuStreamWaitValue32)
+    X(cuMemHostGetDevicePointer) X(cuStreamWaitValue32) X(cuStreamWriteValue32)
 #define X(n) E_##n,
 enum Entry { EMU_ENTRIES(X) kNumEntries };
 #undef X
@@ -163,7 +164,7 @@ struct Item {
     std::shared_ptr<Mark> mark;      // record, ctxrecord, wait
     std::shared_ptr<HostCall> call;  // hostfn
     std::shared_ptr<HostReg> reg;    // waitvalue: the range holding the word
-    const uint32_t* word = nullptr;
+    const uint32_t* word = nullptr;  // waitvalue: read; writevalue: written
     uint32_t value = 0;
     unsigned cond = kWaitGeq;
     Deps deps;  // legacy-stream implicit synchronization
@@ -623,6 +624,12 @@ void run_item(Stream& s, Item& it) {
             }
             break;
         }
+        case kOpWriteValue:
+            // cuStreamWriteValue32 (CU_STREAM_WRITE_VALUE_DEFAULT): "Normally, cuStreamWriteValue32
+            // will provide a memory fence before the write". The write is visible to the host at
+            // once, as a write to mapped pinned memory over PCIe is (about 1 us on a GPU).
+            __atomic_store_n(const_cast<uint32_t*>(it.word), it.value, __ATOMIC_RELEASE);
+            break;
         case kOpHostFn:
             // cuLaunchHostFunc: "The function will be called after currently enqueued work and will
             // block work added after it." The stream waits until the function has returned.
@@ -858,7 +865,8 @@ CUresult submit(const char* fn, void* hs, OpKind kind, B build) {
             if (s->cap->status != kCapActive) return kCaptureInvalidated;
             TRY(build(s, it, true));
             s->ops[kind]++, s->ops[kOpCaptured]++;
-            if (kind == kOpKernel || kind == kOpHostFn || kind == kOpWaitValue)  // graph nodes
+            if (kind == kOpKernel || kind == kOpHostFn || kind == kOpWaitValue ||
+                kind == kOpWriteValue)  // graph nodes (a memop node for the stream memory ops)
                 s->cap->nodes++, s->cap_nodes++, s->joined = false;
             return kSuccess;
         }
@@ -1625,6 +1633,33 @@ EXPORT CUresult cuStreamWaitValue32(void* h, unsigned long long addr, uint32_t v
     return cuStreamWaitValue32_v2(h, addr, value, flags);
 }
 
+// cuStreamWriteValue32: "Write a value to memory." "If the memory was registered via
+// cuMemHostRegister(), the device pointer should be obtained with cuMemHostGetDevicePointer()."
+// CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER: "Permits the write to be reordered with writes which were
+// issued before it, as a performance optimization. Normally, cuStreamWriteValue32 will provide a
+// memory fence before the write". Like a wait, the write is an item of the stream: it happens after
+// the stream's earlier work, counts against the bounded queue, is recorded into a capture as a
+// node (a replay of the graph would write it again), and is dropped by a sticky error or a reset.
+// Choices: addr must be 4-byte aligned and inside a range registered with
+// CU_MEMHOSTREGISTER_DEVICEMAP, else CUDA_ERROR_INVALID_VALUE (device memory is not modelled);
+// the write is made at once when the item runs (every item runs in order, so the fence holds).
+EXPORT CUresult cuStreamWriteValue32_v2(void* h, unsigned long long addr, uint32_t value, unsigned flags) {
+    ENTER(cuStreamWriteValue32);
+    if (flags & ~1u) return kInvalidValue;
+    auto build = [&](const std::shared_ptr<Stream>&, Item& it, bool) -> CUresult {
+        std::shared_ptr<HostReg> r = addr % 4 ? nullptr : find_reg(static_cast<uintptr_t>(addr), 4);
+        if (!r || !(r->flags & kHostRegDeviceMap)) return kInvalidValue;
+        it.reg = r, it.word = reinterpret_cast<const uint32_t*>(static_cast<uintptr_t>(addr));
+        it.value = value;
+        return kSuccess;
+    };
+    return submit("cuStreamWriteValue32", h, kOpWriteValue, build);
+}
+// The CUDA 8.0 variant has the same prototype.
+EXPORT CUresult cuStreamWriteValue32(void* h, unsigned long long addr, uint32_t value, unsigned flags) {
+    return cuStreamWriteValue32_v2(h, addr, value, flags);
+}
+
 // ==== 17. Entry points: errors and cuGetProcAddress ===============================================
 namespace {
 struct ErrorText {
@@ -1735,6 +1770,8 @@ const ProcEntry kProcs[] = {
     P(cuMemHostUnregister, 4000, cuMemHostUnregister),
     P(cuMemHostGetDevicePointer, 3020, cuMemHostGetDevicePointer_v2),
     P(cuStreamWaitValue32, 8000, cuStreamWaitValue32), P(cuStreamWaitValue32, 11070, cuStreamWaitValue32_v2),
+    P(cuStreamWriteValue32, 8000, cuStreamWriteValue32),
+    P(cuStreamWriteValue32, 11070, cuStreamWriteValue32_v2),
 };
 #undef P
 }  // namespace

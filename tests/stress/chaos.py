@@ -715,7 +715,8 @@ class Chaos:
                 await self.sticky_error()
             if self.flip_at and self.total - self.budget >= self.flip_at[0]:
                 self.flip_at.pop(0)
-                aiocuda.set_strategy("poll" if aiocuda.strategy() == "callback" else "callback")
+                order = ("flag", "callback", "poll")
+                aiocuda.set_strategy(order[(order.index(aiocuda.strategy()) + 1) % 3])
                 self.fig.strategy_flips += 1
             futs = self.cpu_burst(n) if self.backend == "cpu" else self.cuda_burst(n)
             await self.settle(futs)

@@ -408,7 +408,7 @@ def prop_gpu_op() -> Any:
 
 
 def prop_module() -> Any:
-    @given(devices(), st.one_of(st.sampled_from(["poll", "callback"]), junk(0)))
+    @given(devices(), st.one_of(st.sampled_from(["flag", "poll", "callback"]), junk(0)))
     def prop(device: Any, strategy: Any) -> None:
         async def body() -> None:
             ok, fut = checked(aiocuda.synchronize_device, device)
@@ -417,7 +417,7 @@ def prop_module() -> Any:
             before = aiocuda.strategy()
             try:
                 checked(aiocuda.set_strategy, strategy)
-                if aiocuda.strategy() not in ("poll", "callback"):
+                if aiocuda.strategy() not in ("flag", "poll", "callback"):
                     raise Violation(f"strategy() is {aiocuda.strategy()!r}")
             finally:
                 aiocuda.set_strategy(before)
