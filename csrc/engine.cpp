@@ -181,6 +181,7 @@ struct Engine {
     size_t pending = 0, marks = 0, events = 0, lanes = 0, threads = 0, words = 0;
     int sync_waiters = 0;                // threads in mark_synchronize (placed_cv)
     Clock::time_point sleep_until{};     // the engine thread's wake-up, while it sleeps
+    Clock::time_point last_look{};       // kFlag: when read_flags last read the words
     bool started = false;
     bool sleeping = false;               // the engine thread waits on cv
     bool kick = false;                   // something for the engine to do (an open mark has room)
@@ -923,6 +924,10 @@ struct FlagPlan {
 // as cuStreamWaitValue32 compares): a value that reached a mark's sequence number passed it.
 FlagPlan read_flags(Clock::time_point now, bool* progress) {
     FlagPlan plan;
+    // A mark seen passed now passed after the previous look: that look's time is what it took at
+    // least. Learning from it (not from now) keeps a late wake-up from teaching a later one.
+    Clock::time_point prev = eng->last_look;
+    eng->last_look = now;
     for (Timeline* tl : eng->active) {
         if (!tl->word || tl->cs->retired) continue;
         uint32_t v = __atomic_load_n(tl->word, __ATOMIC_ACQUIRE);
@@ -936,7 +941,8 @@ FlagPlan read_flags(Clock::time_point now, bool* progress) {
         if (upto) {
             // Its history: how long the newest passed mark took, seen now. Quick to come down and
             // slow to go up, so that the thread wakes early rather than late.
-            int64_t took = std::chrono::duration_cast<std::chrono::nanoseconds>(now - upto->at).count();
+            int64_t took = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                std::max(prev, upto->at) - upto->at).count();
             tl->est_ns += (took - tl->est_ns) / (took < tl->est_ns ? 2 : 8);
             passed(upto, CUDA_SUCCESS);
             reap(tl);  // hands the open mark, if any, to its placer

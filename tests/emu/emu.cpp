@@ -18,7 +18,10 @@
 //   AIOCUDA_EMU_DRIVER_VERSION (13000) cuDriverGetVersion; cuGetProcAddress hides newer variants
 //   AIOCUDA_EMU_QUEUE_DEPTH (1024)     pending (queued + running) items per stream
 //   AIOCUDA_EMU_HOSTFN_CAP (256)       pending host functions per context
-//   AIOCUDA_EMU_HOSTFN_LATENCY_US (0)  wake-up latency before each host function
+//   AIOCUDA_EMU_HOSTFN_LATENCY_US (26) dispatch latency before each host function: a host function
+//                                      is a round trip through the driver's callback thread, about
+//                                      26 us on current GPUs (PyTorch torchcomms PR 1203) and
+//                                      about 100 us on an RTX 3080 (velox PR 6096)
 // Controls for tests: section 18.
 #include <pthread.h>
 #include <sched.h>
@@ -236,9 +239,9 @@ struct State {
     std::set<std::shared_ptr<Capture>> captures;  // ongoing
     uintptr_t next_handle = 0x10000;               // never reused: a stale handle cannot alias
     unsigned long long next_ctx_id = 1, next_capture_id = 1;
-    long long dflt_latency_us = 0;
+    long long dflt_latency_us = 26;
     int dflt_cap = 256, dflt_depth = 1024;
-    std::atomic<long long> latency_us{0};
+    std::atomic<long long> latency_us{26};
     std::atomic<int> hostfn_cap{256}, depth{1024};
     std::atomic<long long> hostfn_pending{0}, live_threads{0}, emu_threads{0};
     std::atomic<uint64_t> calls_from_host_fns{0}, host_calls{0}, host_ns_total{0}, host_ns_max{0};
@@ -294,7 +297,7 @@ void atfork_parent() { S.mu.unlock(); }
 void atfork_child() { S.forked = true, S.mu.unlock(); }
 State::State() {  // runs when the library is loaded
     driver_version = static_cast<int>(env_ll("AIOCUDA_EMU_DRIVER_VERSION", 13000));
-    latency_us = dflt_latency_us = env_ll("AIOCUDA_EMU_HOSTFN_LATENCY_US", 0);
+    latency_us = dflt_latency_us = env_ll("AIOCUDA_EMU_HOSTFN_LATENCY_US", 26);
     hostfn_cap = dflt_cap = static_cast<int>(env_ll("AIOCUDA_EMU_HOSTFN_CAP", 256));
     depth = dflt_depth = static_cast<int>(env_ll("AIOCUDA_EMU_QUEUE_DEPTH", 1024));
     pthread_atfork(atfork_prepare, atfork_parent, atfork_child);

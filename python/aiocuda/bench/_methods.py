@@ -37,6 +37,7 @@ from ._sources import DriverSource, HostEvent, Source
 AIOCUDA = "aiocuda"  # the cpu backend (its worker completes; no strategy)
 AIOCUDA_CALLBACK = "aiocuda (callback)"
 AIOCUDA_POLL = "aiocuda (poll)"
+AIOCUDA_FLAG = "aiocuda (flag)"
 EXECUTOR = "run_in_executor"
 TO_THREAD = "to_thread"
 POLL0 = "poll sleep(0)"
@@ -44,17 +45,17 @@ POLL1 = "poll 1ms"
 CALLBACK = "call_soon_threadsafe"
 FLOOR = "in-loop floor"
 NOTHING = "nothing waiting"  # idle CPU: the gate alone, a baseline for the others
-OURS = (AIOCUDA, AIOCUDA_CALLBACK, AIOCUDA_POLL)
+OURS = (AIOCUDA, AIOCUDA_FLAG, AIOCUDA_CALLBACK, AIOCUDA_POLL)
 ALTERNATIVES = (EXECUTOR, TO_THREAD, POLL0, POLL1, CALLBACK, FLOOR)
 METHODS = OURS + ALTERNATIVES + PEERS  # every method, in the report's order
-STRATEGIES = {AIOCUDA_CALLBACK: "callback", AIOCUDA_POLL: "poll"}
+STRATEGIES = {AIOCUDA_FLAG: "flag", AIOCUDA_CALLBACK: "callback", AIOCUDA_POLL: "poll"}
 HOSTFN_METHODS = (CALLBACK, *HOSTFN_PEERS)  # a Python callback on the stream per wait
 
 
 def methods_for(source_kind: str, peers: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The methods measured on a source of this kind ("cpu", "cuda"): aiocuda (per strategy on
     the cuda source), the alternatives, then the `peers` the source has (`Source.peers`)."""
-    ours = (AIOCUDA_CALLBACK, AIOCUDA_POLL) if source_kind == "cuda" else (AIOCUDA,)
+    ours = (AIOCUDA_FLAG, AIOCUDA_CALLBACK, AIOCUDA_POLL) if source_kind == "cuda" else (AIOCUDA,)
     return ours + ALTERNATIVES + tuple(p for p in PEERS if p in peers)
 
 

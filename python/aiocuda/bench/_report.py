@@ -696,6 +696,19 @@ def targets(r: Report) -> list[dict[str, Any]]:
                             else:
                                 check(f"{m}: wake-up {p[:3]} vs {other} ({where})", v,
                                       f"<= {limit}x", v <= limit)
+                # The sleeping-loop floor: the cpu backend's worker writes the eventfd as the
+                # work ends (one native hop), measured on the same loop in this run.
+                sleep_floor = source != "cpu" and _find(r.latency, method=AIOCUDA,
+                                                        source="cpu", loop=loop)
+                if sleep_floor:
+                    v = ratio(lat["p50_us"], sleep_floor["p50_us"])
+                    check(f"{m}: wake-up p50 vs the sleeping-loop floor (the cpu backend's "
+                          f"worker writing the eventfd; {where})", v, "<= 1.25x", v <= 1.25)
+                busy = _find(r.latency, method=POLL0, **key)
+                if busy:
+                    v = ratio(lat["p99_us"], busy["p99_us"])
+                    check(f"{m}: wake-up p99 vs busy polling's p99 ({where})", v, "<= 1.0x",
+                          v <= 1.0)
                 if "first_us" in lat:
                     check(f"{m}: first wake-up after setting the method up (after set_strategy "
                           f"for a strategy) vs its p50 ({where})", ratio(lat["first_us"],
