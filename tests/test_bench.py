@@ -27,6 +27,7 @@ from aiocuda.bench import _peers, _report
 from aiocuda.bench._methods import (
     AIOCUDA,
     AIOCUDA_CALLBACK,
+    AIOCUDA_FLAG,
     AIOCUDA_POLL,
     CALLBACK,
     EXECUTOR,
@@ -68,8 +69,9 @@ def test_every_comparison_is_measured_on_every_source_and_loop(report):
     }
     for s, kind in sources.items():
         methods = methods_for(kind)
-        ours = [m for m in methods if m in (AIOCUDA, AIOCUDA_CALLBACK, AIOCUDA_POLL)]
-        assert ours == ([AIOCUDA_CALLBACK, AIOCUDA_POLL] if kind == "cuda" else [AIOCUDA])
+        ours = [m for m in methods if m in (AIOCUDA, AIOCUDA_FLAG, AIOCUDA_CALLBACK, AIOCUDA_POLL)]
+        assert ours == ([AIOCUDA_FLAG, AIOCUDA_CALLBACK, AIOCUDA_POLL] if kind == "cuda"
+                        else [AIOCUDA])
         for lp in loops:
             rows = {(t["method"], t["in_flight"]) for t in report.throughput
                     if t["source"] == s and t["loop"] == lp}
@@ -108,7 +110,8 @@ def test_python_host_functions_are_capped_on_the_cuda_source(report):
 def test_stalls_and_kernels_are_measured_on_the_cuda_path_per_strategy(report):
     if not CUDA:
         pytest.skip("the cuda backend is not available")
-    each = {(m, lp) for m in (AIOCUDA_CALLBACK, AIOCUDA_POLL) for lp in _report.available_loops()}
+    each = {(m, lp) for m in (AIOCUDA_FLAG, AIOCUDA_CALLBACK, AIOCUDA_POLL)
+            for lp in _report.available_loops()}
     assert {(s["method"], s["loop"]) for s in report.stall} == each | {
         (CALLBACK, lp) for lp in _report.available_loops()}
     assert all(s["samples_us"] for s in report.stall)  # stream held long enough to queue both
@@ -133,7 +136,7 @@ def test_targets_follow_from_the_rows(report):
     assert any(n.startswith("aiocuda: CPU while 50 wait on slow work vs poll sleep(0) (cpu")
                for n in names)
     if CUDA:
-        for m in (AIOCUDA_CALLBACK, AIOCUDA_POLL):
+        for m in (AIOCUDA_FLAG, AIOCUDA_CALLBACK, AIOCUDA_POLL):
             mine = [n for n in names if n.startswith(f"{m}: ")]
             for metric in ("throughput vs in-loop floor", "wake-up p50 vs poll sleep(0)",
                            "CPU per completion", "CPU while", "heartbeat p99 lateness",

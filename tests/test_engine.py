@@ -17,7 +17,7 @@ import pytest
 import aiocuda
 from aiocuda import _core
 
-from .conftest import python_subprocess
+from .conftest import python_subprocess, wait_until
 
 pytestmark = pytest.mark.emu
 
@@ -508,3 +508,103 @@ def test_a_capture_beginning_under_pending_legacy_awaits_fails_those_only(run, e
     out = run(main())
     assert out[:8] == [None] * 8
     assert all(r is None or (isinstance(r, aiocuda.CudaError) and r.code == 906) for r in out[8:])
+
+
+# ---- issue 14: the driver rules the engine broke ----------------------------------------------
+def _host_word(emu):
+    """A word of registered host memory that a stream can wait on (the emulator's gate)."""
+    from aiocuda.bench._sources import HostWord
+
+    assert emu.lib.cuCtxPushCurrent_v2(emu.primary()) == 0
+    try:
+        return HostWord(emu.lib)
+    finally:
+        emu.lib.cuCtxPopCurrent_v2(None)
+
+
+def test_a_held_stream_never_delays_other_streams_awaits(run, emu, strategy):
+    # 40 streams (past the 16 lanes a device has for callback), one held by a wait on host memory
+    # (a producer/consumer pipeline): every await of the 39 others completes while it is held,
+    # and the held one once released.
+    streams = [emu.stream() for _ in range(40)]
+    word = _host_word(emu)
+    assert emu.lib.cuStreamWaitValue32_v2(streams[0], word.device, 1, 0) == 0
+
+    async def main():
+        held = aiocuda.synchronize(streams[0])
+        futs = []
+        for _ in range(12):
+            for h in streams[1:]:
+                emu.sleep(h, 0.0002)
+                futs.append(aiocuda.synchronize(h))
+        done, late = await asyncio.wait(futs, timeout=10)
+        assert not late, f"{len(late)} of {len(futs)} awaits held up by another stream"
+        assert not held.done()
+        word.write(1)
+        await asyncio.wait_for(held, 5)
+        assert emu.lib.cuCtxPushCurrent_v2(emu.primary()) == 0
+        try:
+            word.unregister()  # the wait has ended
+        finally:
+            emu.lib.cuCtxPopCurrent_v2(None)
+        return len(done)
+
+    assert run(main()) == 12 * 39
+    assert wait_until(lambda: _core.cuda_stats()["pending"] == 0)
+    for h in streams:
+        emu.lib.cuStreamDestroy_v2(h)
+
+
+def test_a_capture_beginning_between_the_check_and_the_mark_fails_the_await(run, emu, strategy):
+    # Another thread may begin a capture on the stream between aiocuda's cuStreamIsCapturing and
+    # its mark, which then lands in the capture. The check after the mark sees it: the await is
+    # refused, earlier flag marks (whose word a replay could write) fail, nothing aiocuda does
+    # joins the user's capture (cuStreamEndCapture succeeds), and later awaits work.
+    s = emu.stream()
+
+    async def main():
+        emu.sleep(s, 0.2)
+        earlier = aiocuda.synchronize(s)
+        emu.lib.emu_capture_before_next_mark(s)
+        with pytest.raises(aiocuda.AiocudaError, match="began capturing"):
+            aiocuda.synchronize(s)
+        assert emu.capture_status(s) == 1  # the user's capture goes on
+        ended = end_capture(emu, s)
+        try:
+            await asyncio.wait_for(earlier, 5)
+            outcome = "completed"
+        except aiocuda.CudaError as e:
+            outcome = e.name
+        await asyncio.wait_for(aiocuda.synchronize(s), 5)  # later awaits work
+        return ended, outcome
+
+    ended, outcome = run(main())
+    assert ended == 0  # not CUDA_ERROR_STREAM_CAPTURE_UNJOINED: no aiocuda stream joined it
+    # flag: the earlier mark's word may be written by the graph, so it fails; an event mark is
+    # unaffected (the captured record was never waited on or queried).
+    assert outcome == ("CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED" if strategy == "flag"
+                       else "completed")
+    emu.lib.cuStreamDestroy_v2(s)
+
+
+def test_flag_marks_need_no_driver_call_to_complete(run, emu):
+    # The flag strategy learns completions by reading host memory: no host function anywhere,
+    # no query, on any thread, while awaits complete; one memory write per mark.
+    s = emu.stream()
+    before = aiocuda.strategy()
+    aiocuda.set_strategy("flag")
+    try:
+        async def main():
+            for _ in range(50):
+                emu.sleep(s, 0.0005)
+                await aiocuda.synchronize(s)
+
+        calls0 = emu.host_fn_stats()[0]
+        run(main())
+        assert emu.host_fn_stats()[0] == calls0
+        assert emu.stream_ops(s, "writevalue") == 50
+        assert emu.stream_ops(s, "record") == 0
+        assert _core.cuda_stats()["flag_words"] >= 1
+    finally:
+        aiocuda.set_strategy(before)
+    emu.lib.cuStreamDestroy_v2(s)

@@ -83,6 +83,7 @@ SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "cuStreamWriteValue32_v2": (_I, [_P, _ULL, ctypes.c_uint32, _U]),
     "emu_enqueue_sleep": (_I, [_P, _LL]),
     "emu_inject_error": (None, [_I, _I]),
+    "emu_capture_before_next_mark": (None, [_P]),
     "emu_set_hostfn_latency_us": (None, [_LL]),
     "emu_set_hostfn_cap": (None, [_I]),
     "emu_set_queue_depth": (None, [_I]),

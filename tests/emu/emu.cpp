@@ -239,6 +239,7 @@ struct State {
     std::set<std::shared_ptr<Capture>> captures;  // ongoing
     uintptr_t next_handle = 0x10000;               // never reused: a stale handle cannot alias
     unsigned long long next_ctx_id = 1, next_capture_id = 1;
+    uintptr_t capture_before_mark = 0;  // emu_capture_before_next_mark: the stream handle
     long long dflt_latency_us = 26;
     int dflt_cap = 256, dflt_depth = 1024;
     std::atomic<long long> latency_us{26};
@@ -853,6 +854,8 @@ void implicit_deps(Stream& s, Deps& deps) {
 // refuse), then records the item into the stream's capture or pushes it (blocking on a full
 // queue). cuStreamBeginCapture: "When a stream is in capture mode, all operations pushed into the
 // stream will not be executed, but will instead be captured into a graph".
+void begin_capture(const std::shared_ptr<Stream>& s, int mode, std::thread::id thread);
+
 template <class B>
 CUresult submit(const char* fn, void* hs, OpKind kind, B build) {
     std::shared_ptr<Stream> s;
@@ -861,6 +864,13 @@ CUresult submit(const char* fn, void* hs, OpKind kind, B build) {
     {
         Lock g(S.mu);
         TRY(get_stream(fn, hs, s)); TRY(sticky(s->ctx));
+        if ((kind == kOpRecord || kind == kOpWriteValue) && S.capture_before_mark &&
+            S.capture_before_mark == reinterpret_cast<uintptr_t>(hs) && !s->cap && !s->legacy) {
+            // emu_capture_before_next_mark: another thread began a capture just now, between the
+            // caller's capture check and this mark.
+            S.capture_before_mark = 0;
+            begin_capture(s, kModeRelaxed, std::thread::id());
+        }
         if (s->cap) {
             // Choice: once invalidated, more work on the capturing stream fails with
             // CUDA_ERROR_STREAM_CAPTURE_INVALIDATED ("the current capture sequence on the stream has
@@ -1319,15 +1329,20 @@ EXPORT CUresult cuStreamBeginCapture_v2(void* h, int mode) {
     TRY(get_stream("cuStreamBeginCapture", h, s)); TRY(sticky(s->ctx));
     if (s->legacy) return kCaptureUnsupported;
     if (s->cap) return kIllegalState;
+    begin_capture(s, mode, std::this_thread::get_id());
+    return kSuccess;
+}
+namespace {
+void begin_capture(const std::shared_ptr<Stream>& s, int mode, std::thread::id thread) {  // S.mu held
     auto cap = std::make_shared<Capture>();
-    cap->id = S.next_capture_id++, cap->mode = mode, cap->thread = std::this_thread::get_id();
+    cap->id = S.next_capture_id++, cap->mode = mode, cap->thread = thread;
     cap->origin = s.get();
     cap->members.push_back(s);
     S.graphs[cap->graph = S.next_handle += 0x10] = Graph{};
     S.captures.insert(cap);
     s->cap = cap, s->cap_nodes = 0, s->joined = true;
-    return kSuccess;
 }
+}  // namespace
 // The CUDA 10.0 variant had no mode: it behaves as CU_STREAM_CAPTURE_MODE_GLOBAL.
 EXPORT CUresult cuStreamBeginCapture(void* h) { return cuStreamBeginCapture_v2(h, kModeGlobal); }
 
@@ -1825,6 +1840,14 @@ EXPORT int emu_enqueue_sleep(void* h, long long usec) {
     });
 }
 
+// The next event record or memory write on stream `h` finds it capturing: a relaxed-mode capture
+// begins there first, as if another thread began it just after the caller checked (the race of a
+// check before a mark). 0 disarms.
+EXPORT void emu_capture_before_next_mark(void* h) {
+    Lock g(S.mu);
+    S.capture_before_mark = reinterpret_cast<uintptr_t>(h);
+}
+
 // A sticky error `code` on `device`'s primary context, as after a faulting kernel.
 EXPORT void emu_inject_error(int device, int code) {
     if (S.init.load() && device >= 0 && device < S.ndev && code) fault(S.primary[device], code);
@@ -1842,6 +1865,7 @@ EXPORT void emu_set_hostfn_cap(int cap) { S.hostfn_cap = std::max(1, cap), wake_
 EXPORT void emu_set_queue_depth(int depth) { S.depth = std::max(1, depth), wake_all_waiters(); }
 EXPORT void emu_defaults() {  // every control back to its default (env at load, else built in)
     S.latency_us = S.dflt_latency_us, S.hostfn_cap = S.dflt_cap, S.depth = S.dflt_depth;
+    { Lock g(S.mu); S.capture_before_mark = 0; }
     wake_all_waiters();
 }
 
