@@ -40,6 +40,7 @@ constexpr CUresult CUDA_ERROR_NOT_SUPPORTED = 801;
 constexpr CUresult CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED = 900;
 constexpr CUresult CUDA_ERROR_STREAM_CAPTURE_INVALIDATED = 901;
 constexpr CUresult CUDA_ERROR_STREAM_CAPTURE_IMPLICIT = 906;
+constexpr CUresult CUDA_ERROR_CAPTURED_EVENT = 907;
 constexpr unsigned CU_EVENT_BLOCKING_SYNC = 0x1;
 constexpr unsigned CU_EVENT_DISABLE_TIMING = 0x2;
 constexpr unsigned CU_STREAM_NON_BLOCKING = 0x1;
@@ -96,6 +97,7 @@ using PFN_cuGetProcAddress = CUresult (*)(const char*, void**, int, uint64_t, CU
     X(cuGetErrorName, 6000, 12000, false, CUresult, (CUresult, const char**))                    \
     X(cuGetErrorString, 6000, 12000, false, CUresult, (CUresult, const char**))                 \
     X(cuStreamQuery, 2000, 12000, false, CUresult, (CUstream))                                   \
+    X(cuStreamGetId, 12000, 12000, false, CUresult, (CUstream, unsigned long long*))             \
     X(cuMemHostRegister, 6050, 12000, true, CUresult, (void*, size_t, unsigned))                 \
     X(cuMemHostGetDevicePointer, 3020, 12000, true, CUresult, (CUdeviceptr*, void*, unsigned))   \
     X(cuStreamWriteValue32, 11070, 12000, true, CUresult,                                        \

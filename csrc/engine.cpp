@@ -49,6 +49,8 @@ using Clock = std::chrono::steady_clock;
 // blocks whoever enqueues), and an open mark may over-wait, never under-wait.
 constexpr int kMarksInFlight = 8;
 constexpr size_t kLanesPerContext = 16;  // past it, timelines share lanes (and may over-wait)
+constexpr size_t kRelays = 16;           // streams per context that foreign events are read on
+constexpr size_t kRelayWaits = 256;      // waits queued on one relay at most
 constexpr unsigned kEventFlags = CU_EVENT_DISABLE_TIMING | CU_EVENT_BLOCKING_SYNC;
 // Poll strategy: spin this long after the last progress, then sleep, backing off to kPollMaxSleep.
 constexpr auto kPollSpin = std::chrono::microseconds(2000);
@@ -118,6 +120,9 @@ struct Timeline {
     Lane* lane = nullptr;        // kCallback: where its marks are watched
     int watching = 0;            // its host functions not run yet
     bool active = false;         // in the engine's list
+    bool relay = false;          // an aiocuda stream that foreign events are read on
+    unsigned long long sid = 0;  // kStream: cuStreamGetId, its key in CtxState::streams
+    int users = 0;               // threads between timeline_of and release_timeline
     // kFlag: the word of host memory its stream writes each mark's sequence number to.
     uint32_t* word = nullptr;
     CUdeviceptr dword = 0;
@@ -136,8 +141,10 @@ struct CtxState {
     bool retired = false;        // reset or broken: its handles are never touched again
     CUresult error = CUDA_SUCCESS;
     std::vector<CUevent> pool;   // idle events
-    std::unordered_map<uintptr_t, Timeline*> streams;
+    std::unordered_map<unsigned long long, Timeline*> streams;  // by cuStreamGetId
+    Timeline* legacy_tl = nullptr;
     Timeline* device_tl = nullptr;
+    std::vector<Timeline*> relays;  // wait_event's streams (at most kRelays)
     std::vector<Lane*> lanes;
     struct Placer* placer = nullptr;
     // kFlag: free words of registered host memory (their pages are never unregistered: a stream
@@ -178,7 +185,7 @@ struct Engine {
     std::vector<Mark*> slots;            // host-function keys: (generation << 32) | index
     std::vector<uint32_t> gens;
     std::vector<uint32_t> free_slots;
-    size_t pending = 0, marks = 0, events = 0, lanes = 0, threads = 0, words = 0;
+    size_t pending = 0, marks = 0, events = 0, lanes = 0, threads = 0, words = 0, timelines = 0;
     int sync_waiters = 0;                // threads in mark_synchronize (placed_cv)
     Clock::time_point sleep_until{};     // the engine thread's wake-up, while it sleeps
     Clock::time_point last_look{};       // kFlag: when read_flags last read the words
@@ -566,17 +573,50 @@ CUresult stream_ctx(uintptr_t stream, int device, CtxState** cs, std::string* wh
     return CUDA_SUCCESS;
 }
 
-Timeline* timeline_of(CtxState* cs, Timeline::Kind kind, uintptr_t stream) {
+// The timeline of `stream` (or of the context, kDevice), made on first use and held by the caller
+// until release_timeline(): the engine drops idle timelines nobody holds. Streams are told apart by
+// cuStreamGetId ("unique for the life of the program"), not by handle: once a stream is destroyed
+// its handle may name a new stream, which must not inherit its marks or word.
+CUresult timeline_of(CtxState* cs, Timeline::Kind kind, uintptr_t stream, Timeline** out) {
+    unsigned long long sid = 0;
+    bool keyed = kind == Timeline::kStream && !is_legacy(stream);
+    if (keyed) {
+        CUresult r = api.cuStreamGetId(reinterpret_cast<CUstream>(stream), &sid);
+        if (r != CUDA_SUCCESS) return r;
+    }
     std::lock_guard<std::mutex> g(eng->mu);
-    if (stream == 0) stream = kLegacyHandle;  // one stream, so one timeline: its order holds
-    Timeline*& tl = kind == Timeline::kDevice ? cs->device_tl : cs->streams[stream];
+    Timeline*& tl = kind == Timeline::kDevice ? cs->device_tl
+                    : keyed                   ? cs->streams[sid]
+                                              : cs->legacy_tl;  // one legacy stream: one timeline
     if (!tl) {
         tl = new Timeline;
         tl->kind = kind;
         tl->cs = cs;
-        tl->stream = reinterpret_cast<CUstream>(stream);
+        tl->sid = sid;
+        tl->stream = reinterpret_cast<CUstream>(keyed ? stream : kLegacyHandle);
+        ++eng->timelines;
     }
-    return tl;
+    ++tl->users;
+    *out = tl;
+    return CUDA_SUCCESS;
+}
+
+void release_timeline(Timeline* tl) {
+    std::lock_guard<std::mutex> g(eng->mu);
+    --tl->users;
+}
+
+// Under eng->mu, once `tl` left the engine's list: a stream's timeline that nothing refers to is
+// dropped, and its word (every mark on it passed, so its stream writes it no more) reused.
+void maybe_drop(Timeline* tl) {
+    CtxState* cs = tl->cs;
+    if (tl->kind != Timeline::kStream || tl->relay || tl == cs->legacy_tl || tl->users ||
+        tl->alive || tl->placing || tl->open || tl->head || tl->lane || cs->retired)
+        return;
+    cs->streams.erase(tl->sid);
+    if (tl->word) cs->words.emplace_back(tl->word, tl->dword);
+    delete tl;
+    --eng->timelines;
 }
 
 // A pooled event of `cs`, or a new one. Created in thread-local capture mode: event creation
@@ -640,9 +680,10 @@ bool flag_word(Timeline* tl) {
             !api.cuMemHostRegister || !api.cuMemHostGetDevicePointer)
             tl->no_flag = true;
         if (tl->no_flag) return false;
-        if (!cs->words.empty()) {
+        if (!cs->words.empty()) {  // a dropped timeline's: its stream wrote its last value
             std::tie(tl->word, tl->dword) = cs->words.back();
             cs->words.pop_back();
+            tl->issued = __atomic_load_n(tl->word, __ATOMIC_ACQUIRE);  // marks count on from it
             return true;
         }
     }
@@ -1120,6 +1161,7 @@ bool pass(Strategy strat, bool backstop) {
                 act[i] = act.back();
                 act.pop_back();
                 if (tl->kind == Timeline::kForeign && tl->alive == 0) delete tl;
+                else maybe_drop(tl);
             } else {
                 ++i;
             }
@@ -1275,7 +1317,63 @@ CUresult record(uintptr_t stream, int device, Node* n, Mark** user, std::string*
         if (n) complete(n, CUDA_SUCCESS);
         return CUDA_SUCCESS;
     }
-    return mark(timeline_of(cs, Timeline::kStream, stream), n, user, why);
+    Timeline* tl;
+    if ((r = timeline_of(cs, Timeline::kStream, stream, &tl)) != CUDA_SUCCESS) {
+        if (n) discard(n);
+        return r;
+    }
+    r = mark(tl, n, user, why);
+    release_timeline(tl);
+    return r;
+}
+
+const char* const kCapturedEventText =
+    "the event was last recorded inside a CUDA graph capture, so it does not stand for work that "
+    "will run: await it after recording it outside the capture (or await the graph's replay)";
+
+// How many awaits are pending on `tl` (under eng->mu): on a relay, the waits it holds queued.
+size_t load_of(Timeline* tl) {
+    size_t n = tl->open ? tl->open->waiters : 0;
+    for (Mark* m = tl->head; m; m = m->next) n += m->waiters;
+    return n;
+}
+
+// A relay stream of `cs` for a foreign event: an idle one, a new one while there are fewer than
+// kRelays, else the least loaded (its awaits may then over-wait behind another event's work). A
+// relay holds at most kRelayWaits waits: an enqueue on a full stream would block the loop thread.
+CUresult take_relay(CtxState* cs, int device, Timeline** out, std::string* why) {
+    {
+        std::lock_guard<std::mutex> g(eng->mu);
+        Timeline* best = nullptr;
+        for (Timeline* tl : cs->relays)
+            if (!best || load_of(tl) < load_of(best)) best = tl;
+        if (best && (load_of(best) == 0 || cs->relays.size() >= kRelays)) {
+            if (load_of(best) >= kRelayWaits) {
+                *why = "too many CUDA event awaits are pending on device " + std::to_string(device) +
+                       " (" + std::to_string(kRelays * kRelayWaits) + "): await fewer events at "
+                       "once, or await the streams they were recorded on";
+                return kTooMany;
+            }
+            ++best->users;
+            *out = best;
+            return CUDA_SUCCESS;
+        }
+    }
+    CUstream st = nullptr;
+    CUresult r = thread_local_mode([&] {
+        return with_ctx(cs->ctx, [&] { return api.cuStreamCreate(&st, CU_STREAM_NON_BLOCKING); });
+    });
+    if (r != CUDA_SUCCESS) return r;
+    auto tl = new Timeline;
+    tl->kind = Timeline::kStream;
+    tl->cs = cs;
+    tl->relay = true;
+    tl->stream = st;
+    tl->users = 1;
+    std::lock_guard<std::mutex> g(eng->mu);
+    cs->relays.push_back(tl);
+    *out = tl;
+    return CUDA_SUCCESS;
 }
 
 CUresult wait_event(uintptr_t event, int device, Node* n, std::string* why) {
@@ -1294,23 +1392,35 @@ CUresult wait_event(uintptr_t event, int device, Node* n, std::string* why) {
         discard(n);
         return r;
     }
-    // No driver call here: aiocuda's thread queries or watches the event.
-    std::lock_guard<std::mutex> g(eng->mu);
-    if (cs->retired) {
-        discard(n);
-        return cs->error;
+    // Read the event now, on this thread: cuEventRecord's other APIs "use the most recently
+    // captured state at the time of the API call", and its owner may record it again or destroy it
+    // (torch does both) once this await has ended or was cancelled. A query (thread-local capture
+    // mode) says whether it has passed, or was last recorded inside a capture, which aiocuda must
+    // never wait on ("CUDA_ERROR_CAPTURED_EVENT: the operation is not permitted on an event which
+    // was last recorded in a capturing stream"); otherwise one of aiocuda's relay streams waits on
+    // it (an enqueue, which reads it now) and is marked like any stream.
+    CUevent ev = reinterpret_cast<CUevent>(event);
+    r = thread_local_mode([&] { return api.cuEventQuery(ev); });
+    if (r == CUDA_SUCCESS) {
+        complete(n, CUDA_SUCCESS);
+        return CUDA_SUCCESS;
     }
-    auto tl = new Timeline;
-    tl->kind = Timeline::kForeign;
-    tl->cs = cs;
-    Mark* m = new_mark(tl);
-    m->owned = false;
-    placed(tl, m, reinterpret_cast<CUevent>(event));
-    attach(m, n);
-    activate(tl);
-    start_engine_locked();
-    wake_locked();
-    return CUDA_SUCCESS;
+    if (r == CUDA_ERROR_CAPTURED_EVENT) *why = kCapturedEventText, r = kCapturing;
+    Timeline* relay = nullptr;
+    if (r == CUDA_ERROR_NOT_READY) r = take_relay(cs, device, &relay, why);
+    if (r == CUDA_SUCCESS) r = api.cuStreamWaitEvent(relay->stream, ev, 0);
+    if (r != CUDA_SUCCESS) {
+        discard(n);
+    } else if ((r = mark(relay, n, nullptr, why)) == kCapturing) {
+        // The event was recorded into a capture after the query: the relay joined that capture
+        // and is never used again (the capture cannot end cleanly; nothing aiocuda can undo).
+        *why = kCapturedEventText;
+        std::lock_guard<std::mutex> g(eng->mu);
+        auto& rs = cs->relays;
+        rs.erase(std::remove(rs.begin(), rs.end(), relay), rs.end());
+    }
+    if (relay) release_timeline(relay);
+    return r;
 }
 
 CUresult wait_device(int device, Node* n, std::string* why) {
@@ -1328,7 +1438,13 @@ CUresult wait_device(int device, Node* n, std::string* why) {
         discard(n);
         return r;
     }
-    if (cs) return mark(timeline_of(cs, Timeline::kDevice, 0), n, nullptr, why);
+    if (cs) {
+        Timeline* tl;
+        timeline_of(cs, Timeline::kDevice, 0, &tl);  // no driver call for a device timeline
+        r = mark(tl, n, nullptr, why);
+        release_timeline(tl);
+        return r;
+    }
     DeviceWaiter* w;
     {
         std::lock_guard<std::mutex> g(eng->mu);
@@ -1447,7 +1563,8 @@ void after_fork_in_child() {
 
 Stats stats() {
     std::lock_guard<std::mutex> g(eng->mu);
-    return Stats{eng->pending, eng->marks, eng->events, eng->lanes, eng->threads, eng->words};
+    return Stats{eng->pending, eng->marks,   eng->events,   eng->lanes,
+                 eng->threads, eng->words, eng->timelines};
 }
 
 }  // namespace aiocuda::cuda

@@ -55,6 +55,7 @@ struct Stats {
     size_t lanes;              // aiocuda streams the callback strategy watches on
     size_t threads;            // native threads aiocuda started
     size_t flag_words;         // words of host memory streams write their marks to
+    size_t timelines;          // streams aiocuda keeps a timeline of (idle ones are dropped)
 };
 Stats stats();
 

@@ -662,6 +662,7 @@ PYBIND11_MODULE(_core, m) {
         out["lanes"] = st.lanes;
         out["threads"] = st.threads;
         out["flag_words"] = st.flag_words;
+        out["timelines"] = st.timelines;
         return out;
     });
     m.def("cuda_pending", [] { return cuda::stats().pending; });

@@ -44,23 +44,28 @@ def calls(emu, names=WAITING_CALLS) -> dict[str, int]:
 
 def test_the_loop_thread_only_marks(run, emu, strategy):
     s = emu.stream()
-    foreign = emu.event(s)
 
     def marks():
         return {n: emu.lib.emu_thread_calls(n) for n in (b"cuEventRecord", b"cuStreamWriteValue32")}
 
     async def main():
-        before, marks0 = calls(emu), marks()
         emu.sleep(s, 0.02)
+        foreign = emu.event(s)  # not passed yet: read now, through aiocuda's relay stream
+        before, marks0 = calls(emu), marks()
         futs = [aiocuda.synchronize(s) for _ in range(100)]
-        futs.append(aiocuda._api.wait_cuda_event(foreign, 0))
         futs.append(aiocuda.synchronize_device(0))
         ev = aiocuda.record(s)
+        after = calls(emu)
+        futs.append(aiocuda._api.wait_cuda_event(foreign, 0))
+        foreign_calls = {k: v - after[k] for k, v in calls(emu).items() if v != after[k]}
         await asyncio.gather(*futs, ev)
-        return calls(emu), before, {k: v - marks0[k] for k, v in marks().items()}
+        return after, before, {k: v - marks0[k] for k, v in marks().items()}, foreign_calls
 
-    after, before, made = run(main())
+    after, before, made, foreign_calls = run(main())
     assert after == before  # no host function, stream wait, query or synchronize
+    # A foreign event is read at its await: one query of it (it may have passed, or have been
+    # recorded in a capture), then one wait of aiocuda's relay stream on it, an enqueue.
+    assert foreign_calls == {"cuEventQuery": 1, "cuStreamWaitEvent": 1}
     assert 1 <= sum(made.values()) <= 101  # at most one mark per await, fewer once they share one
     # flag: the stream's marks are memory writes (no event); the others record events
     assert (made[b"cuStreamWriteValue32"] > 0) == (strategy == "flag"), made
@@ -112,13 +117,15 @@ def test_awaits_behind_a_long_kernel_never_block_the_loop(run, emu, strategy):
         stop = True
         await hb
         return (emu.lib.emu_thread_blocked_ns() - blocked0, submitted, took, order,
-                sorted(lateness)[int(len(lateness) * 0.99)])
+                max(lateness))
 
-    blocked_ns, submitted, took, order, p99 = run(main())
+    blocked_ns, submitted, took, order, worst = run(main())
     assert blocked_ns < 1_000_000, f"the loop thread waited {blocked_ns / 1e6:.1f} ms in the driver"
     assert submitted < 1.0 and took >= 1.95
     assert order == list(range(10_000))
-    assert p99 < 0.005, f"heartbeat p99 lateness {p99 * 1e3:.1f} ms"
+    # A loop that waited for the kernel would miss its heartbeat by ~2 s; scheduling on a loaded
+    # machine costs tens of ms at worst (the benchmark's burst rows measure the lateness itself).
+    assert worst < 0.5, f"the heartbeat was {worst * 1e3:.0f} ms late"
 
 
 def test_many_awaits_cost_bounded_resources(run, emu, strategy):
@@ -607,4 +614,92 @@ def test_flag_marks_need_no_driver_call_to_complete(run, emu):
         assert _core.cuda_stats()["flag_words"] >= 1
     finally:
         aiocuda.set_strategy(before)
+    emu.lib.cuStreamDestroy_v2(s)
+
+
+def test_timelines_follow_streams_not_handles(run, emu, strategy):
+    # A destroyed stream's handle names the next stream made (the emulator reuses handles, as a
+    # driver's allocator does): that stream is new to aiocuda (cuStreamGetId tells them apart),
+    # and the timelines of streams that are gone are dropped, so they do not pile up.
+    before = _core.cuda_stats()["timelines"]
+
+    async def one_stream() -> int:
+        h = emu.stream()
+        emu.sleep(h, 0.001)
+        await aiocuda.synchronize(h)
+        emu.lib.cuStreamDestroy_v2(h)
+        return h
+
+    async def main():
+        handles = [await one_stream() for _ in range(200)]
+        reused = len(handles) - len(set(handles))
+        h = emu.stream()  # probably an old handle: its work must still be awaited in full
+        emu.sleep(h, 0.2)
+        t0 = time.perf_counter()
+        await aiocuda.synchronize(h)
+        took = time.perf_counter() - t0
+        emu.lib.cuStreamDestroy_v2(h)
+        return reused, took, h in handles
+
+    reused, took, old_handle = run(main())
+    assert reused > 100 and old_handle  # the emulator did hand handles out again
+    assert took >= 0.19
+    assert wait_until(lambda: _core.cuda_stats()["timelines"] <= before + 2)
+
+
+def test_a_foreign_event_is_read_when_awaited(run, emu, strategy):
+    # torch reuses events: recorded again after the await began, the await still stands for the
+    # record it was made after; and once the await is cancelled the owner may destroy the event
+    # (torch does in __del__), which aiocuda never touches again.
+    a, b = emu.stream(), emu.stream()
+    word = _host_word(emu)
+    assert emu.lib.cuStreamWaitValue32_v2(b, word.device, 1, 0) == 0  # b is held
+
+    async def main():
+        emu.sleep(a, 0.1)
+        ev = emu.event(a)
+        fut = aiocuda._api.wait_cuda_event(ev, 0)
+        assert emu.lib.cuEventRecord(ev, b) == 0  # again, behind work that is held
+        await asyncio.wait_for(fut, 5)  # the first record passed: done, though b is held
+        # Cancelled, then destroyed by its owner, while pending.
+        emu.sleep(a, 0.1)
+        ev2 = emu.event(a)
+        gone = aiocuda._api.wait_cuda_event(ev2, 0)
+        gone.cancel()
+        assert emu.lib.cuEventDestroy_v2(ev2) == 0
+        await asyncio.sleep(0.15)  # the engine goes on (the emulator aborts on a destroyed handle)
+        await asyncio.wait_for(aiocuda.synchronize(a), 5)
+        word.write(1)
+        await asyncio.wait_for(aiocuda.synchronize(b), 5)
+        assert emu.lib.cuCtxPushCurrent_v2(emu.primary()) == 0
+        try:
+            word.unregister()
+        finally:
+            emu.lib.cuCtxPopCurrent_v2(None)
+        emu.lib.cuEventDestroy_v2(ev)
+
+    run(main())
+    for h in (a, b):
+        emu.lib.cuStreamDestroy_v2(h)
+
+
+def test_an_event_recorded_in_a_capture_is_refused_at_once(run, emu, strategy):
+    # Awaiting an event recorded inside a capture stands for work that will not run until the
+    # graph is launched. Nothing tells that without touching the event: the query aiocuda makes
+    # when it reads the event refuses it (CUDA_ERROR_CAPTURED_EVENT), and the await fails at
+    # once with what to do instead. The driver invalidates that capture, as it does for any such
+    # query (the emulator's choice, after pytorch#104555); a wait on the event would instead
+    # have joined an aiocuda stream to it, and the await would never end.
+    s = emu.stream()
+
+    async def main():
+        assert emu.lib.cuStreamBeginCapture_v2(ctypes.c_void_p(s), 2) == 0  # relaxed
+        ev = emu.event(s)  # recorded inside the capture
+        with pytest.raises(aiocuda.AiocudaError, match="recorded inside a CUDA graph capture"):
+            aiocuda._api.wait_cuda_event(ev, 0)
+        ended = end_capture(emu, s)
+        emu.lib.cuEventDestroy_v2(ev)
+        return ended
+
+    assert run(main()) == 901  # CUDA_ERROR_STREAM_CAPTURE_INVALIDATED, not _UNJOINED
     emu.lib.cuStreamDestroy_v2(s)

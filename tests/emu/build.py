@@ -81,6 +81,7 @@ SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "cuMemHostGetDevicePointer_v2": (_I, [ctypes.POINTER(_ULL), _P, _U]),
     "cuStreamWaitValue32_v2": (_I, [_P, _ULL, ctypes.c_uint32, _U]),
     "cuStreamWriteValue32_v2": (_I, [_P, _ULL, ctypes.c_uint32, _U]),
+    "cuStreamGetId": (_I, [_P, ctypes.POINTER(_ULL)]),
     "emu_enqueue_sleep": (_I, [_P, _LL]),
     "emu_inject_error": (None, [_I, _I]),
     "emu_capture_before_next_mark": (None, [_P]),

@@ -99,7 +99,7 @@ const char* const kOpNames[kNumOps] = {"kernel", "record", "wait", "hostfn", "ct
     X(cuThreadExchangeStreamCaptureMode) X(cuGraphDestroy) X(cuEventCreate) X(cuEventRecord)        \
     X(cuEventQuery) X(cuEventSynchronize) X(cuEventDestroy) X(cuEventElapsedTime) X(cuGetErrorName) \
     X(cuGetErrorString) X(cuGetProcAddress) X(cuMemHostRegister) X(cuMemHostUnregister)            \
-    X(cuMemHostGetDevicePointer) X(cuStreamWaitValue32) X(cuStreamWriteValue32)
+    X(cuMemHostGetDevicePointer) X(cuStreamWaitValue32) X(cuStreamWriteValue32) X(cuStreamGetId)
 #define X(n) E_##n,
 enum Entry { EMU_ENTRIES(X) kNumEntries };
 #undef X
@@ -175,6 +175,7 @@ struct Item {
 
 struct Stream {
     uintptr_t h = 0;  // 0 for a legacy stream
+    unsigned long long id = 0;  // cuStreamGetId
     Ctx* ctx = nullptr;
     unsigned flags = 0;
     bool legacy = false;
@@ -237,7 +238,9 @@ struct State {
     std::unordered_map<uintptr_t, Graph> graphs;
     std::map<uintptr_t, std::shared_ptr<HostReg>> host_regs;  // by base address
     std::set<std::shared_ptr<Capture>> captures;  // ongoing
-    uintptr_t next_handle = 0x10000;               // never reused: a stale handle cannot alias
+    uintptr_t next_handle = 0x10000;               // never reused, but for destroyed streams':
+    std::deque<uintptr_t> freed_streams;           // handles of streams cuStreamDestroy destroyed
+    unsigned long long next_stream_id = 1;
     unsigned long long next_ctx_id = 1, next_capture_id = 1;
     uintptr_t capture_before_mark = 0;  // emu_capture_before_next_mark: the stream handle
     long long dflt_latency_us = 26;
@@ -342,7 +345,17 @@ void worker(std::shared_ptr<Stream> sp);
 std::shared_ptr<Stream> new_stream(Ctx* c, unsigned flags, bool legacy) {
     auto s = std::make_shared<Stream>();
     s->ctx = c, s->flags = flags, s->legacy = legacy;
-    if (!legacy) S.streams[s->h = S.next_handle += 0x10] = s;
+    s->id = S.next_stream_id++;
+    // Rule: a destroyed stream's handle is handed out again, as a real driver's allocator hands
+    // out a freed address again (after a few others, so that most stale uses still abort): a
+    // handle names a stream only while it lives, and cuStreamGetId tells two apart.
+    if (!legacy && S.freed_streams.size() >= 4) {  // the fourth most recently freed
+        auto it = S.freed_streams.end() - 4;
+        S.streams[s->h = *it] = s;
+        S.freed_streams.erase(it);
+    } else if (!legacy) {
+        S.streams[s->h = S.next_handle += 0x10] = s;
+    }
     c->streams.insert(s);
     std::thread(worker, s).detach();
     return s;
@@ -1197,6 +1210,7 @@ EXPORT CUresult cuStreamDestroy_v2(void* h) {
         get_stream("cuStreamDestroy", h, s);
         if (s->cap) return invalidate(*s->cap), kCaptureUnsupported;
         S.streams.erase(s->h);
+        S.freed_streams.push_back(s->h);
         r = sticky(s->ctx);
     }
     { Lock g(s->mu); s->destroyed = true; }
@@ -1204,6 +1218,21 @@ EXPORT CUresult cuStreamDestroy_v2(void* h) {
     return r;
 }
 EXPORT CUresult cuStreamDestroy(void* h) { return cuStreamDestroy_v2(h); }
+
+// cuStreamGetId: "Returns in streamId the unique Id of the stream hStream. The stream handle
+// hStream can refer to any of the following: a stream created via any of the CUDA driver APIs [...]
+// The special stream CU_STREAM_LEGACY and CU_STREAM_PER_THREAD [...]". cuStreamGetCtx's rule for the
+// special handles applies (the current context's legacy stream). Ids are "unique for the life of
+// the program" and never reused, unlike handles.
+EXPORT CUresult cuStreamGetId(void* h, unsigned long long* id) {
+    ENTER(cuStreamGetId);
+    if (!id) return kInvalidValue;
+    Lock g(S.mu);
+    std::shared_ptr<Stream> s;
+    TRY(get_stream("cuStreamGetId", h, s));
+    *id = s->id;
+    return kSuccess;
+}
 
 EXPORT CUresult cuStreamGetCtx(void* h, void** pctx) {
     ENTER(cuStreamGetCtx);
@@ -1769,6 +1798,7 @@ const ProcEntry kProcs[] = {
     P(cuCtxSynchronize, 2000, cuCtxSynchronize), P(cuCtxSynchronize, 13000, cuCtxSynchronize_v2),
     P(cuCtxRecordEvent, 12050, cuCtxRecordEvent), P(cuStreamCreate, 2000, cuStreamCreate),
     P(cuStreamGetCtx, 9020, cuStreamGetCtx), P(cuStreamGetCtx, 12050, cuStreamGetCtx_v2),
+    P(cuStreamGetId, 12000, cuStreamGetId),
     P(cuStreamWaitEvent, 3020, cuStreamWaitEvent), P(cuStreamBeginCapture, 10000, cuStreamBeginCapture),
     P(cuStreamBeginCapture, 10010, cuStreamBeginCapture_v2),
     P(cuThreadExchangeStreamCaptureMode, 10010, cuThreadExchangeStreamCaptureMode),
