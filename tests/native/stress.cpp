@@ -109,22 +109,22 @@ void fail(const char* fmt, ...) {
 // their checks fail the run (--lenient counts them instead). A fourth cannot be tolerated (the
 // emulator aborts the process on it): repro_placer_after_reset, also alone with --part repro.
 enum OpenIssue {
-    kErrorsOutOfOrder,    // engine.cpp pass() (failed lane watch) and place_open(): finish() of one
+    kErrorsOutOfOrder,    // detection.cpp pass() (failed lane watch) and place_open(): finish() of one
                           // mark while earlier marks of its stream are pending: error completions
                           // reach the queue out of stream order
-    kBrokenLaneHandle,    // engine.cpp pass(): a lane whose cuStreamCreate failed stays in the
+    kBrokenLaneHandle,    // detection.cpp pass(): a lane whose cuStreamCreate failed stays in the
                           // context's lanes with a null stream; later watches on it fail with
                           // CUDA_ERROR_INVALID_HANDLE (400) instead of the context's error
-    kOldDriverDeviceWait, // engine.cpp device_waiter_run(): on drivers without cuCtxRecordEvent,
+    kOldDriverDeviceWait, // device_waits.cpp device_waiter_run(): on drivers without cuCtxRecordEvent,
                           // device waits queued behind a cuCtxSynchronize that a reset ended get
                           // a fresh cuCtxSynchronize on the new context: success for dropped work
     kNumOpenIssues,
 };
 const char* const kOpenIssueNames[kNumOpenIssues] = {
-    "error completions out of stream order (engine.cpp pass() lane failure, place_open failure)",
-    "INVALID_HANDLE (400) from a lane whose stream creation failed (engine.cpp pass())",
+    "error completions out of stream order (detection.cpp pass() lane failure, place_open failure)",
+    "INVALID_HANDLE (400) from a lane whose stream creation failed (detection.cpp pass())",
     "device waits succeed after a reset on drivers without cuCtxRecordEvent "
-    "(engine.cpp device_waiter_run())",
+    "(device_waits.cpp device_waiter_run())",
 };
 std::atomic<int> g_open_issues[kNumOpenIssues];
 
@@ -823,7 +823,7 @@ private:
 };
 
 // A fixed defect, deterministic (the emulator aborted the process on it).
-// engine.cpp placer_run() / place_open(): a timeline queued for its placer while the engine is held
+// placement.cpp placer_run() / place_open(): a timeline queued for its placer while the engine is held
 // is placed after hold(false) with only `cs->retired` checked; a reset during the hold left the
 // context state unretired (only the engine thread's next pass, or a new wait, notices the new
 // cuCtxGetId), so place_open() calls cuStreamIsCapturing (then cuEventRecord with pooled events)
@@ -901,22 +901,26 @@ void part_cuda() {
     auto loop_main = [&](int i) {
         Loop& L = *loops[i];
         L.make_streams();
-        for (int strat = 0; strat < 3; ++strat) {  // callback, poll, switching
+        for (int strat = 0; strat < 4; ++strat) {  // callback, poll, flag, switching
             bar.wait();
             L.stress(N);
             bar.wait();
         }
-        for (int cycle = 0; cycle < 2 * cycles; ++cycle) {
-            bool poll = cycle % 2;
+        for (int cycle = 0; cycle < 3 * cycles; ++cycle) {
+            const char* const errs[] = {"sticky error, callback", "sticky error, poll",
+                                        "sticky error, flag"};
+            const char* const resets[] = {"reset, callback", "reset, poll", "reset, flag"};
+            const char* err = errs[cycle % 3];
+            const char* rst = resets[cycle % 3];
             // A sticky error while waits are pending, then a reset, then recovery.
             L.set_error(kIllegalAddress);
-            L.set_phase(poll ? "sticky error, poll" : "sticky error, callback");
+            L.set_phase(err);
             bar.wait();
             L.pending_behind_long_work(K, kIllegalAddress);
             bar.wait();  // all submitted: main injects the error
             if (i == 0) L.race_the_error();
             bar.wait();
-            L.settle(poll ? "sticky error, poll" : "sticky error, callback");
+            L.settle(err);
             L.check_marks(0, kIllegalAddress);
             L.check_refused_after_error();
             bar.wait();  // main resets device 0
@@ -926,13 +930,13 @@ void part_cuda() {
             L.set_phase("stress after a reset");
             L.stress(N / 4);
             // A reset while waits are pending, then recovery.
-            L.set_phase(poll ? "reset, poll" : "reset, callback");
+            L.set_phase(rst);
             bar.wait();
             L.pending_behind_long_work(K, kContextIsDestroyed);
             bar.wait();  // main resets device 0
             bar.wait();
             L.forget_device0_events();
-            L.settle(poll ? "reset, poll" : "reset, callback");
+            L.settle(rst);
             L.check_marks(0, kContextIsDestroyed);
             L.forget_device0();
             L.set_phase("stress after a reset");
@@ -945,18 +949,18 @@ void part_cuda() {
     std::vector<std::thread> ts;
     for (int i = 0; i < T; ++i) ts.emplace_back(loop_main, i);
 
-    const char* names[] = {"callback", "poll", "switching"};
-    for (int strat = 0; strat < 3; ++strat) {
+    const char* names[] = {"callback", "poll", "flag", "switching"};
+    for (int strat = 0; strat < 4; ++strat) {
         auto t1 = Clock::now();
-        if (strat < 2) cuda::set_strategy(static_cast<cuda::Strategy>(strat));
+        if (strat < 3) cuda::set_strategy(static_cast<cuda::Strategy>(strat));
         bar.wait();
-        if (strat == 2) {  // switch strategies while the loops wait
+        if (strat == 3) {  // switch strategies while the loops wait
             std::mt19937 rng(opt.seed);
             toggling = true;
             std::thread toggler([&] {
                 int s = 0;
                 while (toggling.load()) {
-                    cuda::set_strategy(static_cast<cuda::Strategy>(s ^= 1));
+                    cuda::set_strategy(static_cast<cuda::Strategy>(s = (s + 1) % 3));
                     std::this_thread::sleep_for(std::chrono::microseconds(200 + rng() % 2000));
                 }
             });
@@ -968,9 +972,9 @@ void part_cuda() {
         }
         say("cuda: stress, %s strategy, %.1f s", names[strat], secs_since(t1));
     }
-    for (int cycle = 0; cycle < 2 * cycles; ++cycle) {
+    for (int cycle = 0; cycle < 3 * cycles; ++cycle) {
         auto t1 = Clock::now();
-        int strat = cycle % 2;
+        int strat = cycle % 3;
         cuda::set_strategy(static_cast<cuda::Strategy>(strat));
         bar.wait();
         bar.wait();  // every loop has waits pending behind long work on device 0

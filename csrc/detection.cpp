@@ -1,0 +1,334 @@
+// The engine thread: learns that marks were passed (flag words, queries, host functions), and
+// the backstop that finds sticky errors and resets.
+#include "engine_impl.hpp"
+
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
+
+namespace aiocuda::cuda {
+
+// ---- the engine thread -------------------------------------------------------------------------
+
+
+bool is_capture_error(CUresult r) { return r >= 900 && r <= 908; }  // CUDA_ERROR_STREAM_CAPTURE_*
+
+// ---- kFlag: reading the words ------------------------------------------------------------------
+
+// When the engine thread should look at the words again: now (spin), at a time, or never (no flag
+// mark is pending).
+struct FlagPlan {
+    bool pending = false;
+    Clock::time_point next = Clock::time_point::max();
+};
+
+// Under eng->mu: completes every flag mark whose word its stream has written (plain loads, no
+// driver call), learns how long marks take, and plans the next look. A word only grows (cyclic,
+// as cuStreamWaitValue32 compares): a value that reached a mark's sequence number passed it.
+FlagPlan read_flags(Clock::time_point now, bool* progress) {
+    FlagPlan plan;
+    // A mark seen passed now passed after the previous look: that look's time is what it took at
+    // least. Learning from it (not from now) keeps a late wake-up from teaching a later one.
+    Clock::time_point prev = eng->last_look;
+    eng->last_look = now;
+    for (Timeline* tl : eng->active) {
+        if (!tl->word || tl->cs->retired) continue;
+        uint32_t v = __atomic_load_n(tl->word, __ATOMIC_ACQUIRE);
+        Mark* upto = nullptr;
+        Mark* oldest = nullptr;
+        for (Mark* m = tl->head; m; m = m->next) {
+            if (!m->flag || m->done) continue;
+            if (static_cast<int32_t>(v - m->seq) >= 0) upto = m;
+            else if (!oldest) oldest = m;
+        }
+        if (upto) {
+            // Its history: how long the newest passed mark took, seen now. Quick to come down and
+            // slow to go up, so that the thread wakes early rather than late.
+            int64_t took = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                std::max(prev, upto->at) - upto->at).count();
+            tl->est_ns += (took - tl->est_ns) / (took < tl->est_ns ? 2 : 8);
+            passed(upto, CUDA_SUCCESS);
+            reap(tl);  // hands the open mark, if any, to its placer
+            *progress = true;
+        }
+        if (!oldest) continue;
+        plan.pending = true;
+        auto due = oldest->at + std::chrono::nanoseconds(tl->est_ns);
+        auto lead = kFlagLead + std::chrono::nanoseconds(tl->est_ns / 16);
+        Clock::time_point next;
+        if (now < due - lead) next = due - lead;               // sleep through most of it
+        else if (now < due + kFlagSpin) next = now;            // due: spin
+        else next = now + std::min<Clock::duration>(kFlagMaxNap, (now - due) / 16);  // late: nap
+        plan.next = std::min(plan.next, next);
+    }
+    return plan;
+}
+
+// One pass of the engine's driver calls; returns whether anything completed or was placed.
+bool pass(Strategy strat, bool backstop) {
+    struct Watch { Mark* m; CUevent ev; Lane* lane; bool make_lane; CtxState* cs; };
+    std::vector<Watch> watches;
+    auto& tls = eng->tls;
+    auto& ctxs = eng->pass_ctxs;
+    tls.clear();
+    ctxs.clear();
+    bool progress = false;
+    {
+        std::lock_guard<std::mutex> g(eng->mu);
+        read_flags(Clock::now(), &progress);
+        tls = eng->active;
+        for (Timeline* tl : tls)
+            if (!tl->cs->retired && std::find(ctxs.begin(), ctxs.end(), tl->cs) == ctxs.end())
+                ctxs.push_back(tl->cs);
+        if (strat == Strategy::kCallback) {
+            watches.reserve(eng->to_watch.size());
+            for (Mark* m : eng->to_watch) {
+                Timeline* tl = m->tl;
+                if (m->done) {
+                    unwatch(m);
+                    continue;
+                }
+                Watch w{m, m->ev, tl->lane, false, tl->cs};
+                if (!w.lane) {  // a lane of its own if one is idle or may be made; else share
+                    auto& ls = tl->cs->lanes;
+                    auto it = std::find_if(ls.begin(), ls.end(), [](Lane* l) { return l->users == 0; });
+                    if (it != ls.end()) {
+                        w.lane = *it;
+                    } else if (ls.size() < kLanesPerContext) {
+                        w.lane = new Lane{nullptr, 0};  // its stream is made below, before use
+                        w.make_lane = true;
+                        ls.push_back(w.lane);
+                        ++eng->lanes;
+                    } else {
+                        w.lane = *std::min_element(ls.begin(), ls.end(), [](Lane* a, Lane* b) {
+                            return a->users < b->users;
+                        });
+                    }
+                    ++w.lane->users;
+                    tl->lane = w.lane;
+                }
+                ++tl->watching;
+                watches.push_back(w);
+            }
+            eng->to_watch.clear();
+        } else {
+            for (Mark* m : eng->to_watch) unwatch(m);  // queued before a switch to polling
+            eng->to_watch.clear();
+        }
+    }
+    // A reset (a new context id) retires the context before any of its handles is touched.
+    for (CtxState* cs : ctxs)
+        if (!still_current(cs)) progress = true;
+    // A lane that cannot wait or launch fails that mark's awaits only; a sticky context error
+    // behind it is found by the next query.
+    for (Watch& w : watches) {
+        bool retired;
+        {
+            std::lock_guard<std::mutex> g(eng->mu);
+            retired = w.cs->retired;
+        }
+        CUresult r = CUDA_SUCCESS;
+        if (!retired && w.make_lane)
+            r = with_ctx(w.cs->ctx, [&] { return api.cuStreamCreate(&w.lane->s, CU_STREAM_NON_BLOCKING); });
+        if (!retired && r == CUDA_SUCCESS && !w.lane->s) r = CUDA_ERROR_INVALID_HANDLE;  // its making failed
+        if (!retired && r == CUDA_SUCCESS) r = api.cuStreamWaitEvent(w.lane->s, w.ev, 0);
+        if (!retired && r == CUDA_SUCCESS)
+            r = api.cuLaunchHostFunc(w.lane->s, on_host_fn, reinterpret_cast<void*>(w.m->key));
+        if (retired || r != CUDA_SUCCESS) {
+            // The mark stays in its timeline unwatched: the backstop's queries complete it, in
+            // stream order, and find a sticky error behind the failure if there is one.
+            std::lock_guard<std::mutex> g(eng->mu);
+            --w.m->tl->watching;
+            if (!w.lane->s && !w.lane->dead) {  // never to be used again: lanes are made anew
+                w.lane->dead = true;
+                auto& ls = w.cs->lanes;
+                ls.erase(std::remove(ls.begin(), ls.end(), w.lane), ls.end());
+                --eng->lanes;
+            }
+            Timeline* tl = w.m->tl;  // unwatch() may free the mark: its timeline popped it
+            unwatch(w.m);
+            reap(tl);
+        }
+    }
+    // Flag marks report no error: a sticky one stops the stream before its write. The backstop
+    // asks an idle aiocuda stream of each context, which reports it (cuStreamQuery: "this
+    // function may also return error codes from previous, asynchronous launches").
+    if (backstop) {
+        for (CtxState* cs : ctxs) {
+            bool flags = false;
+            {
+                std::lock_guard<std::mutex> g(eng->mu);
+                if (cs->retired) continue;
+                for (Timeline* tl : tls)
+                    if (tl->cs == cs && tl->word && tl->head) flags = true;
+            }
+            if (!flags) continue;
+            CUresult r = cs->probe ? CUDA_SUCCESS : with_ctx(cs->ctx, [&] {
+                return api.cuStreamCreate(&cs->probe, CU_STREAM_NON_BLOCKING);
+            });
+            if (r == CUDA_SUCCESS) r = api.cuStreamQuery(cs->probe);
+            if (r != CUDA_SUCCESS && r != CUDA_ERROR_NOT_READY) {
+                std::lock_guard<std::mutex> g(eng->mu);
+                retire(cs, r);
+                progress = true;
+            }
+        }
+    }
+    // Queries: every pass when polling; once per backstop period for the callback strategy, where
+    // they find what host functions cannot report: the driver never calls them after an error.
+    if (strat == Strategy::kPoll || backstop) {
+        auto& marks = eng->queried;
+        for (Timeline* tl : tls) {
+            marks.clear();
+            {
+                std::lock_guard<std::mutex> g(eng->mu);
+                if (tl->cs->retired) continue;
+                for (Mark* m = tl->head; m; m = m->next)
+                    if (!m->done && m->ev) {  // not one that could not be placed
+                        ++m->refs;  // kept while queried outside the lock
+                        marks.push_back(m);
+                    }
+            }
+            if (marks.empty()) continue;
+            // The newest mark passed means all have; else walk from the oldest.
+            CUresult r = api.cuEventQuery(marks.back()->ev);
+            Mark* upto = r == CUDA_SUCCESS ? marks.back() : nullptr;
+            Mark* failed = r != CUDA_SUCCESS && r != CUDA_ERROR_NOT_READY ? marks.back() : nullptr;
+            for (size_t i = 0; r == CUDA_ERROR_NOT_READY && i + 1 < marks.size(); ++i) {
+                r = api.cuEventQuery(marks[i]->ev);
+                if (r == CUDA_SUCCESS) upto = marks[i];
+                else if (r != CUDA_ERROR_NOT_READY) failed = marks[i];
+                if (r == CUDA_SUCCESS) r = CUDA_ERROR_NOT_READY;  // keep walking
+                else break;
+            }
+            std::lock_guard<std::mutex> g(eng->mu);
+            if (failed && failed->owned && !is_capture_error(r)) {
+                retire(tl->cs, r);  // aiocuda's own event: the context is broken
+            } else if (failed) {
+                finish(failed, r);  // a foreign event, or a mark a capture took: that wait only
+            } else if (upto) {
+                passed(upto, CUDA_SUCCESS);
+            }
+            progress |= failed || upto;
+            for (Mark* m : marks) unref(m);
+        }
+    }
+    {
+        std::lock_guard<std::mutex> g(eng->mu);
+        auto& act = eng->active;
+        for (size_t i = 0; i < act.size();) {
+            Timeline* tl = act[i];
+            reap(tl);
+            if (tl->cs->retired || idle(tl)) {
+                tl->active = false;
+                act[i] = act.back();
+                act.pop_back();
+                if (tl->kind == Timeline::kForeign && tl->alive == 0) delete tl;
+                else maybe_drop(tl);
+            } else {
+                ++i;
+            }
+        }
+    }
+    return progress;
+}
+
+void engine_run() {
+    // aiocuda's thread never captures, so thread-local mode lets it query and launch while a
+    // user's thread captures in global mode (pytorch#104555 is this bug in NCCL's watchdog).
+    CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+    api.cuThreadExchangeStreamCaptureMode(&mode);
+    auto last_progress = Clock::now();
+    auto last_backstop = Clock::now();
+#ifdef __linux__
+    prctl(PR_SET_TIMERSLACK, 1000UL);  // the poll strategy's naps are tens of microseconds
+#endif
+    for (;;) {
+        Strategy strat;
+        auto now = Clock::now();
+        auto backstop_every = std::chrono::milliseconds(g_backstop_ms.load());
+        {
+            std::unique_lock<std::mutex> g(eng->mu);
+            eng->in_pass = false;
+            eng->hold_cv.notify_all();
+            while (eng->held || eng->active.empty()) {
+                eng->sleeping = true;
+                eng->sleep_until = Clock::time_point::max();
+                (eng->held ? eng->hold_cv : eng->cv).wait(g);
+                eng->sleeping = false;
+                last_progress = now = Clock::now();
+            }
+            // Read after the wait: a switch meanwhile must not leave new marks unwatched.
+            strat = current_strategy();
+            if (strat != Strategy::kPoll) {
+                // Between passes host functions report event marks, and this thread reads the
+                // flag words: plain loads under the engine's lock, sleeping until one is due. A
+                // pass (driver calls) runs for new watches, a kick, or the backstop.
+                for (;;) {
+                    now = Clock::now();
+                    bool progress = false;
+                    FlagPlan plan = read_flags(now, &progress);
+                    if (eng->held || !eng->to_watch.empty() || eng->kick ||
+                        now >= last_backstop + backstop_every)
+                        break;
+                    if (plan.next > now) {
+                        eng->sleeping = true;
+                        eng->sleep_until = std::min(plan.next, last_backstop + backstop_every);
+                        eng->cv.wait_until(g, eng->sleep_until);
+                        eng->sleeping = false;
+                        continue;
+                    }
+                    g.unlock();  // due: spin, without the lock (the loop thread takes it to mark)
+                    for (int i = 0; i < 64; ++i) cpu_relax();
+                    g.lock();
+                }
+                now = Clock::now();
+                strat = current_strategy();
+            }
+            if (eng->held) continue;
+            eng->kick = false;
+            eng->in_pass = true;
+        }
+        bool backstop = now - last_backstop >= backstop_every;
+        if (backstop) last_backstop = now;
+        if (pass(strat, backstop)) last_progress = Clock::now();
+        if (strat == Strategy::kPoll) {
+            auto quiet = Clock::now() - last_progress;
+            if (quiet < kPollSpin) {
+                for (int i = 0; i < 32; ++i) cpu_relax();
+            } else {
+                // Back off, in proportion to how long nothing happened; new marks wake it.
+                auto nap = std::min<Clock::duration>(kPollMaxSleep, quiet / 64);
+                std::unique_lock<std::mutex> g(eng->mu);
+                eng->sleeping = true;
+                eng->sleep_until = Clock::now() + nap;
+                eng->cv.wait_until(g, eng->sleep_until);
+                eng->sleeping = false;
+            }
+        }
+    }
+}
+
+void start_engine_locked() {
+    if (eng->started) return;
+    std::thread(engine_run).detach();  // may throw: nothing is changed before it
+    eng->started = true;
+    ++eng->threads;
+}
+
+// Runs on the driver's callback thread: native memory only, no GIL, no CUDA call.
+void on_host_fn(void* key) {
+    std::lock_guard<std::mutex> g(eng->mu);
+    Mark* m = slot_get(reinterpret_cast<uintptr_t>(key));
+    if (!m) return;
+    Timeline* tl = m->tl;
+    --tl->watching;
+    m->watched = false;
+    if (!tl->cs->retired) {
+        passed(m, CUDA_SUCCESS);
+        reap(tl);  // hands the open mark, if any, to its placer
+    }
+    unref(m);  // the watch's reference
+}
+
+}  // namespace aiocuda::cuda

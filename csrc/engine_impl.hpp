@@ -1,0 +1,266 @@
+// The completion engine's own state and the functions its files share (not installed, not
+// part of engine.hpp's interface). The files, each readable alone:
+//   engine.cpp        the entry points (awaits, Events, strategies), relays for foreign events
+//   marks.cpp         marks and timelines: references, completion in stream order, reaping
+//   contexts.cpp      contexts (primary only), sticky errors and resets
+//   placement.cpp     timelines of streams, the mark itself (a memory write or an event record)
+//                     with its capture checks, and the placers of open marks
+//   detection.cpp     the engine thread: reading flag words, host functions, queries, backstop
+//   device_waits.cpp  whole-device waits (cuCtxRecordEvent, or a cuCtxSynchronize thread)
+#pragma once
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+#include "engine.hpp"
+#include "spin.hpp"
+
+namespace aiocuda::cuda {
+
+using namespace drv;
+using Clock = std::chrono::steady_clock;
+
+// Marks in flight per timeline. Past it, awaits share the timeline's open mark, which the engine
+// places once an earlier mark is passed: aiocuda never fills a user's stream (a full stream
+// blocks whoever enqueues), and an open mark may over-wait, never under-wait.
+constexpr int kMarksInFlight = 8;
+constexpr size_t kLanesPerContext = 16;  // past it, timelines share lanes (and may over-wait)
+constexpr size_t kRelays = 16;           // streams per context that foreign events are read on
+constexpr size_t kRelayWaits = 256;      // waits queued on one relay at most
+constexpr unsigned kEventFlags = CU_EVENT_DISABLE_TIMING | CU_EVENT_BLOCKING_SYNC;
+// Poll strategy: spin this long after the last progress, then sleep, backing off to kPollMaxSleep.
+constexpr auto kPollSpin = std::chrono::microseconds(2000);
+constexpr auto kPollMaxSleep = std::chrono::microseconds(200);
+
+// kFlag: how the engine thread waits for a word to change. It sleeps until a little before the
+// timeline's next completion is expected (its own history: kFlagLead before it, and earlier for
+// longer waits), spins from then until kFlagSpin past the expected time, then naps, for longer
+// the later the completion is (at most kFlagMaxNap): a long wait costs a few hundred wake-ups a
+// second, and no driver call (io_uring's hybrid polling sleeps through part of the expected time
+// in the same way).
+constexpr auto kFlagLead = std::chrono::microseconds(40);
+constexpr auto kFlagSpin = std::chrono::microseconds(150);
+constexpr auto kFlagMaxNap = std::chrono::microseconds(2000);
+constexpr size_t kFlagWordStride = 64;  // one cache line per timeline: the device writes whole lines
+constexpr size_t kFlagPage = 4096;
+
+struct CtxState;
+struct Timeline;
+
+// Who holds a reference to a mark (refs), and when it is released:
+//   - its timeline, from its making until reap() pops it (passed, failed or retired);
+//   - each aiocuda.Event made on it, until mark_release();
+//   - a lane's watch (kCallback: placed, host function pending), until on_host_fn or unwatch();
+//   - the engine while it queries the mark's event outside the lock, for that query only.
+// The last unref() frees it and returns its event to the pool. A timeline pops a finished mark
+// whoever else still holds it, so a watch that a held lane delays never holds up the timeline.
+struct Mark {
+    CUevent ev = nullptr;     // null until placed, and for flag marks
+    Timeline* tl;
+    Node* head = nullptr;     // the awaits behind it, linked through Node::next until completed
+    Node* tail = nullptr;
+    size_t waiters = 0;
+    int refs = 1;             // the timeline's, one per aiocuda.Event, one per lane watch
+    bool placed = false;
+    bool done = false;
+    bool owned = true;        // ev is from the pool (false: a foreign event, never re-pooled)
+    bool watched = false;     // a lane's host function has yet to report it
+    CUresult status = CUDA_SUCCESS;
+    CUresult fail = CUDA_SUCCESS;  // could not be placed: fails with this once earlier marks end
+    uint64_t key = 0;         // what its host function gets: never a pointer
+    bool flag = false;        // kFlag: passed once its timeline's word reaches seq
+    uint32_t seq = 0;
+    Clock::time_point at{};   // when it was placed (kFlag: the timeline's history)
+    Mark* next = nullptr;     // in its timeline, oldest first
+    struct Engine* owner;     // a forked child has a new engine and ignores the old one's
+};
+
+struct Lane {
+    CUstream s;
+    int users = 0;
+    bool dead = false;  // its stream could not be made: out of its context's list, freed unused
+};
+
+// Marks in the order they complete: on one stream, on one context (device waits), or one foreign
+// event.
+struct Timeline {
+    enum Kind : uint8_t { kStream, kDevice, kForeign } kind;
+    CtxState* cs;
+    CUstream stream = nullptr;   // kStream
+    Mark* head = nullptr;        // placed marks, oldest first
+    Mark* tail = nullptr;
+    int in_flight = 0;           // marks in the list: passed ones leave once no watch holds them
+    Mark* open = nullptr;        // unplaced: awaits waiting for room
+    int alive = 0;               // marks pointing here (a foreign wait's timeline dies with them)
+    bool placing = false;        // queued for its device's placer
+    Lane* lane = nullptr;        // kCallback: where its marks are watched
+    int watching = 0;            // its host functions not run yet
+    bool active = false;         // in the engine's list
+    bool relay = false;          // an aiocuda stream that foreign events are read on
+    unsigned long long sid = 0;  // kStream: cuStreamGetId, its key in CtxState::streams
+    int users = 0;               // threads between timeline_of and release_timeline
+    // kFlag: the word of host memory its stream writes each mark's sequence number to.
+    uint32_t* word = nullptr;
+    CUdeviceptr dword = 0;
+    uint32_t issued = 0;         // the last sequence number written (under record_mu)
+    bool no_flag = false;        // the driver cannot write host memory from this stream: events
+    int64_t est_ns = 0;          // how long its marks take, placed to passed (kFlag's sleeps)
+    std::mutex record_mu;        // marks enter the timeline in the order they enter the stream
+};
+
+// One CUDA context instance (a reset makes a new one: a new cuCtxGetId).
+struct CtxState {
+    CUcontext ctx;
+    unsigned long long id;
+    int device = -1;
+    bool primary = false;
+    bool retired = false;        // reset or broken: its handles are never touched again
+    CUresult error = CUDA_SUCCESS;
+    std::vector<CUevent> pool;   // idle events
+    std::unordered_map<unsigned long long, Timeline*> streams;  // by cuStreamGetId
+    Timeline* legacy_tl = nullptr;
+    Timeline* device_tl = nullptr;
+    std::vector<Timeline*> relays;  // wait_event's streams (at most kRelays)
+    std::vector<Lane*> lanes;
+    struct Placer* placer = nullptr;
+    // kFlag: free words of registered host memory (their pages are never unregistered: a stream
+    // may still write a word after its timeline has gone, and a reset forgets them anyway).
+    std::vector<std::pair<uint32_t*, CUdeviceptr>> words;
+    bool no_words = false;       // registration failed: this context marks with events
+    CUstream probe = nullptr;    // kFlag's backstop: cuStreamQuery of it reports sticky errors
+};
+
+// Places open marks for one device. Its own thread, because placing is an enqueue on a user's
+// stream, which blocks while that stream is full: the engine thread must never wait on that.
+struct Placer {
+    std::condition_variable cv;  // under eng->mu
+    std::vector<Timeline*> queue;
+};
+
+// Whole-device waits on drivers without cuCtxRecordEvent (older than 12.5): one thread per device
+// calls cuCtxSynchronize, serving every waiter that arrived before it started. It spins while it
+// waits (CU_CTX_SCHED_AUTO): the cost of an old driver.
+struct DeviceWaiter {
+    CUcontext ctx;
+    std::mutex mu;
+    std::condition_variable cv;
+    // Each wait with the context instance (cuCtxGetId) it was asked in: a reset ends the wait
+    // with an error, never with a success from the next instance's cuCtxSynchronize.
+    std::vector<std::pair<Node*, unsigned long long>> waiting;
+};
+
+// Heap-allocated and never destroyed: its threads wait on its condition variables until the
+// process ends, and a forked child starts a new one instead.
+struct Engine {
+    std::mutex mu;
+    std::condition_variable cv;          // the engine thread waits here
+    std::condition_variable placed_cv;   // mark_synchronize waits here for an open mark's placing
+    std::vector<CtxState*> ctxs;         // live and retired (retired ones are leaked: rare)
+    std::vector<Timeline*> active;       // timelines with marks or waiters
+    std::vector<Mark*> to_watch;         // kCallback: placed, not watched yet
+    std::vector<Mark*> slots;            // host-function keys: (generation << 32) | index
+    std::vector<uint32_t> gens;
+    std::vector<uint32_t> free_slots;
+    size_t pending = 0, marks = 0, events = 0, lanes = 0, threads = 0, words = 0, timelines = 0;
+    int sync_waiters = 0;                // threads in mark_synchronize (placed_cv)
+    Clock::time_point sleep_until{};     // the engine thread's wake-up, while it sleeps
+    Clock::time_point last_look{};       // kFlag: when read_flags last read the words
+    bool started = false;
+    bool sleeping = false;               // the engine thread waits on cv
+    bool kick = false;                   // something for the engine to do (an open mark has room)
+    bool held = false, in_pass = false;  // hold(): tests
+    int placing = 0;                     // placers at work
+    std::condition_variable hold_cv;
+    std::vector<CUcontext> primary;      // by device, retained once when found active
+    std::vector<DeviceWaiter*> device_waiters;
+    std::vector<Placer*> placers;        // by device
+    // The engine thread's scratch space, reused from pass to pass (members, because the engine
+    // outlives static destructors: its thread runs until the process ends).
+    std::vector<Timeline*> tls;
+    std::vector<CtxState*> pass_ctxs;
+    std::vector<Mark*> queried;
+};
+
+void on_host_fn(void* key);
+
+extern Engine* eng;
+extern std::atomic<int> g_backstop_ms;
+Strategy current_strategy();
+
+constexpr uintptr_t kLegacyHandle = 1, kPerThreadHandle = 2;  // CU_STREAM_LEGACY, CU_STREAM_PER_THREAD
+inline bool is_legacy(uintptr_t stream) { return stream <= kLegacyHandle; }  // 0 means it too
+
+// Runs `fn` with `ctx` current on this thread, restoring the previous context after.
+template <class F>
+CUresult with_ctx(CUcontext ctx, F fn) {
+    CUcontext cur = nullptr;
+    CUresult r = api.cuCtxGetCurrent(&cur);
+    if (r != CUDA_SUCCESS) return r;
+    bool push = cur != ctx;
+    if (push && (r = api.cuCtxPushCurrent(ctx)) != CUDA_SUCCESS) return r;
+    r = fn();
+    if (push) {
+        CUcontext popped;
+        api.cuCtxPopCurrent(&popped);
+    }
+    return r;
+}
+
+// Runs `fn` in thread-local capture mode: a query made while another thread captures in global
+// mode would otherwise be a prohibited call that invalidates that capture (pytorch#104555).
+template <class F>
+CUresult thread_local_mode(F fn) {
+    CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+    CUresult r = api.cuThreadExchangeStreamCaptureMode(&mode);
+    if (r != CUDA_SUCCESS) return r;
+    r = fn();
+    api.cuThreadExchangeStreamCaptureMode(&mode);
+    return r;
+}
+
+// marks.cpp (under eng->mu unless said)
+void discard(Node* n);
+void complete_list(Node* n, CUresult status);
+Mark* slot_get(uint64_t key);
+Mark* new_mark(Timeline* tl);
+void unref(Mark* m);
+void attach(Mark* m, Node* n);
+void finish(Mark* m, CUresult status);
+bool activate(Timeline* tl);
+void watch(Mark* m);
+void unwatch(Mark* m);
+void placed(Timeline* tl, Mark* m, CUevent ev);
+void reap(Timeline* tl);
+bool idle(Timeline* tl);
+void passed(Mark* m, CUresult status);
+// contexts.cpp
+void retire(CtxState* cs, CUresult code);
+bool still_current(CtxState* cs);  // takes eng->mu when retiring
+CUresult primary_of(int device, CUcontext* out);
+CUresult check_device(int device, std::string* why);
+CUresult ctx_state(CUcontext ctx, CtxState** out, std::string* why);
+CUresult stream_ctx(uintptr_t stream, int device, CtxState** cs, std::string* why);
+// placement.cpp
+CUresult timeline_of(CtxState* cs, Timeline::Kind kind, uintptr_t stream, Timeline** out);
+void release_timeline(Timeline* tl);
+void maybe_drop(Timeline* tl);
+CUresult take_event(CtxState* cs, CUevent* ev);
+CUresult mark(Timeline* tl, Node* n, Mark** user, std::string* why);
+void want_placing(Timeline* tl);
+void start_placer(int dev);
+// detection.cpp
+void start_engine_locked();
+void wake_locked();
+void nudge_locked(Timeline* tl);
+void on_host_fn(void* key);  // the driver's callback thread: native memory only
+
+}  // namespace aiocuda::cuda

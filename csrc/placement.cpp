@@ -1,0 +1,379 @@
+// Timelines of streams, the mark an await puts on a stream, and the placers of open marks.
+#include "engine_impl.hpp"
+
+namespace aiocuda::cuda {
+
+// The timeline of `stream` (or of the context, kDevice), made on first use and held by the caller
+// until release_timeline(): the engine drops idle timelines nobody holds. Streams are told apart by
+// cuStreamGetId ("unique for the life of the program"), not by handle: once a stream is destroyed
+// its handle may name a new stream, which must not inherit its marks or word.
+CUresult timeline_of(CtxState* cs, Timeline::Kind kind, uintptr_t stream, Timeline** out) {
+    unsigned long long sid = 0;
+    bool keyed = kind == Timeline::kStream && !is_legacy(stream);
+    if (keyed) {
+        CUresult r = api.cuStreamGetId(reinterpret_cast<CUstream>(stream), &sid);
+        if (r != CUDA_SUCCESS) return r;
+    }
+    std::lock_guard<std::mutex> g(eng->mu);
+    Timeline*& tl = kind == Timeline::kDevice ? cs->device_tl
+                    : keyed                   ? cs->streams[sid]
+                                              : cs->legacy_tl;  // one legacy stream: one timeline
+    if (!tl) {
+        tl = new Timeline;
+        tl->kind = kind;
+        tl->cs = cs;
+        tl->sid = sid;
+        tl->stream = reinterpret_cast<CUstream>(keyed ? stream : kLegacyHandle);
+        ++eng->timelines;
+    }
+    ++tl->users;
+    *out = tl;
+    return CUDA_SUCCESS;
+}
+
+void release_timeline(Timeline* tl) {
+    std::lock_guard<std::mutex> g(eng->mu);
+    --tl->users;
+}
+
+// Under eng->mu, once `tl` left the engine's list: a stream's timeline that nothing refers to is
+// dropped, and its word (every mark on it passed, so its stream writes it no more) reused.
+void maybe_drop(Timeline* tl) {
+    CtxState* cs = tl->cs;
+    if (tl->kind != Timeline::kStream || tl->relay || tl == cs->legacy_tl || tl->users ||
+        tl->alive || tl->placing || tl->open || tl->head || tl->lane || cs->retired)
+        return;
+    cs->streams.erase(tl->sid);
+    if (tl->word) cs->words.emplace_back(tl->word, tl->dword);
+    delete tl;
+    --eng->timelines;
+}
+
+// A pooled event of `cs`, or a new one. Created in thread-local capture mode: event creation
+// is no part of anyone's capture.
+CUresult take_event(CtxState* cs, CUevent* ev) {
+    {
+        std::lock_guard<std::mutex> g(eng->mu);
+        if (!cs->pool.empty()) {
+            *ev = cs->pool.back();
+            cs->pool.pop_back();
+            return CUDA_SUCCESS;
+        }
+    }
+    CUresult r = thread_local_mode([&] {
+        return with_ctx(cs->ctx, [&] { return api.cuEventCreate(ev, kEventFlags); });
+    });
+    if (r == CUDA_SUCCESS) {
+        std::lock_guard<std::mutex> g(eng->mu);
+        ++eng->events;
+    }
+    return r;
+}
+
+// The one operation an await puts on the user's stream (or on the context, for device waits).
+CUresult record_on(Timeline* tl, CUevent ev) {
+    if (tl->kind == Timeline::kDevice) return api.cuCtxRecordEvent(tl->cs->ctx, ev);
+    if (!is_legacy(reinterpret_cast<uintptr_t>(tl->stream))) return api.cuEventRecord(ev, tl->stream);
+    return with_ctx(tl->cs->ctx, [&] { return api.cuEventRecord(ev, tl->stream); });
+}
+
+CUresult capture_status(Timeline* tl, CUstreamCaptureStatus* st) {
+    *st = CU_STREAM_CAPTURE_STATUS_NONE;
+    if (tl->kind != Timeline::kStream) return CUDA_SUCCESS;
+    if (!is_legacy(reinterpret_cast<uintptr_t>(tl->stream)))
+        return api.cuStreamIsCapturing(tl->stream, st);
+    return with_ctx(tl->cs->ctx, [&] { return api.cuStreamIsCapturing(tl->stream, st); });
+}
+
+void wake_locked() {
+    eng->kick = true;
+    if (eng->sleeping) eng->cv.notify_one();
+}
+
+// A flag mark was placed: wake the engine thread only if it sleeps past when this one may pass.
+void nudge_locked(Timeline* tl) {
+    if (!eng->sleeping) return;
+    auto due = Clock::now() + std::chrono::nanoseconds(tl->est_ns) - kFlagLead;
+    if (due < eng->sleep_until) eng->cv.notify_one();
+}
+
+// kFlag: the word `tl`'s stream writes its marks to, taken from a page of registered host memory
+// (one page per 64 timelines of a context). False: the driver cannot do it, and `tl` marks with
+// events. Loop or placer thread, tl->record_mu held.
+bool flag_word(Timeline* tl) {
+    if (tl->word) return true;
+    CtxState* cs = tl->cs;
+    {
+        std::lock_guard<std::mutex> g(eng->mu);
+        if (tl->kind != Timeline::kStream || cs->no_words || !api.cuStreamWriteValue32 ||
+            !api.cuMemHostRegister || !api.cuMemHostGetDevicePointer)
+            tl->no_flag = true;
+        if (tl->no_flag) return false;
+        if (!cs->words.empty()) {  // a dropped timeline's: its stream wrote its last value
+            std::tie(tl->word, tl->dword) = cs->words.back();
+            cs->words.pop_back();
+            tl->issued = __atomic_load_n(tl->word, __ATOMIC_ACQUIRE);  // marks count on from it
+            return true;
+        }
+    }
+    void* page = nullptr;
+    if (posix_memalign(&page, kFlagPage, kFlagPage) != 0) return false;
+    std::memset(page, 0, kFlagPage);
+    CUdeviceptr d = 0;
+    bool registered = false;
+    // cuMemHostRegister: "Page-locks the memory range [...] and maps it for the device(s)";
+    // cuStreamWriteValue32: "If the memory was registered via cuMemHostRegister(), the device
+    // pointer should be obtained with cuMemHostGetDevicePointer()."
+    CUresult r = thread_local_mode([&] {
+        return with_ctx(cs->ctx, [&] {
+            CUresult rr = api.cuMemHostRegister(page, kFlagPage, kMemHostRegisterDeviceMap);
+            registered = rr == CUDA_SUCCESS;
+            if (registered) rr = api.cuMemHostGetDevicePointer(&d, page, 0);
+            return rr;
+        });
+    });
+    std::lock_guard<std::mutex> g(eng->mu);
+    if (r != CUDA_SUCCESS) {
+        if (!registered) std::free(page);  // else leaked: unregistering it could fail the same way
+        cs->no_words = tl->no_flag = true;
+        return false;
+    }
+    char* base = static_cast<char*>(page);
+    for (size_t off = kFlagPage; off > 0; off -= kFlagWordStride)
+        cs->words.emplace_back(reinterpret_cast<uint32_t*>(base + off - kFlagWordStride),
+                               d + off - kFlagWordStride);
+    eng->words += kFlagPage / kFlagWordStride;
+    std::tie(tl->word, tl->dword) = cs->words.back();
+    cs->words.pop_back();
+    return true;
+}
+
+// What put() placed on a stream.
+struct Placed {
+    CUevent ev = nullptr;
+    bool flag = false;
+    uint32_t seq = 0;
+};
+
+const char* const kCapturedText =
+    "the stream began capturing a CUDA graph while aiocuda marked it (another thread began the "
+    "capture), so the mark may be part of the graph and cannot tell when the work ends: await "
+    "the stream after the capture ends";
+
+// The one operation an await puts on the user's stream (or on the context, for device waits),
+// then a second capture check (tl->record_mu held). A capture may begin between the check before
+// and the mark, and a mark taken into a capture never tells when the stream's work ends: its
+// awaits are refused (kCapturing), and a flag word a graph may write is never read again.
+CUresult put(Timeline* tl, Placed* p, std::string* why) {
+    CUresult r = CUDA_ERROR_NOT_SUPPORTED;
+    if (current_strategy() == Strategy::kFlag && flag_word(tl)) {
+        p->flag = true;
+        p->seq = tl->issued + 1;
+        CUstream st = tl->stream;
+        auto write = [&] {
+            return api.cuStreamWriteValue32(st, tl->dword, p->seq, CU_STREAM_WRITE_VALUE_DEFAULT);
+        };
+        r = is_legacy(reinterpret_cast<uintptr_t>(st)) ? with_ctx(tl->cs->ctx, write) : write();
+        if (r == CUDA_SUCCESS) tl->issued = p->seq;
+        if (r == CUDA_ERROR_NOT_SUPPORTED) {  // no stream memory operations: events, from now on
+            std::lock_guard<std::mutex> g(eng->mu);
+            tl->no_flag = true;
+        }
+    }
+    if (r == CUDA_ERROR_NOT_SUPPORTED) {
+        *p = Placed{};
+        r = take_event(tl->cs, &p->ev);
+        if (r == CUDA_SUCCESS) r = record_on(tl, p->ev);
+    }
+    CUstreamCaptureStatus st = CU_STREAM_CAPTURE_STATUS_NONE;
+    if (r == CUDA_SUCCESS && capture_status(tl, &st) == CUDA_SUCCESS &&
+        st != CU_STREAM_CAPTURE_STATUS_NONE) {
+        *why = kCapturedText;
+        r = kCapturing;
+        std::lock_guard<std::mutex> g(eng->mu);
+        if (p->flag) {  // the word may be written by every replay: earlier marks cannot trust it
+            for (Mark* m = tl->head; m; m = m->next)
+                if (m->flag && !m->done) finish(m, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+            tl->word = nullptr;
+            tl->dword = 0;
+        }
+    }
+    if (r != CUDA_SUCCESS && p->ev) {
+        std::lock_guard<std::mutex> g(eng->mu);
+        if (!tl->cs->retired) tl->cs->pool.push_back(p->ev);
+        p->ev = nullptr;
+    }
+    return r;
+}
+
+// Places a mark on `tl` now (the caller holds tl->record_mu), for `n` and, if `user`, an Event.
+CUresult place_now(Timeline* tl, Node* n, Mark** user, std::string* why) {
+    Placed p;
+    CUresult r = put(tl, &p, why);
+    std::lock_guard<std::mutex> g(eng->mu);
+    if (r != CUDA_SUCCESS) return r;
+    Mark* m = new_mark(tl);
+    m->flag = p.flag;
+    m->seq = p.seq;
+    placed(tl, m, p.ev);
+    if (n) attach(m, n);
+    if (user) {
+        ++m->refs;
+        *user = m;
+    }
+    activate(tl);
+    start_engine_locked();
+    if (p.flag) nudge_locked(tl); else wake_locked();
+    return CUDA_SUCCESS;
+}
+
+// Loop thread: mark `tl` for `n` (and an Event), or join its open mark when kMarksInFlight are out.
+CUresult mark(Timeline* tl, Node* n, Mark** user, std::string* why) {
+    CUstreamCaptureStatus st;
+    CUresult r = capture_status(tl, &st);
+    if (r == CUDA_SUCCESS && st != CU_STREAM_CAPTURE_STATUS_NONE) {
+        *why = "the stream is capturing a CUDA graph: its work will not run until the graph is "
+               "launched, so awaiting it now would never finish; await it after the capture ends "
+               "(or await the graph's replay, aiocuda.torch.replay)";
+        r = kCapturing;
+    }
+    if (r != CUDA_SUCCESS) {
+        if (n) discard(n);
+        return r;
+    }
+    // Under eng->mu: join the open mark if kMarksInFlight are out (or one is open already);
+    // false if this await may place its own mark. Joining needs no driver call, so it never waits
+    // behind a placement that a full stream holds up.
+    auto joined = [&](CUresult* res) {
+        *res = CUDA_SUCCESS;
+        if (tl->cs->retired) {
+            if (n) discard(n);
+            *res = tl->cs->error;
+            return true;
+        }
+        reap(tl);
+        if (tl->in_flight < kMarksInFlight && !tl->open) return false;
+        if (!tl->open) {
+            start_placer(tl->cs->device);
+            tl->open = new_mark(tl);
+        }
+        if (n) attach(tl->open, n);
+        if (user) {
+            ++tl->open->refs;
+            *user = tl->open;
+        }
+        if (activate(tl)) wake_locked();
+        start_engine_locked();
+        want_placing(tl);  // room may have freed up since the open mark was made
+        return true;
+    };
+    {
+        std::lock_guard<std::mutex> g(eng->mu);
+        if (joined(&r)) return r;
+    }
+    std::lock_guard<std::mutex> order(tl->record_mu);
+    {
+        std::lock_guard<std::mutex> g(eng->mu);
+        if (joined(&r)) return r;  // others marked meanwhile
+    }
+    r = place_now(tl, n, user, why);
+    if (r != CUDA_SUCCESS && n) discard(n);
+    return r;
+}
+
+// ---- placers: open marks, one thread per device ------------------------------------------------
+
+void placer_run(Placer* p);
+
+
+// Under eng->mu, on the loop thread: the placer of device `dev`, started with the device's first
+// open mark (so that host functions, which hand it work, never start a thread).
+void start_placer(int dev) {
+    auto& ps = eng->placers;
+    if (ps.size() <= static_cast<size_t>(dev)) ps.resize(dev + 1, nullptr);
+    if (ps[dev]) return;
+    auto p = new Placer;
+    std::thread(placer_run, p).detach();  // may throw: nothing is changed before it
+    ps[dev] = p;
+    ++eng->threads;
+}
+
+// Under eng->mu: queue `tl` for its device's placer if its open mark has room now.
+void want_placing(Timeline* tl) {
+    if (!tl->open || tl->placing || tl->cs->retired || tl->in_flight >= kMarksInFlight) return;
+    Placer* p = eng->placers[tl->cs->device];  // started with the open mark
+    tl->placing = true;
+    ++tl->users;  // the placer's, until it is done with it (placer_run): never dropped meanwhile
+    p->queue.push_back(tl);
+    p->cv.notify_one();
+}
+
+// Places `tl`'s open mark; false if it must wait (the stream is capturing: after it ends).
+bool place_open(Timeline* tl) {
+    std::lock_guard<std::mutex> order(tl->record_mu);
+    Mark* open;
+    {
+        std::lock_guard<std::mutex> g(eng->mu);
+        tl->placing = false;
+        open = tl->open;
+        if (!open || tl->cs->retired || tl->in_flight >= kMarksInFlight) return true;
+    }
+    // A reset since the open mark was queued destroyed the stream and the pooled events: find it
+    // (and retire the context) before touching any of them.
+    if (!still_current(tl->cs)) return true;
+    CUstreamCaptureStatus st;
+    CUresult r = capture_status(tl, &st);
+    if (r == CUDA_SUCCESS && st != CU_STREAM_CAPTURE_STATUS_NONE) return false;
+    Placed p;
+    std::string why;
+    if (r == CUDA_SUCCESS) r = put(tl, &p, &why);
+    if (r == kCapturing) r = CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;  // taken into a capture
+    std::lock_guard<std::mutex> g(eng->mu);
+    if (tl->open != open || tl->cs->retired) {  // failed meanwhile (its handles are not ours)
+        if (p.ev && !tl->cs->retired) tl->cs->pool.push_back(p.ev);
+        return true;
+    }
+    tl->open = nullptr;
+    if (r != CUDA_SUCCESS) {
+        // Only these awaits fail: a capture that began meanwhile, or no memory for an event, is
+        // no context error (a sticky one the next query of this context finds). They fail in
+        // stream order: after the marks placed before, which may still be pending.
+        open->fail = r;
+        if (tl->tail) tl->tail->next = open; else tl->head = open;
+        tl->tail = open;  // unplaced: no event, never queried or watched
+        reap(tl);
+        return true;
+    }
+    open->flag = p.flag;
+    open->seq = p.seq;
+    placed(tl, open, p.ev);
+    if (p.flag) nudge_locked(tl); else wake_locked();
+    return true;
+}
+
+void placer_run(Placer* p) {
+    CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+    api.cuThreadExchangeStreamCaptureMode(&mode);
+    std::vector<Timeline*> work, later;
+    for (;;) {
+        {
+            std::unique_lock<std::mutex> g(eng->mu);
+            auto ready = [&] { return !p->queue.empty() && !eng->held; };
+            if (later.empty()) p->cv.wait(g, ready);
+            else p->cv.wait_for(g, std::chrono::milliseconds(1), ready);  // a capture to end
+            while (eng->held) eng->hold_cv.wait(g);
+            work.swap(p->queue);
+            for (Timeline* tl : later)  // a capture to end: kept, unless queued again meanwhile
+                if (!tl->placing) work.push_back(tl); else --tl->users;
+            later.clear();
+            ++eng->placing;
+        }
+        for (Timeline* tl : work)
+            if (!place_open(tl)) later.push_back(tl); else release_timeline(tl);
+        work.clear();
+        std::lock_guard<std::mutex> g(eng->mu);
+        if (--eng->placing == 0) eng->hold_cv.notify_all();
+    }
+}
+
+}  // namespace aiocuda::cuda
