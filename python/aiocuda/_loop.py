@@ -6,7 +6,8 @@ import asyncio
 import os
 import threading
 import weakref
-from _weakref import _remove_dead_weakref
+from _weakref import _remove_dead_weakref  # type: ignore[attr-defined]
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,9 +150,7 @@ def _new_state(loop: asyncio.AbstractEventLoop) -> LoopState:
     with _states_lock:  # dict operations only
         winner = _lookup(loop)
         if winner is None:
-            # The callback deletes the entry only if it still holds a dead reference: a newer
-            # state of a loop at the same address may have replaced it.
-            _states[key] = weakref.ref(st, lambda _, key=key: _remove_dead_weakref(_states, key))
+            _states[key] = weakref.ref(st, _entry_remover(key))
     if winner is not None:  # another thread made one meanwhile
         st.close()
         return winner
@@ -159,6 +158,15 @@ def _new_state(loop: asyncio.AbstractEventLoop) -> LoopState:
     # then (a running-loop cache is keyed by the loop's address). Holds neither of them.
     st.finalizer = weakref.finalize(loop, _forget, weakref.ref(st))
     return st
+
+
+def _entry_remover(key: int) -> Callable[[object], None]:
+    def remove(_: object) -> None:
+        # Only if the entry still holds a dead reference: a state of a newer loop at the same
+        # address may have replaced it. One C call: atomic under the GIL.
+        _remove_dead_weakref(_states, key)
+
+    return remove
 
 
 def _forget(st_ref: weakref.ReferenceType[LoopState]) -> None:
