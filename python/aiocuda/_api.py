@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import atexit
 import math
+import os
+import sys
+import time
 import weakref
 from collections.abc import Callable, Generator
 from typing import Any, Protocol, TypeVar, Union, runtime_checkable
@@ -230,6 +233,15 @@ class CpuStream(_core.CpuStreamBase):
 
     Work runs in submission order; ``await stream`` waits for everything submitted so far;
     ``wait_event`` makes later work wait for an event, as ``cuStreamWaitEvent`` does.
+
+    In a coroutine, close it with ``async with aiocuda.CpuStream() as s:`` or
+    ``await s.aclose()``, which wait for the submitted work without blocking the loop. Like
+    ``cuStreamDestroy``, closing never cancels work: whatever was submitted runs. ``close()``
+    on a loop's thread, leaving a plain ``with`` block there, and dropping the last reference
+    anywhere return at once and let that work finish in the background (its futures still
+    complete); ``close()`` on a thread with no running loop waits for it. At interpreter exit,
+    work still running is waited for, at most ``AIOCUDA_EXIT_TIMEOUT`` seconds (10 by default;
+    Ctrl-C stops the wait), and then left to the process's end.
     """
 
     def __init__(self) -> None:
@@ -276,14 +288,39 @@ class CpuStream(_core.CpuStreamBase):
         _check(self._delay(value))
 
     def close(self) -> None:
-        """Stop accepting work and wait for the work already submitted. Idempotent."""
+        """Stop accepting work; off a loop's thread, also wait for the work already submitted.
+
+        On a thread running an event loop it never waits: the work already submitted runs in
+        the background and its futures still complete (``await s.aclose()`` waits without
+        blocking). Elsewhere it waits until that work has run; Ctrl-C interrupts the wait.
+        Called by the stream's own work, it cannot wait for itself and returns. Idempotent.
+        """
         self._close()
+        if asyncio.events._get_running_loop() is not None:
+            return  # never wait on a loop's thread
+        while not self._wait_closed(_CLOSE_SLICE_S):
+            pass  # in slices: a signal (Ctrl-C) is handled between two
+
+    async def aclose(self) -> None:
+        """Stop accepting work and wait until the work already submitted has run.
+
+        The loop keeps running meanwhile. Cancelling the wait leaves the stream closed and
+        its work running in the background. Idempotent.
+        """
+        loop = running_loop("CpuStream.aclose()")
+        await state_for(loop).queue.wait_closed(loop, self)
 
     def __enter__(self) -> CpuStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    async def __aenter__(self) -> CpuStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     def __await__(self) -> Generator[Any, None, None]:
         return synchronize(self).__await__()
@@ -292,11 +329,36 @@ class CpuStream(_core.CpuStreamBase):
         return f"<aiocuda.CpuStream {'closed' if self.closed else 'open'}>"
 
 
+_CLOSE_SLICE_S = 0.1  # a blocking close waits in slices this long, handling signals between
+_EXIT_TIMEOUT_S = 10.0  # default of AIOCUDA_EXIT_TIMEOUT
+
+
+def _exit_timeout() -> float:
+    text = os.environ.get("AIOCUDA_EXIT_TIMEOUT", "")
+    try:
+        value = float(text) if text else _EXIT_TIMEOUT_S
+    except ValueError:
+        value = _EXIT_TIMEOUT_S
+    return value if value >= 0 and not math.isnan(value) else _EXIT_TIMEOUT_S
+
+
 @atexit.register
 def _close_streams() -> None:
-    # Join the workers while the interpreter can still run the calls they hold.
+    # Let the workers finish while the interpreter can still run the calls they hold, those of
+    # collected streams too; but never hang the exit on work that does not return. A worker
+    # left running is then a daemon thread: one that tries to run Python code again exits.
     for s in list(_live_streams):
-        s.close()
+        s._close()
+    timeout = _exit_timeout()
+    deadline = time.monotonic() + timeout
+    while not _core.cpu_wait_workers(min(_CLOSE_SLICE_S, max(0.0, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:  # slices: Ctrl-C (a signal) is handled between two
+            sys.stderr.write(
+                f"aiocuda: {_core.cpu_workers()} CpuStream worker(s) still running work "
+                f"{timeout:g} s into interpreter exit; leaving them (AIOCUDA_EXIT_TIMEOUT sets "
+                "how long exit waits)\n"
+            )
+            return
 
 
 _STRATEGIES = ("callback", "poll")
