@@ -237,6 +237,18 @@ void CpuStream::run_call(Item& it) {
     PyGILState_STATE gs = PyGILState_Ensure();
     keep_thread_state();
     PyObject* result = PyObject_Call(it.fn, it.args, it.kwargs);
+    if (result && PyCoro_CheckExact(result)) {
+        // An async function (or one that calls one) ran: the coroutine it made would never run.
+        PyObject* r = PyObject_CallMethod(result, "close", nullptr);  // no "never awaited"
+        Py_XDECREF(r);
+        PyErr_Clear();
+        Py_DECREF(result);
+        result = nullptr;
+        PyErr_Format(PyExc_TypeError,
+                     "%R returned a coroutine: the stream runs plain functions. Await the "
+                     "coroutine on the loop instead (`await fn(...)`), not through submit() or "
+                     "gpu_op()", it.fn);
+    }
     if (!it.node) {  // posted: nobody waits for the outcome
         if (!result) PyErr_WriteUnraisable(it.fn);
         Py_XDECREF(result);

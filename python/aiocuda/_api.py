@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import inspect
 import math
 import os
 import sys
@@ -83,6 +84,25 @@ def _cuda_handle(stream: object) -> tuple[int, int]:
     return handle, device
 
 
+def not_callable(fn: object, what: str) -> TypeError:
+    """The error for passing `what` something that is not a function."""
+    if inspect.isawaitable(fn):
+        return TypeError(
+            f"{what} runs plain functions and got the awaitable {fn!r}: await it directly "
+            f"(`await ...`), not through {what}"
+        )
+    return TypeError(f"{what} needs a callable, got {type(fn).__name__}")
+
+
+def not_a_coroutine_function(fn: object, what: str) -> None:
+    """Raise a TypeError saying what to do if `fn` is an async function."""
+    if inspect.iscoroutinefunction(fn):
+        raise TypeError(
+            f"{what} runs plain functions and got the async function {fn!r}: await it on the "
+            f"loop instead (`await fn(...)`), not through {what}"
+        )
+
+
 def _refused(code: int, text: str) -> Exception:
     return CudaError(code, text) if code > 0 else AiocudaError(text)
 
@@ -152,7 +172,7 @@ def record(stream: StreamLike, *, device: int | None = None) -> Event:
             raise TypeError("device= names a CUDA device; a CpuStream has none")
         cpu_event = _core.CpuEvent()
         _check(stream._record(cpu_event))
-        ev = Event(cpu_event, 0)
+        ev = Event._made(cpu_event, 0)
         fut = st.queue.wait(loop, stream)
     else:
         handle, own = _cuda_handle(stream)
@@ -161,7 +181,7 @@ def record(stream: StreamLike, *, device: int | None = None) -> Event:
             raise ValueError(f"the stream is on CUDA device {own}, but device={dev}")
         keep = None if isinstance(stream, int) else stream
         fut, mark = st.queue.record_cuda(loop, handle, max(own, dev), keep)
-        ev = Event(None, mark)
+        ev = Event._made(None, mark)
     fut.add_done_callback(_mark_retrieved)
     ev._fut = fut
     return ev
@@ -182,19 +202,31 @@ class Event:
     """A point in a stream's work, made by :func:`record`. ``await event`` waits for it.
 
     Awaiting is shielded: cancelling one awaiter does not cancel the event for the others.
+    ``Event()`` made directly is an event never recorded: like a CUDA event before its first
+    record, it is complete (``done()`` is True, ``await`` returns at once, a stream's
+    ``wait_event`` does not wait).
     """
 
     __slots__ = ("_cpu", "_cuda", "_fut", "__weakref__")
 
-    def __init__(self, cpu: _core.CpuEvent | None, cuda: int) -> None:
-        self._cpu = cpu
-        self._cuda = cuda
-        self._fut: asyncio.Future[None]
+    def __init__(self) -> None:
+        self._cpu: _core.CpuEvent | None = None
+        self._cuda = 0  # a mark's address, 0 for none
+        self._fut: asyncio.Future[None] | None = None  # None: never recorded
+
+    @classmethod
+    def _made(cls, cpu: _core.CpuEvent | None, cuda: int) -> Event:
+        ev = cls()
+        ev._cpu = cpu
+        ev._cuda = cuda
+        return ev
 
     def done(self) -> bool:
         """Return True if the work before the event has finished (never blocks)."""
         if self._cpu is not None:
             return self._cpu.done()
+        if not self._cuda:
+            return True  # never recorded
         code, why = _core.cuda_mark_query(self._cuda)
         if code == 0:
             return True
@@ -207,11 +239,15 @@ class Event:
         if self._cpu is not None:
             self._cpu.wait()
             return
+        if not self._cuda:
+            return  # never recorded
         code, why = _core.cuda_mark_synchronize(self._cuda)
         if code:
             raise _refused(code, why)
 
     def __await__(self) -> Generator[Any, None, None]:
+        if self._fut is None:
+            return _complete().__await__()  # never recorded
         return asyncio.shield(self._fut).__await__()
 
     def __del__(self) -> None:
@@ -220,9 +256,15 @@ class Event:
             self._cuda = 0
 
     def __repr__(self) -> str:
+        if self._fut is None:
+            return "<aiocuda.Event never recorded>"
         kind = "cpu" if self._cpu is not None else "cuda"
         state = "done" if self._fut.done() else "pending"
         return f"<aiocuda.Event {kind} {state}>"
+
+
+async def _complete() -> None:
+    return None
 
 
 _live_streams: weakref.WeakSet[CpuStream] = weakref.WeakSet()
@@ -249,9 +291,15 @@ class CpuStream(_core.CpuStreamBase):
         _live_streams.add(self)
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
-        """Run ``fn(*args, **kwargs)`` on the stream; the future gets its result or exception."""
-        if not callable(fn):
-            raise TypeError(f"submit() needs a callable, got {type(fn).__name__}")
+        """Run ``fn(*args, **kwargs)`` on the stream; the future gets its result or exception.
+
+        `fn` is a plain function, run on the stream's worker thread: an async function's
+        future fails with a TypeError (await it on the loop instead). Cancelling the future
+        does not take the call back: like work enqueued on a CUDA stream, it still runs in its
+        turn, and only its outcome is dropped.
+        """
+        if not callable(fn):  # the worker turns a coroutine fn returns into a TypeError
+            raise not_callable(fn, "submit()")
         loop = running_loop("CpuStream.submit()")
         st = state_for(loop)
         fut: asyncio.Future[T] = st.queue.submit_call(
@@ -271,6 +319,8 @@ class CpuStream(_core.CpuStreamBase):
         """Make work submitted after this call wait until `event` has completed."""
         if not isinstance(event, Event):
             raise TypeError(f"wait_event() needs an aiocuda.Event, got {type(event).__name__}")
+        if event._fut is None:
+            return  # never recorded: complete
         if event._cpu is None:
             raise TypeError("a CpuStream can only wait on events recorded on a CpuStream")
         _check(self._wait_event(event._cpu))
