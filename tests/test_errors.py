@@ -157,3 +157,6 @@ def test_an_event_made_directly_is_a_complete_event_never_recorded(run):
     run(main())
     del ev
     gc.collect()  # nothing to release, and no error from its finalizer (warnings are errors)
+    with pytest.raises(TypeError):
+        aiocuda.Event(None, 0)  # the internal form is not public
+    gc.collect()  # the half-made event's finalizer stays quiet too

@@ -251,8 +251,9 @@ class Event:
         return asyncio.shield(self._fut).__await__()
 
     def __del__(self) -> None:
-        if self._cuda and _core is not None:  # _core is None late in interpreter shutdown
-            _core.cuda_mark_release(self._cuda)  # its pooled event is reused once passed
+        mark = getattr(self, "_cuda", 0)  # unset when __init__ was called wrongly
+        if mark and _core is not None:  # _core is None late in interpreter shutdown
+            _core.cuda_mark_release(mark)  # its pooled event is reused once passed
             self._cuda = 0
 
     def __repr__(self) -> str:
