@@ -28,10 +28,75 @@ bool CpuEventState::done() {
     return completed >= recorded;
 }
 
+namespace {
+
+// The workers not exited yet, for the bounded wait at interpreter exit. Leaked on purpose: a
+// worker may still be finishing while the process runs its static destructors.
+struct Workers {
+    std::mutex mu;
+    std::condition_variable cv;
+    int64_t live = 0;
+};
+Workers* g_workers = new Workers;
+
+// Longest single wait, so that a huge timeout cannot overflow the clock.
+constexpr double kMaxWaitS = 3600;
+
+std::chrono::duration<double> wait_time(double seconds) {
+    return std::chrono::duration<double>(seconds > 0 ? (seconds < kMaxWaitS ? seconds : kMaxWaitS)
+                                                     : 0);
+}
+
+void worker_started() {
+    std::lock_guard<std::mutex> g(g_workers->mu);
+    ++g_workers->live;
+}
+
+void worker_exited() {
+    Workers* w = g_workers;
+    {
+        std::lock_guard<std::mutex> g(w->mu);
+        --w->live;
+    }
+    w->cv.notify_all();
+}
+
+}  // namespace
+
+int64_t cpu_workers() {
+    std::lock_guard<std::mutex> g(g_workers->mu);
+    return g_workers->live;
+}
+
+bool cpu_wait_workers(double timeout_s) {
+    Workers* w = g_workers;
+    std::unique_lock<std::mutex> g(w->mu);
+    return w->cv.wait_for(g, wait_time(timeout_s), [w] { return w->live == 0; });
+}
+
+void cpu_after_fork_in_child() {
+    // The parent's workers do not exist here, and a thread that held the lock may not either.
+    g_workers = new Workers;  // the parent's copy is leaked, never touched
+}
+
 CpuStream::CpuStream()
-    : sh_(std::make_shared<Shared>()),
-      epoch_(g_fork_epoch.load(std::memory_order_relaxed)),
-      worker_(std::make_unique<std::thread>([sh = sh_] { run(*sh); })) {}
+    : sh_(std::make_shared<Shared>()), epoch_(g_fork_epoch.load(std::memory_order_relaxed)) {
+    worker_started();
+    std::thread t;
+    try {
+        t = std::thread([sh = sh_] {
+            run(*sh);
+            worker_exited();
+        });
+    } catch (...) {
+        worker_exited();
+        throw;
+    }
+    worker_id_ = t.get_id();
+    // Detached at birth: closing never joins (that would block whichever thread closes, maybe
+    // an event loop's); a close that must wait waits on `exited` instead.
+    t.detach();
+}
 
 CpuStream::~CpuStream() { close(); }
 
@@ -103,27 +168,44 @@ std::string CpuStream::delay(double seconds) {
 }
 
 void CpuStream::close() {
-    if (forked()) {
-        // A forked child's copy: its worker, and any thread that held its lock at the fork, do
-        // not exist here. Touch neither the lock nor the thread (detaching it would ask the
-        // system about a thread it does not have); the handle is let go of.
-        static_cast<void>(worker_.release());
-        return;
+    // A forked child's copy: its worker, and any thread that held its lock at the fork, do not
+    // exist here. Touch neither.
+    if (forked()) return;
+    {
+        std::lock_guard<std::mutex> g(sh_->mu);
+        if (sh_->closing) return;
+        sh_->closing = true;
     }
+    sh_->cv.notify_one();  // an idle worker wakes up and exits
+}
+
+std::string CpuStream::close_notify(Node* n) {
+    if (forked()) {  // nothing of it runs here
+        complete(n, kOk);
+        return {};
+    }
+    bool exited;
     {
         std::lock_guard<std::mutex> g(sh_->mu);
         sh_->closing = true;
-        if (sh_->joined) return;
-        sh_->joined = true;
+        exited = sh_->exited;
+        if (!exited) {
+            try {
+                sh_->on_exit.push_back(n);
+            } catch (std::bad_alloc&) {
+                return "out of memory";
+            }
+        }
     }
     sh_->cv.notify_one();
-    if (worker_->get_id() == std::this_thread::get_id()) {
-        // A call on the worker closing its own stream: the worker finishes what was submitted
-        // and exits by itself.
-        worker_->detach();
-        return;
-    }
-    worker_->join();
+    if (exited) complete(n, kOk);
+    return {};
+}
+
+bool CpuStream::wait_closed(double timeout_s) {
+    if (forked() || std::this_thread::get_id() == worker_id_) return true;
+    std::unique_lock<std::mutex> g(sh_->mu);
+    return sh_->exit_cv.wait_for(g, wait_time(timeout_s), [this] { return sh_->exited; });
 }
 
 // A worker keeps one Python thread state from its first call to its exit. Made and deleted per
@@ -155,6 +237,18 @@ void CpuStream::run_call(Item& it) {
     PyGILState_STATE gs = PyGILState_Ensure();
     keep_thread_state();
     PyObject* result = PyObject_Call(it.fn, it.args, it.kwargs);
+    if (result && PyCoro_CheckExact(result)) {
+        // An async function (or one that calls one) ran: the coroutine it made would never run.
+        PyObject* r = PyObject_CallMethod(result, "close", nullptr);  // no "never awaited"
+        Py_XDECREF(r);
+        PyErr_Clear();
+        Py_DECREF(result);
+        result = nullptr;
+        PyErr_Format(PyExc_TypeError,
+                     "%R returned a coroutine: the stream runs plain functions. Await the "
+                     "coroutine on the loop instead (`await fn(...)`), not through submit() or "
+                     "gpu_op()", it.fn);
+    }
     if (!it.node) {  // posted: nobody waits for the outcome
         if (!result) PyErr_WriteUnraisable(it.fn);
         Py_XDECREF(result);
@@ -222,6 +316,14 @@ void CpuStream::run(Shared& sh) {
         batch.clear();
     }
     drop_thread_state();
+    std::vector<Node*> notify;
+    {
+        std::lock_guard<std::mutex> g(sh.mu);
+        sh.exited = true;
+        notify.swap(sh.on_exit);
+    }
+    sh.exit_cv.notify_all();
+    for (Node* n : notify) complete(n, kOk);
 }
 
 }  // namespace aiocuda

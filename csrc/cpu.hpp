@@ -11,6 +11,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "queue.hpp"
 
@@ -31,10 +32,17 @@ struct CpuEventState {
     }
 };
 
+// Worker threads that have not exited yet, of every stream (closed or not, collected or not).
+int64_t cpu_workers();
+// Waits up to `timeout_s` for every worker to exit; true if none is left. Call without the GIL.
+bool cpu_wait_workers(double timeout_s);
+// In a forked child: no worker of the parent exists here.
+void cpu_after_fork_in_child();
+
 class CpuStream {
 public:
     CpuStream();
-    ~CpuStream();  // closes: waits for work already submitted
+    ~CpuStream();  // closes; never waits: the work already submitted finishes in the background
 
     // Loop thread. Each returns an empty string or the reason it could not submit.
     std::string marker(Node* n);
@@ -45,7 +53,16 @@ public:
     std::string record(const std::shared_ptr<CpuEventState>& ev, uint64_t gen);
     std::string wait_event(const std::shared_ptr<CpuEventState>& ev, uint64_t gen);
     std::string delay(double seconds);
-    void close();  // idempotent; call without the GIL
+    // Stops taking work; never waits (the worker runs what was submitted, then exits).
+    // Idempotent, any thread.
+    void close();
+    // Closes, and completes `n` once the worker has run everything submitted and exited.
+    // Returns an empty string or the reason it could not (then `n` is the caller's).
+    std::string close_notify(Node* n);
+    // Waits up to `timeout_s` for the worker to exit after close(); true once it has. True at
+    // once on the worker itself (it cannot wait for itself; it exits after the call returns)
+    // and in a forked child (the worker does not exist there). Call without the GIL.
+    bool wait_closed(double timeout_s);
     bool closed();
 
 private:
@@ -70,7 +87,9 @@ private:
         std::atomic<uint64_t> enqueued{0};  // lets the idle worker spin without the lock
         bool sleeping = false;              // the worker waits on cv: a submit must notify
         bool closing = false;
-        bool joined = false;
+        bool exited = false;          // the worker has run everything and is gone
+        std::condition_variable exit_cv;  // notified when `exited` is set
+        std::vector<Node*> on_exit;   // completed when the worker exits (close_notify)
         uint64_t submitted = 0;
     };
     std::string enqueue(Item&& item);
@@ -81,7 +100,7 @@ private:
 
     std::shared_ptr<Shared> sh_;
     uint32_t epoch_;
-    std::unique_ptr<std::thread> worker_;  // let go of, never joined, in a forked child
+    std::thread::id worker_id_;  // the worker is detached at birth: nothing ever joins it
 };
 
 }  // namespace aiocuda

@@ -113,10 +113,11 @@ public:
     // Returns a new future that completes when the waited-for work is done, or nullptr with a
     // Python error set. `cpu` or `handle` names the stream; `keep` (may be null) stays referenced
     // until the wait ends (a stream object whose handle the driver must not see destroyed).
-    enum Kind { kStream = 0, kEvent = 1, kDevice = 2, kRecord = 3 };
+    enum Kind { kStream = 0, kEvent = 1, kDevice = 2, kRecord = 3, kCpuExit = 4 };
 
     // kEvent: `handle` is a CUevent of device `device`; kDevice: all work on `device`; kRecord:
-    // as kStream, and `*mark` gets the mark for an aiocuda.Event.
+    // as kStream, and `*mark` gets the mark for an aiocuda.Event; kCpuExit: closes the CpuStream
+    // `cpu` and completes once its worker has run everything and exited.
     PyObject* wait(PyObject* loop, CpuStream* cpu, uintptr_t handle, int kind = kStream,
                    int device = -1, PyObject* keep = nullptr, cuda::Mark** mark = nullptr) {
         if (!q_) return raise_refused(kRefused, "the completion queue of this loop is closed");
@@ -127,7 +128,7 @@ public:
         int code;
         std::string why;
         if (cpu) {
-            why = cpu->marker(n);
+            why = kind == kCpuExit ? cpu->close_notify(n) : cpu->marker(n);
             code = why.empty() ? 0 : kRefused;
             if (code) discard(n);
         } else {
@@ -493,17 +494,10 @@ struct PyCpuEvent {
     std::shared_ptr<CpuEventState> state = std::make_shared<CpuEventState>();
 };
 
-// Closing joins the worker, which may need the GIL to finish a call: never hold it meanwhile.
-struct GilFreeDelete {
-    void operator()(CpuStream* s) const {
-        py::gil_scoped_release nogil;
-        delete s;
-    }
-};
-
 void on_fork_child() {
     g_pid = getpid();
     g_fork_epoch.fetch_add(1, std::memory_order_relaxed);
+    cpu_after_fork_in_child();
     cuda::after_fork_in_child();
 }
 
@@ -539,10 +533,12 @@ PYBIND11_MODULE(_core, m) {
     m.attr("STATUS_CALL_RETURNED") = static_cast<int>(kCallReturned);
     m.attr("STATUS_CALL_RAISED") = static_cast<int>(kCallRaised);
 
-    py::class_<CpuStream, std::unique_ptr<CpuStream, GilFreeDelete>>(m, "CpuStreamBase",
-                                                                     py::dynamic_attr())
+    // Collecting a stream closes it without waiting: its worker finishes in the background.
+    py::class_<CpuStream>(m, "CpuStreamBase", py::dynamic_attr())
         .def(py::init<>())
-        .def("_close", &CpuStream::close, py::call_guard<py::gil_scoped_release>())
+        .def("_close", &CpuStream::close)
+        .def("_wait_closed", &CpuStream::wait_closed, py::arg("timeout"),
+             py::call_guard<py::gil_scoped_release>())
         .def_property_readonly("closed", &CpuStream::closed)
         .def("_delay", &CpuStream::delay)
         // A Python call on the worker that nothing awaits: the benchmarks' stand-in for a
@@ -621,6 +617,11 @@ PYBIND11_MODULE(_core, m) {
             if (!fut) throw py::error_already_set();
             return py::reinterpret_steal<py::object>(fut);
         })
+        .def("wait_closed", [](PyQueue& q, py::handle loop, CpuStream& s) {
+            PyObject* fut = q.wait(loop.ptr(), &s, 0, PyQueue::kCpuExit);
+            if (!fut) throw py::error_already_set();
+            return py::reinterpret_steal<py::object>(fut);
+        })
         .def("submit_call", &PyQueue::submit_call)
         .def("drain", &PyQueue::drain);
 
@@ -637,6 +638,9 @@ PYBIND11_MODULE(_core, m) {
     if (PyModule_AddFunctions(m.ptr(), fast_methods) != 0) throw py::error_already_set();
 
     m.def("live_records", [] { return g_live_nodes.load(); });
+    m.def("cpu_workers", &cpu_workers);
+    m.def("cpu_wait_workers", &cpu_wait_workers, py::arg("timeout"),
+          py::call_guard<py::gil_scoped_release>());
     m.def("cuda_info", [] {
         const cuda::DriverInfo* info;
         {

@@ -23,7 +23,7 @@ def reduce(buffer: list[int]) -> int:
 
 async def main() -> None:
     results = []
-    with aiocuda.CpuStream() as loader, aiocuda.CpuStream() as compute:
+    async with aiocuda.CpuStream() as loader, aiocuda.CpuStream() as compute:
         for i in range(8):
             # Like device buffers, data passes between streams through memory that the event
             # orders, not through the asyncio futures (those resolve on the loop, later).

@@ -27,7 +27,7 @@ async def on_gpu() -> None:
 
 
 async def on_cpu() -> None:
-    with aiocuda.CpuStream() as s:
+    async with aiocuda.CpuStream() as s:
         s.delay(0.02)  # 20 ms of native work, like a kernel
         ev = aiocuda.record(s)
         t0 = time.perf_counter()

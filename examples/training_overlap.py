@@ -83,7 +83,7 @@ async def train(steps: int, overlap: bool) -> tuple[float, float, int]:
     elapsed = time.perf_counter() - t0
     hb.cancel()
     if isinstance(loader, at.CpuTorchStream):
-        loader.close()
+        await loader.aclose()
     return elapsed, float(loss), beats
 
 

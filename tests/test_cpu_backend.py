@@ -284,3 +284,20 @@ def test_a_worker_keeps_one_python_thread_state(run):
             return [await s.submit(count) for _ in range(3)]
 
     assert run(main()) == [1, 2, 3]
+
+
+def test_a_cancelled_submit_still_runs_its_function(run):
+    # As work enqueued on a CUDA stream: cancelling the future drops the outcome, not the call.
+    async def main():
+        ran = []
+        async with aiocuda.CpuStream() as s:
+            gate = threading.Event()
+            s.submit(gate.wait, 10)
+            fut = s.submit(ran.append, "ran")
+            fut.cancel()
+            gate.set()
+            await s
+            assert fut.cancelled()
+        assert ran == ["ran"]
+
+    run(main())

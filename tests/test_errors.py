@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import gc
+import warnings
 
 import pytest
 
@@ -96,3 +100,63 @@ def test_an_exception_from_a_call_reaches_the_waiting_task_only(run):
             return await s.submit(int, "5")
 
     assert run(main()) == 5
+
+
+async def _double(x):
+    return 2 * x
+
+
+class _AsyncCall:
+    async def __call__(self, x):
+        return 2 * x
+
+
+def test_an_async_function_is_refused_with_what_to_do(run):
+    async def main():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a coroutine made and never awaited would warn
+            for fn in (_double, functools.partial(_double), _AsyncCall(), lambda x: _double(x)):
+                with pytest.raises(TypeError, match=r"returned a coroutine.*`await fn\(\.\.\.\)`"):
+                    await s.submit(fn, 1)
+            for fn in (_double, functools.partial(_double)):
+                with pytest.raises(TypeError, match=r"async function.*await it on the loop"):
+                    await aiocuda.gpu_op(fn, 1)
+            for fn in (_AsyncCall(), lambda x: _double(x)):  # found on the cpu path's worker
+                with pytest.raises(TypeError, match=r"returned a coroutine.*`await fn\(\.\.\.\)`"):
+                    await aiocuda.gpu_op(fn, 1)
+            for call in (s.submit, aiocuda.gpu_op):
+                coro = _double(1)
+                with pytest.raises(TypeError, match=r"awaitable <coroutine.*await it directly"):
+                    await call(coro)
+                assert await coro == 2  # refused, not consumed
+            gc.collect()
+        assert await s.submit(int, 5) == 5  # the stream stays usable
+
+    s = aiocuda.CpuStream()
+    run(main())
+    s.close()
+
+
+def test_an_event_made_directly_is_a_complete_event_never_recorded(run):
+    ev = aiocuda.Event()
+    assert repr(ev) == "<aiocuda.Event never recorded>"
+    assert ev.done()
+    ev.synchronize()
+
+    async def main():
+        await ev
+        await asyncio.wait_for(aiocuda.wait(ev), 5)
+        async with aiocuda.CpuStream() as s:
+            s.wait_event(ev)  # nothing to wait for
+            assert await asyncio.wait_for(s.submit(int, 3), 5) == 3
+            recorded = s.record()
+            assert repr(recorded) in ("<aiocuda.Event cpu pending>", "<aiocuda.Event cpu done>")
+            await recorded
+            assert repr(recorded) == "<aiocuda.Event cpu done>"
+
+    run(main())
+    del ev
+    gc.collect()  # nothing to release, and no error from its finalizer (warnings are errors)
+    with pytest.raises(TypeError):
+        aiocuda.Event(None, 0)  # the internal form is not public
+    gc.collect()  # the half-made event's finalizer stays quiet too

@@ -274,9 +274,9 @@ def test_one_queue_per_loop_removed_after_close(run):
         assert id(loop) not in _loop._states
         with aiocuda.CpuStream() as s:
             await s
-            st = _loop._states[id(loop)]
+            st = _loop._states[id(loop)]()
             await s
-            assert _loop._states[id(loop)] is st  # created once
+            assert _loop._states[id(loop)]() is st  # created once
             assert aiocuda.statistics().wakeups >= 1
         return id(loop), st
 

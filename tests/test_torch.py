@@ -148,6 +148,13 @@ def test_cuda_stream_without_cuda_says_what_to_do():
         at.Stream()
 
 
+@pytest.mark.parametrize("device", ["mps", "meta", torch.device("xpu")])
+def test_a_stream_on_a_device_that_is_not_cuda_says_what_to_do(device):
+    # Whether or not the machine has CUDA: the message is about the device asked for.
+    with pytest.raises(ValueError, match=r"no '(mps|meta|xpu)' streams.*device='cpu'"):
+        at.Stream(device=device)
+
+
 def test_cpu_stream_has_torch_stream_methods(run):
     async def main():
         order: list[str] = []

@@ -2,7 +2,7 @@
 
     await aiocuda.synchronize(stream)
     ev = aiocuda.record(stream); await ev
-    with aiocuda.CpuStream() as s: await s.submit(fn, x)
+    async with aiocuda.CpuStream() as s: await s.submit(fn, x)
     y = await aiocuda.gpu_op(model, x)            # torch / TensorFlow / numpy / Python
     await aiocuda.wait(tensor_or_event_or_work)
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import inspect
 import math
+import os
+import sys
+import time
 import weakref
 from collections.abc import Callable, Generator
 from typing import Any, Protocol, TypeVar, Union, runtime_checkable
@@ -80,6 +84,25 @@ def _cuda_handle(stream: object) -> tuple[int, int]:
     return handle, device
 
 
+def not_callable(fn: object, what: str) -> TypeError:
+    """The error for passing `what` something that is not a function."""
+    if inspect.isawaitable(fn):
+        return TypeError(
+            f"{what} runs plain functions and got the awaitable {fn!r}: await it directly "
+            f"(`await ...`), not through {what}"
+        )
+    return TypeError(f"{what} needs a callable, got {type(fn).__name__}")
+
+
+def not_a_coroutine_function(fn: object, what: str) -> None:
+    """Raise a TypeError saying what to do if `fn` is an async function."""
+    if inspect.iscoroutinefunction(fn):
+        raise TypeError(
+            f"{what} runs plain functions and got the async function {fn!r}: await it on the "
+            f"loop instead (`await fn(...)`), not through {what}"
+        )
+
+
 def _refused(code: int, text: str) -> Exception:
     return CudaError(code, text) if code > 0 else AiocudaError(text)
 
@@ -149,7 +172,7 @@ def record(stream: StreamLike, *, device: int | None = None) -> Event:
             raise TypeError("device= names a CUDA device; a CpuStream has none")
         cpu_event = _core.CpuEvent()
         _check(stream._record(cpu_event))
-        ev = Event(cpu_event, 0)
+        ev = Event._made(cpu_event, 0)
         fut = st.queue.wait(loop, stream)
     else:
         handle, own = _cuda_handle(stream)
@@ -158,7 +181,7 @@ def record(stream: StreamLike, *, device: int | None = None) -> Event:
             raise ValueError(f"the stream is on CUDA device {own}, but device={dev}")
         keep = None if isinstance(stream, int) else stream
         fut, mark = st.queue.record_cuda(loop, handle, max(own, dev), keep)
-        ev = Event(None, mark)
+        ev = Event._made(None, mark)
     fut.add_done_callback(_mark_retrieved)
     ev._fut = fut
     return ev
@@ -179,19 +202,31 @@ class Event:
     """A point in a stream's work, made by :func:`record`. ``await event`` waits for it.
 
     Awaiting is shielded: cancelling one awaiter does not cancel the event for the others.
+    ``Event()`` made directly is an event never recorded: like a CUDA event before its first
+    record, it is complete (``done()`` is True, ``await`` returns at once, a stream's
+    ``wait_event`` does not wait).
     """
 
     __slots__ = ("_cpu", "_cuda", "_fut", "__weakref__")
 
-    def __init__(self, cpu: _core.CpuEvent | None, cuda: int) -> None:
-        self._cpu = cpu
-        self._cuda = cuda
-        self._fut: asyncio.Future[None]
+    def __init__(self) -> None:
+        self._cpu: _core.CpuEvent | None = None
+        self._cuda = 0  # a mark's address, 0 for none
+        self._fut: asyncio.Future[None] | None = None  # None: never recorded
+
+    @classmethod
+    def _made(cls, cpu: _core.CpuEvent | None, cuda: int) -> Event:
+        ev = cls()
+        ev._cpu = cpu
+        ev._cuda = cuda
+        return ev
 
     def done(self) -> bool:
         """Return True if the work before the event has finished (never blocks)."""
         if self._cpu is not None:
             return self._cpu.done()
+        if not self._cuda:
+            return True  # never recorded
         code, why = _core.cuda_mark_query(self._cuda)
         if code == 0:
             return True
@@ -204,22 +239,33 @@ class Event:
         if self._cpu is not None:
             self._cpu.wait()
             return
+        if not self._cuda:
+            return  # never recorded
         code, why = _core.cuda_mark_synchronize(self._cuda)
         if code:
             raise _refused(code, why)
 
     def __await__(self) -> Generator[Any, None, None]:
+        if self._fut is None:
+            return _complete().__await__()  # never recorded
         return asyncio.shield(self._fut).__await__()
 
     def __del__(self) -> None:
-        if self._cuda and _core is not None:  # _core is None late in interpreter shutdown
-            _core.cuda_mark_release(self._cuda)  # its pooled event is reused once passed
+        mark = getattr(self, "_cuda", 0)  # unset when __init__ was called wrongly
+        if mark and _core is not None:  # _core is None late in interpreter shutdown
+            _core.cuda_mark_release(mark)  # its pooled event is reused once passed
             self._cuda = 0
 
     def __repr__(self) -> str:
+        if self._fut is None:
+            return "<aiocuda.Event never recorded>"
         kind = "cpu" if self._cpu is not None else "cuda"
         state = "done" if self._fut.done() else "pending"
         return f"<aiocuda.Event {kind} {state}>"
+
+
+async def _complete() -> None:
+    return None
 
 
 _live_streams: weakref.WeakSet[CpuStream] = weakref.WeakSet()
@@ -230,6 +276,15 @@ class CpuStream(_core.CpuStreamBase):
 
     Work runs in submission order; ``await stream`` waits for everything submitted so far;
     ``wait_event`` makes later work wait for an event, as ``cuStreamWaitEvent`` does.
+
+    In a coroutine, close it with ``async with aiocuda.CpuStream() as s:`` or
+    ``await s.aclose()``, which wait for the submitted work without blocking the loop. Like
+    ``cuStreamDestroy``, closing never cancels work: whatever was submitted runs. ``close()``
+    on a loop's thread, leaving a plain ``with`` block there, and dropping the last reference
+    anywhere return at once and let that work finish in the background (its futures still
+    complete); ``close()`` on a thread with no running loop waits for it. At interpreter exit,
+    work still running is waited for, at most ``AIOCUDA_EXIT_TIMEOUT`` seconds (10 by default;
+    Ctrl-C stops the wait), and then left to the process's end.
     """
 
     def __init__(self) -> None:
@@ -237,9 +292,15 @@ class CpuStream(_core.CpuStreamBase):
         _live_streams.add(self)
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> asyncio.Future[T]:
-        """Run ``fn(*args, **kwargs)`` on the stream; the future gets its result or exception."""
-        if not callable(fn):
-            raise TypeError(f"submit() needs a callable, got {type(fn).__name__}")
+        """Run ``fn(*args, **kwargs)`` on the stream; the future gets its result or exception.
+
+        `fn` is a plain function, run on the stream's worker thread: an async function's
+        future fails with a TypeError (await it on the loop instead). Cancelling the future
+        does not take the call back: like work enqueued on a CUDA stream, it still runs in its
+        turn, and only its outcome is dropped.
+        """
+        if not callable(fn):  # the worker turns a coroutine fn returns into a TypeError
+            raise not_callable(fn, "submit()")
         loop = running_loop("CpuStream.submit()")
         st = state_for(loop)
         fut: asyncio.Future[T] = st.queue.submit_call(
@@ -259,6 +320,8 @@ class CpuStream(_core.CpuStreamBase):
         """Make work submitted after this call wait until `event` has completed."""
         if not isinstance(event, Event):
             raise TypeError(f"wait_event() needs an aiocuda.Event, got {type(event).__name__}")
+        if event._fut is None:
+            return  # never recorded: complete
         if event._cpu is None:
             raise TypeError("a CpuStream can only wait on events recorded on a CpuStream")
         _check(self._wait_event(event._cpu))
@@ -276,14 +339,39 @@ class CpuStream(_core.CpuStreamBase):
         _check(self._delay(value))
 
     def close(self) -> None:
-        """Stop accepting work and wait for the work already submitted. Idempotent."""
+        """Stop accepting work; off a loop's thread, also wait for the work already submitted.
+
+        On a thread running an event loop it never waits: the work already submitted runs in
+        the background and its futures still complete (``await s.aclose()`` waits without
+        blocking). Elsewhere it waits until that work has run; Ctrl-C interrupts the wait.
+        Called by the stream's own work, it cannot wait for itself and returns. Idempotent.
+        """
         self._close()
+        if asyncio.events._get_running_loop() is not None:
+            return  # never wait on a loop's thread
+        while not self._wait_closed(_CLOSE_SLICE_S):
+            pass  # in slices: a signal (Ctrl-C) is handled between two
+
+    async def aclose(self) -> None:
+        """Stop accepting work and wait until the work already submitted has run.
+
+        The loop keeps running meanwhile. Cancelling the wait leaves the stream closed and
+        its work running in the background. Idempotent.
+        """
+        loop = running_loop("CpuStream.aclose()")
+        await state_for(loop).queue.wait_closed(loop, self)
 
     def __enter__(self) -> CpuStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    async def __aenter__(self) -> CpuStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     def __await__(self) -> Generator[Any, None, None]:
         return synchronize(self).__await__()
@@ -292,11 +380,36 @@ class CpuStream(_core.CpuStreamBase):
         return f"<aiocuda.CpuStream {'closed' if self.closed else 'open'}>"
 
 
+_CLOSE_SLICE_S = 0.1  # a blocking close waits in slices this long, handling signals between
+_EXIT_TIMEOUT_S = 10.0  # default of AIOCUDA_EXIT_TIMEOUT
+
+
+def _exit_timeout() -> float:
+    text = os.environ.get("AIOCUDA_EXIT_TIMEOUT", "")
+    try:
+        value = float(text) if text else _EXIT_TIMEOUT_S
+    except ValueError:
+        value = _EXIT_TIMEOUT_S
+    return value if value >= 0 and not math.isnan(value) else _EXIT_TIMEOUT_S
+
+
 @atexit.register
 def _close_streams() -> None:
-    # Join the workers while the interpreter can still run the calls they hold.
+    # Let the workers finish while the interpreter can still run the calls they hold, those of
+    # collected streams too; but never hang the exit on work that does not return. A worker
+    # left running is then a daemon thread: one that tries to run Python code again exits.
     for s in list(_live_streams):
-        s.close()
+        s._close()
+    timeout = _exit_timeout()
+    deadline = time.monotonic() + timeout
+    while not _core.cpu_wait_workers(min(_CLOSE_SLICE_S, max(0.0, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:  # slices: Ctrl-C (a signal) is handled between two
+            sys.stderr.write(
+                f"aiocuda: {_core.cpu_workers()} CpuStream worker(s) still running work "
+                f"{timeout:g} s into interpreter exit; leaving them (AIOCUDA_EXIT_TIMEOUT sets "
+                "how long exit waits)\n"
+            )
+            return
 
 
 _STRATEGIES = ("callback", "poll", "flag")  # indexed as csrc/engine.hpp's Strategy

@@ -57,7 +57,7 @@ async def _run(method: str, wait: Wait, ops: int, n_streams: int, work_s: float)
     stop.set()
     await beat
     for s in streams:
-        s.close()
+        await s.aclose()
     lag = sorted(lateness) or [0.0]
     done = ops // CONCURRENCY * CONCURRENCY
     return Result(

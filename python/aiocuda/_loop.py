@@ -6,6 +6,8 @@ import asyncio
 import os
 import threading
 import weakref
+from _weakref import _remove_dead_weakref  # type: ignore[attr-defined]
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,11 +36,14 @@ class LoopState:
 
     __slots__ = (
         "loop_ref", "queue", "completed", "wakeups", "batches", "largest_batch", "_again", "fd",
-        "finalizer",
+        "finalizer", "__weakref__",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop_ref = weakref.ref(loop)  # weak: the loop owns us through its reader, not back
+        # The loop owns its state through its reader, and nothing else does: closing the loop
+        # drops the reader, and with the state goes its queue (its fd, and the futures pending
+        # in it, which reference the loop). Weak here, and weak in _states.
+        self.loop_ref = weakref.ref(loop)
         self.queue = _core.CompletionQueue()
         self.fd = self.queue.fd
         self.finalizer: weakref.finalize[Any, Any] | None = None  # set by _new_state
@@ -99,7 +104,8 @@ class LoopState:
         )
 
 
-_states: dict[int, LoopState] = {}  # id(loop) -> state; entries die with their loop
+# id(loop) -> weak reference to its state; an entry goes when its state does.
+_states: dict[int, weakref.ReferenceType[LoopState]] = {}
 # Guards the changes to _states. Held only around dict operations, never across code that can
 # run a finalizer (dropping a loop, closing a state): a finalizer runs on whatever thread
 # happens to drop the last reference, possibly one that holds the lock.
@@ -124,42 +130,60 @@ def running_loop(what: str) -> asyncio.AbstractEventLoop:
 
 def state_for(loop: asyncio.AbstractEventLoop) -> LoopState:
     """Return `loop`'s completion queue, creating it and its reader on first use."""
-    st = _states.get(id(loop))
+    ref = _states.get(id(loop))
+    st = ref() if ref is not None else None
     if st is not None and st.loop_ref() is loop:
         return st
     return _new_state(loop)
 
 
+def _lookup(loop: asyncio.AbstractEventLoop) -> LoopState | None:
+    ref = _states.get(id(loop))
+    st = ref() if ref is not None else None
+    return st if st is not None and st.loop_ref() is loop else None
+
+
 def _new_state(loop: asyncio.AbstractEventLoop) -> LoopState:
     close_loop_states()  # loops closed since we last looked
     st = LoopState(loop)
+    key = id(loop)
     with _states_lock:  # dict operations only
-        other = _states.get(id(loop))
-        winner = other if other is not None and other.loop_ref() is loop else None
+        winner = _lookup(loop)
         if winner is None:
-            _states[id(loop)] = st
+            _states[key] = weakref.ref(st, _entry_remover(key))
     if winner is not None:  # another thread made one meanwhile
         st.close()
         return winner
-    # The finalizer holds no reference to the loop; it runs when the loop is collected.
-    st.finalizer = weakref.finalize(loop, _forget, id(loop), st)
+    # Should anything keep the state after its loop is collected, its queue must still close
+    # then (a running-loop cache is keyed by the loop's address). Holds neither of them.
+    st.finalizer = weakref.finalize(loop, _forget, weakref.ref(st))
     return st
 
 
-def _forget(key: int, st: LoopState) -> None:
+def _entry_remover(key: int) -> Callable[[object], None]:
+    def remove(_: object) -> None:
+        # Only if the entry still holds a dead reference: a state of a newer loop at the same
+        # address may have replaced it. One C call: atomic under the GIL.
+        _remove_dead_weakref(_states, key)
+
+    return remove
+
+
+def _forget(st_ref: weakref.ReferenceType[LoopState]) -> None:
     # Runs when a loop is collected, on any thread, maybe one inside _new_state: no lock wait.
-    if _states.get(key) is st:
-        _states.pop(key, None)  # a new loop cannot have this id yet: this one is not freed
-    st.close()
+    st = st_ref()
+    if st is not None:
+        st.close()
 
 
 def close_loop_states() -> None:
-    """Close the queues of loops that are closed or gone (done lazily otherwise)."""
+    """Close the queues of loops that are closed or gone, should anything still hold them."""
     stale: list[LoopState] = []
     with _states_lock:
-        for key, st in list(_states.items()):
-            loop = st.loop_ref()
-            if loop is None or loop.is_closed():
+        for key, ref in list(_states.items()):
+            st = ref()
+            loop = st.loop_ref() if st is not None else None
+            if st is not None and (loop is None or loop.is_closed()):
                 del _states[key]
                 stale.append(st)
     for st in stale:  # outside the lock: closing may drop a loop's last reference
@@ -168,11 +192,8 @@ def close_loop_states() -> None:
 
 def statistics() -> Statistics:
     """Return a snapshot of the running loop's completion queue."""
-    loop = running_loop("aiocuda.statistics()")
-    st = _states.get(id(loop))
-    if st is None or st.loop_ref() is not loop:
-        return Statistics(0, 0, 0, 0, 0)
-    return st.statistics()
+    st = _lookup(running_loop("aiocuda.statistics()"))
+    return Statistics(0, 0, 0, 0, 0) if st is None else st.statistics()
 
 
 def _after_fork_in_child() -> None:
@@ -182,7 +203,7 @@ def _after_fork_in_child() -> None:
     # hanging. The lock may have been held by a thread that does not exist here.
     global _states_lock
     _states_lock = threading.Lock()
-    states = list(_states.values())
+    states = [st for st in (ref() for ref in _states.values()) if st is not None]
     _states.clear()
     err = AiocudaError(
         "this operation was submitted in the parent process before fork(); its completion is "

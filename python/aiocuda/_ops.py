@@ -17,7 +17,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ._api import CpuStream, Event, synchronize, synchronize_device
+from ._api import (
+    CpuStream,
+    Event,
+    not_a_coroutine_function,
+    not_callable,
+    synchronize,
+    synchronize_device,
+)
 
 __all__ = ["gpu_op", "wait"]
 
@@ -206,9 +213,11 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
     a ``torch.device``, ``"/GPU:0"``) or ``stream=``, which may send host tensors to a device
     (a copy) but may not contradict device tensors; ``stream`` and ``device`` are gpu_op's own
     keywords and are not passed to `fn`. An exception from `fn` reaches the awaiting task.
+    `fn` is a plain function: an async function is a TypeError (await it directly instead).
     """
     if not callable(fn):
-        raise TypeError(f"gpu_op() needs a callable, got {type(fn).__name__}")
+        raise not_callable(fn, "gpu_op()")
+    not_a_coroutine_function(fn, "gpu_op()")
     place = placement(fn, args, kwargs, stream, device)
     if place.kind == "torch":
         from .torch import run_on_cuda

@@ -47,7 +47,17 @@ def _require_cuda() -> None:
 
 
 def _is_cpu(device: Any) -> bool:
-    return device is not None and torch.device(device).type == "cpu"
+    """Whether `device` names the cpu; a ValueError for a device aiocuda cannot await."""
+    if device is None:
+        return False
+    kind = torch.device(device).type
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(
+            f"aiocuda.torch.Stream(device={device!r}): aiocuda awaits torch's 'cuda' devices "
+            f"and, on 'cpu', its cpu backend; it has no '{kind}' streams. Use device='cpu' "
+            "(with CPU tensors) where there is no CUDA device"
+        )
+    return kind == "cpu"
 
 
 class Event(torch.cuda.Event):

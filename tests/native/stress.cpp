@@ -384,7 +384,17 @@ void part_cpu() {
         std::vector<Marker> markers;
         uint64_t need[S][E] = {};
         std::vector<uint64_t> last_done(S, 0);  // per stream: 1 + the last marker drained
+        constexpr uint64_t kExitToken = ~0ull - 1;  // stream 1's close_notify record
+        int exit_records = 0;
         auto on_record = [&](uint64_t token, int32_t status) {
+            if (token == kExitToken) {  // every marker of stream 1 was completed before it
+                ++exit_records;
+                CHECK(status == kOk, "cpu: the exit record has status %d", status);
+                for (size_t t = 0; t < markers.size(); ++t)
+                    CHECK(markers[t].stream != 1 || markers[t].count == 1,
+                          "cpu: stream 1's exit record came before its marker %zu", t);
+                return;
+            }
             if (token >= markers.size()) return fail("cpu: bad token %llu", (unsigned long long)token);
             Marker& m = markers[token];
             CHECK(status == kOk, "cpu: marker %llu has status %d", (unsigned long long)token, status);
@@ -445,12 +455,16 @@ void part_cpu() {
             submitted.store(i + 1, std::memory_order_relaxed);
         }
         // Close while busy: from here (1, 2), concurrently with the closer (0), and by
-        // destruction (3); each waits for the work already submitted.
+        // destruction (3); none of them waits. Stream 1's worker completes a record when it
+        // exits, after all its work; stream 2's and stream 0's are waited for.
         ss[0]->close();
-        ss[1]->close();
+        Node* exit_node = new_node(q, kExitToken);
+        CHECK(ss[1]->close_notify(exit_node).empty(), "cpu: close_notify refused");
         ss[2]->close();
         closer.join();
         ss[3].reset();
+        for (int s : {0, 2})
+            CHECK(ss[s]->wait_closed(opt.timeout_s / 4), "cpu: stream %d's worker never exited", s);
         for (int s = 0; s < 3; ++s) {
             CHECK(ss[s]->closed(), "cpu: stream %d is not closed", s);
             Node* n = new_node(q, ~0ull);
@@ -459,12 +473,22 @@ void part_cpu() {
             if (why.empty()) fatal("cannot continue");
             discard(n);
         }
-        size_t got = 0;
-        for (auto& m : markers) got += m.count;
+        auto completed = [&] {
+            size_t k = 0;
+            for (auto& m : markers) k += m.count;
+            return k;
+        };
         auto until = Clock::now() + std::chrono::seconds(opt.timeout_s / 4);
-        while (got < markers.size() && Clock::now() < until) got += c.pump(5000, 64, on_record);
+        while ((completed() < markers.size() || exit_records == 0) && Clock::now() < until)
+            c.pump(5000, 64, on_record);
+        size_t got = completed();
         CHECK(got == markers.size(), "cpu round %d: %zu of %zu markers completed", round, got,
               markers.size());
+        CHECK(exit_records == 1, "cpu round %d: %d exit records", round, exit_records);
+        CHECK(ss[1]->wait_closed(0), "cpu: stream 1 notified its exit before exiting");
+        // Stream 3, destroyed without a wait, may still run its last records and waits.
+        CHECK(cpu_wait_workers(opt.timeout_s / 4), "cpu: %lld workers never exited",
+              (long long)cpu_workers());
         for (int e = 0; e < E; ++e) CHECK(evs[e]->done(), "cpu: event %d never reached its last record", e);
         total_markers += markers.size();
         ss.clear();  // destroys the closed streams
