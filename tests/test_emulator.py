@@ -9,6 +9,10 @@ the emulator that aiocuda uses in-process in the other test modules.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -802,3 +806,29 @@ def test_the_emu_fixture_helpers(emu):
     assert emu.capture_status(h) == 0
     assert emu.live("streams") >= 1 and emu.live("threads") >= 1 and emu.live("nonsense") == -1
     assert emu.lib.cuEventDestroy_v2(ev) == 0 and emu.lib.cuStreamDestroy_v2(h) == 0
+
+
+def test_the_emulator_charges_the_calibrated_costs(tmp_path):
+    # tests/emu/costs.json (published figures, or a GPU's from scripts/gpu-check) sets what a
+    # host function and an event query cost; the environment overrides it. Measured through the
+    # same command gpu-check runs on a GPU (python -m aiocuda.bench --costs).
+    from .emu.build import build_emulator
+
+    (tmp_path / "build").mkdir()
+    lib = tmp_path / "build" / "libcuda_emu.so"
+    shutil.copy(build_emulator(), lib)
+    (tmp_path / "costs.json").write_text('{"hostfn_latency_us": 3000, "query_ns": 20000}')
+
+    def measured(env: dict[str, str]) -> dict:
+        out = tmp_path / "costs-out.json"
+        r = subprocess.run([sys.executable, "-m", "aiocuda.bench", "--costs", str(out)],
+                           capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "AIOCUDA_LIBCUDA": str(lib), **env})
+        assert r.returncode == 0, r.stderr
+        return json.loads(out.read_text())
+
+    calibrated = measured({})
+    assert calibrated["hostfn_latency_us"] >= 3000 and calibrated["query_ns"] >= 20000
+    assert "not a GPU" in calibrated["measured_on"]
+    overridden = measured({"AIOCUDA_EMU_HOSTFN_LATENCY_US": "0", "AIOCUDA_EMU_QUERY_NS": "0"})
+    assert overridden["hostfn_latency_us"] < 3000 and overridden["query_ns"] < 20000

@@ -17,6 +17,7 @@ def build_emulator() -> Path:
     out = SRC.parent / "build" / "libcuda_emu.so"
     out.parent.mkdir(exist_ok=True)
     newest = max(p.stat().st_mtime for p in (SRC, CSRC / "spin.hpp", Path(__file__)))
+    # (costs.json is read when the library loads: a new calibration needs no rebuild)
     if out.exists() and out.stat().st_mtime >= newest:
         return out
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
@@ -25,7 +26,7 @@ def build_emulator() -> Path:
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
     subprocess.run(
         [cxx, "-std=c++17", "-O2", "-g", "-Wall", "-Wextra", "-shared", "-fPIC",
-         "-fvisibility=hidden", "-pthread", f"-I{CSRC}", str(SRC), "-o", str(tmp)],
+         "-fvisibility=hidden", "-pthread", f"-I{CSRC}", str(SRC), "-o", str(tmp), "-ldl"],
         check=True,
     )
     tmp.replace(out)

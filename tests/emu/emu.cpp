@@ -18,11 +18,14 @@
 //   AIOCUDA_EMU_DRIVER_VERSION (13000) cuDriverGetVersion; cuGetProcAddress hides newer variants
 //   AIOCUDA_EMU_QUEUE_DEPTH (1024)     pending (queued + running) items per stream
 //   AIOCUDA_EMU_HOSTFN_CAP (256)       pending host functions per context
+//   AIOCUDA_EMU_QUERY_NS (400)         how long cuEventQuery holds the driver's lock
+//   (the two costs default to tests/emu/costs.json's, a GPU's figures once gpu-check measured them)
 //   AIOCUDA_EMU_HOSTFN_LATENCY_US (26) dispatch latency before each host function: a host function
 //                                      is a round trip through the driver's callback thread, about
 //                                      26 us on current GPUs (PyTorch torchcomms PR 1203) and
 //                                      about 100 us on an RTX 3080 (velox PR 6096)
 // Controls for tests: section 18.
+#include <dlfcn.h>
 #include <pthread.h>
 #include <sched.h>
 
@@ -30,6 +33,7 @@
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
@@ -243,6 +247,7 @@ struct State {
     unsigned long long next_stream_id = 1;
     unsigned long long next_ctx_id = 1, next_capture_id = 1;
     uintptr_t capture_before_mark = 0;  // emu_capture_before_next_mark: the stream handle
+    int64_t query_ns = 400;             // AIOCUDA_EMU_QUERY_NS: cuEventQuery holds the lock this long
     long long dflt_latency_us = 26;
     int dflt_cap = 256, dflt_depth = 1024;
     std::atomic<long long> latency_us{26};
@@ -299,9 +304,32 @@ CUresult enter(Entry e, bool stateful, bool need_init) {
 void atfork_prepare() { S.mu.lock(); }
 void atfork_parent() { S.mu.unlock(); }
 void atfork_child() { S.forked = true, S.mu.unlock(); }
+// What the hardware charges, from tests/emu/costs.json beside the build folder (published figures,
+// or a GPU's own from scripts/gpu-check): "key": number. -1 where the file or the key is missing.
+long long calibrated(const char* key) {
+    Dl_info info;
+    if (!dladdr(reinterpret_cast<void*>(&calibrated), &info) || !info.dli_fname) return -1;
+    std::string path = info.dli_fname;
+    path = path.substr(0, path.rfind('/') + 1) + "../costs.json";
+    FILE* f = std::fopen(path.c_str(), "r");
+    if (!f) return -1;
+    char buf[4096];
+    size_t n = std::fread(buf, 1, sizeof buf - 1, f);
+    std::fclose(f);
+    buf[n] = 0;
+    std::string k = std::string("\"") + key + "\":";
+    const char* at = std::strstr(buf, k.c_str());
+    return at ? std::llround(std::strtod(at + k.size(), nullptr)) : -1;
+}
+long long cost(const char* env, const char* key, long long fallback) {
+    long long c = calibrated(key);
+    return env_ll(env, c >= 0 ? c : fallback);
+}
+
 State::State() {  // runs when the library is loaded
     driver_version = static_cast<int>(env_ll("AIOCUDA_EMU_DRIVER_VERSION", 13000));
-    latency_us = dflt_latency_us = env_ll("AIOCUDA_EMU_HOSTFN_LATENCY_US", 26);
+    latency_us = dflt_latency_us = cost("AIOCUDA_EMU_HOSTFN_LATENCY_US", "hostfn_latency_us", 26);
+    query_ns = cost("AIOCUDA_EMU_QUERY_NS", "query_ns", 400);
     hostfn_cap = dflt_cap = static_cast<int>(env_ll("AIOCUDA_EMU_HOSTFN_CAP", 256));
     depth = dflt_depth = static_cast<int>(env_ll("AIOCUDA_EMU_QUEUE_DEPTH", 1024));
     pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
@@ -1504,9 +1532,14 @@ static CUresult event_rules(const char* fn, void* hev, std::shared_ptr<Event>& e
 // CUDA_ERROR_NOT_READY if any captured work is incomplete." cuEventRecord: "Before the first call
 // to cuEventRecord(), an event represents an empty set of work, so for example cuEventQuery() would
 // return CUDA_SUCCESS." It never blocks.
+// Cost: a query takes the driver's lock (S.mu stands for it) for AIOCUDA_EMU_QUERY_NS (400 ns by
+// default: a record and a query of a timing-disabled event take 0.47 us together, ICLDisco/parsec
+// PR 576), so a thread that polls events slows every other thread's driver calls, as on a GPU
+// (vLLM moved off busy event polling for this, PR 47081).
 EXPORT CUresult cuEventQuery(void* hev) {
     ENTER(cuEventQuery);
     Lock g(S.mu);
+    for (int64_t until = now_ns() + S.query_ns; now_ns() < until;) cpu_relax();
     std::shared_ptr<Event> ev;
     TRY(event_rules("cuEventQuery", hev, ev));
     return !ev->mark || ev->mark->done.load() ? kSuccess : kNotReady;

@@ -55,12 +55,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--step-timeout", type=float, metavar="SECONDS",
                     help="a measurement that takes longer is reported as timed out "
                     "(default: 30 with --quick, else 120)")
+    ap.add_argument("--costs", type=Path, metavar="COSTS_JSON",
+                    help="measure nothing else: what the driver charges for a host function and "
+                    "an event query, written as JSON (tests/emu/costs.json calibrates the "
+                    "driver emulator from a GPU's)")
     ap.add_argument("--redraw", type=Path, metavar="REPORT_JSON",
                     help="measure nothing: redraw the table and plots of an earlier report.json "
                     "into --out")
     args = ap.parse_args(argv)
     if args.redraw and args.merge:
         ap.error("--redraw measures nothing: nothing to --merge")
+    if args.costs:
+        from ._costs import write as write_costs
+
+        print(json.dumps(write_costs(args.costs), indent=1))
+        print(f"wrote {args.costs}")
+        return 0
     if args.redraw:
         report = Report(**json.loads(args.redraw.read_text()))
         print(table(report), end="")
