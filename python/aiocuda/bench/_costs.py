@@ -73,10 +73,11 @@ def measure(samples: int = 200) -> dict[str, Any]:
         ran = threading.Event()
         stamp: list[float] = []
 
-        @_HOST_FN
-        def host_fn(_: Any) -> None:  # takes the GIL: a few us of the figure on an idle process
+        def on_host(_: Any) -> None:  # takes the GIL: a few us of the figure on an idle process
             stamp.append(time.perf_counter())
             ran.set()
+
+        host_fn = _HOST_FN(on_host)  # kept alive until the last launch has run
 
         latencies = []
         for _ in range(samples):
