@@ -31,6 +31,7 @@ html_static_path: list[str] = []
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+autodoc_typehints_description_target = "documented_params"  # no parameter list of internals
 autodoc_default_options = {"members": True, "undoc-members": False}
 # Names in signatures that are not documented objects of their own.
 nitpick_ignore_regex = [(r"py:.*", r"(T|StreamLike|_core\..*|asyncio\..*|torch\..*|tf\..*)")]
