@@ -1,12 +1,12 @@
 """TensorFlow, awaited: ``await aiocuda.wait(tensor)`` and ``await aiocuda.gpu_op(fn, x)``.
 
-TensorFlow exposes no stream handle, and its GPU streams are non-blocking (since 2.13), so a host
-function on the legacy stream would not be ordered after its work. GPU work is therefore awaited
-through :func:`aiocuda.synchronize_device`: a native per-device thread calls ``cuCtxSynchronize``
-on the device's primary context (the one TensorFlow uses), which returns once *all* work queued
-on that device has finished. It may over-wait (other models' work on the same GPU is included);
-it never under-waits. Waiters that arrive while a synchronize runs share the next one, so one
-thread serves any number of them. Eager tensors on the CPU are already computed.
+TensorFlow exposes no stream handle, and its GPU streams are non-blocking (since 2.13), so a mark on
+the legacy stream would not be ordered after its work. GPU work is therefore awaited through
+:func:`aiocuda.synchronize_device`: a context-wide mark (``cuCtxRecordEvent``, CUDA 12.5) on the
+device's primary context (the one TensorFlow uses), passed once *all* work queued on that device
+before it has finished; older drivers get a native thread per device calling ``cuCtxSynchronize``.
+It may over-wait (other models' work on the same GPU is included); it never under-waits. Eager
+tensors on the CPU are already computed.
 """
 
 from __future__ import annotations
