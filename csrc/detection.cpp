@@ -54,7 +54,7 @@ FlagPlan read_flags(Clock::time_point now, bool* progress) {
         if (!oldest) continue;
         plan.pending = true;
         auto due = oldest->at + std::chrono::nanoseconds(tl->est_ns);
-        auto lead = kFlagLead + std::chrono::nanoseconds(tl->est_ns / 16);
+        auto lead = kFlagLead + std::chrono::nanoseconds(tl->est_ns / 16 + eng->oversleep_ns);
         Clock::time_point next;
         if (now < due - lead) next = due - lead;               // sleep through most of it
         else if (now < due + kFlagSpin) next = now;            // due: spin
@@ -274,7 +274,14 @@ void engine_run() {
                     if (plan.next > now) {
                         eng->sleeping = true;
                         eng->sleep_until = std::min(plan.next, last_backstop + backstop_every);
-                        eng->cv.wait_until(g, eng->sleep_until);
+                        if (eng->cv.wait_until(g, eng->sleep_until) == std::cv_status::timeout) {
+                            // How late this machine wakes a sleeping thread (quick to go up, slow
+                            // to come down): the thread sets out that much earlier.
+                            int64_t late = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                Clock::now() - eng->sleep_until).count();
+                            eng->oversleep_ns += (late - eng->oversleep_ns) /
+                                                 (late > eng->oversleep_ns ? 2 : 16);
+                        }
                         eng->sleeping = false;
                         continue;
                     }

@@ -174,6 +174,7 @@ struct Engine {
     int sync_waiters = 0;                // threads in mark_synchronize (placed_cv)
     Clock::time_point sleep_until{};     // the engine thread's wake-up, while it sleeps
     Clock::time_point last_look{};       // kFlag: when read_flags last read the words
+    int64_t oversleep_ns = 0;            // kFlag: how late a timed sleep ends on this machine
     bool started = false;
     bool sleeping = false;               // the engine thread waits on cv
     bool kick = false;                   // something for the engine to do (an open mark has room)
