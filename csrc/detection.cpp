@@ -119,6 +119,17 @@ bool pass(Strategy strat, bool backstop) {
     // A reset (a new context id) retires the context before any of its handles is touched.
     for (CtxState* cs : ctxs)
         if (!still_current(cs)) progress = true;
+    // Idle events past the pool's size, destroyed here (a reset destroyed a retired one's own).
+    for (CtxState* cs : ctxs) {
+        std::vector<CUevent> doomed;
+        {
+            std::lock_guard<std::mutex> g(eng->mu);
+            if (cs->retired) continue;
+            doomed.swap(cs->doomed);
+            eng->events -= doomed.size();
+        }
+        for (CUevent ev : doomed) api.cuEventDestroy(ev);
+    }
     // A lane that cannot wait or launch fails that mark's awaits only; a sticky context error
     // behind it is found by the next query.
     for (Watch& w : watches) {

@@ -36,6 +36,7 @@ constexpr int kMarksInFlight = 8;
 constexpr size_t kLanesPerContext = 16;  // past it, timelines share lanes (and may over-wait)
 constexpr size_t kRelays = 16;           // streams per context that foreign events are read on
 constexpr size_t kRelayWaits = 256;      // waits queued on one relay at most
+constexpr size_t kPooledEvents = 64;     // idle events kept per context
 constexpr unsigned kEventFlags = CU_EVENT_DISABLE_TIMING | CU_EVENT_BLOCKING_SYNC;
 // Poll strategy: spin this long after the last progress, then sleep, backing off to kPollMaxSleep.
 constexpr auto kPollSpin = std::chrono::microseconds(2000);
@@ -125,7 +126,9 @@ struct CtxState {
     bool primary = false;
     bool retired = false;        // reset or broken: its handles are never touched again
     CUresult error = CUDA_SUCCESS;
-    std::vector<CUevent> pool;   // idle events
+    std::vector<CUevent> pool;   // idle events (at most kPooledEvents; give_back())
+    std::vector<CUevent> doomed; // past that: destroyed by the engine thread (a host function,
+                                 // which may free a mark, must make no CUDA call)
     std::unordered_map<unsigned long long, Timeline*> streams;  // by cuStreamGetId
     Timeline* legacy_tl = nullptr;
     Timeline* device_tl = nullptr;
@@ -243,6 +246,7 @@ void placed(Timeline* tl, Mark* m, CUevent ev);
 void reap(Timeline* tl);
 bool idle(Timeline* tl);
 void passed(Mark* m, CUresult status);
+void give_back(CtxState* cs, CUevent ev);  // an idle event of a live context: pooled or doomed
 // contexts.cpp
 void retire(CtxState* cs, CUresult code);
 bool still_current(CtxState* cs);  // takes eng->mu when retiring

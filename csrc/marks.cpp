@@ -58,7 +58,7 @@ void unref(Mark* m) {
     eng->free_slots.push_back(i);
     // Only an event of a live context goes back to the pool: a reset destroyed the others.
     Timeline* tl = m->tl;
-    if (m->ev && m->owned && !tl->cs->retired) tl->cs->pool.push_back(m->ev);
+    if (m->ev && m->owned && !tl->cs->retired) give_back(tl->cs, m->ev);
     delete m;
     if (--tl->alive == 0 && tl->kind == Timeline::kForeign && !tl->active)
         delete tl;  // a foreign wait's timeline lives as long as its one mark
@@ -157,6 +157,10 @@ void passed(Mark* m, CUresult status) {
     if (tl->kind != Timeline::kForeign)
         for (Mark* p = tl->head; p && p != m; p = p->next) finish(p, p->fail ? p->fail : status);
     finish(m, status);
+}
+
+void give_back(CtxState* cs, CUevent ev) {
+    (cs->pool.size() < kPooledEvents ? cs->pool : cs->doomed).push_back(ev);
 }
 
 }  // namespace aiocuda::cuda

@@ -200,7 +200,7 @@ CUresult put(Timeline* tl, Placed* p, std::string* why) {
     }
     if (r != CUDA_SUCCESS && p->ev) {
         std::lock_guard<std::mutex> g(eng->mu);
-        if (!tl->cs->retired) tl->cs->pool.push_back(p->ev);
+        if (!tl->cs->retired) give_back(tl->cs, p->ev);
         p->ev = nullptr;
     }
     return r;
@@ -330,7 +330,7 @@ bool place_open(Timeline* tl) {
     if (r == kCapturing) r = CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;  // taken into a capture
     std::lock_guard<std::mutex> g(eng->mu);
     if (tl->open != open || tl->cs->retired) {  // failed meanwhile (its handles are not ours)
-        if (p.ev && !tl->cs->retired) tl->cs->pool.push_back(p.ev);
+        if (p.ev && !tl->cs->retired) give_back(tl->cs, p.ev);
         return true;
     }
     tl->open = nullptr;

@@ -703,3 +703,30 @@ def test_an_event_recorded_in_a_capture_is_refused_at_once(run, emu, strategy):
 
     assert run(main()) == 901  # CUDA_ERROR_STREAM_CAPTURE_INVALIDATED, not _UNJOINED
     emu.lib.cuStreamDestroy_v2(s)
+
+
+def test_idle_events_are_bounded(run, emu):
+    # Events (the callback and poll strategies' marks) return to a pool of 64 per context; the
+    # rest are destroyed by aiocuda's thread, so a burst of marks does not keep its events.
+    before = aiocuda.strategy()
+    aiocuda.set_strategy("callback")
+    streams = [emu.stream() for _ in range(40)]
+    live0 = emu.live("events")
+    try:
+        async def main():
+            for h in streams:
+                emu.sleep(h, 0.05)
+            await asyncio.gather(*[aiocuda.synchronize(h) for h in streams for _ in range(10)])
+            peak = emu.live("events")
+            for _ in range(3):  # passes of the engine meanwhile (new awaits wake it)
+                await asyncio.gather(*[aiocuda.synchronize(h) for h in streams[:1]])
+                await asyncio.sleep(0.03)
+            return peak
+
+        peak = run(main())
+        assert peak - live0 > 64  # 40 streams x up to 8 marks were out at once
+        assert wait_until(lambda: emu.live("events") - live0 <= 64 + 8)
+    finally:
+        aiocuda.set_strategy(before)
+        for h in streams:
+            emu.lib.cuStreamDestroy_v2(h)
