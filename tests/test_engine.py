@@ -472,35 +472,61 @@ def test_an_event_after_a_reset_reports_it_without_touching_the_driver(run, emu,
 
 
 def test_a_capture_beginning_under_pending_legacy_awaits_fails_those_only(run, emu, strategy):
-    # Past 8 marks, aiocuda's placer marks the legacy stream later; a relaxed-mode capture of a
-    # blocking stream that began meanwhile makes the driver refuse that mark (cuda.h: the legacy
-    # stream may not be used while a blocking stream captures). Those awaits fail with the
-    # driver's error; the context is not taken for broken, and later awaits work.
+    # Past 8 marks, aiocuda's placer marks the legacy stream later, once earlier marks have
+    # passed; a relaxed-mode capture of a blocking stream that began meanwhile makes the driver
+    # refuse that mark (cuda.h: the legacy stream may not be used while a blocking stream
+    # captures). Those awaits fail with the driver's error; the context is not taken for broken,
+    # the capture is left valid (the placer only asks whether the stream captures, which does not
+    # invalidate it), and later awaits work. A gate holds the legacy stream until the capture has
+    # begun, so the late marks are always placed during it.
+    from aiocuda.bench._sources import HostWord  # a word of host memory a stream waits on
+
     s, cap = emu.stream(), emu.stream()
-    began = threading.Event()
+    began, end_now = threading.Event(), threading.Event()
+    result: dict[str, int] = {}
+
+    def capture():
+        emu.lib.cuCtxSetCurrent(emu.primary(0))
+        result["begin"] = emu.lib.cuStreamBeginCapture_v2(ctypes.c_void_p(cap), MODE_RELAXED)
+        began.set()
+        end_now.wait(10)
+        result["end"] = end_capture(emu, cap)
 
     async def main():
+        loop = asyncio.get_running_loop()
         emu.lib.cuCtxSetCurrent(emu.primary(0))
-        emu.sleep(0, 0.1)
-        emu.lib.cuCtxSetCurrent(None)
+        try:
+            word = HostWord(emu.lib)
+            assert emu.lib.cuStreamWaitValue32_v2(None, word.device, 1, 0) == 0  # GEQ 1
+        finally:
+            emu.lib.cuCtxSetCurrent(None)
         futs = [aiocuda.synchronize(0, device=0) for _ in range(12)]
-        result = {}
-
-        def capture():
-            emu.lib.cuCtxSetCurrent(emu.primary(0))
-            result["begin"] = emu.lib.cuStreamBeginCapture_v2(ctypes.c_void_p(cap), MODE_RELAXED)
-            began.set()
-            time.sleep(0.3)
-            result["end"] = end_capture(emu, cap)
-
         t = threading.Thread(target=capture)
         t.start()
-        out = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 5)
-        await asyncio.get_running_loop().run_in_executor(None, t.join)
+        try:
+            assert await loop.run_in_executor(None, began.wait, 5), "the capture never began"
+            await asyncio.sleep(0.01)
+            assert not any(f.done() for f in futs), futs  # all held by the gate
+            word.write(1)  # the legacy stream goes on, the capture still under way
+            out = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 5)
+        finally:
+            word.write(1)
+            end_now.set()
+            await loop.run_in_executor(None, t.join, 5)
+        emu.lib.cuCtxSetCurrent(emu.primary(0))
+        try:
+            assert emu.lib.cuStreamSynchronize(None) == 0
+            word.unregister()
+        finally:
+            emu.lib.cuCtxSetCurrent(None)
         emu.sleep(s, 0.01)
         await asyncio.wait_for(aiocuda.synchronize(s), 2)  # the device still works
         return out
 
     out = run(main())
-    assert out[:8] == [None] * 8
-    assert all(r is None or (isinstance(r, aiocuda.CudaError) and r.code == 906) for r in out[8:])
+    assert result["begin"] == 0
+    assert out[:8] == [None] * 8  # marked before the capture began
+    late = out[8:]
+    assert all(isinstance(r, aiocuda.CudaError) and r.code == 906 for r in late), late
+    assert "CUDA_ERROR_STREAM_CAPTURE_IMPLICIT" in str(late[0])
+    assert result["end"] == 0, f"the capture was invalidated: cuStreamEndCapture -> {result['end']}"
