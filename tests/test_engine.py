@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import resource
+import os
 import threading
 import time
 
@@ -291,22 +291,46 @@ def test_waiting_on_an_idle_device_creates_no_context():
     assert "active 0" in r.stdout
 
 
+def thread_cpu_ns() -> dict[int, int]:
+    """CPU time (ns) each thread of this process has run so far, from /proc."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:  # ns, where the kernel keeps it
+                out[int(tid)] = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:  # utime + stime, in clock ticks
+                    fields = f.read().rsplit(")", 1)[1].split()
+                out[int(tid)] = (int(fields[11]) + int(fields[12])) * 10**9 // os.sysconf(
+                    "SC_CLK_TCK")
+            except (OSError, ValueError, IndexError):
+                pass  # the thread has just ended
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread times from /proc")
 def test_a_device_wait_does_not_spin(run, emu, strategy):
     s = emu.stream()
 
     async def main():
         emu.sleep(s, 0.5)
         await asyncio.sleep(0.01)
-        c0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        c0, t0 = thread_cpu_ns(), time.perf_counter()
         await aiocuda.synchronize_device(0)
-        c1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        cpu = (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)
-        return cpu / (t1 - t0), t1 - t0
+        c1, t1 = thread_cpu_ns(), time.perf_counter()
+        busiest = max(c1[t] - c0.get(t, 0) for t in c1)
+        return busiest / 1e9 / (t1 - t0), t1 - t0
 
     share, took = run(main())
     assert took >= 0.45
-    # The emulator's cuCtxSynchronize spins like the driver's: waiting through it would be ~100%.
-    assert share < (0.05 if strategy == "callback" else 0.25), f"{share:.1%} of a core"
+    # The share of a core the busiest thread of the process used while the device wait was
+    # pending (each thread's own CPU time: another process, or another thread, does not count).
+    # A thread waiting through the emulator's cuCtxSynchronize, which spins like the driver's,
+    # would be near 100% (or all it can get of a loaded core); the poll strategy's engine thread
+    # naps between queries.
+    limit = 0.05 if strategy == "callback" else 0.25  # measured: 0.1-0.2% and 5-7% on 2 cores
+    assert share < limit, f"a thread used {share:.1%} of a core while the device wait was pending"
 
 
 def test_device_waits_fall_back_on_drivers_without_cuCtxRecordEvent():
