@@ -84,6 +84,9 @@ def test_loop_churn(kinds):
     assert result is not None, how
     assert not result["problems"], _figures(result) + "\n" + how
     assert result["loops"] >= 4 * loops
+    # Loops really were closed with work pending: counted by the churn from futures still not
+    # done after their loop had closed (3 runs in 5 leave one; measured 59-60%, loaded or not).
+    assert result["closed_with_work_pending"] >= result["loops"] // 5, _figures(result)
 
 
 # ---- fork ---------------------------------------------------------------------------------------------
