@@ -109,6 +109,11 @@ def test_fork(scenario, exit_mode, loop_kind):
     assert result["children"] == n
     if scenario == "churn":
         assert result["loops_made_meanwhile"] > 0
+        # The race this scenario is for happened: a child inherited the loop-state lock held
+        # (by a thread it does not have) and still made a loop of its own. One such fork is
+        # forced; the children report what they found.
+        assert result["forks_forced_lock_held"] == 1, _figures(result)
+        assert result["forks_with_states_lock_held"] >= 1, _figures(result)
 
 
 # ---- fuzzing ------------------------------------------------------------------------------------------
