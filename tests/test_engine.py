@@ -107,36 +107,64 @@ def test_awaits_behind_a_long_kernel_never_block_the_loop(run, emu, strategy):
         took = time.perf_counter() - t0
         stop = True
         await hb
-        return (emu.lib.emu_thread_blocked_ns() - blocked0, submitted, took, order,
-                sorted(lateness)[int(len(lateness) * 0.99)])
+        return emu.lib.emu_thread_blocked_ns() - blocked0, submitted, took, order, max(lateness)
 
-    blocked_ns, submitted, took, order, p99 = run(main())
+    blocked_ns, submitted, took, order, late = run(main())
     assert blocked_ns < 1_000_000, f"the loop thread waited {blocked_ns / 1e6:.1f} ms in the driver"
     assert submitted < 1.0 and took >= 1.95
     assert order == list(range(10_000))
-    assert p99 < 0.005, f"heartbeat p99 lateness {p99 * 1e3:.1f} ms"
+    # A wait on the 2 s kernel anywhere on the loop thread would hold a beat up by about 2 s; a
+    # loaded machine, by tens of ms. (The heartbeat's p99 lateness is a figure of the benchmarks:
+    # python -m aiocuda.bench, "1 ms heartbeat lateness while the completions of a burst arrive".)
+    assert late < 1.0, f"a heartbeat was {late * 1e3:.0f} ms late: the loop was held up"
 
 
 def test_many_awaits_cost_bounded_resources(run, emu, strategy):
+    from aiocuda.bench._sources import HostWord  # a word of host memory a stream waits on
+
     streams = [emu.stream() for _ in range(40)]
     before = _core.cuda_stats()
+    emu.lib.emu_set_hostfn_cap(1 << 20)  # no cap of the emulator's below aiocuda's own bound
+    assert emu.lib.cuCtxPushCurrent_v2(emu.primary()) == 0
+    try:
+        word = HostWord(emu.lib)
+        for h in streams:  # every await stays pending until the gate opens
+            assert emu.lib.cuStreamWaitValue32_v2(h, word.device, 1, 0) == 0
+    finally:
+        emu.lib.cuCtxPopCurrent_v2(None)
 
     async def main():
-        for h in streams:
-            emu.sleep(h, 0.5)  # long enough that all are pending when counted, even under ASan
         futs = [aiocuda.synchronize(h) for h in streams for _ in range(250)]
-        await asyncio.sleep(0.02)
+        # The engine watches the placed marks (callback: a host function each) off the loop
+        # thread: wait until it has, then count at the peak.
+        watched = 40 * 8 if strategy == "callback" else 0
+        end = time.monotonic() + 5
+        while emu.lib.emu_live(b"hostfns_pending") < watched and time.monotonic() < end:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.01)  # room for more, were any to come
         mid = _core.cuda_stats(), emu.lib.emu_live(b"hostfns_pending")
-        await asyncio.gather(*futs)
+        word.write(1)
+        await asyncio.wait_for(asyncio.gather(*futs), 10)
         return mid
 
-    (mid, hostfns) = run(main())
+    try:
+        (mid, hostfns) = run(main())
+    finally:
+        word.write(1)
+        assert emu.lib.cuCtxPushCurrent_v2(emu.primary()) == 0
+        try:
+            for h in streams:
+                emu.lib.cuStreamSynchronize(h)
+            word.unregister()
+        finally:
+            emu.lib.cuCtxPopCurrent_v2(None)
     assert mid["pending"] == 10_000
     assert mid["marks"] <= 40 * 8  # kMarksInFlight per stream, whatever the awaits
     assert mid["events"] - before["events"] <= 40 * 9
     # Lanes are made per context and kept: this test's context makes at most 16.
     assert mid["lanes"] - before["lanes"] <= 16 and mid["threads"] <= 2
-    assert hostfns <= 40 * 8
+    # A host function per placed mark (callback), none when polling; never one per await.
+    assert hostfns == (40 * 8 if strategy == "callback" else 0), hostfns
     assert _core.cuda_stats()["pending"] == 0
 
 
