@@ -75,6 +75,11 @@ def timed(fn, *args):
 def sleep(s, seconds): return lib.emu_enqueue_sleep(s, int(seconds * 1e6))
 
 def out(**kw): print(json.dumps(kw), flush=True)
+
+def until(pred, timeout=5.0):  # wait for pred() (checked by the caller's asserts), 5 s at most
+    end = time.monotonic() + timeout
+    while not pred() and time.monotonic() < end:
+        time.sleep(0.002)
 """
 
 
@@ -333,7 +338,7 @@ def test_a_sticky_error_fails_its_context_only():
                  other_dev_event=lib.cuEventQuery(e1))            # c0 is current: faulted
         pop()
         r.update(dev1_event=lib.cuEventSynchronize(e1), dev1_stream=lib.cuStreamSynchronize(s1))
-        time.sleep(0.05)
+        until(lambda: lib.emu_live(b"hostfns_pending") == 0)   # dropped, never called
         r.update(called=len(called), pending=lib.emu_live(b"hostfns_pending"))
         ok(lib.cuDevicePrimaryCtxReset_v2(0))                     # the only way back
         s = stream(c0); ok(sleep(s, 0.01))
@@ -359,7 +364,7 @@ def test_a_reset_destroys_streams_and_events_and_changes_the_context_id():
         ok(lib.cuDevicePrimaryCtxReset_v2(0))
         flags, active = ctypes.c_uint(), ctypes.c_int()
         ok(lib.cuDevicePrimaryCtxGetState(0, byref(flags), byref(active)))
-        time.sleep(0.05)
+        until(lambda: lib.emu_live(b"hostfns_pending") == 0)   # dropped, never called
         out(same_handle=retain(0) == c, new_id=ctx_id(c) != id0, active=active.value,
             streams_before=streams_before, streams=lib.emu_live(b"streams"),
             events=lib.emu_live(b"events"), pending=lib.emu_live(b"hostfns_pending"),
@@ -527,23 +532,27 @@ def test_capture_fork_join_and_isolation():
 # Rule 9: cuCtxRecordEvent ---------------------------------------------------------------------------
 def test_ctx_record_event_covers_every_stream_of_the_context():
     res = emu_run(
-        """
-        c0, c1 = retain(0), retain(1); push(c0)
+        WORD
+        + textwrap.dedent("""        c0, c1 = retain(0), retain(1); push(c0)
         a, b, nb = stream(c0), stream(c0), stream(c0, 1)
         ok(sleep(a, 0.1)); ok(sleep(nb, 0.25)); ok(sleep(0, 0.05))
         e = event(c0); e1 = event(c1)
         ok(lib.cuCtxRecordEvent(c0, e))
-        ok(sleep(b, 2)); ok(sleep(a, 2))                        # later work is not included
+        ok(register()); _, d = dptr()                           # later work is not included:
+        ok(lib.cuStreamWaitValue32_v2(b, d, 1, 0)); ok(lib.cuStreamWaitValue32_v2(a, d, 1, 0))
+        guard = threading.Timer(5, buf.__setitem__, (0, 1)); guard.start()  # never a hang
         r = dict(early=lib.cuEventQuery(e), other_ctx=lib.cuCtxRecordEvent(c0, e1),
                  ops=[lib.emu_stream_ops(x, b"ctxrecord") for x in (a, b, nb, 0)])
         rc, t = timed(lib.cuEventSynchronize, e)
-        r.update(rc=rc, t=t)
+        r.update(rc=rc, t=t, later=[lib.cuStreamQuery(a), lib.cuStreamQuery(b)])
+        guard.cancel(); buf[0] = 1; ok(lib.cuCtxSynchronize()); ok(lib.cuMemHostUnregister(host))
         out(**r)
-        """
+        """)
     )
     assert res["early"] == NOT_READY and res["other_ctx"] == INVALID_HANDLE and res["rc"] == 0
     assert res["ops"] == [1, 1, 1, 1]
-    assert 0.2 < res["t"] < 1.5
+    assert res["t"] > 0.2  # the 0.25 s of the non-blocking stream; not the work held after it
+    assert res["later"] == [NOT_READY, NOT_READY]
 
 
 # Rule 10: synchronize calls spin unless told to block -----------------------------------------------
