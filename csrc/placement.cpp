@@ -33,7 +33,7 @@ CUresult timeline_of(CtxState* cs, Timeline::Kind kind, uintptr_t stream, Timeli
 
 void release_timeline(Timeline* tl) {
     std::lock_guard<std::mutex> g(eng->mu);
-    --tl->users;
+    if (--tl->users == 0 && !tl->active) maybe_drop(tl);  // the engine let go of it meanwhile
 }
 
 // Under eng->mu, once `tl` left the engine's list: a stream's timeline that nothing refers to is

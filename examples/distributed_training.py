@@ -23,15 +23,19 @@ import torch.multiprocessing as mp
 import aiocuda
 
 WORLD = 2
+BATCH = 128
 
 
-async def train(rank: int, steps: int) -> None:
-    device = torch.device("cpu")
-    torch.manual_seed(0)  # the same initial weights on every rank
+def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model and its optimizer: the same initial weights on every rank."""
+    torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+async def train(rank: int, steps: int, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
     g = torch.Generator().manual_seed(1000 + rank)  # each rank its own shard of data
-    beats = 0
+    beats = samples = 0
 
     async def heartbeat() -> None:
         nonlocal beats
@@ -41,8 +45,9 @@ async def train(rank: int, steps: int) -> None:
 
     hb = asyncio.ensure_future(heartbeat())
     for step in range(steps):
-        x = torch.randn(128, 32, generator=g, device=device)
+        x = torch.randn(BATCH, 32, generator=g)
         y = x[:, :1] * 2 - x[:, 1:2]
+        samples += len(x)
         opt.zero_grad()
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
@@ -54,20 +59,36 @@ async def train(rank: int, steps: int) -> None:
         if rank == 0 and step % 5 == 0:
             print(f"step {step:3} loss {loss.item():.4f}", flush=True)
     hb.cancel()
-    checksum = torch.stack([p.detach().sum() for p in model.parameters()]).sum().reshape(1)
-    gathered = [torch.zeros(1) for _ in range(WORLD)]
-    await aiocuda.wait(dist.all_gather(gathered, checksum, async_op=True))
-    assert all(torch.allclose(t, gathered[0]) for t in gathered), "the replicas diverged"
-    print(f"rank {rank}: {steps} steps, replicas identical, heartbeat ran {beats} times", flush=True)
+    # Each rank's totals, and a checksum of its weights, gathered on every rank.
+    mine = torch.tensor([steps, samples, beats, sum(p.detach().sum().item() for p in
+                                                    model.parameters())], dtype=torch.float64)
+    everyone = [torch.zeros(4, dtype=torch.float64) for _ in range(WORLD)]
+    await aiocuda.wait(dist.all_gather(everyone, mine, async_op=True))
+    # The gradients were averaged bit for bit alike, so the replicas are equal, not just close.
+    assert all(t[3] == everyone[0][3] for t in everyone), "the replicas diverged"
+    # No rank leaves (and tears its connections down) while another is still in a collective.
+    await aiocuda.wait(dist.barrier(async_op=True))
+    if rank == 0:
+        for r, (n, k, b, _) in enumerate(t.tolist() for t in everyone):
+            print(f"rank {r}: {n:.0f} steps, {k:.0f} samples, heartbeat ran {b:.0f} times",
+                  flush=True)
+        total = sum(int(t[1]) for t in everyone)
+        print(f"replicas identical, {total} samples in all", flush=True)
 
 
 def worker(rank: int, port: int, steps: int) -> None:
+    # Build the optimizer before the process group: making one imports torch._dynamo, which
+    # keeps references to a default group that exists then. destroy_process_group() could not
+    # free such a group, so gloo's threads would outlive it, and one of them dropping its last
+    # collective while the interpreter exits aborts the process ("terminate called without an
+    # active exception"; pytorch issue 109478, pull request 179291).
+    model, opt = build()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD)
     try:
-        asyncio.run(train(rank, steps))
+        asyncio.run(train(rank, steps, model, opt))
     finally:
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # frees the group: joins gloo's threads while Python runs
 
 
 def main() -> None:

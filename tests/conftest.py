@@ -8,6 +8,7 @@ import gc
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -57,14 +58,22 @@ def new_loop(kind: str) -> asyncio.AbstractEventLoop:
 
 
 class Ticker:
-    """While entered, a task that counts how often the loop lets it run (every `period` s)."""
+    """While entered, a task that counts how often the loop lets it run (every `period` s).
 
-    def __init__(self, period: float = 0.005) -> None:
-        self.period, self.ticks = period, 0
+    `reached` (a threading.Event) is set once it has run `until` times: a call off the loop
+    thread that waits on it (``reached.wait(timeout)`` is True) proves the loop kept running
+    while that call was under way, however loaded the machine is.
+    """
+
+    def __init__(self, period: float = 0.005, until: int = 5) -> None:
+        self.period, self.ticks, self.until = period, 0, until
+        self.reached = threading.Event()
 
     async def _run(self) -> None:
         while True:
             self.ticks += 1
+            if self.ticks >= self.until:
+                self.reached.set()
             await asyncio.sleep(self.period)
 
     async def __aenter__(self) -> Ticker:

@@ -55,13 +55,18 @@ class Churn:
         self.refs_lock = threading.Lock()
         self.errors: list[str] = []
         self.made = 0
-        self.closed_pending = 0  # loops closed with at least one await still pending
+        # Loops closed with at least one await still pending, observed after the close: a future
+        # of theirs that is not done then (only a drain on the loop's own thread resolves one).
+        self.closed_pending = 0
+        self.awaits_pending = 0  # their pending futures, in all
 
     def fail(self, what: str) -> None:
         if len(self.errors) < 20:
             self.errors.append(what)
 
-    def run_one(self, kind: str, coro: Any, use_asyncio_run: bool) -> Any:
+    def run_one(self, kind: str, coro: Any, use_asyncio_run: bool) -> int:
+        """Run `coro` on a new loop of `kind` and close it; `coro` returns the futures it left
+        unawaited. Return how many of them were still pending once the loop was closed."""
         errors: list[dict[str, Any]] = []
         if use_asyncio_run and kind == "asyncio":
             holder: list[asyncio.AbstractEventLoop] = []
@@ -87,7 +92,7 @@ class Churn:
             self.made += 1
         for c in errors:
             self.fail(f"loop exception handler: {c.get('message')} {c.get('exception')!r}")
-        return result
+        return sum(1 for f in result if not f.done())  # (the futures go: they hold the loop)
 
     def thread_body(self, tid: int) -> None:
         rng = random.Random(tid)
@@ -110,44 +115,42 @@ class Churn:
                 if n:
                     with self.refs_lock:
                         self.closed_pending += 1
+                        self.awaits_pending += n
         finally:
             shared.close()
             if handle:
                 self.emu.lib.cuStreamSynchronize(handle)
                 self.emu.lib.cuStreamDestroy_v2(handle)
 
-    async def pending_on(self, s: aiocuda.CpuStream, rng: random.Random) -> int:
+    async def pending_on(self, s: aiocuda.CpuStream, rng: random.Random) -> list[Any]:
         s.delay(rng.random() * 0.002)
-        aiocuda.synchronize(s)  # pending when the loop closes
-        s.submit(int, 1)  # so is this one
+        left = [aiocuda.synchronize(s), s.submit(int, 1)]  # done before the next (in order)
         assert await s.submit(int, "7") == 7
         s.delay(0.001)
-        s.record()
-        return 1 + int(aiocuda.statistics().pending > 0)
+        s.record()  # an event nobody awaits
+        return [*left, aiocuda.synchronize(s)]  # the last one is pending when the loop closes
 
-    async def own_stream_pending(self, rng: random.Random) -> int:
+    async def own_stream_pending(self, rng: random.Random) -> list[Any]:
         s = aiocuda.CpuStream()
         s.delay(rng.random() * 0.002)
-        s.synchronize()
-        s.submit(sum, [1, 2])
-        s.close()  # waits for the work; the completions land after the loop is gone
-        return 1
+        left = [s.synchronize(), s.submit(sum, [1, 2])]
+        s.close()  # the completions may land after the loop is gone
+        return left
 
-    async def all_awaited(self, s: aiocuda.CpuStream, rng: random.Random) -> int:
+    async def all_awaited(self, s: aiocuda.CpuStream, rng: random.Random) -> list[Any]:
         futs = [s.submit(int, i) for i in range(rng.randrange(1, 20))]
         got = await asyncio.wait_for(asyncio.gather(*futs, s.synchronize()), 10)
         if got[:-1] != list(range(len(futs))):
             self.fail(f"all_awaited: got {got}")
-        return 0
+        return futs
 
-    async def cuda_pending(self, h: int, rng: random.Random) -> int:
+    async def cuda_pending(self, h: int, rng: random.Random) -> list[Any]:
         self.emu.sleep(h, rng.random() * 0.002)
-        aiocuda.synchronize(h)
-        aiocuda.record(h)
+        left = [aiocuda.synchronize(h)]
+        aiocuda.record(h)  # an event nobody awaits
         await aiocuda.synchronize(h)
         self.emu.sleep(h, 0.001)
-        aiocuda.synchronize(h)  # pending at close
-        return 1
+        return [*left, aiocuda.synchronize(h)]  # the last one is pending when the loop closes
 
 
 def live_loops(refs: list[weakref.ref[Any]]) -> int:
@@ -197,6 +200,7 @@ def churn(threads: int, loops: int, kinds: list[str], cuda: bool,
     result = {
         "threads": threads, "loops": job.made, "loops_per_thread": loops, "kinds": kinds,
         "cuda": cuda, "closed_with_work_pending": job.closed_pending,
+        "awaits_pending_at_close": job.awaits_pending,
         "seconds": round(seconds, 2), "hung_threads": len(hung),
         "live_loops": live_loops(job.refs) if not hung else -1,
         "loop_states": len(_loop._states),

@@ -52,7 +52,7 @@ class Report:
             "scenario": scenario, "exit": exit_mode, "loop": kind, "children": 0,
             "hung_children": 0, "bad_exit_status": 0, "child_failures": 0,
             "parent_failures": 0, "loops_made_meanwhile": 0, "forks_with_states_lock_held": 0,
-            "notes": [],
+            "forks_forced_lock_held": 0, "notes": [],
         }
 
     def failed(self) -> bool:
@@ -85,11 +85,14 @@ def _fork() -> int:
 
 
 def child_side(kind: str, pending: list[asyncio.Future[Any]], report_fd: int,
-               exit_mode: str) -> None:
-    """The forked child: check, report through `report_fd`, exit as asked. Never returns
-    (under --exit sys it raises SystemExit, which unwinds through the parent's copy of the
-    running loop to the interpreter's normal shutdown, or ends the thread it runs in)."""
+               exit_mode: str, lock_at_fork: Any) -> None:
+    """The forked child: check, report through `report_fd` ("BITS HELD": HELD is 1 if
+    `lock_at_fork`, aiocuda's loop-state lock as it was when the parent forked, is held in this
+    process: by a thread that does not exist here), exit as asked. Never returns (under --exit
+    sys it raises SystemExit, which unwinds through the parent's copy of the running loop to the
+    interpreter's normal shutdown, or ends the thread it runs in)."""
     bits = 0
+    held = int(lock_at_fork is not None and lock_at_fork.locked())
     try:
         asyncio.events._set_running_loop(None)  # the parent's loop does not run in this process
         for fut in pending:
@@ -114,7 +117,7 @@ def child_side(kind: str, pending: list[asyncio.Future[Any]], report_fd: int,
             loop.close()
     except BaseException:
         bits |= CHILD_RAISED
-    os.write(report_fd, str(bits).encode())
+    os.write(report_fd, f"{bits} {held}".encode())
     os.close(report_fd)
     if exit_mode == "os":
         os._exit(10 + bits)
@@ -122,8 +125,9 @@ def child_side(kind: str, pending: list[asyncio.Future[Any]], report_fd: int,
 
 
 async def wait_child(pid: int, report_fd: int, rep: Report, exit_mode: str,
-                     in_thread: bool) -> None:
-    """Wait for the child without blocking the loop; kill it if it hangs; read its report."""
+                     in_thread: bool) -> bool:
+    """Wait for the child without blocking the loop; kill it if it hangs; read its report.
+    Return whether the child found the loop-state lock held (see child_side)."""
     rep.r["children"] += 1
     end = time.monotonic() + CHILD_TIMEOUT
     status = None
@@ -155,12 +159,15 @@ async def wait_child(pid: int, report_fd: int, rep: Report, exit_mode: str,
         data += chunk
     os.close(report_fd)
     if status is None:
-        return
-    bits = int(data) if data else None
+        return False
+    fields = data.split()
+    bits = int(fields[0]) if len(fields) == 2 else None
     if bits is None:
         rep.r["child_failures"] += 1
-        rep.note(f"child exited with {status} without a report")
-        return
+        rep.note(f"child exited with {status} without a report ({data!r})")
+        return False
+    held = fields[1] == b"1"
+    rep.r["forks_with_states_lock_held"] += held
     if bits:
         rep.r["child_failures"] += 1
         rep.note(f"child failed checks {bits:#x} (1: pending future, 2: fresh loop, 4: raised)")
@@ -169,6 +176,7 @@ async def wait_child(pid: int, report_fd: int, rep: Report, exit_mode: str,
     if status != expected:
         rep.r["bad_exit_status"] += 1
         rep.note(f"child exited with {status}, expected {expected}")
+    return held
 
 
 def task_states(pid: int) -> str:
@@ -213,10 +221,11 @@ def native_stacks(pid: int) -> None:
 def fork_here(kind: str, pending: list[asyncio.Future[Any]], exit_mode: str) -> tuple[int, int]:
     """Fork from the running coroutine; return (pid, read end of the child's report)."""
     r, w = os.pipe()
+    lock = getattr(_loop, "_states_lock", None)  # the child finds out whether it was held
     pid = _fork()
     if pid == 0:
         os.close(r)
-        child_side(kind, pending, w, exit_mode)
+        child_side(kind, pending, w, exit_mode, lock)
     os.close(w)
     os.set_blocking(r, False)
     return pid, r
@@ -322,7 +331,9 @@ def scenario_thread(kind: str, exit_mode: str, emu: Any, rep: Report, forks: int
 
 
 def scenario_churn(kind: str, exit_mode: str, emu: Any, rep: Report, forks: int) -> None:
-    """Fork again and again from a loop while three threads create and close loops."""
+    """Fork again and again from a loop while three threads create and close loops; the first
+    fork is made while a thread holds aiocuda's loop-state lock (the child must not hang on it),
+    every other even one after trying to catch a churning thread holding it."""
     stop = threading.Event()
     made = [0]
 
@@ -353,10 +364,21 @@ def scenario_churn(kind: str, exit_mode: str, emu: Any, rep: Report, forks: int)
                     break  # fail fast: one hung child is enough
                 pending = await pending_work(s, None, 0)
                 await asyncio.sleep(0.002 * (i % 5))  # fork at varied points of the churn
-                if i % 2 == 0 and catch_lock_held():
-                    rep.r["forks_with_states_lock_held"] += 1
-                pid, r = fork_here(kind, pending, exit_mode)
-                await wait_child(pid, r, rep, exit_mode, in_thread=False)
+                holder = None
+                if i == 0:  # forced: a thread holds the lock across this fork
+                    holder = LockHolder()
+                    rep.r["forks_forced_lock_held"] += 1
+                elif i % 2 == 0:
+                    catch_lock_held()  # by a churning thread, if it happens
+                try:
+                    pid, r = fork_here(kind, pending, exit_mode)
+                finally:
+                    if holder is not None:
+                        holder.release()
+                held = await wait_child(pid, r, rep, exit_mode, in_thread=False)
+                if holder is not None and not held and not rep.failed():
+                    rep.r["child_failures"] += 1
+                    rep.note("the child of a fork made with the loop-state lock held found it free")
                 await parent_still_works(s, rep, f"after child {i}")
                 for f in pending:
                     f.cancel()  # not waiting 0.2 s a fork; cancelled awaits stay harmless
@@ -374,6 +396,29 @@ def scenario_churn(kind: str, exit_mode: str, emu: Any, rep: Report, forks: int)
                 rep.r["parent_failures"] += 1
                 rep.note("a loop-churning thread hung")
     rep.r["loops_made_meanwhile"] = made[0]
+
+
+class LockHolder:
+    """A thread that holds aiocuda's loop-state lock from construction until release(), as a
+    thread making a loop's queue does for a moment: a fork meanwhile leaves the lock held in the
+    child, by a thread the child does not have. White-box on purpose, found by name."""
+
+    def __init__(self) -> None:
+        self.lock = _loop._states_lock
+        self.taken, self.done = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._hold, daemon=True)
+        self.thread.start()
+        if not self.taken.wait(5):
+            raise RuntimeError("could not take aiocuda's loop-state lock in 5 s")
+
+    def _hold(self) -> None:
+        with self.lock:
+            self.taken.set()
+            self.done.wait(10)
+
+    def release(self) -> None:
+        self.done.set()
+        self.thread.join(10)
 
 
 def catch_lock_held(limit: float = 0.05) -> bool:

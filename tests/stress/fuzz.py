@@ -2,6 +2,11 @@
 that a crash (a segfault, an abort) is caught by the parent instead of ending the test run.
 
     python -m tests.stress.fuzz --group streams|cpu_stream|gpu_op|module --loop asyncio|uvloop
+        [--seed N]
+
+Seeded (--seed, else AIOCUDA_STRESS_SEED, else 20240611; 0 draws one at random), with no example
+database: the same seed tries the same inputs, so a failure is replayed from the seed the run
+prints first (and reports in its result).
 
 The property: every call either works or raises TypeError, ValueError or AiocudaError (CudaError
 included) with a message; a future or coroutine it returns completes (3 s at most) with a result,
@@ -21,6 +26,7 @@ import asyncio
 import math
 import os
 import pathlib
+import random
 import traceback
 from decimal import Decimal
 from fractions import Fraction
@@ -499,8 +505,13 @@ def main() -> None:
     p.add_argument("--group", choices=sorted(GROUPS), required=True)
     p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     p.add_argument("--examples", type=int, default=env_int("AIOCUDA_STRESS_EXAMPLES", 300))
-    p.add_argument("--seed", type=int, default=env_int("AIOCUDA_STRESS_SEED", 0))
+    p.add_argument("--seed", type=int, default=env_int("AIOCUDA_STRESS_SEED", 20_240_611),
+                   help="hypothesis seed (0: draw one at random, printed)")
     a = p.parse_args()
+    seed = a.seed or random.SystemRandom().randrange(1, 2**32)
+    print(f"== fuzz seed {seed}: replay with AIOCUDA_STRESS_SEED={seed} python -m "
+          f"tests.stress.fuzz --group {a.group} --loop {a.loop} --examples {a.examples}",
+          flush=True)
     watchdog()
     setup(a.loop)
     results: dict[str, str] = {}
@@ -511,10 +522,9 @@ def main() -> None:
                         suppress_health_check=list(HealthCheck), print_blob=False,
                         phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
                         )(prop)
-        if a.seed:
-            from hypothesis import seed as seed_
+        from hypothesis import seed as seed_
 
-            prop = seed_(a.seed)(prop)
+        prop = seed_(seed)(prop)
         print(f"== {name}", flush=True)
         try:
             prop()
@@ -526,7 +536,8 @@ def main() -> None:
     for s in W.streams:
         s.close()
     W.loop.close()
-    emit({"group": a.group, "loop": a.loop, "examples": a.examples, "results": results})
+    emit({"group": a.group, "loop": a.loop, "examples": a.examples, "seed": seed,
+          "results": results})
 
 
 if __name__ == "__main__":
