@@ -223,8 +223,13 @@ def settle() -> int:
         time.sleep(0.01)
 
 
-def problems(r: dict[str, Any], *, rss_limit: int = 32 * MiB) -> list[str]:
-    """The checks a churn result fails, in words."""
+def under_asan() -> bool:
+    """Whether AddressSanitizer runs in this process (scripts/asan-test preloads it)."""
+    return "libasan" in os.environ.get("LD_PRELOAD", "")
+
+
+def problems(r: dict[str, Any], *, rss_limit: int | None = 32 * MiB) -> list[str]:
+    """The checks a churn result fails, in words (`rss_limit` None: no RSS check)."""
     thread_slack = THREAD_SLACK if r["cuda"] else 0
     checks = [
         (r["hung_threads"], f"{r['hung_threads']} threads hung (a deadlock?)"),
@@ -235,7 +240,8 @@ def problems(r: dict[str, Any], *, rss_limit: int = 32 * MiB) -> list[str]:
         (r["fds_delta"] > 0, f"{r['fds_delta']} more fds than at the baseline"),
         (r["threads_delta"] > thread_slack, f"{r['threads_delta']} more threads than at the "
                                             "baseline"),
-        (r["rss_growth"] > rss_limit, f"RSS grew {r['rss_growth'] / MiB:.1f} MiB"),
+        (rss_limit is not None and r["rss_growth"] > rss_limit,
+         f"RSS grew {r['rss_growth'] / MiB:.1f} MiB"),
         (r["errors"], f"errors: {r['errors']}"),
         (r["closed_with_work_pending"] == 0, "no loop was closed with work pending"),
     ]
@@ -255,7 +261,11 @@ def main() -> None:
     faulthandler.dump_traceback_later(a.timeout + 2, exit=True)
     watchdog()
     r = churn(a.threads, a.loops, a.kinds.split(","), a.cuda, a.timeout)
-    r["problems"] = problems(r)
+    # Under AddressSanitizer, RSS holds its quarantine of freed memory (256 MiB by default; a
+    # uvloop churn grew 295 MiB): no measure of what aiocuda keeps. The native records, loops,
+    # fds and threads are still counted.
+    r["rss_checked"] = not under_asan()
+    r["problems"] = problems(r, rss_limit=32 * MiB if r["rss_checked"] else None)
     emit(r)
     if r["hung_threads"]:
         faulthandler.dump_traceback(all_threads=True)
