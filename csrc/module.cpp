@@ -64,11 +64,15 @@ std::atomic<uint64_t> g_queue_epoch{1};
 class PyQueue {
 public:
     PyQueue() : q_(Queue::create()) {}
-    ~PyQueue() { close(); }
+    ~PyQueue() { close(true); }
     PyQueue(const PyQueue&) = delete;
     PyQueue& operator=(const PyQueue&) = delete;
 
-    void close() {
+    // `dropped`: the loop let go of this queue's reader without close(), as uvloop does while it
+    // closes: it drops the reader's callback, then unregisters the fd (epoll_ctl), all under the
+    // GIL. The fd must outlive that, even if a producer holds the last native reference, so this
+    // reference goes at the main thread's next pending call, which needs the GIL back.
+    void close(bool dropped = false) {
         if (!q_) return;
         g_queue_epoch.fetch_add(1, std::memory_order_relaxed);
         for (Slot& s : slots_) {  // their loop is gone: nobody will await them
@@ -77,8 +81,13 @@ public:
         }
         pending_ = 0;
         clear_outcomes();
-        q_->release();  // records in flight keep the native queue until they land
+        if (!dropped || Py_AddPendingCall(release_queue, q_) != 0)
+            q_->release();  // records in flight keep the native queue until they land
         q_ = nullptr;
+    }
+    static int release_queue(void* q) {
+        static_cast<Queue*>(q)->release();
+        return 0;
     }
     bool closed() const { return q_ == nullptr; }
 
@@ -585,7 +594,7 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("pending", &PyQueue::pending)
         .def_property_readonly("pushed", &PyQueue::pushed)
         .def_property_readonly("signals", &PyQueue::signals)
-        .def("close", &PyQueue::close)
+        .def("close", [](PyQueue& q) { q.close(); })
         .def("abandon", &PyQueue::abandon)
         .def("wait", [](PyQueue& q, py::handle loop, py::object stream, int device) {
             py::detail::make_caster<CpuStream> caster;
