@@ -34,6 +34,7 @@ struct Hooks {
     PyObject* cuda_handle = nullptr;       // stream-like -> (handle, device or -1), or raises
     PyObject* refused = nullptr;           // (code, text) -> exception instance
     PyObject* no_loop = nullptr;           // (what) -> exception instance
+    PyObject* other_loop = nullptr;        // () -> a trio run's loop adapter, or None
     PyObject* invalid_state = nullptr;     // asyncio.InvalidStateError
     PyObject* s_create_future = nullptr;
     PyObject* s_set_result = nullptr;
@@ -391,7 +392,10 @@ PyObject* get_running_loop() { return PyObject_CallNoArgs(hooks.get_running_loop
 
 PyObject* running_loop(const char* what) {
     PyObject* loop = get_running_loop();
-    if (loop == Py_None) {
+    if (loop == Py_None) {  // no asyncio loop: maybe a trio run (aiocuda._trio), else an error
+        Py_DECREF(loop);
+        loop = PyObject_CallNoArgs(hooks.other_loop);
+        if (loop != Py_None) return loop;
         Py_DECREF(loop);
         return raise_from(PyObject_CallFunction(hooks.no_loop, "s", what));
     }
@@ -636,13 +640,14 @@ PYBIND11_MODULE(_core, m) {
 
     m.def("install_hooks", [](py::object get_running_loop, py::object state_for,
                               py::object cuda_handle, py::object refused, py::object no_loop,
-                              py::object invalid_state) {
+                              py::object invalid_state, py::object other_loop) {
         hooks.get_running_loop = get_running_loop.release().ptr();
         hooks.state_for = state_for.release().ptr();
         hooks.cuda_handle = cuda_handle.release().ptr();
         hooks.refused = refused.release().ptr();
         hooks.no_loop = no_loop.release().ptr();
         hooks.invalid_state = invalid_state.release().ptr();
+        hooks.other_loop = other_loop.release().ptr();
     });
     if (PyModule_AddFunctions(m.ptr(), fast_methods) != 0) throw py::error_already_set();
 

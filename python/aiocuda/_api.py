@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar, Union, runtime_checkable
 
 from . import _core
 from ._errors import AiocudaError, CudaError
-from ._loop import no_loop_error, running_loop, state_for
+from ._loop import no_loop_error, on_loop_thread, other_loop, running_loop, shield, state_for
 
 __all__ = [
     "CpuStream", "Event", "StreamLike", "backends", "record", "set_strategy", "strategy",
@@ -114,6 +114,7 @@ _core.install_hooks(
     _refused,
     no_loop_error,
     asyncio.InvalidStateError,
+    other_loop,
 )
 
 #: Native: runs once per operation. See its docstring (``help(aiocuda.synchronize)``).
@@ -248,7 +249,7 @@ class Event:
     def __await__(self) -> Generator[Any, None, None]:
         if self._fut is None:
             return _complete().__await__()  # never recorded
-        return asyncio.shield(self._fut).__await__()
+        return shield(self._fut)
 
     def __del__(self) -> None:
         mark = getattr(self, "_cuda", 0)  # unset when __init__ was called wrongly
@@ -347,7 +348,7 @@ class CpuStream(_core.CpuStreamBase):
         Called by the stream's own work, it cannot wait for itself and returns. Idempotent.
         """
         self._close()
-        if asyncio.events._get_running_loop() is not None:
+        if on_loop_thread():
             return  # never wait on a loop's thread
         while not self._wait_closed(_CLOSE_SLICE_S):
             pass  # in slices: a signal (Ctrl-C) is handled between two

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import weakref
 from _weakref import _remove_dead_weakref  # type: ignore[attr-defined]
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from . import _core
 from ._errors import AiocudaError
 
-__all__ = ["Statistics", "statistics", "state_for", "running_loop"]
+__all__ = ["Statistics", "statistics", "state_for", "running_loop", "other_loop", "shield",
+           "wait_all"]
 
 #: Completions resolved per pass before the drain yields back to the loop (invariant 9).
 BATCH = 256
@@ -55,7 +57,7 @@ class LoopState:
             self.queue.close()
             raise AiocudaError(
                 f"{type(loop).__name__} does not support add_reader(), which aiocuda needs: use "
-                "the default selector event loop or uvloop"
+                "the default selector event loop, uvloop or trio"
             ) from None
 
     def _on_readable(self) -> None:
@@ -116,16 +118,56 @@ def no_loop_error(what: str) -> AiocudaError:
     """The error for calling `what` where no event loop is running."""
     return AiocudaError(
         f"{what} needs a running event loop: call it from a coroutine or a callback "
-        "running on the loop (for example inside asyncio.run(...))"
+        "running on the loop (for example inside asyncio.run(...) or trio.run(...))"
     )
 
 
+def other_loop() -> Any:
+    """Where asyncio has no running loop: the running trio run's loop adapter, or None.
+
+    trio is looked for only if something imported it: a program that never does pays nothing.
+    """
+    if "trio" not in sys.modules:
+        return None
+    from . import _trio
+
+    return _trio.current_loop()
+
+
 def running_loop(what: str) -> asyncio.AbstractEventLoop:
-    """Return the running loop, or raise an error saying where `what` must be called."""
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        raise no_loop_error(what) from None
+    """Return the running loop (asyncio's, or a trio run's adapter), or raise an error saying
+    where `what` must be called."""
+    loop = asyncio.events._get_running_loop()
+    if loop is None:
+        loop = other_loop()
+        if loop is None:
+            raise no_loop_error(what)
+    return loop  # type: ignore[no-any-return]
+
+
+def on_loop_thread() -> bool:
+    """True if this thread is running an event loop (asyncio's or a trio run)."""
+    return asyncio.events._get_running_loop() is not None or other_loop() is not None
+
+
+def shield(fut: Any) -> Generator[Any, None, Any]:
+    """``fut.__await__()`` that never cancels `fut` (``asyncio.shield``, for either kind)."""
+    if isinstance(fut, asyncio.Future):
+        return asyncio.shield(fut).__await__()
+    return fut.shielded()  # type: ignore[no-any-return]
+
+
+async def wait_all(aws: Iterable[Awaitable[Any]]) -> None:
+    """Await every operation in `aws`, already started (futures); the first error is raised
+    once all have ended, and nothing is left running."""
+    first: BaseException | None = None
+    for aw in list(aws):
+        try:
+            await aw
+        except Exception as exc:
+            first = first or exc
+    if first is not None:
+        raise first
 
 
 def state_for(loop: asyncio.AbstractEventLoop) -> LoopState:

@@ -31,7 +31,7 @@ import torch.utils._pytree as pytree
 from . import _core
 from ._api import CpuStream, synchronize, wait_cuda_event
 from ._errors import AiocudaError
-from ._loop import running_loop
+from ._loop import running_loop, shield, wait_all
 
 __all__ = ["CpuTorchEvent", "CpuTorchStream", "Event", "Stream", "replay"]
 
@@ -135,7 +135,7 @@ class CpuTorchEvent:
         fut = self._fut
         if fut is None or fut.get_loop() is not running_loop("awaiting a CpuTorchEvent"):
             fut = _cpu_event_waiter().wait_for(self._ev)
-        return asyncio.shield(fut).__await__()
+        return shield(fut)
 
 
 def _ok(err: str) -> None:
@@ -333,7 +333,7 @@ async def replay(graph: torch.cuda.CUDAGraph, stream: Any = None, *, device: Any
     if index is None and torch.cuda.device_count() == 1:
         index = 0
     devices = [index] if index is not None else list(range(torch.cuda.device_count()))
-    await asyncio.gather(*(_on_current_stream(torch.device("cuda", d)) for d in devices))
+    await wait_all([_on_current_stream(torch.device("cuda", d)) for d in devices])
 
 
 def _cuda_index(device: Any) -> int:

@@ -1,0 +1,221 @@
+"""trio: each trio run gets an object that looks, to aiocuda's core, like an asyncio loop.
+
+The core needs five things of a loop: ``create_future()``, ``add_reader(fd, cb)`` /
+``remove_reader(fd)``, ``call_soon(cb)`` and ``is_closed()``. :class:`TrioLoop` gives them for the
+trio run it was made in: the queue's eventfd is watched by a system task blocked in
+``trio.lowlevel.wait_readable`` (no thread, no polling), and the futures are :class:`TrioFuture`,
+whose awaiting task sleeps in ``trio.lowlevel.wait_task_rescheduled`` and is rescheduled by the
+drain, on the run's own thread. So the engine, the queue and the drain are the same for asyncio,
+uvloop and trio: only where the fd is watched and how a waiting task is woken differ.
+
+Cancellation follows asyncio's rules, through trio's cancel scopes: a task cancelled while it
+waits leaves the future; a future left by its last waiter is cancelled, so a completion that
+arrives later finds it done and is dropped (never resurrected), and its native record is freed
+then, as on asyncio. When the run ends, its system task is cancelled, the loop is closed and its
+queue with it: futures still pending are dropped, records still in flight free themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Generator
+from typing import Any, Generic, TypeVar
+
+import trio
+
+from ._errors import AiocudaError
+
+T = TypeVar("T")
+
+_log = logging.getLogger("aiocuda")
+_LOOP: trio.lowlevel.RunVar[TrioLoop] = trio.lowlevel.RunVar("aiocuda_loop")
+
+_PENDING, _DONE, _CANCELLED = 0, 1, 2
+
+
+def current_loop() -> TrioLoop | None:
+    """The running trio run's loop adapter (made on first use), or None outside a trio run."""
+    try:
+        return _LOOP.get()
+    except LookupError:
+        loop = TrioLoop()
+        _LOOP.set(loop)
+        return loop
+    except RuntimeError:  # not in a trio run (or on one of its worker threads)
+        return None
+
+
+class TrioLoop:
+    """A trio run, as aiocuda's completion queue sees a loop."""
+
+    __slots__ = ("_token", "_closed", "_readers", "__weakref__")
+
+    def __init__(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self._closed = False
+        self._readers: dict[int, trio.CancelScope] = {}
+
+    def create_future(self) -> TrioFuture[Any]:
+        return TrioFuture(self)
+
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def call_soon(self, callback: Callable[..., object], *args: Any) -> None:
+        """Run `callback(*args)` soon on the run's thread; from any thread."""
+        try:
+            self._token.run_sync_soon(callback, *args)
+        except trio.RunFinishedError:
+            raise RuntimeError("the trio run has finished") from None
+
+    call_soon_threadsafe = call_soon
+
+    def add_reader(self, fd: int, callback: Callable[[], object]) -> None:
+        scope = trio.CancelScope()
+        self._readers[fd] = scope
+        trio.lowlevel.spawn_system_task(self._watch, fd, callback, scope, name="aiocuda queue")
+
+    def remove_reader(self, fd: int) -> None:
+        scope = self._readers.pop(fd, None)
+        if scope is not None:
+            scope.cancel()
+            # The fd closes next: trio must forget it first (its docs: notify_closing).
+            trio.lowlevel.notify_closing(fd)
+
+    async def _watch(self, fd: int, callback: Callable[[], object],
+                     scope: trio.CancelScope) -> None:
+        try:
+            with scope:
+                while True:
+                    await trio.lowlevel.wait_readable(fd)
+                    try:
+                        callback()
+                    except Exception:  # a system task's exception would crash the whole run
+                        _log.exception("aiocuda: the completion queue's drain failed")
+        except trio.ClosedResourceError:
+            pass  # remove_reader
+        finally:
+            if self._readers.get(fd) is scope:  # the run is ending: so is this loop
+                del self._readers[fd]
+                self._closed = True
+                from ._loop import close_loop_states
+
+                close_loop_states()  # closes this loop's queue; pending futures are dropped
+
+    def __repr__(self) -> str:
+        return f"<aiocuda.TrioLoop {'closed' if self._closed else 'running'}>"
+
+
+class TrioFuture(Generic[T]):
+    """The outcome of one aiocuda operation under trio; ``await`` it in the run that made it.
+
+    Offers what aiocuda and its users use of ``asyncio.Future``: ``done``, ``cancelled``,
+    ``result``, ``exception``, ``cancel``, ``add_done_callback``, ``get_loop``. Several tasks
+    may await it; a task cancelled while it waits leaves it, and the last one to leave cancels
+    it (see the module's docstring).
+    """
+
+    __slots__ = ("_loop", "_state", "_value", "_exc", "_callbacks", "_waiters")
+
+    def __init__(self, loop: TrioLoop) -> None:
+        self._loop = loop
+        self._state = _PENDING
+        self._value: Any = None
+        self._exc: BaseException | None = None
+        self._callbacks: list[Callable[[TrioFuture[T]], object]] = []
+        self._waiters: list[Any] = []  # trio tasks, each asleep in _wait
+
+    def get_loop(self) -> TrioLoop:
+        return self._loop
+
+    def done(self) -> bool:
+        return self._state != _PENDING
+
+    def cancelled(self) -> bool:
+        return self._state == _CANCELLED
+
+    def result(self) -> T:
+        if self._state == _CANCELLED:
+            raise asyncio.CancelledError()
+        if self._state == _PENDING:
+            raise asyncio.InvalidStateError("result is not set")
+        if self._exc is not None:
+            raise self._exc
+        return self._value  # type: ignore[no-any-return]
+
+    def exception(self) -> BaseException | None:
+        if self._state == _CANCELLED:
+            raise asyncio.CancelledError()
+        if self._state == _PENDING:
+            raise asyncio.InvalidStateError("exception is not set")
+        return self._exc
+
+    def set_result(self, value: T) -> None:
+        self._settle(_DONE, value, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        if isinstance(exc, type):
+            exc = exc()
+        self._settle(_DONE, None, exc)
+
+    def cancel(self, msg: object = None) -> bool:
+        if self._state != _PENDING:
+            return False
+        self._settle(_CANCELLED, None, None)
+        return True
+
+    def add_done_callback(self, fn: Callable[[TrioFuture[T]], object], *,
+                          context: object = None) -> None:
+        if self._state != _PENDING:
+            self._loop.call_soon(fn, self)
+        else:
+            self._callbacks.append(fn)
+
+    def remove_done_callback(self, fn: Callable[[TrioFuture[T]], object]) -> int:
+        before = len(self._callbacks)
+        self._callbacks = [cb for cb in self._callbacks if cb != fn]
+        return before - len(self._callbacks)
+
+    def _settle(self, state: int, value: Any, exc: BaseException | None) -> None:
+        if self._state != _PENDING:
+            raise asyncio.InvalidStateError(f"invalid state: {self!r}")
+        self._state, self._value, self._exc = state, value, exc
+        waiters, self._waiters = self._waiters, []
+        for task in waiters:  # the drain runs on the run's thread: rescheduling is allowed
+            trio.lowlevel.reschedule(task)
+        callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            self._loop.call_soon(fn, self)
+
+    async def _wait(self, shielded: bool) -> T:
+        if self._state != _PENDING:
+            await trio.lowlevel.checkpoint()  # trio's rule: every await may switch and cancel
+            return self.result()
+        task = trio.lowlevel.current_task()
+        self._waiters.append(task)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._waiters.remove(task)
+            if not shielded and not self._waiters:
+                self.cancel()  # nobody waits any more: the outcome is dropped when it lands
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        if self._state == _CANCELLED:  # cancel() was called on it while this task waited
+            raise AiocudaError(
+                "the aiocuda future this task awaited was cancelled by another task; under trio, "
+                "cancel a wait by cancelling its task's cancel scope"
+            )
+        return self.result()
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self._wait(False).__await__()
+
+    def shielded(self) -> Generator[Any, None, T]:
+        """Await without ever cancelling the future (``asyncio.shield``'s rule)."""
+        return self._wait(True).__await__()
+
+    def __repr__(self) -> str:
+        state = ("pending", "done", "cancelled")[self._state]
+        return f"<aiocuda.TrioFuture {state}>"
