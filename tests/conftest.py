@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
+import logging
 import os
 import subprocess
 import sys
@@ -35,7 +36,14 @@ try:
 except ImportError:  # pragma: no cover - uvloop is a test dependency
     uvloop = None
 
+try:
+    import trio
+except ImportError:  # pragma: no cover - trio is a test dependency
+    trio = None
+
 LOOPS = ["asyncio", "uvloop"]
+#: The core suites (the public API's bodies) run on trio too: see tests/loops.py.
+ALL_LOOPS = [*LOOPS, "trio"]
 
 
 @pytest.fixture(params=["flag", "callback", "poll"])
@@ -70,22 +78,30 @@ class Ticker:
         self.reached = threading.Event()
 
     async def _run(self) -> None:
+        from .loops import sleep
+
         while True:
             self.ticks += 1
             if self.ticks >= self.until:
                 self.reached.set()
-            await asyncio.sleep(self.period)
+            await sleep(self.period)
 
     async def __aenter__(self) -> Ticker:
-        self._task = asyncio.ensure_future(self._run())
+        from .loops import Tasks
+
+        self._tasks = Tasks()  # on asyncio a task; in a trio run, a nursery holds it
+        await self._tasks.__aenter__()
+        self._task = self._tasks.spawn(self._run())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        await self._tasks.__aexit__(None, None, None)
+        if not self._task.done():  # asyncio: let the cancelled task finish
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
 
 
 def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -124,13 +140,49 @@ class Runner:
                 loop.close()
 
 
-@pytest.fixture(params=LOOPS)
-def run(request: pytest.FixtureRequest) -> Iterator[Runner]:
-    """Run a coroutine on the stock asyncio loop and on uvloop; check nothing leaked."""
-    runner = Runner(request.param)
+class TrioRunner(Runner):
+    """Runs coroutines in a fresh trio run; an error logged by aiocuda's queue task fails."""
+
+    def __call__(self, coro: Coroutine[Any, Any, Any], *, close: bool = True) -> Any:
+        if trio is None:
+            pytest.skip("trio is not installed (pip install aiocuda[test])")
+        errors = self.errors
+
+        class Catch(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                errors.append({"message": record.getMessage(), "exc": record.exc_info})
+
+        async def main() -> Any:
+            return await coro
+
+        handler = Catch(logging.ERROR)
+        log = logging.getLogger("aiocuda")
+        log.addHandler(handler)
+        try:
+            return trio.run(main)
+        finally:
+            log.removeHandler(handler)
+            coro.close()  # never started if trio refused to run
+
+
+def runner_for(kind: str) -> Iterator[Runner]:
+    """A Runner of `kind`; after the test, nothing native may be left and nothing logged."""
+    runner = TrioRunner(kind) if kind == "trio" else Runner(kind)
     yield runner
     settle_native()
     assert not runner.errors, f"unexpected loop exception handler calls: {runner.errors}"
+
+
+@pytest.fixture(params=LOOPS)
+def run(request: pytest.FixtureRequest) -> Iterator[Runner]:
+    """Run a coroutine on the stock asyncio loop and on uvloop; check nothing leaked."""
+    yield from runner_for(request.param)
+
+
+@pytest.fixture(params=ALL_LOOPS)
+def run_any(request: pytest.FixtureRequest) -> Iterator[Runner]:
+    """As `run`, and in a trio run: for bodies written with tests/loops.py's helpers."""
+    yield from runner_for(request.param)
 
 
 class Emu:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 import traceback
@@ -12,17 +11,18 @@ import pytest
 import aiocuda
 
 from .conftest import Ticker
+from .loops import Tasks, gather, in_thread, sleep, wait_for
 
 
-def test_submit_returns_the_result(run):
+def test_submit_returns_the_result(run_any):
     async def main():
         with aiocuda.CpuStream() as s:
             return await s.submit(lambda a, b=0: a * 10 + b, 4, b=2)
 
-    assert run(main()) == 42
+    assert run_any(main()) == 42
 
 
-def test_submit_reraises_and_the_stream_stays_usable(run):
+def test_submit_reraises_and_the_stream_stays_usable(run_any):
     def boom():
         raise KeyError("nope")
 
@@ -34,21 +34,21 @@ def test_submit_reraises_and_the_stream_stays_usable(run):
             assert "boom" in frames  # the worker's traceback travels with the exception
             return await s.submit(len, "abc")
 
-    assert run(main()) == 3
+    assert run_any(main()) == 3
 
 
-def test_work_runs_in_submission_order(run):
+def test_work_runs_in_submission_order(run_any):
     async def main():
         seen = []
         with aiocuda.CpuStream() as s:
             futs = [s.submit(seen.append, i) for i in range(2000)]
-            await asyncio.gather(*futs)
+            await gather(*futs)
         return seen
 
-    assert run(main()) == list(range(2000))
+    assert run_any(main()) == list(range(2000))
 
 
-def test_awaiting_a_stream_waits_for_prior_work(run):
+def test_awaiting_a_stream_waits_for_prior_work(run_any):
     async def main():
         with aiocuda.CpuStream() as s:
             t0 = time.monotonic()
@@ -56,10 +56,10 @@ def test_awaiting_a_stream_waits_for_prior_work(run):
             await s
             return time.monotonic() - t0
 
-    assert run(main()) >= 0.045
+    assert run_any(main()) >= 0.045
 
 
-def test_event_done_and_await(run):
+def test_event_done_and_await(run_any):
     async def main():
         with aiocuda.CpuStream() as s:
             s.delay(0.05)
@@ -70,29 +70,30 @@ def test_event_done_and_await(run):
             await ev  # awaiting again is fine
             return repr(ev)
 
-    assert "done" in run(main())
+    assert "done" in run_any(main())
 
 
-def test_cancelling_one_event_awaiter_leaves_the_others(run):
+def test_cancelling_one_event_awaiter_leaves_the_others(run_any):
     async def main():
         with aiocuda.CpuStream() as s:
             s.delay(0.05)
             ev = s.record()
-            a = asyncio.ensure_future(_await(ev))
-            b = asyncio.ensure_future(_await(ev))
-            await asyncio.sleep(0)
-            a.cancel()
-            await b
-            assert a.cancelled()
-            assert ev.done()
+            async with Tasks() as ts:
+                a = ts.spawn(_await(ev))
+                b = ts.spawn(_await(ev))
+                await sleep(0)
+                a.cancel()
+                await b
+                assert a.cancelled()
+                assert ev.done()
 
     async def _await(ev):
         await ev
 
-    run(main())
+    run_any(main())
 
 
-def test_wait_event_orders_work_across_streams(run):
+def test_wait_event_orders_work_across_streams(run_any):
     async def main():
         with aiocuda.CpuStream() as s1, aiocuda.CpuStream() as s2:
             t0 = time.monotonic()
@@ -103,10 +104,10 @@ def test_wait_event_orders_work_across_streams(run):
             assert ev.done()
             return started - t0
 
-    assert run(main()) >= 0.075
+    assert run_any(main()) >= 0.075
 
 
-def test_wait_on_an_event_never_recorded_does_not_block(run):
+def test_wait_on_an_event_never_recorded_does_not_block(run_any):
     async def main():
         with aiocuda.CpuStream() as s1, aiocuda.CpuStream() as s2:
             ev = s1.record()
@@ -114,10 +115,10 @@ def test_wait_on_an_event_never_recorded_does_not_block(run):
             s2.wait_event(ev)
             return await s2.submit(lambda: "ran")
 
-    assert run(main()) == "ran"
+    assert run_any(main()) == "ran"
 
 
-def test_close_is_idempotent_and_refuses_new_work(run):
+def test_close_is_idempotent_and_refuses_new_work(run_any):
     async def main():
         s = aiocuda.CpuStream()
         fut = s.submit(lambda: 1)
@@ -140,10 +141,10 @@ def test_close_is_idempotent_and_refuses_new_work(run):
             await ev
         assert aiocuda.statistics().pending == 0
 
-    run(main())
+    run_any(main())
 
 
-def test_submit_releases_the_gil_to_torch_like_work(run):
+def test_submit_releases_the_gil_to_torch_like_work(run_any):
     # The call waits without the GIL (as time.sleep and torch's kernels do) until the loop has
     # run another task 5 times: the loop keeps running while the stream works.
     async def main():
@@ -151,31 +152,30 @@ def test_submit_releases_the_gil_to_torch_like_work(run):
             with aiocuda.CpuStream() as s:
                 return await s.submit(ticker.reached.wait, 5)
 
-    assert run(main()) is True
+    assert run_any(main()) is True
 
 
-def test_the_worker_runs_calls_off_the_loop_thread(run):
+def test_the_worker_runs_calls_off_the_loop_thread(run_any):
     async def main():
         with aiocuda.CpuStream() as s:
             return await s.submit(threading.get_ident), threading.get_ident()
 
-    worker, loop_thread = run(main())
+    worker, loop_thread = run_any(main())
     assert worker != loop_thread
 
 
-def test_event_synchronize_blocks_a_thread_until_done(run):
+def test_event_synchronize_blocks_a_thread_until_done(run_any):
     async def main():
-        loop = asyncio.get_running_loop()
         with aiocuda.CpuStream() as s:
             s.delay(0.05)
             ev = s.record()
-            await loop.run_in_executor(None, ev.synchronize)
+            await in_thread(ev.synchronize)
             return ev.done()
 
-    assert run(main()) is True
+    assert run_any(main()) is True
 
 
-def test_a_call_may_close_its_own_stream(run):
+def test_a_call_may_close_its_own_stream(run_any):
     async def main():
         s = aiocuda.CpuStream()
         first = s.submit(lambda: "before")
@@ -187,10 +187,10 @@ def test_a_call_may_close_its_own_stream(run):
             s.submit(lambda: 1)
         s.close()
 
-    run(main())
+    run_any(main())
 
 
-def test_the_last_reference_may_go_away_on_the_worker(run):
+def test_the_last_reference_may_go_away_on_the_worker(run_any):
     async def main():
         s = aiocuda.CpuStream()
         # The only other reference to `s` travels with the call; once the worker drops it the
@@ -199,10 +199,10 @@ def test_the_last_reference_may_go_away_on_the_worker(run):
         del s
         return await fut
 
-    assert "CpuStream" in run(main())
+    assert "CpuStream" in run_any(main())
 
 
-def test_completions_reach_their_futures_in_stream_order(run):
+def test_completions_reach_their_futures_in_stream_order(run_any):
     # Calls, plain waits and events mixed on one stream resolve their futures in stream order:
     # when `await s` resumes, every earlier submit's future is done and its callback has run.
     async def main():
@@ -216,14 +216,14 @@ def test_completions_reach_their_futures_in_stream_order(run):
             last = s.submit(int, 99)
             await s
             seen = list(got)
-            await asyncio.gather(ev, last)
+            await gather(ev, last)
         return seen
 
     expected = [x for i in range(5) for x in (i, f"wait {i}")]
-    assert run(main()) == expected
+    assert run_any(main()) == expected
 
 
-def test_a_call_raising_stop_iteration_fails_its_future_only(run):
+def test_a_call_raising_stop_iteration_fails_its_future_only(run_any):
     # A future cannot hold StopIteration; the call's future gets a RuntimeError caused by it,
     # and the rest of the drain pass (here: the same batch) is delivered.
     async def main():
@@ -232,17 +232,16 @@ def test_a_call_raising_stop_iteration_fails_its_future_only(run):
             bad = s.submit(next, iter([]))
             good = s.submit(int, 1)
             done = aiocuda.synchronize(s)
-            results = await asyncio.wait_for(
-                asyncio.gather(bad, good, done, return_exceptions=True), 5)
+            results = await wait_for(gather(bad, good, done, return_exceptions=True), 5)
         return results
 
-    bad, good, done = run(main())
+    bad, good, done = run_any(main())
     assert isinstance(bad, RuntimeError) and "StopIteration" in str(bad)
     assert isinstance(bad.__cause__, StopIteration)
     assert good == 1 and done is None
 
 
-def test_base_exceptions_from_a_call_reach_the_awaiter(run):
+def test_base_exceptions_from_a_call_reach_the_awaiter(run_any):
     class Stop(BaseException):
         pass
 
@@ -253,13 +252,13 @@ def test_base_exceptions_from_a_call_reach_the_awaiter(run):
         with aiocuda.CpuStream() as s:
             fut = s.submit(boom)
             with pytest.raises(Stop, match="not an Exception"):
-                await asyncio.wait_for(asyncio.shield(fut), 5)
+                await wait_for(fut, 5)
             return await s.submit(int, 2)
 
-    assert run(main()) == 2
+    assert run_any(main()) == 2
 
 
-def test_a_record_refused_by_a_closed_stream_leaves_the_event_as_it_was(run):
+def test_a_record_refused_by_a_closed_stream_leaves_the_event_as_it_was(run_any):
     from aiocuda import _core
 
     ev = _core.CpuEvent()
@@ -270,7 +269,7 @@ def test_a_record_refused_by_a_closed_stream_leaves_the_event_as_it_was(run):
     ev.wait()  # returns at once
 
 
-def test_a_worker_keeps_one_python_thread_state(run):
+def test_a_worker_keeps_one_python_thread_state(run_any):
     # One thread state for the worker's life (not one per call: making one takes CPython's
     # runtime lock without the GIL, which a fork elsewhere could leave held in the child).
     local = threading.local()
@@ -283,10 +282,10 @@ def test_a_worker_keeps_one_python_thread_state(run):
         with aiocuda.CpuStream() as s:
             return [await s.submit(count) for _ in range(3)]
 
-    assert run(main()) == [1, 2, 3]
+    assert run_any(main()) == [1, 2, 3]
 
 
-def test_a_cancelled_submit_still_runs_its_function(run):
+def test_a_cancelled_submit_still_runs_its_function(run_any):
     # As work enqueued on a CUDA stream: cancelling the future drops the outcome, not the call.
     async def main():
         ran = []
@@ -300,4 +299,4 @@ def test_a_cancelled_submit_still_runs_its_function(run):
             assert fut.cancelled()
         assert ran == ["ran"]
 
-    run(main())
+    run_any(main())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import pytest
@@ -10,6 +9,8 @@ import pytest
 import aiocuda
 from aiocuda import _core
 from aiocuda._api import wait_cuda_event
+
+from .loops import gather, in_thread, sleep, wait_for
 
 pytestmark = pytest.mark.emu
 
@@ -27,7 +28,7 @@ class TorchLikeStream:
         self.cuda_stream = handle
 
 
-def test_synchronize_waits_for_the_streams_work(run, emu):
+def test_synchronize_waits_for_the_streams_work(run_any, emu):
     async def main():
         h = emu.stream()
         emu.sleep(h, 0.05)
@@ -35,11 +36,11 @@ def test_synchronize_waits_for_the_streams_work(run, emu):
         await aiocuda.synchronize(h)
         return time.monotonic() - t0
 
-    assert run(main()) >= 0.045
+    assert run_any(main()) >= 0.045
 
 
 @pytest.mark.parametrize("wrap", [int, ProtocolStream, TorchLikeStream])
-def test_stream_like_objects(run, emu, wrap):
+def test_stream_like_objects(run_any, emu, wrap):
     async def main():
         h = emu.stream()
         emu.sleep(h, 0.01)
@@ -48,10 +49,10 @@ def test_stream_like_objects(run, emu, wrap):
         await ev
         return ev.done()
 
-    assert run(main()) is True
+    assert run_any(main()) is True
 
 
-def test_event_done_follows_the_stream(run, emu):
+def test_event_done_follows_the_stream(run_any, emu):
     async def main():
         h = emu.stream()
         emu.sleep(h, 0.05)
@@ -61,24 +62,24 @@ def test_event_done_follows_the_stream(run, emu):
         assert ev.done()
         assert "cuda" in repr(ev)
 
-    run(main())
+    run_any(main())
 
 
-def test_many_streams_many_waits(run, emu):
+def test_many_streams_many_waits(run_any, emu):
     async def main():
         streams = [emu.stream() for _ in range(16)]
         for i, h in enumerate(streams):
             emu.sleep(h, 0.001 * i)
         futs = [aiocuda.synchronize(h) for h in streams for _ in range(1000)]
-        await asyncio.gather(*futs)
+        await gather(*futs)
         return aiocuda.statistics()
 
-    stats = run(main())
+    stats = run_any(main())
     assert stats.completed == 16_000 and stats.pending == 0
     assert _core.cuda_pending() == 0
 
 
-def test_completions_per_stream_are_fifo(run, emu):
+def test_completions_per_stream_are_fifo(run_any, emu):
     async def main():
         order: dict[int, list[int]] = {}
         streams = [emu.stream() for _ in range(4)]
@@ -88,14 +89,14 @@ def test_completions_per_stream_are_fifo(run, emu):
             f = aiocuda.synchronize(h)
             f.add_done_callback(lambda _f, h=h, i=i: order.setdefault(h, []).append(i))
             futs.append(f)
-        await asyncio.gather(*futs)
+        await gather(*futs)
         return order
 
-    for seq in run(main()).values():
+    for seq in run_any(main()).values():
         assert seq == sorted(seq) and len(seq) == 5000
 
 
-def test_submitting_after_a_sticky_error_is_refused_and_a_reset_recovers(run, emu):
+def test_submitting_after_a_sticky_error_is_refused_and_a_reset_recovers(run_any, emu):
     # An unknown stream handle is undefined behaviour in the driver (the emulator aborts, see
     # tests/test_emulator.py), so aiocuda promises nothing for one; a broken context it reports.
     async def main():
@@ -108,20 +109,19 @@ def test_submitting_after_a_sticky_error_is_refused_and_a_reset_recovers(run, em
         emu.reset_device(0)  # the only way back; it destroyed h
         await aiocuda.synchronize(emu.stream())
 
-    run(main())
+    run_any(main())
 
 
 def test_backends_lists_cuda_with_the_emulator(emu):
     assert aiocuda.backends() == ("cpu", "cuda")
 
 
-def test_event_synchronize_blocks_and_reports_errors(run, emu):
+def test_event_synchronize_blocks_and_reports_errors(run_any, emu):
     async def main():
-        loop = asyncio.get_running_loop()
         h = emu.stream()
         emu.sleep(h, 0.03)
         ev = aiocuda.record(h)
-        await loop.run_in_executor(None, ev.synchronize)
+        await in_thread(ev.synchronize)
         assert ev.done()
         emu.sleep(h, 5)
         ev2 = aiocuda.record(h)
@@ -134,11 +134,11 @@ def test_event_synchronize_blocks_and_reports_errors(run, emu):
             await ev2
         emu.reset_device(0)
 
-    run(main())
+    run_any(main())
 
 
 # ---- foreign events and whole-device waits (torch.cuda.Event, TensorFlow) ----------------------
-def test_a_foreign_event_is_awaited_when_it_completes(run, emu):
+def test_a_foreign_event_is_awaited_when_it_completes(run_any, emu):
     s = emu.stream()
     emu.sleep(s, 0.1)
     ev = emu.event(s)
@@ -146,36 +146,36 @@ def test_a_foreign_event_is_awaited_when_it_completes(run, emu):
     async def main():
         t0 = time.perf_counter()
         fut = wait_cuda_event(ev, 0)
-        await asyncio.sleep(0.03)
+        await sleep(0.03)
         assert not fut.done()
         await fut
         return time.perf_counter() - t0
 
-    assert run(main()) >= 0.09
+    assert run_any(main()) >= 0.09
 
 
-def test_a_late_event_does_not_hold_up_an_early_one(run, emu):
+def test_a_late_event_does_not_hold_up_an_early_one(run_any, emu):
     slow, fast = emu.stream(), emu.stream()
     emu.sleep(slow, 0.5)
     late, early = emu.event(slow), emu.event(fast)
 
     async def main():
         f_late = wait_cuda_event(late, 0)
-        await asyncio.wait_for(wait_cuda_event(early, 0), 0.3)  # each wait has its own stream
+        await wait_for(wait_cuda_event(early, 0), 0.3)  # each wait has its own stream
         assert not f_late.done()
         await f_late
 
-    run(main())
+    run_any(main())
 
 
-def test_an_event_never_recorded_is_complete(run, emu):
+def test_an_event_never_recorded_is_complete(run_any, emu):
     async def main():
-        await asyncio.wait_for(wait_cuda_event(0, 0), 1)
+        await wait_for(wait_cuda_event(0, 0), 1)
 
-    run(main())
+    run_any(main())
 
 
-def test_event_and_device_waits_check_the_device(run, emu):
+def test_event_and_device_waits_check_the_device(run_any, emu):
     async def main():
         with pytest.raises(aiocuda.CudaError, match="no CUDA device 3: this machine has 2") as e:
             wait_cuda_event(emu.event(emu.stream()), 3)
@@ -189,39 +189,39 @@ def test_event_and_device_waits_check_the_device(run, emu):
         with pytest.raises(TypeError, match="int CUDA device ordinal"):
             aiocuda.synchronize_device(True)
 
-    run(main())
+    run_any(main())
 
 
-def test_synchronize_device_waits_for_every_stream_and_serves_many_waiters(run, emu):
+def test_synchronize_device_waits_for_every_stream_and_serves_many_waiters(run_any, emu):
     a, b = emu.stream(), emu.stream()
     emu.sleep(a, 0.1)
     emu.sleep(b, 0.2)
 
     async def main():
         t0 = time.perf_counter()
-        await asyncio.gather(*[aiocuda.synchronize_device(0) for _ in range(200)])
+        await gather(*[aiocuda.synchronize_device(0) for _ in range(200)])
         return time.perf_counter() - t0
 
-    assert run(main()) >= 0.19
+    assert run_any(main()) >= 0.19
 
 
-def test_synchronize_device_fails_on_a_sticky_error(run, emu):
+def test_synchronize_device_fails_on_a_sticky_error(run_any, emu):
     s = emu.stream()
     emu.sleep(s, 5)
 
     async def main():
         fut = aiocuda.synchronize_device(0)
-        await asyncio.sleep(0.05)
+        await sleep(0.05)
         emu.inject_error(700)  # CUDA_ERROR_ILLEGAL_ADDRESS
         with pytest.raises(aiocuda.CudaError) as e:
-            await asyncio.wait_for(fut, 2)
+            await wait_for(fut, 2)
         assert e.value.code == 700
         emu.reset_device(0)
 
-    run(main())
+    run_any(main())
 
 
-def test_gpu_op_on_a_tensorflow_gpu_device_awaits_the_device(run, emu):
+def test_gpu_op_on_a_tensorflow_gpu_device_awaits_the_device(run_any, emu):
     # gpu_op's TensorFlow GPU path without TensorFlow: an explicit device and a plain function.
     s = emu.stream()
 
@@ -234,10 +234,10 @@ def test_gpu_op_on_a_tensorflow_gpu_device_awaits_the_device(run, emu):
         assert await aiocuda.gpu_op(enqueue, device="/GPU:0") == "queued"
         return time.perf_counter() - t0
 
-    assert run(main()) >= 0.09
+    assert run_any(main()) >= 0.09
 
 
-def test_gpu_op_with_a_raw_cuda_stream(run, emu):
+def test_gpu_op_with_a_raw_cuda_stream(run_any, emu):
     s = emu.stream()
 
     async def main():
@@ -245,5 +245,5 @@ def test_gpu_op_with_a_raw_cuda_stream(run, emu):
         out = await aiocuda.gpu_op(lambda n: (emu.sleep(s, 0.05), n * 2)[1], 21, stream=s)
         return out, time.perf_counter() - t0
 
-    out, took = run(main())
+    out, took = run_any(main())
     assert out == 42 and took >= 0.045

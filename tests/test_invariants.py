@@ -9,11 +9,13 @@ import threading
 import time
 
 import pytest
+import trio
 
 import aiocuda
 from aiocuda import _core, _loop
 
-from .conftest import LOOPS, new_loop, settle_native, wait_until
+from .conftest import ALL_LOOPS, new_loop, settle_native, wait_until
+from .loops import Tasks, Timeout, gather, sleep, wait_for
 
 # ctypes.PyDLL keeps the GIL held during the foreign call: a way to hold the GIL for a while.
 _libc_holding_gil = ctypes.PyDLL(None)
@@ -26,9 +28,9 @@ def _hold_gil(seconds: float) -> None:
 
 # 1. The completion path needs no GIL -------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["cpu", "cuda"])
-def test_completions_land_while_the_gil_is_held(run, emu, backend):
+def test_completions_land_while_the_gil_is_held(run_any, emu, backend):
     async def main():
-        st = _loop.state_for(asyncio.get_running_loop())
+        st = _loop.state_for(_loop.running_loop("test"))
         with aiocuda.CpuStream() as cpu:
             stream: object = cpu if backend == "cpu" else emu.stream()
             # Once first (its first use may take long: the first await of a session imports
@@ -44,10 +46,10 @@ def test_completions_land_while_the_gil_is_held(run, emu, backend):
             before = st.queue.pushed
             _hold_gil(0.4)  # nobody can take the GIL now, yet all 100 completions land
             during = st.queue.pushed - before
-            await asyncio.gather(*futs)
+            await gather(*futs)
             return during
 
-    assert run(main()) == 100
+    assert run_any(main()) == 100
 
 
 def test_host_functions_make_no_driver_calls_and_return_quickly(run, emu):
@@ -150,18 +152,18 @@ def test_a_stream_of_a_non_primary_context_is_refused(run, emu):
 
 
 # 5. No await hangs forever --------------------------------------------------------------------------
-def test_a_sticky_error_fails_every_pending_await_quickly(run, emu):
+def test_a_sticky_error_fails_every_pending_await_quickly(run_any, emu):
     async def main():
         streams = [emu.stream() for _ in range(4)]
         for h in streams:
             emu.sleep(h, 10.0)
         futs = [aiocuda.synchronize(h) for h in streams for _ in range(250)]
         events = [aiocuda.record(h) for h in streams]
-        await asyncio.sleep(0.02)
+        await sleep(0.02)
         t0 = time.monotonic()
         emu.inject_error(700)
-        results = await asyncio.wait_for(
-            asyncio.gather(*futs, *[_await(e) for e in events], return_exceptions=True), 5
+        results = await wait_for(
+            gather(*futs, *[_await(e) for e in events], return_exceptions=True), 5
         )
         elapsed = time.monotonic() - t0
         assert all(isinstance(r, aiocuda.CudaError) for r in results)
@@ -180,23 +182,23 @@ def test_a_sticky_error_fails_every_pending_await_quickly(run, emu):
 
     # The backstop checks every 20 ms; DESIGN asks for a bounded time (100 ms); allow for a
     # loaded CI machine without letting a hang pass.
-    assert run(main()) < 1.0
+    assert run_any(main()) < 1.0
 
 
-def test_await_honours_timeout_and_drops_the_late_completion(run):
+def test_await_honours_timeout_and_drops_the_late_completion(run_any):
     async def main():
         with aiocuda.CpuStream() as s:
             s.delay(0.15)
             fut = aiocuda.synchronize(s)
-            with pytest.raises(asyncio.TimeoutError):
-                await asyncio.wait_for(fut, 0.02)
+            with pytest.raises(Timeout):
+                await wait_for(fut, 0.02)
             assert fut.cancelled()
             assert aiocuda.statistics().pending == 1
             await s.submit(lambda: None)  # the late completion has landed and was dropped
             assert fut.cancelled()
             assert aiocuda.statistics().pending == 0
 
-    run(main())
+    run_any(main())
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is new in 3.11")
@@ -212,7 +214,7 @@ def test_asyncio_timeout_context_manager(run, emu):
     run(main())
 
 
-def test_cancelling_a_waiting_task_leaks_nothing(run):
+def test_cancelling_a_waiting_task_leaks_nothing(run_any):
     async def main():
         with aiocuda.CpuStream() as s:
             s.delay(0.05)
@@ -221,20 +223,20 @@ def test_cancelling_a_waiting_task_leaks_nothing(run):
             async def waiter():
                 await fut
 
-            task = asyncio.ensure_future(waiter())
-            await asyncio.sleep(0.005)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            async with Tasks() as ts:
+                task = ts.spawn(waiter())
+                await sleep(0.005)
+                task.cancel()
+            assert task.cancelled()
             await s  # the cancelled wait's completion arrives and is dropped
             assert fut.cancelled()
             assert aiocuda.statistics().pending == 0
 
-    run(main())  # teardown: no loop exception handler call, every native record freed
+    run_any(main())  # teardown: no loop exception handler call, every native record freed
 
 
 # 6. Resolved only on the loop's thread; never resurrected; freed exactly once ------------------
-def test_futures_resolve_on_their_loop_thread(run, emu):
+def test_futures_resolve_on_their_loop_thread(run_any, emu):
     async def main():
         me = threading.get_ident()
         seen = []
@@ -244,18 +246,18 @@ def test_futures_resolve_on_their_loop_thread(run, emu):
                     aiocuda.synchronize(h)]
             for f in futs:
                 f.add_done_callback(lambda _f: seen.append(threading.get_ident()))
-            await asyncio.gather(*futs, return_exceptions=True)
-        await asyncio.sleep(0)
+            await gather(*futs, return_exceptions=True)
+        await sleep(0)
         return me, seen
 
     def _raise():
         raise ValueError
 
-    me, seen = run(main())
+    me, seen = run_any(main())
     assert seen == [me] * 4
 
 
-def test_every_native_record_is_freed_exactly_once(run, emu):
+def test_every_native_record_is_freed_exactly_once(run_any, emu):
     async def main():
         h = emu.stream()
         with aiocuda.CpuStream() as s:
@@ -266,18 +268,18 @@ def test_every_native_record_is_freed_exactly_once(run, emu):
             for f in cancelled:
                 f.cancel()
             assert _core.live_records() == 300
-            await asyncio.gather(*ok)
+            await gather(*ok)
             await s
             await aiocuda.synchronize(h)
         assert wait_until(lambda: _core.live_records() == 0)
 
-    run(main())
+    run_any(main())
 
 
 # 7. One queue per loop, created on first use, removed when the loop closes -----------------------
-def test_one_queue_per_loop_removed_after_close(run):
+def test_one_queue_per_loop_removed_after_close(run_any):
     async def main():
-        loop = asyncio.get_running_loop()
+        loop = _loop.running_loop("test")
         assert id(loop) not in _loop._states
         with aiocuda.CpuStream() as s:
             await s
@@ -287,13 +289,13 @@ def test_one_queue_per_loop_removed_after_close(run):
             assert aiocuda.statistics().wakeups >= 1
         return id(loop), st
 
-    key, st = run(main())
+    key, st = run_any(main())
     _loop.close_loop_states()
     assert key not in _loop._states
     assert st.queue.closed
 
 
-def test_closing_the_loop_with_work_pending(run):
+def test_closing_the_loop_with_work_pending(run_any):
     s = aiocuda.CpuStream()
 
     async def main():
@@ -302,7 +304,7 @@ def test_closing_the_loop_with_work_pending(run):
         futs.append(s.submit(lambda: "late"))
         return futs
 
-    futs = run(main())  # the loop closes with all of it pending
+    futs = run_any(main())  # the loop closes with all of it pending
     assert not any(f.done() for f in futs)
     assert _core.live_records() == 11
     s.close()  # the work completes now, into a queue whose loop is gone
@@ -310,6 +312,7 @@ def test_closing_the_loop_with_work_pending(run):
 
 
 def test_several_loops_in_several_threads():
+    # asyncio, uvloop and trio runs at once, two of each, sharing one stream.
     shared = aiocuda.CpuStream()
     results: dict[int, object] = {}
 
@@ -319,29 +322,34 @@ def test_several_loops_in_several_threads():
                 futs = [aiocuda.synchronize(own) for _ in range(3000)]
                 futs += [aiocuda.synchronize(shared) for _ in range(3000)]
                 futs.append(shared.submit(lambda: i))
-                out = await asyncio.gather(*futs)
+                out = await gather(*futs)
             return out[-1], aiocuda.statistics().completed
 
-        loop = new_loop(LOOPS[i % 2])
+        kind = ALL_LOOPS[i % 3]
         try:
-            results[i] = loop.run_until_complete(main())
+            if kind == "trio":
+                results[i] = trio.run(main)
+                return
+            loop = new_loop(kind)
+            try:
+                results[i] = loop.run_until_complete(main())
+            finally:
+                loop.close()
         except BaseException as exc:  # reported below
             results[i] = exc
-        finally:
-            loop.close()
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     shared.close()
-    assert results == {i: (i, 6001) for i in range(4)}
+    assert results == {i: (i, 6001) for i in range(6)}
     settle_native()
 
 
 # 9. A drain resolves a bounded batch, then yields ---------------------------------------------
-def test_a_flood_is_drained_in_bounded_batches(run):
+def test_a_flood_is_drained_in_bounded_batches(run_any):
     n = 100_000
 
     async def main():
@@ -352,20 +360,21 @@ def test_a_flood_is_drained_in_bounded_batches(run):
             nonlocal ticks
             while not stop:
                 ticks += 1
-                await asyncio.sleep(0)
+                await sleep(0)
 
-        t = asyncio.ensure_future(ticker())
-        with aiocuda.CpuStream() as s:
-            s.delay(0.05)
-            futs = [aiocuda.synchronize(s) for _ in range(n)]
-            ticks_before = ticks
-            await asyncio.gather(*futs)
-            ticks_during = ticks - ticks_before
-        stop = True
-        await t
+        async with Tasks() as ts:
+            t = ts.spawn(ticker())
+            with aiocuda.CpuStream() as s:
+                s.delay(0.05)
+                futs = [aiocuda.synchronize(s) for _ in range(n)]
+                ticks_before = ticks
+                await gather(*futs)
+                ticks_during = ticks - ticks_before
+            stop = True
+            await t
         return ticks_during, aiocuda.statistics()
 
-    ticks, stats = run(main())
+    ticks, stats = run_any(main())
     assert stats.largest_batch <= _loop.BATCH
     assert stats.batches >= n // _loop.BATCH
     assert ticks >= n // _loop.BATCH // 2  # the other task ran between passes
@@ -401,7 +410,7 @@ def test_a_flood_runs_at_most_two_passes_per_loop_iteration(run):
     assert run(main()) <= 2 * _loop.BATCH
 
 
-def test_massive_queue_fifo_per_stream_with_coalesced_wakeups(run):
+def test_massive_queue_fifo_per_stream_with_coalesced_wakeups(run_any):
     n = 100_000
 
     async def main():
@@ -411,18 +420,18 @@ def test_massive_queue_fifo_per_stream_with_coalesced_wakeups(run):
             futs = [aiocuda.synchronize(s) for _ in range(n)]
             for i, f in enumerate(futs):
                 f.add_done_callback(lambda _f, i=i: order.append(i))
-            await asyncio.gather(*futs)
-        st = _loop.state_for(asyncio.get_running_loop())
+            await gather(*futs)
+        st = _loop.state_for(_loop.running_loop("test"))
         return order, aiocuda.statistics(), st.queue.signals
 
-    order, stats, signals = run(main())
+    order, stats, signals = run_any(main())
     assert order == list(range(n))
     assert stats.completed == n
     assert stats.wakeups < n // 100
     assert signals < n // 100
 
 
-def test_statistics_is_a_frozen_snapshot(run):
+def test_statistics_is_a_frozen_snapshot(run_any):
     async def main():
         with aiocuda.CpuStream() as s:
             await s
@@ -431,5 +440,5 @@ def test_statistics_is_a_frozen_snapshot(run):
             snap.completed = 0  # type: ignore[misc]
         return snap
 
-    snap = run(main())
+    snap = run_any(main())
     assert snap.completed == 1 and snap.pending == 0 and snap.batches >= 1

@@ -45,11 +45,11 @@ def test_stub_class_members_match():
             assert stubbed - {"__init__"} == real, node.name
 
 
-FRAMEWORK_MODULES = {"aiocuda.torch": "torch"}  # aiocuda.tensorflow is typed without TF stubs
+FRAMEWORK_MODULES = {"aiocuda.torch": "torch", "aiocuda._trio": "trio"}  # aiocuda.tensorflow: no TF stubs
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="mypy is not installed")
-@pytest.mark.parametrize("part", ["core", "aiocuda.torch"])
+@pytest.mark.parametrize("part", ["core", "aiocuda.torch", "aiocuda._trio"])
 def test_mypy_strict_passes_on_the_package(tmp_path, part):
     # From an empty directory, so mypy checks the installed package with its stubs.
     if part == "core":  # every module but those typed against a framework's own annotations

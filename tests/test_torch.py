@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 
@@ -18,7 +17,7 @@ from aiocuda._ops import Place  # noqa: E402
 from .conftest import Ticker, python_subprocess  # noqa: E402
 
 
-def test_gpu_op_runs_torch_cpu_work_off_the_loop(run):
+def test_gpu_op_runs_torch_cpu_work_off_the_loop(run_any):
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU())
     x = torch.randn(8, 64)
 
@@ -39,24 +38,24 @@ def test_gpu_op_runs_torch_cpu_work_off_the_loop(run):
             y = await aiocuda.gpu_op(forward, model, x)
         return y, seen[0] != loop_thread, seen[1]
 
-    y, off_loop, loop_ran = run(main())
+    y, off_loop, loop_ran = run_any(main())
     with torch.no_grad():
         assert torch.equal(y, model(x))
     assert off_loop
     assert loop_ran  # the loop ran other tasks meanwhile
 
 
-def test_gpu_op_with_a_module_and_kwargs(run):
+def test_gpu_op_with_a_module_and_kwargs(run_any):
     model = torch.nn.Linear(4, 2)
 
     async def main():
         with torch.no_grad():
             return await aiocuda.gpu_op(model, input=torch.ones(3, 4))
 
-    assert run(main()).shape == (3, 2)
+    assert run_any(main()).shape == (3, 2)
 
 
-def test_an_exception_reaches_the_awaiter_and_the_stream_stays_usable(run):
+def test_an_exception_reaches_the_awaiter_and_the_stream_stays_usable(run_any):
     async def main():
         with at.Stream(device="cpu") as s:
             with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
@@ -65,10 +64,10 @@ def test_an_exception_reaches_the_awaiter_and_the_stream_stays_usable(run):
             assert out.sum().item() == 12
             assert aiocuda.statistics().pending == 0
 
-    run(main())
+    run_any(main())
 
 
-def test_device_and_stream_must_agree_with_the_tensors(run):
+def test_device_and_stream_must_agree_with_the_tensors(run_any):
     async def main():
         if not torch.cuda.is_available():  # host tensors may go to a device, if there is one
             with pytest.raises(aiocuda.AiocudaError, match="PyTorch sees no CUDA device"):
@@ -83,7 +82,7 @@ def test_device_and_stream_must_agree_with_the_tensors(run):
             await aiocuda.gpu_op(torch.ones(1))
         assert aiocuda.statistics().pending == 0
 
-    run(main())
+    run_any(main())
 
 
 def test_device_tensors_may_not_be_contradicted(monkeypatch):
@@ -130,7 +129,7 @@ def test_tensors_are_found_at_any_depth():
     assert sorted(id(x) for x in at._tensors(tree)) == sorted(id(x) for x in t)
 
 
-def test_an_unsupported_framework_array_is_refused(run):
+def test_an_unsupported_framework_array_is_refused(run_any):
     class Foreign:  # a DLPack-capable array from a framework aiocuda does not know
         def __dlpack__(self):  # pragma: no cover - never called
             raise AssertionError
@@ -141,7 +140,7 @@ def test_an_unsupported_framework_array_is_refused(run):
         with aiocuda.CpuStream() as s:  # saying where it runs is enough
             assert isinstance(await aiocuda.gpu_op(lambda a: a, Foreign(), stream=s), Foreign)
 
-    run(main())
+    run_any(main())
 
 
 def test_cuda_stream_without_cuda_says_what_to_do():
@@ -158,7 +157,7 @@ def test_a_stream_on_a_device_that_is_not_cuda_says_what_to_do(device):
         at.Stream(device=device)
 
 
-def test_cpu_stream_has_torch_stream_methods(run):
+def test_cpu_stream_has_torch_stream_methods(run_any):
     async def main():
         order: list[str] = []
         a, b = at.Stream(device="cpu"), at.Stream(device="cpu")
@@ -176,10 +175,10 @@ def test_cpu_stream_has_torch_stream_methods(run):
         b.close()
         a.close()
 
-    run(main())
+    run_any(main())
 
 
-def test_a_cpu_event_recorded_outside_the_loop_can_be_awaited(run):
+def test_a_cpu_event_recorded_outside_the_loop_can_be_awaited(run_any):
     s = at.Stream(device="cpu")
     s.delay(0.05)
     ev = at.CpuTorchEvent()
@@ -190,17 +189,17 @@ def test_a_cpu_event_recorded_outside_the_loop_can_be_awaited(run):
         await aiocuda.wait(ev)
         return time.perf_counter() - t0
 
-    assert run(main()) > 0.02 and ev.query()
+    assert run_any(main()) > 0.02 and ev.query()
     ev.synchronize()
     s.close()
 
 
-def test_wait_on_torch_objects(run):
+def test_wait_on_torch_objects(run_any):
     async def main():
         t = torch.arange(4)
         assert await aiocuda.wait(t) is t  # CPU tensors are already computed
         fut = torch.futures.Future()
-        asyncio.get_running_loop().call_later(0.01, fut.set_result, 7)
+        threading.Timer(0.01, fut.set_result, [7]).start()
         assert await aiocuda.wait(fut) == 7
         failing = torch.futures.Future()
         threading.Timer(0.01, failing.set_exception, [ValueError("collective failed")]).start()
@@ -209,15 +208,15 @@ def test_wait_on_torch_objects(run):
         with pytest.raises(TypeError, match="cannot wait on builtins.object"):
             await aiocuda.wait(object())
 
-    run(main())
+    run_any(main())
 
 
-def test_replay_needs_a_graph(run):
+def test_replay_needs_a_graph(run_any):
     async def main():
         with pytest.raises(TypeError, match="needs a torch.cuda.CUDAGraph"):
             await at.replay(object())
 
-    run(main())
+    run_any(main())
 
 
 @pytest.mark.parametrize("module, extra", [("aiocuda.torch", "aiocuda[torch]"),
@@ -234,7 +233,7 @@ def test_a_missing_framework_names_the_extra(module, extra):
 
 
 @pytest.mark.parametrize("fn_raises", [False, True])
-def test_the_cuda_path_orders_streams_and_awaits_the_side_stream(run, emu, monkeypatch, fn_raises):
+def test_the_cuda_path_orders_streams_and_awaits_the_side_stream(run_any, emu, monkeypatch, fn_raises):
     # gpu_op's torch CUDA path on the driver emulator: the torch CPU build has no CUDA streams,
     # so torch's stream functions are stood in for by objects carrying emulator streams.
     log: list[str] = []
@@ -279,9 +278,9 @@ def test_the_cuda_path_orders_streams_and_awaits_the_side_stream(run, emu, monke
 
     if fn_raises:  # the work fn enqueued still runs: the caller's later work comes after it
         with pytest.raises(KeyError, match="after enqueuing work"):
-            run(main())
+            run_any(main())
     else:
-        out, took = run(main())
+        out, took = run_any(main())
         assert out == 42 and took >= 0.09  # awaited the side stream's work
     assert log == ["side waits for caller", "fn runs on side", "caller waits for side"]
 
@@ -330,7 +329,7 @@ async def _took(aw) -> float:
     return time.perf_counter() - t0
 
 
-def test_default_stream_waits_go_to_the_tensors_device(run, device1_busy, monkeypatch):
+def test_default_stream_waits_go_to_the_tensors_device(run_any, device1_busy, monkeypatch):
     # Each of these waits on handle 0 of cuda:1 while cuda:0 is current: if it went to the
     # current device instead, it would end at once, before device 1's work.
     class Work:
@@ -358,10 +357,10 @@ def test_default_stream_waits_go_to_the_tensors_device(run, device1_busy, monkey
         assert out[0].is_cuda and work.waited_after is not None and work.waited_after >= 0.09
 
     t0 = 0.0
-    run(main())
+    run_any(main())
 
 
-def test_replay_waits_on_the_graphs_device(run, device1_busy, monkeypatch):
+def test_replay_waits_on_the_graphs_device(run_any, device1_busy, monkeypatch):
     class Graph:  # stands for a graph captured on cuda:1: torch replays it there
         def replay(self) -> None:
             device1_busy(0.1)
@@ -376,10 +375,10 @@ def test_replay_waits_on_the_graphs_device(run, device1_busy, monkeypatch):
         with pytest.raises(ValueError, match="not a CUDA device"):
             await at.replay(Graph(), device="cpu")
 
-    run(main())
+    run_any(main())
 
 
-def test_a_collectives_error_surfaces_after_the_await(run, monkeypatch):
+def test_a_collectives_error_surfaces_after_the_await(run_any, monkeypatch):
     class Work:  # torch.distributed reports a failed or timed-out collective from wait()
         def get_future(self) -> torch.futures.Future:
             fut = torch.futures.Future()
@@ -395,4 +394,4 @@ def test_a_collectives_error_surfaces_after_the_await(run, monkeypatch):
         with pytest.raises(RuntimeError, match="timed out"):
             await aiocuda.wait(Work())
 
-    run(main())
+    run_any(main())

@@ -142,7 +142,7 @@ def running_loop(what: str) -> asyncio.AbstractEventLoop:
         loop = other_loop()
         if loop is None:
             raise no_loop_error(what)
-    return loop  # type: ignore[no-any-return]
+    return loop
 
 
 def on_loop_thread() -> bool:

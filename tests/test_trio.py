@@ -1,0 +1,228 @@
+"""trio and anyio: what only a trio run has (cancel scopes, its worker threads, the run's end),
+and anyio on both of its backends. The core bodies run on trio too (the `run_any` suites)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+import aiocuda
+from aiocuda import _core, _loop
+
+from .conftest import settle_native, wait_until
+
+trio = pytest.importorskip("trio", reason="trio is a test dependency: pip install aiocuda[test]")
+anyio = pytest.importorskip("anyio", reason="anyio is a test dependency: pip install aiocuda[test]")
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_cancelled_wait_is_never_resurrected_and_its_record_is_freed():
+    async def main():
+        with aiocuda.CpuStream() as s:
+            s.delay(0.05)
+            fut = aiocuda.synchronize(s)
+            with trio.move_on_after(0.005) as scope:
+                await fut
+            assert scope.cancelled_caught
+            assert fut.cancelled() and aiocuda.statistics().pending == 1
+            await s  # the cancelled wait's completion lands after it, and is dropped
+            assert fut.cancelled()
+            assert aiocuda.statistics().pending == 0
+            return _core.live_records()
+
+    assert trio.run(main) == 0
+    settle_native()
+
+
+def test_a_wait_left_by_one_of_two_tasks_still_completes_for_the_other():
+    async def main():
+        got = []
+        with aiocuda.CpuStream() as s:
+            s.delay(0.03)
+            fut = s.submit(lambda: "value")
+
+            async def waiter(scope: trio.CancelScope) -> None:
+                with scope:
+                    got.append(await fut)
+
+            left, stays = trio.CancelScope(), trio.CancelScope()
+            async with trio.open_nursery() as n:
+                n.start_soon(waiter, left)
+                n.start_soon(waiter, stays)
+                await trio.sleep(0.005)
+                left.cancel()
+        return got, fut.cancelled()
+
+    assert trio.run(main) == (["value"], False)  # the last waiter left nothing to cancel
+
+
+def test_a_trio_worker_thread_is_not_the_run():
+    async def main():
+        with aiocuda.CpuStream() as s:
+            with pytest.raises(aiocuda.AiocudaError, match=r"needs a running event loop.*trio\.run"):
+                await trio.to_thread.run_sync(aiocuda.synchronize, s)
+            await s
+
+    trio.run(main)
+
+
+def test_the_runs_end_closes_its_queue_and_fd_with_work_in_flight():
+    s = aiocuda.CpuStream()
+    fds = _fds()
+    states = []
+
+    async def main():
+        s.delay(0.1)
+        futs = [aiocuda.synchronize(s) for _ in range(10)] + [s.submit(lambda: "late")]
+        states.append(_loop.state_for(_loop.running_loop("test")))
+        return futs
+
+    futs = trio.run(main)  # the run ends with all of it pending
+    assert not any(f.done() for f in futs)
+    assert states[0].queue.closed
+    assert _core.live_records() == 11  # they keep the native queue and its fd until they land
+    s.close()  # the work completes now, into a queue whose run has ended
+    settle_native()
+    assert _fds() == fds  # then the eventfd is closed
+
+
+def test_no_cpu_on_the_runs_thread_while_the_work_runs():
+    async def main():
+        with aiocuda.CpuStream() as s:
+            await s  # first use: the queue and its task are set up
+            s.delay(0.3)
+            before = time.thread_time()
+            await s
+            return time.thread_time() - before
+
+    # A thread that polled would use the whole 0.3 s; asleep in wait_readable it uses next to
+    # nothing (thread CPU time, so a loaded machine does not make it larger).
+    assert trio.run(main) < 0.05
+
+
+def test_several_trio_runs_in_several_threads_keep_their_own_queues():
+    results: dict[int, object] = {}
+    shared = aiocuda.CpuStream()
+
+    def worker(i: int) -> None:
+        async def main():
+            loop = _loop.running_loop("test")
+            futs = [shared.submit(lambda: i) for _ in range(500)]
+            out = [await f for f in futs]
+            return out == [i] * 500, aiocuda.statistics().completed, loop
+
+        try:
+            results[i] = trio.run(main)
+        except BaseException as exc:  # reported below
+            results[i] = exc
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    shared.close()
+    assert [r[:2] for r in results.values()] == [(True, 500)] * 4, results
+    assert len({id(r[2]) for r in results.values()}) == 4  # one loop adapter per run
+    settle_native()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "uvloop", "trio"])
+def test_anyio_on_both_backends(backend):
+    async def main():
+        with aiocuda.CpuStream() as s:
+            s.delay(0.02)
+            results = []
+            async with anyio.create_task_group() as tg:
+                for i in range(3):
+                    tg.start_soon(lambda i=i: _append(results, s, i))
+            with anyio.move_on_after(0.005) as scope:
+                s.delay(0.2)
+                await s
+            assert scope.cancelled_caught
+            await s
+            doubled = await aiocuda.gpu_op(lambda x: x * 2, 21)
+        return sorted(results), doubled
+
+    async def _append(results, s, i):
+        results.append(await s.submit(lambda: i))
+
+    options = {"use_uvloop": True} if backend == "uvloop" else {}
+    got = anyio.run(main, backend="asyncio" if backend == "uvloop" else backend,
+                    backend_options=options)
+    assert got == ([0, 1, 2], 42)
+    settle_native()
+
+
+def test_the_future_api_under_trio():
+    async def main():
+        loop = _loop.running_loop("test")
+        fut = loop.create_future()
+        seen = []
+        fut.add_done_callback(lambda f: seen.append(("cb", f.result())))
+        fut.add_done_callback(seen.append)
+        assert fut.remove_done_callback(seen.append) == 1
+        assert not fut.done() and fut.get_loop() is loop
+        with pytest.raises(Exception, match="not set"):
+            fut.result()
+        fut.set_result(5)
+        with pytest.raises(Exception, match="invalid state"):
+            fut.set_result(6)  # the native drain relies on this to drop late completions
+        assert await fut == 5 and fut.exception() is None
+        await trio.sleep(0)
+        assert seen == [("cb", 5)]
+        failed = loop.create_future()
+        failed.set_exception(ValueError("no"))
+        with pytest.raises(ValueError, match="no"):
+            await failed
+        assert not failed.cancel() and not failed.cancelled()
+
+        other = loop.create_future()
+
+        async def waiter():
+            with pytest.raises(aiocuda.AiocudaError, match="cancel scope"):
+                await other
+
+        async with trio.open_nursery() as n:
+            n.start_soon(waiter)
+            await trio.sleep(0.001)
+            assert other.cancel()  # another task's future: trio cannot cancel that task
+
+    trio.run(main)
+
+
+def test_a_trio_run_and_an_asyncio_loop_at_once():
+    import asyncio
+
+    done = threading.Event()
+    out: dict[str, object] = {}
+
+    def trio_side() -> None:
+        async def main():
+            with aiocuda.CpuStream() as s:
+                s.delay(0.05)
+                await s
+            return "trio"
+
+        out["trio"] = trio.run(main)
+        done.set()
+
+    async def asyncio_side():
+        with aiocuda.CpuStream() as s:
+            s.delay(0.05)
+            await s
+        return "asyncio"
+
+    t = threading.Thread(target=trio_side)
+    t.start()
+    out["asyncio"] = asyncio.run(asyncio_side())
+    assert wait_until(done.is_set, 30)
+    t.join()
+    assert out == {"trio": "trio", "asyncio": "asyncio"}
+    settle_native()
