@@ -226,3 +226,17 @@ def test_a_trio_run_and_an_asyncio_loop_at_once():
     t.join()
     assert out == {"trio": "trio", "asyncio": "asyncio"}
     settle_native()
+
+
+def test_closing_a_stream_in_a_trio_run_never_waits_for_its_work():
+    async def main():
+        gate = threading.Event()
+        s = aiocuda.CpuStream()
+        held = s.submit(gate.wait, 30)
+        s.close()  # on the run's thread: returns at once, the work runs on
+        assert s.closed and not held.done()
+        gate.set()
+        assert await held is True  # its future still completes
+
+    trio.run(main)
+    settle_native()
