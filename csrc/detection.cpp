@@ -75,6 +75,16 @@ bool pass(Strategy strat, bool backstop) {
     bool progress = false;
     {
         std::lock_guard<std::mutex> g(eng->mu);
+        for (Mark* m : eng->seen) {  // marks host functions reported and left to this thread
+            if (!m->tl->cs->retired) {
+                Timeline* tl = m->tl;
+                passed(m, CUDA_SUCCESS);
+                reap(tl);
+                progress = true;
+            }
+            unref(m);
+        }
+        eng->seen.clear();
         read_flags(Clock::now(), &progress);
         tls = eng->active;
         for (Timeline* tl : tls)
@@ -335,6 +345,13 @@ void start_engine_locked() {
 }
 
 // Runs on the driver's callback thread: native memory only, no GIL, no CUDA call.
+// A host function completes at most this many awaits itself; a mark with more behind it goes to
+// the engine thread. cuLaunchHostFunc: "Host functions without a mandated order (such as in
+// independent streams) execute in undefined order and may be serialized": on one thread, with the
+// process's other host functions, so each must stay short (NCCL's and torch's share it). Few
+// awaits: the host function completes them, one hop as ever.
+constexpr size_t kHostFnPushes = 64;
+
 void on_host_fn(void* key) {
     std::lock_guard<std::mutex> g(eng->mu);
     Mark* m = slot_get(reinterpret_cast<uintptr_t>(key));
@@ -342,7 +359,19 @@ void on_host_fn(void* key) {
     Timeline* tl = m->tl;
     --tl->watching;
     m->watched = false;
-    if (!tl->cs->retired) {
+    if (!tl->cs->retired && !m->done) {
+        size_t behind = 0;  // passed(m) completes every earlier mark's awaits too
+        for (Mark* p = tl->head; p && behind <= kHostFnPushes; p = p->next) {
+            if (!p->done) behind += p->waiters;
+            if (p == m) break;
+        }
+        if (behind > kHostFnPushes) {
+            eng->seen.push_back(m);  // with the watch's reference
+            ++eng->handed_over;
+            eng->kick = true;
+            eng->cv.notify_one();
+            return;
+        }
         passed(m, CUDA_SUCCESS);
         reap(tl);  // hands the open mark, if any, to its placer
     }

@@ -56,6 +56,7 @@ struct Stats {
     size_t threads;            // native threads aiocuda started
     size_t flag_words;         // words of host memory streams write their marks to
     size_t timelines;          // streams aiocuda keeps a timeline of (idle ones are dropped)
+    size_t handed_over;        // marks with many awaits that host functions left to the engine
 };
 Stats stats();
 

@@ -170,6 +170,8 @@ struct Engine {
     std::vector<CtxState*> ctxs;         // live and retired (retired ones are leaked: rare)
     std::vector<Timeline*> active;       // timelines with marks or waiters
     std::vector<Mark*> to_watch;         // kCallback: placed, not watched yet
+    std::vector<Mark*> seen;             // passed, as host functions said: too many for them
+    size_t handed_over = 0;              // marks host functions left to this thread (tests)
     std::vector<Mark*> slots;            // host-function keys: (generation << 32) | index
     std::vector<uint32_t> gens;
     std::vector<uint32_t> free_slots;

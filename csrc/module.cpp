@@ -681,6 +681,7 @@ PYBIND11_MODULE(_core, m) {
         out["threads"] = st.threads;
         out["flag_words"] = st.flag_words;
         out["timelines"] = st.timelines;
+        out["handed_over"] = st.handed_over;
         return out;
     });
     m.def("cuda_pending", [] { return cuda::stats().pending; });

@@ -442,3 +442,34 @@ def test_statistics_is_a_frozen_snapshot(run_any):
 
     snap = run_any(main())
     assert snap.completed == 1 and snap.pending == 0 and snap.batches >= 1
+
+
+def test_a_host_function_completes_few_awaits_itself_and_leaves_many_to_the_engine(run, emu):
+    # The driver runs every host function of the process on one thread: one that completed
+    # 10,000 awaits would hold up every other host function. Few awaits: the host function
+    # completes them (one hop); many: the engine thread does, in the same order.
+    before = aiocuda.strategy()
+    aiocuda.set_strategy("callback")
+
+    async def main():
+        h = emu.stream()
+        order: list[int] = []
+        handed = _core.cuda_stats()["handed_over"]
+        emu.sleep(h, 0.02)
+        few = [aiocuda.synchronize(h) for _ in range(8)]
+        await asyncio.gather(*few)
+        after_few = _core.cuda_stats()["handed_over"] - handed
+        emu.sleep(h, 0.02)
+        many = [aiocuda.synchronize(h) for _ in range(10_000)]
+        for i, f in enumerate(many):
+            f.add_done_callback(lambda _f, i=i: order.append(i))
+        await asyncio.gather(*many)
+        return after_few, _core.cuda_stats()["handed_over"] - handed, order
+
+    try:
+        after_few, after_many, order = run(main())
+    finally:
+        aiocuda.set_strategy(before)
+    assert after_few == 0
+    assert after_many >= 1
+    assert order == list(range(10_000))
