@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 import aiocuda
-from aiocuda.bench import _peers, _report
+from aiocuda.bench import _peers, _report, _trio
 from aiocuda.bench._methods import (
     AIOCUDA,
     AIOCUDA_CALLBACK,
@@ -51,6 +51,9 @@ TINY = _report.Config(
 )
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
+# The loops the whole report runs on (trio: its wake-up latency only, bench/_trio.py).
+ASYNCIO_LOOPS = tuple(k for k in _report.available_loops() if k != "trio")
+
 
 @pytest.fixture(scope="module")
 def report() -> _report.Report:
@@ -62,11 +65,17 @@ def _sources() -> dict[str, str]:
 
 
 def test_every_comparison_is_measured_on_every_source_and_loop(report):
-    sources, loops = _sources(), set(_report.available_loops())
+    sources, loops = _sources(), set(ASYNCIO_LOOPS)
     assert report.timed_out == [] and report.failed == []
     assert {(t["source"], t["loop"]) for t in report.throughput} == {
         (s, lp) for s in sources for lp in loops
     }
+    if "trio" in _report.available_loops():  # bench/_trio.py: wake-up latency only
+        for s, kind in sources.items():
+            rows = [r for r in report.latency if r["source"] == s and r["loop"] == "trio"]
+            assert {r["method"] for r in rows} == set(_trio.methods_for(kind))
+            assert all(len(r["samples_us"]) == TINY.latency_samples for r in rows)
+        assert "wake-up latency in a trio run" in _report.table(report)
     for s, kind in sources.items():
         methods = methods_for(kind)
         ours = [m for m in methods if m in (AIOCUDA, AIOCUDA_FLAG, AIOCUDA_CALLBACK, AIOCUDA_POLL)]
@@ -111,9 +120,9 @@ def test_stalls_and_kernels_are_measured_on_the_cuda_path_per_strategy(report):
     if not CUDA:
         pytest.skip("the cuda backend is not available")
     each = {(m, lp) for m in (AIOCUDA_FLAG, AIOCUDA_CALLBACK, AIOCUDA_POLL)
-            for lp in _report.available_loops()}
+            for lp in ASYNCIO_LOOPS}
     assert {(s["method"], s["loop"]) for s in report.stall} == each | {
-        (CALLBACK, lp) for lp in _report.available_loops()}
+        (CALLBACK, lp) for lp in ASYNCIO_LOOPS}
     assert all(s["samples_us"] for s in report.stall)  # stream held long enough to queue both
     assert {(k["method"], k["loop"]) for k in report.kernels} == each
     assert all(k["emulated"] and k["ratio"] > 0 for k in report.kernels)
@@ -243,7 +252,7 @@ def test_a_loop_stuck_for_good_ends_the_run_with_the_report_so_far(tmp_path):
     code = textwrap.dedent(f"""
         import asyncio, io, sys, time
         from pathlib import Path
-        from aiocuda.bench import _report
+        from aiocuda.bench import _report, _trio
         cfg = _report.Config(step_timeout_s=0.2, stuck_grace_s=0.3)
         report = _report.Report("test machine", True, {{"repeats": 1, "latency_samples": 1}})
         report.notes.append("measured before")

@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench-report"),
                     help="output folder (default: bench-report); report.json and report.txt "
                     "are rewritten after every measurement")
-    ap.add_argument("--loop", choices=("asyncio", "uvloop"), action="append",
+    ap.add_argument("--loop", choices=("asyncio", "uvloop", "trio"), action="append",
                     help="only this loop (repeatable; default: both when uvloop is installed)")
     ap.add_argument("--source", choices=("cpu", "cuda"), action="append",
                     help="only this source (repeatable; default: cpu, and cuda where the cuda "

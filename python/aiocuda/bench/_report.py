@@ -220,11 +220,10 @@ def new_loop(kind: str) -> asyncio.AbstractEventLoop:
 
 
 def available_loops() -> tuple[str, ...]:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return ("asyncio",)
-    return LOOPS
+    """The loops installed: asyncio, uvloop, and trio (its wake-up latency only)."""
+    import importlib.util
+
+    return ("asyncio", *(k for k in ("uvloop", "trio") if importlib.util.find_spec(k)))
 
 
 def sources(skipped: list[str], kinds: tuple[str, ...] = ("cpu", "cuda")
@@ -360,8 +359,10 @@ def run(cfg: Config, quick: bool, loops: tuple[str, ...], out: Path | None = Non
     makers = sources(report.skipped, kinds)
     if "uvloop" not in available_loops():
         report.skipped.append("uvloop: not installed (pip install 'aiocuda[bench]')")
-    total = sum(len(loops) * len(_plan(report, cfg, "cuda" if make is DriverSource else "cpu",
-                                       None, "")) + cfg.memory_repeats for make in makers)
+    asyncio_loops = tuple(k for k in loops if k != "trio")
+    total = sum(len(asyncio_loops) * len(_plan(report, cfg, "cuda" if make is DriverSource
+                                               else "cpu", None, ""))
+                + cfg.memory_repeats + ("trio" in loops) * 3 for make in makers)
     progress = Progress(total)
     runner = Runner(report, cfg, progress, out, base)
     try:
@@ -369,7 +370,7 @@ def run(cfg: Config, quick: bool, loops: tuple[str, ...], out: Path | None = Non
             src = make()
             runner.src = src
             src.peers.update(attach(src, report.skipped, report.failed, report.notes))
-            progress.total += len(loops) * (len(_plan(report, cfg, src.kind, None, "",
+            progress.total += len(asyncio_loops) * (len(_plan(report, cfg, src.kind, None, "",
                                                       tuple(src.peers)))
                                             - len(_plan(report, cfg, src.kind, None, "")))
             for note in src.notes:
@@ -384,6 +385,12 @@ def run(cfg: Config, quick: bool, loops: tuple[str, ...], out: Path | None = Non
                             "seconds": 0.0}
                     report.parts.append(part)  # from now on this pair replaces a base's
                     t0 = time.monotonic()
+                    if kind == "trio":
+                        try:
+                            _trio_suite(runner, src)
+                        finally:
+                            part["seconds"] = round(time.monotonic() - t0, 1)
+                        continue
                     loop = new_loop(kind)
                     try:
                         loop.run_until_complete(_suite(runner, src, kind))
@@ -402,6 +409,34 @@ def run(cfg: Config, quick: bool, loops: tuple[str, ...], out: Path | None = Non
     progress.finish()
     report.elapsed_s = time.monotonic() - t_start
     return runner.current()
+
+
+def _trio_suite(runner: Runner, src: Source) -> None:
+    """Wake-up latency in a trio run (bench/_trio.py), each step bounded as on asyncio."""
+    import trio
+
+    from . import _trio
+
+    async def main() -> None:
+        for m, measure in _trio.steps(src, runner.cfg.latency_samples):
+            what = f"{src.name} trio: wake-up latency {m}"
+            runner.progress.step(what)
+            timeout = runner.cfg.step_timeout_s
+            runner.watchdog.arm(what, timeout, src.open_gates)
+            try:
+                with trio.fail_after(timeout):
+                    first, *samples = await measure()
+                runner.report.latency.append({"source": src.name, "loop": "trio", "method": m,
+                                              **_summary_us(samples), "first_us": first * 1e6})
+            except trio.TooSlowError:
+                runner.report.timed_out.append(f"{what}: no result within {timeout:g} s")
+            except Exception as e:  # noqa: BLE001 - reported, and the run goes on
+                runner.report.failed.append(f"{what}: {type(e).__name__}: {e}")
+            finally:
+                runner.watchdog.disarm()
+            runner.save()
+
+    trio.run(main)
 
 
 async def _suite(runner: Runner, src: Source, kind: str) -> None:
@@ -760,6 +795,14 @@ def targets(r: Report) -> list[dict[str, Any]]:
                         check(what, k["ratio"])
                     else:
                         check(what, k["ratio"], ">= 0.8x", k["ratio"] >= 0.8)
+            if loop == "trio":  # bench/_trio.py: wake-up latency only, against trio's own ways
+                lat = _find(r.latency, method=m, **key)
+                for alt in ("trio to_thread", "trio poll 1ms"):
+                    other = _find(r.latency, method=alt, **key)
+                    if lat and other:
+                        for p in ("p50", "p99"):
+                            check(f"{m}: wake-up {p} vs {alt} ({where})",
+                                  ratio(lat[f"{p}_us"], other[f"{p}_us"]))
     return out
 
 
@@ -824,6 +867,13 @@ def table(r: Report) -> str:
                 lines.append(f"  idle CPU with nothing waiting (the gate alone): "
                              f"{none['percent']:.1f}%")
             lines.append("")
+    trio_rows = [x for x in r.latency if x["loop"] == "trio"]
+    if trio_rows:
+        lines.append("wake-up latency in a trio run (one wait at a time)")
+        for x in trio_rows:
+            lines.append(f"  {x['source']:8} {x['method']:{w}} p50 {x['p50_us']:7.0f} us  "
+                         f"p99 {x['p99_us']:7.0f} us")
+        lines.append("")
     for c in dict.fromkeys(capped_rows):
         lines.append(f"* {c}: each wait is a Python host function, and a driver's queues are "
                      "bounded")
