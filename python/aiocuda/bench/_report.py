@@ -796,13 +796,13 @@ def targets(r: Report) -> list[dict[str, Any]]:
                     else:
                         check(what, k["ratio"], ">= 0.8x", k["ratio"] >= 0.8)
             if loop == "trio":  # bench/_trio.py: wake-up latency only, against trio's own ways
-                lat = _find(r.latency, method=m, **key)
+                mine = _find(r.latency, method=m, **key)
                 for alt in ("trio to_thread", "trio poll 1ms"):
-                    other = _find(r.latency, method=alt, **key)
-                    if lat and other:
-                        for p in ("p50", "p99"):
-                            check(f"{m}: wake-up {p} vs {alt} ({where})",
-                                  ratio(lat[f"{p}_us"], other[f"{p}_us"]))
+                    theirs = _find(r.latency, method=alt, **key)
+                    if mine and theirs:
+                        for pct in ("p50", "p99"):
+                            check(f"{m}: wake-up {pct} vs {alt} ({where})",
+                                  ratio(mine[f"{pct}_us"], theirs[f"{pct}_us"]))
     return out
 
 
