@@ -240,3 +240,35 @@ def test_closing_a_stream_in_a_trio_run_never_waits_for_its_work():
 
     trio.run(main)
     settle_native()
+
+
+def test_an_event_awaited_in_another_run_or_loop_says_where_to_await_it():
+    import asyncio
+
+    made: list[aiocuda.Event] = []
+
+    async def record_in_trio():
+        with aiocuda.CpuStream() as s:
+            made.append(s.record())
+            await made[-1]
+
+    async def await_elsewhere():
+        with pytest.raises(aiocuda.AiocudaError, match="another trio run"):
+            await made[0]
+
+    trio.run(record_in_trio)
+    trio.run(await_elsewhere)  # a second run
+    asyncio.run(await_elsewhere())  # an asyncio loop
+
+    async def record_in_asyncio():
+        with aiocuda.CpuStream() as s:
+            made[:] = [s.record()]
+            await made[0]
+
+    async def await_in_trio():
+        with pytest.raises(aiocuda.AiocudaError, match="another event loop"):
+            await made[0]
+
+    asyncio.run(record_in_asyncio())
+    trio.run(await_in_trio)
+    settle_native()

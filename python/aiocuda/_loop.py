@@ -153,6 +153,11 @@ def on_loop_thread() -> bool:
 def shield(fut: Any) -> Generator[Any, None, Any]:
     """``fut.__await__()`` that never cancels `fut` (``asyncio.shield``, for either kind)."""
     if isinstance(fut, asyncio.Future):
+        if asyncio.events._get_running_loop() is not fut.get_loop():
+            raise AiocudaError(
+                "this aiocuda operation was started on another event loop (or a trio run is "
+                "awaiting it): await it on the loop that started it, or start it again here"
+            )
         return asyncio.shield(fut).__await__()
     return fut.shielded()  # type: ignore[no-any-return]
 

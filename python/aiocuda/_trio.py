@@ -49,12 +49,27 @@ def current_loop() -> TrioLoop | None:
 class TrioLoop:
     """A trio run, as aiocuda's completion queue sees a loop."""
 
-    __slots__ = ("_token", "_closed", "_readers", "__weakref__")
+    __slots__ = ("_token", "_closed", "_readers", "_deferred", "__weakref__")
 
     def __init__(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
         self._closed = False
         self._readers: dict[int, trio.CancelScope] = {}
+        self._deferred = 0  # futures' done callbacks (and wake-ups behind them) not run yet
+
+    def defer(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run `fn(*args)` soon on the run's thread, in order with other deferred calls; an
+        exception is logged (it must not crash the run)."""
+        self._deferred += 1
+        self.call_soon(self._run_deferred, fn, args)
+
+    def _run_deferred(self, fn: Callable[..., object], args: tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            _log.exception("aiocuda: exception in a future's done callback %r", fn)
+        finally:
+            self._deferred -= 1
 
     def create_future(self) -> TrioFuture[Any]:
         return TrioFuture(self)
@@ -168,7 +183,7 @@ class TrioFuture(Generic[T]):
     def add_done_callback(self, fn: Callable[[TrioFuture[T]], object], *,
                           context: object = None) -> None:
         if self._state != _PENDING:
-            self._loop.call_soon(fn, self)
+            self._loop.defer(fn, self)
         else:
             self._callbacks.append(fn)
 
@@ -182,13 +197,28 @@ class TrioFuture(Generic[T]):
             raise asyncio.InvalidStateError(f"invalid state: {self!r}")
         self._state, self._value, self._exc = state, value, exc
         waiters, self._waiters = self._waiters, []
-        for task in waiters:  # the drain runs on the run's thread: rescheduling is allowed
-            trio.lowlevel.reschedule(task)
         callbacks, self._callbacks = self._callbacks, []
+        loop = self._loop
+        if not callbacks and not loop._deferred:
+            _wake(waiters)  # the usual case: straight away (the drain runs on the run's thread)
+            return
+        # As on asyncio: done callbacks run soon, in completion order, and a task woken by a
+        # later completion runs after the callbacks of earlier ones.
         for fn in callbacks:
-            self._loop.call_soon(fn, self)
+            loop.defer(fn, self)
+        if waiters:
+            loop.defer(_wake, waiters)
 
     async def _wait(self, shielded: bool) -> T:
+        try:
+            here = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            here = None
+        if here is not self._loop._token:
+            raise AiocudaError(
+                "this aiocuda operation was started in another trio run (or an asyncio loop is "
+                "awaiting it): await it in the run that started it, or start it again here"
+            )
         if self._state != _PENDING:
             await trio.lowlevel.checkpoint()  # trio's rule: every await may switch and cancel
             return self.result()
@@ -219,3 +249,8 @@ class TrioFuture(Generic[T]):
     def __repr__(self) -> str:
         state = ("pending", "done", "cancelled")[self._state]
         return f"<aiocuda.TrioFuture {state}>"
+
+
+def _wake(tasks: list[Any]) -> None:
+    for task in tasks:
+        trio.lowlevel.reschedule(task)
