@@ -24,6 +24,7 @@ import asyncio
 import queue
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -43,8 +44,12 @@ class TinyLM:
     whole batch is a few small matrix products, like a (very) small LLM's."""
 
     def __init__(self, device: str = "cpu", vocab: int = VOCAB, hidden: int = HIDDEN,
-                 seed: int = 0) -> None:
+                 seed: int = 0, step_ms: float = 0.0) -> None:
         import torch
+
+        if step_ms < 0:
+            raise ValueError(f"step_ms must be >= 0, got {step_ms}")
+        self.step_s = step_ms / 1e3 if torch.device(device).type == "cpu" else 0.0
 
         self.torch = torch
         self.device = torch.device(device)
@@ -68,7 +73,9 @@ class TinyLM:
     def step(self, tokens: list[int], hiddens: list[Any]) -> tuple[Any, list[Any]]:
         """One decode step: (next tokens as a host tensor, each sequence's new hidden state).
         On a GPU the tokens' copy to the host is enqueued (pinned, non-blocking): read them once
-        the step's work has completed (awaited, or after a synchronize)."""
+        the step's work has completed (awaited, or after a synchronize). On the CPU with
+        ``step_ms``, the step then also holds its thread that long without the CPU or the GIL
+        (a sleep), standing in for the device time of a real model's decode step."""
         torch = self.torch
         with torch.no_grad():
             x = torch.tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)
@@ -78,6 +85,8 @@ class TinyLM:
                 host = torch.empty(nxt.shape, dtype=nxt.dtype, pin_memory=True)
                 host.copy_(nxt, non_blocking=True)
                 nxt = host
+        if self.step_s:
+            time.sleep(self.step_s)
         return nxt, list(h.unbind(0))
 
     def synchronize(self) -> None:
@@ -272,9 +281,20 @@ class AiocudaEngine(Engine):
         super().__init__(model, max_batch)
         self._work = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stream: Any = None
 
     async def start(self) -> None:
+        import aiocuda
+
         self.loop = asyncio.get_running_loop()
+        # The engine's own stream, as a serving engine keeps one: its steps run in order on it,
+        # and on the cpu backend on one worker, which stays warm from step to step.
+        if self.model.device.type == "cuda":
+            import torch
+
+            self._stream = torch.cuda.Stream(self.model.device)
+        else:
+            self._stream = aiocuda.CpuStream()
         self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
@@ -285,6 +305,11 @@ class AiocudaEngine(Engine):
             except asyncio.CancelledError:
                 pass
             self._task = None
+        from aiocuda import CpuStream
+
+        if isinstance(self._stream, CpuStream):
+            await self._stream.aclose()
+        self._stream = None
         self._stopped(self.scheduler.drain())
 
     def _submit(self, seq: Sequence) -> None:
@@ -308,7 +333,7 @@ class AiocudaEngine(Engine):
             batch, tokens, hiddens = prepared
             try:
                 nxt, rows = await aiocuda.gpu_op(model.step, tokens, hiddens,
-                                                 device=model.device)
+                                                 stream=self._stream)
                 events = sched.finish(batch, nxt.tolist(), rows)
             except Exception as exc:
                 events = sched.fail(batch, exc)
