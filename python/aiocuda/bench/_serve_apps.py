@@ -213,7 +213,8 @@ def uvicorn_server(app: Any, loop: str = "auto") -> Any:
     except ImportError:
         http = "h11"
     config = uvicorn.Config(app, loop=loop, http=http, log_level="warning", access_log=False,
-                            lifespan="on", backlog=2048, timeout_keep_alive=60)
+                            lifespan="on", backlog=2048, timeout_keep_alive=60,
+                            timeout_graceful_shutdown=3)
     return uvicorn.Server(config)
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ._serve_apps import VARIANTS, WORK_MS, WORK_STREAMS
+from ._serve_apps import VARIANTS, WORK_MS, WORK_STREAMS, die_with_parent
 
 ENGINES = ("aiocuda", "thread")
 CLIENT_CMD = "client"
@@ -180,6 +180,7 @@ async def load_tokens(url: str, streams: int, seconds: float, warmup_s: float, m
 def client_main() -> None:
     """Commands as JSON lines on stdin; for each, ``GO`` when its window opens, then the result
     as a JSON line."""
+    die_with_parent()
     try:
         import uvloop
 
