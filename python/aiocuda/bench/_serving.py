@@ -401,6 +401,7 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return None
     rows = report["rows"]
@@ -419,8 +420,13 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
                         label=name + (" engine" if kind == "tokens" else ""))
         ax.set_xscale("log", base=2)
-        if key != "rps" and key != "tokens_per_s":
+        ns = sorted({r["n"] for r in rows if r["kind"] == kind})
+        if ns:
+            ax.set_xticks(ns, [str(n) for n in ns])
+        if key in ("p99_ms", "health_p99_ms"):
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_ylim(bottom=0 if ax.get_yscale() == "linear" else None)
         ax.set_xlabel("concurrent requests" if kind == "requests" else "concurrent streams")
         ax.set_title(label, fontsize=10)
         ax.grid(True, alpha=0.3)
