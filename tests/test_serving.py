@@ -38,7 +38,6 @@ class FakeModel:
     each sequence's tokens are known in advance; steps can be slowed down and made to fail."""
 
     device = SimpleNamespace(type="cpu")
-    zero = 0
 
     def __init__(self, delay_s: float = 0.0, poison: int | None = None) -> None:
         self.delay_s, self.poison = delay_s, poison
@@ -47,16 +46,20 @@ class FakeModel:
     def prompt(self, seed: int) -> list[int]:
         return [seed % 97 + i for i in range(1 + seed % 3)]
 
-    def step(self, tokens: list[int], hiddens: list[int]) -> tuple[Tokens, list[int]]:
+    def step(self, inputs: list[int], rows: list[int], prev: Any, out: Any) -> Tokens:
         import time
 
-        self.batches.append(len(tokens))
+        self.batches.append(len(inputs))
         if self.delay_s:
             time.sleep(self.delay_s)
-        if self.poison is not None and self.poison in tokens:
+        if self.poison is not None and self.poison in inputs:
             raise ZeroDivisionError("a poisoned step")
-        return Tokens((t * 31 + h * 7 + 3) % 1009 for t, h in zip(tokens, hiddens)), \
-            [h + 1 for h in hiddens]
+        ok = prev is not None and prev.tokens is not None
+        toks = [t if t >= 0 else (prev.tokens[r] if ok else 0) for t, r in zip(inputs, rows)]
+        hs = [prev.hidden[r] if ok and r >= 0 else 0 for r in rows]
+        out.tokens = [(t * 31 + h * 7 + 3) % 1009 for t, h in zip(toks, hs)]
+        out.hidden = [h + 1 for h in hs]
+        return Tokens(out.tokens)
 
     def synchronize(self) -> None:
         pass
@@ -95,20 +98,27 @@ async def until(cond: Any, what: str) -> None:
 def test_scheduler_admits_up_to_max_batch_and_retires_finished_sequences() -> None:
     model = FakeModel()
     sched = Scheduler(model, max_batch=2)
-    seqs = [Sequence(s, [1], n, asyncio.Queue()) for s, n in ((0, 1), (1, 3), (2, 2))]
+    seqs = [Sequence(s, model.prompt(s), n, asyncio.Queue()) for s, n in ((0, 1), (1, 3), (2, 2))]
     for s in seqs:
         sched.add(s)
-    batch, tokens, hiddens = sched.prepare()
-    assert batch == seqs[:2] and tokens == [1, 1] and len(sched.waiting) == 1
-    events = sched.finish(batch, *model.step(tokens, hiddens))
-    assert [(s.seed, x is None) for s, x in events] == [(0, False), (0, True), (1, False)]
-    assert seqs[0].finished and sched.active == [seqs[1]]
-    batch, _, _ = sched.prepare()  # the finished one's slot goes to the waiting one
-    assert batch == [seqs[1], seqs[2]]
+    p1 = sched.prepare()  # seq 0: prompt [0], its only token; seq 1: prompt [1, 2]
+    assert p1.batch == seqs[:2] and p1.inputs == [0, 1] and p1.rows == [-1, -1]
+    assert p1.emits == [True, False] and len(sched.waiting) == 1
+    assert sched.active == [seqs[1]]  # seq 0's last token is planned: it takes no more steps
+    p2 = sched.prepare()  # planned before p1 has run: seq 2 takes seq 0's place
+    assert p2.batch == [seqs[1], seqs[2]] and p2.inputs == [2, 2] and p2.rows == [1, -1]
+    events = sched.complete(p1, model.step(p1.inputs, p1.rows, None, p1.state))
+    assert [(s.seed, x is None) for s, x in events] == [(0, False), (0, True)]
+    assert seqs[0].finished and not seqs[1].finished
     seqs[2].cancelled = True
-    sched.finish(batch, [5, 6], [1, 1])
-    assert sched.prepare()[0] == [seqs[1]]
+    events = sched.complete(p2, model.step(p2.inputs, p2.rows, p1.state, p2.state))
+    assert [(s.seed, x) for s, x in events] == [(1, model.expected(1, 1)[0])]
+    p3 = sched.prepare()
+    assert p3.batch == [seqs[1]] and p3.inputs == [-1] and p3.rows == [0]
     assert sched.stats()["cancelled"] == 1 and seqs[2].finished
+    exc = ValueError("a failed step")
+    assert sched.fail(p3, exc) == [(seqs[1], exc)]
+    assert seqs[1].finished and sched.stats()["failed"] == 1 and sched.prepare() is None
     with pytest.raises(ValueError, match="max_batch must be at least 1"):
         Scheduler(model, 0)
 

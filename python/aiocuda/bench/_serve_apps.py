@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m aiocuda.bench._serve_apps")
     ap.add_argument("app", choices=("requests", "tokens"))
     ap.add_argument("--variant", choices=VARIANTS, default="aiocuda")
-    ap.add_argument("--engine", choices=("aiocuda", "thread"), default="aiocuda")
+    ap.add_argument("--engine", choices=("aiocuda", "aiocuda-d1", "thread"), default="aiocuda")
     ap.add_argument("--work-ms", type=float, default=WORK_MS)
     ap.add_argument("--streams", type=int, default=WORK_STREAMS)
     ap.add_argument("--device", default="auto")

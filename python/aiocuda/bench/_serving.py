@@ -34,7 +34,7 @@ from typing import Any
 from .. import __version__
 from ._serve_apps import VARIANTS, WORK_MS, WORK_STREAMS, die_with_parent
 
-ENGINES = ("aiocuda", "thread")
+ENGINES = ("aiocuda", "aiocuda-d1", "thread")  # aiocuda: 2 steps in flight; -d1: one
 CLIENT_CMD = "client"
 
 
@@ -513,7 +513,7 @@ async def run(cfg: Config, out: Path | None, parts: tuple[str, ...] = ("requests
                     plan += [("requests", v, n) for v in order]
             if "tokens" in parts:
                 for n in cfg.streams:
-                    order = ENGINES if rep % 2 == 0 else ENGINES[::-1]
+                    order = ENGINES[rep % 3:] + ENGINES[:rep % 3]
                     plan += [("tokens", e, n) for e in order]
         for i, (kind, name, n) in enumerate(plan):
             proc, info = servers[kind, name]

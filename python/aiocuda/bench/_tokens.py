@@ -7,8 +7,11 @@ model, greedy. Between two steps it admits waiting sequences (up to ``max_batch`
 retires finished and cancelled ones. It is pure bookkeeping, driven by one of two engines:
 
 - :class:`AiocudaEngine`: the scheduler is a task on the event loop, and each step is
-  ``await aiocuda.gpu_op(model.step, ...)`` (on a GPU a CUDA stream, awaited; on the cpu backend
-  a worker): the loop serves clients while the step runs, and tokens go to the clients directly.
+  ``await aiocuda.gpu_op(model.step, ..., stream=s)`` (on a GPU a CUDA stream, awaited; on the
+  cpu backend a worker): the loop serves clients while the step runs, and tokens go to the
+  clients directly. By default it keeps two steps in flight: the next step, whose inputs are the
+  current step's outputs on the device, is enqueued before the current one is awaited, so the
+  device does not wait for the loop's turn (``depth=1``, engine "aiocuda-d1": one at a time).
 - :class:`ThreadEngine`: what vLLM and TGI do today. The scheduler runs on a thread of its own,
   which calls the step and then blocks in a synchronize (``torch.cuda.synchronize()``; on the CPU
   the step itself blocks), and hands each step's tokens to the loop with
@@ -39,6 +42,16 @@ Event_ = tuple["Sequence", Any]  # (sequence, a token | None for the end | an ex
 STOPPED = "the token engine stopped before the sequence finished"
 
 
+@dataclass(eq=False)
+class StepState:
+    """What a step leaves for the next one, filled when the step runs (on the device's order):
+    each row's next token and hidden state, on the model's device. None until then, or for
+    good when the step failed."""
+
+    tokens: Any = None
+    hidden: Any = None
+
+
 class TinyLM:
     """Embedding, a GRU cell and a projection over a small vocabulary: one decode step for a
     whole batch is a few small matrix products, like a (very) small LLM's."""
@@ -50,7 +63,6 @@ class TinyLM:
         if step_ms < 0:
             raise ValueError(f"step_ms must be >= 0, got {step_ms}")
         self.step_s = step_ms / 1e3 if torch.device(device).type == "cpu" else 0.0
-
         self.torch = torch
         self.device = torch.device(device)
         self.vocab, self.hidden = vocab, hidden
@@ -64,30 +76,44 @@ class TinyLM:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
         for m in (self.embed, self.cell, self.head):
             m.to(self.device).eval()
-        self.zero = torch.zeros(hidden, device=self.device)
 
     def prompt(self, seed: int) -> list[int]:
         rng = random.Random(seed)
         return [rng.randrange(self.vocab) for _ in range(rng.randint(*PROMPT_TOKENS))]
 
-    def step(self, tokens: list[int], hiddens: list[Any]) -> tuple[Any, list[Any]]:
-        """One decode step: (next tokens as a host tensor, each sequence's new hidden state).
-        On a GPU the tokens' copy to the host is enqueued (pinned, non-blocking): read them once
-        the step's work has completed (awaited, or after a synchronize). On the CPU with
-        ``step_ms``, the step then also holds its thread that long without the CPU or the GIL
-        (a sleep), standing in for the device time of a real model's decode step."""
+    def step(self, inputs: list[int], rows: list[int], prev: StepState | None,
+             out: StepState) -> Any:
+        """One decode step for a batch. Row i reads token ``inputs[i]``, or where that is -1
+        the token row ``rows[i]`` of the previous step produced; its hidden state is that row's
+        (zeros for a new sequence, ``rows[i] == -1``). Fills `out`; returns the next tokens as a
+        host tensor: on a GPU their copy is enqueued (pinned, non-blocking), so read them once
+        the step's work has completed (awaited, or after a synchronize). Nothing is read back
+        from `prev` on the host, so the next step can be enqueued before this one has run.
+        On the CPU with ``step_ms``, the step then also holds its thread that long without the
+        CPU or the GIL (a sleep), standing in for the device time of a real decode step."""
         torch = self.torch
+        dev = self.device
         with torch.no_grad():
-            x = torch.tensor(tokens, dtype=torch.long).to(self.device, non_blocking=True)
-            h = self.cell(self.embed(x), torch.stack(hiddens))
+            lit = torch.tensor(inputs, dtype=torch.long).to(dev, non_blocking=True)
+            src = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
+            if prev is not None and prev.tokens is not None:
+                idx = src.clamp(min=0)
+                ptok = prev.tokens.index_select(0, idx)
+                ph = prev.hidden.index_select(0, idx) * (src >= 0).unsqueeze(1)
+            else:  # nothing carries over (or the previous step failed: its rows are retired)
+                ptok = torch.zeros_like(lit)
+                ph = torch.zeros(len(inputs), self.hidden, device=dev)
+            x = torch.where(lit >= 0, lit, ptok)
+            h = self.cell(self.embed(x), ph)
             nxt = self.head(h).argmax(dim=1)
-            if self.device.type == "cuda":
+            out.tokens, out.hidden = nxt, h
+            if dev.type == "cuda":
                 host = torch.empty(nxt.shape, dtype=nxt.dtype, pin_memory=True)
                 host.copy_(nxt, non_blocking=True)
                 nxt = host
         if self.step_s:
             time.sleep(self.step_s)
-        return nxt, list(h.unbind(0))
+        return nxt
 
     def synchronize(self) -> None:
         """Block until the step's device work is done (the threaded engine's wait)."""
@@ -101,22 +127,33 @@ class Sequence:
     prompt: list[int]
     max_tokens: int
     out: asyncio.Queue[Any]
-    fed: int = 0  # tokens fed to the model so far
-    generated: int = 0
-    last: int = 0  # the last token generated
-    hidden: Any = None
+    fed: int = 0  # tokens planned into steps so far
+    planned: int = 0  # generated tokens planned
+    delivered: int = 0  # generated tokens handed to the client's queue
+    row: int = -1  # its row in the last step planned; -1 before its first
     cancelled: bool = False  # set on the loop when the client goes; read by the scheduler
     finished: bool = False  # set by the scheduler when it retires the sequence
     tokens: list[int] = field(default_factory=list)
 
-    def next_input(self) -> int:
-        return self.prompt[self.fed] if self.fed < len(self.prompt) else self.last
+
+@dataclass(eq=False)
+class Plan:
+    """One step: its batch, each row's input (a token, or -1: its previous output) and previous
+    row, whether the row yields a generated token, and the state the step fills."""
+
+    batch: list[Sequence]
+    inputs: list[int]
+    rows: list[int]
+    emits: list[bool]
+    state: StepState
 
 
 class Scheduler:
     """The batch: sequences wait, are admitted (up to `max_batch` active), fed one token per step
-    and retired when they have their `max_tokens`, are cancelled, or their step failed. Runs on
-    one thread (the engine's): nothing here is locked."""
+    (their prompt, then what they generated) and retired when they have their `max_tokens`, are
+    cancelled, or a step of theirs failed. What a step feeds is decided without reading what the
+    previous step produced (a sequence's length is known in advance), so a step can be planned
+    before the previous one has run. Runs on one thread (the engine's): nothing here is locked."""
 
     def __init__(self, model: Any, max_batch: int = 256) -> None:
         if max_batch < 1:
@@ -130,16 +167,12 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def _retire(self, seq: Sequence) -> None:
-        seq.finished = True
-        seq.hidden = None
-
-    def prepare(self) -> tuple[list[Sequence], list[int], list[Any]] | None:
-        """Retire the cancelled, admit the waiting; the next step's batch and inputs, or None."""
+    def prepare(self) -> Plan | None:
+        """Retire the cancelled, admit the waiting: the next step's plan, or None."""
         keep = []
         for s in self.active:
             if s.cancelled:
-                self._retire(s)
+                s.finished = True
                 self.cancelled += 1
             else:
                 keep.append(s)
@@ -147,59 +180,68 @@ class Scheduler:
         while self.waiting and len(self.active) < self.max_batch:
             s = self.waiting.popleft()
             if s.cancelled:
-                self._retire(s)
+                s.finished = True
                 self.cancelled += 1
                 continue
-            s.hidden = self.model.zero
             self.active.append(s)
             self.admitted += 1
         if not self.active:
             return None
         self.max_active = max(self.max_active, len(self.active))
         batch = list(self.active)
-        return batch, [s.next_input() for s in batch], [s.hidden for s in batch]
-
-    def finish(self, batch: list[Sequence], tokens: list[int], hiddens: list[Any]
-               ) -> list[Event_]:
-        """Take a step's outputs: the tokens to deliver, and an end for each finished one."""
-        self.steps += 1
-        events: list[Event_] = []
-        done = set()
-        for s, tok, h in zip(batch, tokens, hiddens):
-            if s.cancelled:
-                continue  # retired at the next prepare
-            s.hidden = h
+        plan = Plan(batch, [], [], [], StepState())
+        done = False
+        for i, s in enumerate(batch):
+            plan.inputs.append(s.prompt[s.fed] if s.fed < len(s.prompt) else -1)
+            plan.rows.append(s.row)
+            s.row = i
             s.fed += 1
-            if s.fed < len(s.prompt):
-                continue  # still reading its prompt
-            s.last = tok
-            s.generated += 1
+            emit = s.fed >= len(s.prompt)
+            plan.emits.append(emit)
+            if emit:
+                s.planned += 1
+                done = done or s.planned >= s.max_tokens
+        if done:  # their last token is in this step: they take no part in the next
+            self.active = [s for s in self.active if s.planned < s.max_tokens]
+        self.steps += 1
+        return plan
+
+    def complete(self, plan: Plan, tokens: list[int]) -> list[Event_]:
+        """A step ran: the tokens to deliver, and an end for each sequence that is complete."""
+        events: list[Event_] = []
+        for s, tok, emit in zip(plan.batch, tokens, plan.emits):
+            if not emit or s.finished or s.cancelled:
+                continue
             events.append((s, tok))
-            if s.generated >= s.max_tokens:
-                self._retire(s)
+            s.delivered += 1
+            if s.delivered >= s.max_tokens:
+                s.finished = True
                 self.completed += 1
                 events.append((s, None))
-                done.add(s)
-        if done:
-            self.active = [s for s in self.active if s not in done]
         return events
 
-    def fail(self, batch: list[Sequence], exc: BaseException) -> list[Event_]:
-        """A step raised: every sequence of its batch ends with the exception."""
-        self.steps += 1
-        failed = set(batch)
-        self.active = [s for s in self.active if s not in failed]
-        for s in batch:
-            self._retire(s)
+    def fail(self, plan: Plan, exc: BaseException) -> list[Event_]:
+        """A step raised: every sequence of its batch not yet retired ends with the exception."""
+        events: list[Event_] = []
+        for s in plan.batch:
+            if s.finished:
+                continue
+            s.finished = True
             self.failed += 1
-        return [(s, exc) for s in batch if not s.cancelled]
+            if not s.cancelled:
+                events.append((s, exc))
+        gone = set(plan.batch)
+        self.active = [s for s in self.active if s not in gone]
+        return events
 
-    def drain(self) -> list[Sequence]:
-        """Every sequence still held (the engine stops)."""
-        left = [*self.active, *self.waiting]
+    def drain(self, plans: list[Plan] = ()) -> list[Sequence]:  # type: ignore[assignment]
+        """Every sequence still held, waiting, active or in the steps `plans` (the engine stops)."""
+        left = list(dict.fromkeys([*self.active, *self.waiting,
+                                   *(s for p in plans for s in p.batch)]))
+        left = [s for s in left if not s.finished]
         self.active, self.waiting = [], deque()
         for s in left:
-            self._retire(s)
+            s.finished = True
         return left
 
     def stats(self) -> dict[str, int]:
@@ -273,15 +315,25 @@ class Engine:
 
 
 class AiocudaEngine(Engine):
-    """The scheduler as a task on the loop; each step awaited with aiocuda.gpu_op."""
+    """The scheduler as a task on the loop; each step awaited with aiocuda.gpu_op.
+
+    With ``depth=2`` (the default) the next step is enqueued on the engine's stream before the
+    current one is awaited (its inputs are the current step's outputs, on the device, so nothing
+    waits for them on the host): the device goes from one step to the next while the loop
+    delivers tokens, the asynchronous scheduling an await makes natural. ``depth=1`` plans each
+    step after the previous one's tokens are back, as the threaded engine does."""
 
     name = "aiocuda"
 
-    def __init__(self, model: Any, max_batch: int = 256) -> None:
+    def __init__(self, model: Any, max_batch: int = 256, depth: int = 2) -> None:
         super().__init__(model, max_batch)
+        if depth not in (1, 2):
+            raise ValueError(f"depth must be 1 or 2, got {depth}")
+        self.depth = depth
         self._work = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stream: Any = None
+        self._inflight: deque[tuple[Plan, asyncio.Future[Any]]] = deque()
 
     async def start(self) -> None:
         import aiocuda
@@ -305,12 +357,16 @@ class AiocudaEngine(Engine):
             except asyncio.CancelledError:
                 pass
             self._task = None
+        plans = [p for p, _ in self._inflight]
+        for _, fut in self._inflight:
+            fut.cancel()  # the step still runs on the stream; its outcome is dropped
+        self._inflight.clear()
         from aiocuda import CpuStream
 
         if isinstance(self._stream, CpuStream):
             await self._stream.aclose()
         self._stream = None
-        self._stopped(self.scheduler.drain())
+        self._stopped(self.scheduler.drain(plans))
 
     def _submit(self, seq: Sequence) -> None:
         self.scheduler.add(seq)
@@ -323,20 +379,30 @@ class AiocudaEngine(Engine):
     async def _run(self) -> None:
         import aiocuda
 
-        sched, model = self.scheduler, self.model
+        sched, model, inflight = self.scheduler, self.model, self._inflight
+        prev: StepState | None = None
         while True:
-            prepared = sched.prepare()
-            if prepared is None:
+            while len(inflight) < self.depth:
+                plan = sched.prepare()
+                if plan is None:
+                    break
+                # Tasks start in order, so the steps reach the stream in order.
+                fut = asyncio.ensure_future(aiocuda.gpu_op(
+                    model.step, plan.inputs, plan.rows, prev, plan.state, stream=self._stream))
+                inflight.append((plan, fut))
+                prev = plan.state
+            if not inflight:
+                prev = None
                 self._work.clear()
                 await self._work.wait()
                 continue
-            batch, tokens, hiddens = prepared
+            plan, fut = inflight[0]
             try:
-                nxt, rows = await aiocuda.gpu_op(model.step, tokens, hiddens,
-                                                 stream=self._stream)
-                events = sched.finish(batch, nxt.tolist(), rows)
+                host = await fut
+                events = sched.complete(plan, host.tolist())
             except Exception as exc:
-                events = sched.fail(batch, exc)
+                events = sched.fail(plan, exc)
+            inflight.popleft()
             deliver(events)
 
 
@@ -350,6 +416,7 @@ class ThreadEngine(Engine):
         self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._current: list[Plan] = []
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -363,7 +430,7 @@ class ThreadEngine(Engine):
             self._inbox.put(None)
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
             self._thread = None
-        left = self.scheduler.drain()
+        left = self.scheduler.drain(self._current)
         while True:
             try:
                 s = self._inbox.get_nowait()
@@ -383,8 +450,10 @@ class ThreadEngine(Engine):
     def _run(self) -> None:
         sched, model, loop = self.scheduler, self.model, self.loop
         assert loop is not None
+        prev: StepState | None = None
         while not self._stopping:
             if not sched.active and not sched.waiting:
+                prev = None
                 s = self._inbox.get()
                 if s is not None:
                     sched.add(s)
@@ -397,21 +466,29 @@ class ThreadEngine(Engine):
                     sched.add(s)
             if self._stopping:
                 break
-            prepared = sched.prepare()
-            if prepared is None:
+            plan = sched.prepare()
+            if plan is None:
                 continue
-            batch, tokens, hiddens = prepared
+            self._current = [plan]
             try:
-                nxt, rows = model.step(tokens, hiddens)
+                host = model.step(plan.inputs, plan.rows, prev, plan.state)
                 model.synchronize()
-                events = sched.finish(batch, nxt.tolist(), rows)
+                events = sched.complete(plan, host.tolist())
             except Exception as exc:
-                events = sched.fail(batch, exc)
+                events = sched.fail(plan, exc)
+            prev = plan.state
             if events:
                 try:
                     loop.call_soon_threadsafe(deliver, events)
                 except RuntimeError:  # the loop closed under a running engine
                     return
+            self._current = []
 
 
-ENGINES = {"aiocuda": AiocudaEngine, "thread": ThreadEngine}
+def aiocuda_sync(model: Any, max_batch: int = 256) -> AiocudaEngine:
+    """The aiocuda engine planning each step after the previous one's tokens are back."""
+    return AiocudaEngine(model, max_batch, depth=1)
+
+
+ENGINES: dict[str, Any] = {"aiocuda": AiocudaEngine, "aiocuda-d1": aiocuda_sync,
+                           "thread": ThreadEngine}
