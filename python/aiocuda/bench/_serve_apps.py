@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib
 import itertools
 import json
 import os
@@ -36,6 +37,12 @@ WORK_MS = 1.0
 WORK_STREAMS = 4  # the "device" runs this many requests' work at once
 
 
+def optional(name: str) -> Any:
+    """An optional package (torch, fastapi, uvicorn, ...), imported when used and typed Any:
+    the package type-checks where they are not installed."""
+    return importlib.import_module(name)
+
+
 def die_with_parent() -> None:
     """Linux: SIGTERM this process when the process that started it ends."""
     try:
@@ -47,7 +54,7 @@ def die_with_parent() -> None:
 
 def gpu_available() -> bool:
     try:
-        import torch
+        torch = optional("torch")
     except ImportError:
         return False
     import aiocuda
@@ -58,15 +65,14 @@ def gpu_available() -> bool:
 def work_waiters(work_ms: float = WORK_MS, streams: int = WORK_STREAMS, device: str = "auto"
                  ) -> tuple[dict[str, Callable[[], Awaitable[None]]], str]:
     """One coroutine function per variant, each doing one unit of work and waiting for it."""
-    from starlette.concurrency import run_in_threadpool
-
     import aiocuda
+
+    run_in_threadpool = optional("starlette.concurrency").run_in_threadpool
 
     if device == "auto":
         device = "cuda" if gpu_available() else "cpu"
     if device == "cuda":
-        import torch
-
+        torch = optional("torch")
         torch.manual_seed(0)
         model = torch.nn.Sequential(
             torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
@@ -74,9 +80,9 @@ def work_waiters(work_ms: float = WORK_MS, streams: int = WORK_STREAMS, device: 
         ).cuda().eval()
         x = torch.randn(32, 512, device="cuda")
 
-        @torch.no_grad()
         def call(t: Any) -> Any:
-            return model(t)
+            with torch.no_grad():
+                return model(t)
 
         def blocking_call() -> None:
             call(x)
@@ -119,8 +125,8 @@ def work_waiters(work_ms: float = WORK_MS, streams: int = WORK_STREAMS, device: 
 
 def requests_app(variant: str, work_ms: float = WORK_MS, streams: int = WORK_STREAMS,
                  device: str = "auto") -> Any:
-    from fastapi import FastAPI
-    from fastapi.responses import Response
+    FastAPI = optional("fastapi").FastAPI
+    Response = optional("fastapi.responses").Response
 
     waiters, what = work_waiters(work_ms, streams, device)
     wait = waiters[variant]
@@ -128,15 +134,15 @@ def requests_app(variant: str, work_ms: float = WORK_MS, streams: int = WORK_STR
     app.state.what = what
     ok = b'{"ok":true}'
 
-    @app.get("/work")
-    async def work() -> Response:
+    async def work() -> Any:
         await wait()
         return Response(ok, media_type="application/json")
 
-    @app.get("/health")
-    async def health() -> Response:
+    async def health() -> Any:
         return Response(ok, media_type="application/json")
 
+    app.add_api_route("/work", work, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET"])
     return app
 
 
@@ -145,8 +151,10 @@ def tokens_app(engine: Any) -> Any:
     token, then ``data: [DONE]``; a failed step ends the stream with ``event: error``."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    FastAPI = optional("fastapi").FastAPI
+    responses = optional("fastapi.responses")
+    JSONResponse, Response = responses.JSONResponse, responses.Response
+    StreamingResponse = responses.StreamingResponse
 
     @asynccontextmanager
     async def lifespan(app: Any) -> Any:
@@ -158,8 +166,7 @@ def tokens_app(engine: Any) -> Any:
 
     app = FastAPI(lifespan=lifespan)
 
-    @app.get("/generate")
-    async def generate(seed: int = 0, max_tokens: int = 16) -> Response:
+    async def generate(seed: int = 0, max_tokens: int = 16) -> Any:
         if not 1 <= max_tokens <= 4096:
             return JSONResponse({"error": "max_tokens must be 1 to 4096"}, status_code=400)
 
@@ -175,14 +182,15 @@ def tokens_app(engine: Any) -> Any:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    @app.get("/health")
-    async def health() -> Response:
+    async def health() -> Any:
         return Response(b'{"ok":true}', media_type="application/json")
 
-    @app.get("/stats")
-    async def stats() -> Response:
+    async def stats() -> Any:
         return JSONResponse(engine.stats())
 
+    app.add_api_route("/generate", generate, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/stats", stats, methods=["GET"])
     return app
 
 
@@ -197,18 +205,15 @@ def loopback_socket() -> socket.socket:
 
 
 def uvicorn_server(app: Any, loop: str = "auto") -> Any:
-    import uvicorn
-
+    uvicorn = optional("uvicorn")
     if loop == "auto":
         try:
-            import uvloop  # noqa: F401
-
+            optional("uvloop")
             loop = "uvloop"
         except ImportError:
             loop = "asyncio"
     try:
-        import httptools  # noqa: F401
-
+        optional("httptools")
         http = "httptools"
     except ImportError:
         http = "h11"
@@ -236,10 +241,9 @@ def main(argv: list[str] | None = None) -> None:
         app = requests_app(args.variant, args.work_ms, args.streams, args.device)
         what = app.state.what
     else:
-        import torch
-
         from ._tokens import ENGINES, TinyLM
 
+        torch = optional("torch")
         torch.set_num_threads(args.torch_threads)
         device = args.device
         if device == "auto":

@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -181,12 +181,13 @@ def client_main() -> None:
     """Commands as JSON lines on stdin; for each, ``GO`` when its window opens, then the result
     as a JSON line."""
     die_with_parent()
+    run: Callable[..., Any] = asyncio.run
     try:
         import uvloop
 
         run = uvloop.run
     except ImportError:
-        run = asyncio.run
+        pass
 
     def go() -> None:
         print("GO", flush=True)
@@ -346,7 +347,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             met = ratio >= bound if op == ">=" else ratio <= bound
             out.append({"what": f"{what}, aiocuda engine / threaded, {n} streams",
                         "ratio": ratio, "target": f"{op} {bound:g}x", "met": bool(met)})
-    if not any("streams" in t["what"] for t in out):
+    if not any("streams" in str(t["what"]) for t in out):
         out.append({"what": "token generator at >= 64 streams", "ratio": float("nan"),
                     "target": "measured", "met": None})
     return out

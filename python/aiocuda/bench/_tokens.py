@@ -58,8 +58,9 @@ class TinyLM:
 
     def __init__(self, device: str = "cpu", vocab: int = VOCAB, hidden: int = HIDDEN,
                  seed: int = 0, step_ms: float = 0.0) -> None:
-        import torch
+        import importlib
 
+        torch: Any = importlib.import_module("torch")
         if step_ms < 0:
             raise ValueError(f"step_ms must be >= 0, got {step_ms}")
         self.step_s = step_ms / 1e3 if torch.device(device).type == "cpu" else 0.0
@@ -342,9 +343,9 @@ class AiocudaEngine(Engine):
         # The engine's own stream, as a serving engine keeps one: its steps run in order on it,
         # and on the cpu backend on one worker, which stays warm from step to step.
         if self.model.device.type == "cuda":
-            import torch
+            import importlib
 
-            self._stream = torch.cuda.Stream(self.model.device)
+            self._stream = importlib.import_module("torch").cuda.Stream(self.model.device)
         else:
             self._stream = aiocuda.CpuStream()
         self._task = asyncio.ensure_future(self._run())
@@ -387,7 +388,7 @@ class AiocudaEngine(Engine):
                 if plan is None:
                     break
                 # Tasks start in order, so the steps reach the stream in order.
-                fut = asyncio.ensure_future(aiocuda.gpu_op(
+                fut: asyncio.Future[Any] = asyncio.ensure_future(aiocuda.gpu_op(
                     model.step, plan.inputs, plan.rows, prev, plan.state, stream=self._stream))
                 inflight.append((plan, fut))
                 prev = plan.state
