@@ -9,12 +9,14 @@ between steps.
 Needs: torch, fastapi, uvicorn, httpx.
 
 --engine aiocuda: the scheduler is a task on the event loop and each step is
-``await aiocuda.gpu_op(model.step, tokens, hiddens, stream=s)``: on a GPU a CUDA stream,
-awaited; without one the cpu backend (same code). --engine thread: what vLLM and TGI do today:
-the scheduler on a thread of its own, the step followed by a blocking synchronize, the tokens
-handed to the loop with ``call_soon_threadsafe``. The engines and the scheduler live in
-``aiocuda.bench._tokens`` (the serving benchmark, ``python -m aiocuda.bench serving``, runs the
-same ones under load).
+``await aiocuda.gpu_op(model.step, inputs, rows, prev, state, stream=s)``: on a GPU a CUDA stream,
+awaited; without one the cpu backend (same code). It keeps two steps in flight: the next step,
+fed from the current one's outputs on the device, is enqueued before the current one is awaited.
+--engine thread: what vLLM and TGI do today: the scheduler on a thread of its own, the step
+followed by a blocking synchronize, the tokens handed to the loop with ``call_soon_threadsafe``.
+The engines and the scheduler live in ``aiocuda.bench._tokens`` (the serving benchmark,
+``python -m aiocuda.bench serving``, runs the same ones under load). On the CPU, --step-ms adds
+simulated device time to each step (a sleep: no CPU, no GIL), as a real model's step would take.
 
 With no arguments: starts each engine on a free loopback port, streams a few sequences through
 it over HTTP, prints what it measured, checks both engines gave the same tokens, prints done.
