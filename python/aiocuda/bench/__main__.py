@@ -30,6 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == [MEMORY_CHILD]:
         memory_child(argv[1], argv[2], int(argv[3]), *map(float, argv[4:5]))
         return 0
+    if argv[:1] == ["serving"]:  # FastAPI/uvicorn under HTTP load: python -m aiocuda.bench serving
+        from ._serving import main as serving_main
+
+        return serving_main(argv[1:])
     ap = argparse.ArgumentParser(
         prog="python -m aiocuda.bench",
         description="Measure aiocuda against the alternatives (same process, same run) and "
