@@ -100,6 +100,12 @@ CpuStream::CpuStream()
 
 CpuStream::~CpuStream() { close(); }
 
+uint64_t CpuStream::pending() const {
+    if (forked()) return 0;
+    uint64_t done = sh_->finished.load(std::memory_order_acquire);
+    return sh_->enqueued.load(std::memory_order_acquire) - done;
+}
+
 bool CpuStream::closed() {
     if (forked()) return true;  // unusable here; its lock may be held by a thread not copied
     std::lock_guard<std::mutex> g(sh_->mu);
@@ -233,7 +239,7 @@ void drop_thread_state() {  // as the worker exits, without the GIL
     PyGILState_Release(gs);                 // the last: deletes the state, drops the GIL
 }
 
-void CpuStream::run_call(Item& it) {
+void CpuStream::run_call(Item& it, std::atomic<uint64_t>& finished) {
     PyGILState_STATE gs = PyGILState_Ensure();
     keep_thread_state();
     PyObject* result = PyObject_Call(it.fn, it.args, it.kwargs);
@@ -280,6 +286,7 @@ void CpuStream::run_call(Item& it) {
     Py_XDECREF(it.kwargs);
     Py_DECREF(it.outcomes);
     PyGILState_Release(gs);
+    finished.fetch_add(1, std::memory_order_release);  // before the waiter can see it done
     complete(it.node, status);  // after the GIL is dropped: the completion path never needs it
 }
 
@@ -303,13 +310,24 @@ void CpuStream::run(Shared& sh) {
             taken += batch.size();
         }
         for (Item& it : batch) {
+            // Counted as finished before its waiter can learn it is done (pending() is 0 then).
             switch (it.kind) {
-                case Kind::Marker: complete(it.node, kOk); break;
-                case Kind::Call: run_call(it); break;
-                case Kind::Record: it.ev->reach(it.gen); break;
-                case Kind::Wait: it.ev->wait_for(it.gen); break;
+                case Kind::Marker:
+                    sh.finished.fetch_add(1, std::memory_order_release);
+                    complete(it.node, kOk);
+                    break;
+                case Kind::Call: run_call(it, sh.finished); break;
+                case Kind::Record:
+                    sh.finished.fetch_add(1, std::memory_order_release);
+                    it.ev->reach(it.gen);
+                    break;
+                case Kind::Wait:
+                    it.ev->wait_for(it.gen);
+                    sh.finished.fetch_add(1, std::memory_order_release);
+                    break;
                 case Kind::Delay:
                     std::this_thread::sleep_for(std::chrono::duration<double>(it.seconds));
+                    sh.finished.fetch_add(1, std::memory_order_release);
                     break;
             }
         }

@@ -64,6 +64,9 @@ public:
     // and in a forked child (the worker does not exist there). Call without the GIL.
     bool wait_closed(double timeout_s);
     bool closed();
+    // Work submitted and not run yet (lock-free; a snapshot). A stream whose worker has just
+    // finished its work is still awake for a few microseconds: the cheapest one to give more.
+    uint64_t pending() const;
 
 private:
     enum class Kind : uint8_t { Marker, Call, Record, Wait, Delay };
@@ -85,6 +88,7 @@ private:
         std::condition_variable cv;
         std::deque<Item> items;
         std::atomic<uint64_t> enqueued{0};  // lets the idle worker spin without the lock
+        std::atomic<uint64_t> finished{0};  // items run: enqueued - finished are pending
         bool sleeping = false;              // the worker waits on cv: a submit must notify
         bool closing = false;
         bool exited = false;          // the worker has run everything and is gone
@@ -94,7 +98,7 @@ private:
     };
     std::string enqueue(Item&& item);
     static void run(Shared& sh);
-    static void run_call(Item& it);
+    static void run_call(Item& it, std::atomic<uint64_t>& finished);
 
     bool forked() const { return epoch_ != g_fork_epoch.load(std::memory_order_relaxed); }
 

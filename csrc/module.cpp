@@ -553,6 +553,7 @@ PYBIND11_MODULE(_core, m) {
         .def("_wait_closed", &CpuStream::wait_closed, py::arg("timeout"),
              py::call_guard<py::gil_scoped_release>())
         .def_property_readonly("closed", &CpuStream::closed)
+        .def_property_readonly("_pending", &CpuStream::pending)
         .def("_delay", &CpuStream::delay)
         // A Python call on the worker that nothing awaits: the benchmarks' stand-in for a
         // Python-level stream callback (the design aiocuda replaces). Not public API.

@@ -173,22 +173,32 @@ def placement(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any], stream:
 
 
 class _CpuPool:
-    """A few cpu-backend streams for gpu_op calls that name none, used round robin."""
+    """A few cpu-backend streams for gpu_op calls that name none.
+
+    Each call goes to the stream used last if it has nothing pending (its worker is likely still
+    awake: a call right after another pays no thread wake-up), else to an idle one, else to the
+    least busy one; so calls made together still spread over the workers.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._streams: list[CpuStream] = []
-        self._next = itertools.count()
+        self._last: CpuStream | None = None
 
     def get(self) -> CpuStream:
         with self._lock:
             if not self._streams:
                 self._streams = [CpuStream() for _ in range(min(4, os.cpu_count() or 1))]
-            return self._streams[next(self._next) % len(self._streams)]
+            last = self._last
+            if last is None or last._pending:
+                last = min(self._streams, key=lambda s: s._pending)
+                self._last = last
+            return last
 
     def reset(self) -> None:  # a forked child must not use the parent's workers
         self._lock = threading.Lock()
         self._streams = []
+        self._last = None
 
 
 _cpu_pool = _CpuPool()
