@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
@@ -300,3 +301,21 @@ def test_a_cancelled_submit_still_runs_its_function(run_any):
         assert ran == ["ran"]
 
     run_any(main())
+
+
+def test_gpu_op_keeps_one_worker_for_calls_in_turn_and_spreads_calls_made_together(run_any):
+    # A call after another goes to the worker that ran it (still awake: no thread wake-up);
+    # calls made together go to different workers, so they run at once.
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("the pool has one stream on a machine with one CPU")
+
+    async def main():
+        in_turn = {await aiocuda.gpu_op(threading.get_ident) for _ in range(20)}
+        gate = threading.Barrier(2, timeout=10)  # both calls must run at the same time
+        together = await gather(aiocuda.gpu_op(lambda: (gate.wait(), threading.get_ident())[1]),
+                                aiocuda.gpu_op(lambda: (gate.wait(), threading.get_ident())[1]))
+        return in_turn, set(together)
+
+    in_turn, together = run_any(main())
+    assert len(in_turn) == 1
+    assert len(together) == 2
