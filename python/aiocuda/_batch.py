@@ -157,7 +157,7 @@ class Batcher(Generic[T, R]):
         self._queues: weakref.WeakKeyDictionary[Any, _Queue] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._attr = "_aiocuda_batcher_" + str(getattr(fn, "__qualname__", id(fn)))
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn)
 
     # ---- methods: one batcher per instance ----------------------------------------------------
 
@@ -180,7 +180,7 @@ class Batcher(Generic[T, R]):
         bound = store.get(self._attr)
         if bound is None:
             made: Batcher[T, R] = Batcher.__new__(Batcher)
-            made._setup(self._fn.__get__(obj, type(obj)),  # type: ignore[attr-defined]
+            made._setup(self._fn.__get__(obj, type(obj)),
                         self.max_batch_size, self.max_wait_s, self.max_concurrent_batches)
             bound = store.setdefault(self._attr, made)  # one per instance, whoever wins
         return bound  # type: ignore[no-any-return]
@@ -283,7 +283,7 @@ class Batcher(Generic[T, R]):
 
     def _results(self, out: object, n: int) -> list[R]:
         try:
-            results = list(out)  # type: ignore[call-overload]
+            results: list[R] = list(out)  # type: ignore[call-overload]
         except TypeError:
             raise TypeError(
                 f"{self._name()} returned {type(out).__name__}, not a sequence: return one "

@@ -140,12 +140,12 @@ def other_loop() -> Any:
 def running_loop(what: str) -> asyncio.AbstractEventLoop:
     """Return the running loop (asyncio's, or a trio run's adapter), or raise an error saying
     where `what` must be called."""
-    loop = asyncio.events._get_running_loop()
+    loop: asyncio.AbstractEventLoop | None = asyncio.events._get_running_loop()
     if loop is None:
         loop = other_loop()
         if loop is None:
             raise no_loop_error(what)
-    return loop  # type: ignore[no-any-return]
+    return loop
 
 
 def on_loop_thread() -> bool:
