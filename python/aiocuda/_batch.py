@@ -116,7 +116,7 @@ def _check_function(fn: object) -> None:
     if not inspect.iscoroutinefunction(fn):
         raise TypeError(
             f"aiocuda.batch needs an async function (async def f(items: list) -> list), got "
-            f"{fn!r}: make it `async def` and await its GPU work inside (aiocuda.gpu_op)"
+            f"{fn!r}: make it an async def and await its GPU work in it (aiocuda.gpu_op)"
         )
 
 
