@@ -538,14 +538,19 @@ def _living_tasks() -> int:
         return trio.lowlevel.current_statistics().tasks_living
 
 
-def test_a_loop_that_ends_with_callers_waiting_ends_cleanly(go):
-    """The run ends while a caller waits for an hour: it is cancelled, the batcher's tasks end
-    with it, nothing is reported to the loop's exception handler or the log."""
+@pytest.mark.parametrize("when", ["waiting", "running"])
+def test_a_loop_that_ends_with_callers_waiting_ends_cleanly(go, when):
+    """The run ends while a caller waits for an hour (or its batch waits forever): it is
+    cancelled, the batcher's tasks end with it, nothing is reported to the loop's exception
+    handler or the log."""
     problems: list[Any] = []
+    never = threading.Event()  # set only after the run: the batch would run forever
 
-    @aiocuda.batch(max_batch_size=8, max_wait_s=HOUR)
+    @aiocuda.batch(max_batch_size=1 if when == "running" else 8, max_wait_s=HOUR)
     async def f(items: list[int]) -> list[int]:
-        return await doubled(items)
+        while not never.is_set():
+            await doubled(items)
+        return items
 
     async def body() -> None:
         try:
@@ -559,7 +564,10 @@ def test_a_loop_that_ends_with_callers_waiting_ends_cleanly(go):
             loop.create_task(f(1))  # cancelled by the runner when the body has ended
         await spin()
         (q,) = queues(f)
-        assert len(q.waiting) == 1 and q.dispatching
+        if when == "running":
+            assert q.waiting == {} and q.running == 1
+        else:
+            assert len(q.waiting) == 1 and q.dispatching
 
     logger = logging.getLogger("aiocuda")
     handler = logging.Handler()
@@ -569,4 +577,5 @@ def test_a_loop_that_ends_with_callers_waiting_ends_cleanly(go):
         go(body)
     finally:
         logger.removeHandler(handler)
+        never.set()
     assert problems == []

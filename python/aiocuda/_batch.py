@@ -207,7 +207,12 @@ class Batcher(Generic[T, R]):
         q.waiting[entry] = None
         if not q.dispatching:
             q.dispatching = True
-            spawn(loop, self._dispatch, loop, q)
+            try:
+                spawn(loop, self._dispatch, loop, q)
+            except BaseException:  # the loop is closing: nothing will run this batch
+                q.dispatching = False
+                del q.waiting[entry]
+                raise
         elif len(q.waiting) >= self.max_batch_size:
             q.wake()
         try:
