@@ -38,6 +38,9 @@ def go(request: pytest.FixtureRequest) -> Callable[[Callable[[], Awaitable[Any]]
 
     def run(body: Callable[[], Awaitable[Any]]) -> Any:
         async def bounded() -> Any:
+            if request.param != "trio":  # the loop under test is the one that runs
+                loop_module = type(asyncio.get_running_loop()).__module__
+                assert loop_module.startswith("uvloop") == (request.param == "uvloop")
             with anyio.fail_after(60):
                 return await body()
 
@@ -106,6 +109,8 @@ def test_bare_decorator_and_torch_rows(go):
         return list(await aiocuda.gpu_op(model, torch.stack(xs)))  # a tensor's rows
 
     assert predict.max_batch_size == 32 and predict.max_wait_s == 0.002
+    assert predict.max_concurrent_batches == 1 and predict.__name__ == "predict"
+    assert aiocuda.batch()(doubled).max_batch_size == 32  # with empty parentheses too
     xs = [torch.randn(4) for _ in range(5)]
 
     async def body() -> list[Any]:
