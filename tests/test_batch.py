@@ -463,6 +463,18 @@ def test_a_method_gets_one_batcher_per_instance(go):
     assert m1.batches == [[0, 1, 2]] and m2.batches == [[0, 1, 2]]
 
 
+def test_a_method_of_a_class_without_instance_dicts_says_what_to_do():
+    class Slotted:
+        __slots__ = ()
+
+        @aiocuda.batch
+        async def predict(self, items: list[int]) -> list[int]:
+            return items
+
+    with pytest.raises(TypeError, match="add '__dict__' to its __slots__"):
+        Slotted().predict  # noqa: B018
+
+
 def test_two_loops_in_two_threads_keep_their_own_queues(go):
     """Each thread's four items are one batch; a batcher shared by both loops must not mix
     them (two from each thread would make a batch of four first)."""

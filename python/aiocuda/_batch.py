@@ -161,11 +161,6 @@ class Batcher(Generic[T, R]):
 
     # ---- methods: one batcher per instance ----------------------------------------------------
 
-    @overload
-    def __get__(self, obj: None, objtype: type | None = None) -> Batcher[T, R]: ...
-    @overload
-    def __get__(self, obj: object, objtype: type | None = None) -> Batcher[T, R]: ...
-
     def __get__(self, obj: object, objtype: type | None = None) -> Batcher[T, R]:
         if obj is None:
             return self
