@@ -5,6 +5,7 @@
     async with aiocuda.CpuStream() as s: await s.submit(fn, x)
     y = await aiocuda.gpu_op(model, x)            # torch / TensorFlow / numpy / Python
     await aiocuda.wait(tensor_or_event_or_work)
+    @aiocuda.batch(max_batch_size=32)             # await b(item): one call per batch of items
 
 PyTorch and TensorFlow specifics live in ``aiocuda.torch`` and ``aiocuda.tensorflow``.
 """
@@ -20,6 +21,7 @@ from ._api import (
     synchronize,
     synchronize_device,
 )
+from ._batch import Batcher, batch
 from ._errors import AiocudaError, CudaError
 from ._loop import Statistics, statistics
 from ._ops import gpu_op, wait
@@ -28,12 +30,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AiocudaError",
+    "Batcher",
     "CpuStream",
     "CudaError",
     "Event",
     "Statistics",
     "StreamLike",
     "backends",
+    "batch",
     "gpu_op",
     "record",
     "set_strategy",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import threading
@@ -16,7 +17,9 @@ from . import _core
 from ._errors import AiocudaError
 
 __all__ = ["Statistics", "statistics", "state_for", "running_loop", "other_loop", "shield",
-           "wait_all"]
+           "wait_all", "spawn", "is_trio"]
+
+_log = logging.getLogger("aiocuda")
 
 #: Completions resolved per pass before the drain yields back to the loop (invariant 9).
 BATCH = 256
@@ -137,7 +140,7 @@ def other_loop() -> Any:
 def running_loop(what: str) -> asyncio.AbstractEventLoop:
     """Return the running loop (asyncio's, or a trio run's adapter), or raise an error saying
     where `what` must be called."""
-    loop = asyncio.events._get_running_loop()
+    loop: asyncio.AbstractEventLoop | None = asyncio.events._get_running_loop()
     if loop is None:
         loop = other_loop()
         if loop is None:
@@ -160,6 +163,49 @@ def shield(fut: Any) -> Generator[Any, None, Any]:
             )
         return asyncio.shield(fut).__await__()
     return fut.shielded()  # type: ignore[no-any-return]
+
+
+def is_trio(loop: object) -> bool:
+    """True if `loop` is a trio run's adapter (:class:`aiocuda._trio.TrioLoop`)."""
+    if "trio" not in sys.modules:
+        return False
+    from . import _trio
+
+    return isinstance(loop, _trio.TrioLoop)
+
+
+# Tasks spawn() started on asyncio loops, kept alive until they end (the loop keeps only weak
+# references to its tasks). A set of any thread's tasks: add and discard are atomic under the GIL.
+_spawned: set[asyncio.Task[None]] = set()
+
+
+def spawn(loop: Any, fn: Callable[..., Awaitable[object]], *args: Any) -> None:
+    """Run ``await fn(*args)`` in the background on `loop`, the running loop of this thread.
+
+    asyncio (and uvloop): a task, referenced until it ends; it is cancelled with the others when
+    ``asyncio.run`` ends. trio: a system task of the run, cancelled when the run's main task has
+    ended. An exception from `fn` is logged (logger "aiocuda"), never raised into the loop or
+    the run: `fn` should deliver its own errors to whoever waits on it.
+    """
+    if is_trio(loop):
+        import trio
+
+        trio.lowlevel.spawn_system_task(_guarded, fn, args, name=_name(fn))
+        return
+    task = loop.create_task(_guarded(fn, args))
+    _spawned.add(task)
+    task.add_done_callback(_spawned.discard)
+
+
+def _name(fn: object) -> str:
+    return str(getattr(fn, "__qualname__", None) or repr(fn))
+
+
+async def _guarded(fn: Callable[..., Awaitable[object]], args: tuple[Any, ...]) -> None:
+    try:
+        await fn(*args)
+    except Exception:  # asyncio would log it at collection; a trio system task would crash the run
+        _log.exception("aiocuda: the background task %s failed", _name(fn))
 
 
 async def wait_all(aws: Iterable[Awaitable[Any]]) -> None:

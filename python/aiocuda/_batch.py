@@ -1,0 +1,336 @@
+"""Dynamic batching: many callers' items, one call of an async function for the whole batch.
+
+The behaviour follows Ray Serve's ``@serve.batch`` (max_batch_size, batch_wait_timeout_s,
+max_concurrent_batches; https://docs.ray.io/en/latest/serve/advanced-guides/dyn-req-batch.html),
+written for aiocuda: one queue per event loop (asyncio, uvloop or a trio run), no task while
+nothing waits, and the callers' futures made by the loop they run on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import math
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from typing import Any, Generic, TypeVar, overload
+
+from ._loop import is_trio, running_loop, shield, spawn
+
+__all__ = ["Batcher", "batch"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+BatchFn = Callable[[list[T]], Awaitable[Sequence[R]]]
+MethodFn = Callable[[Any, list[T]], Awaitable[Sequence[R]]]
+
+
+class _Entry:
+    """One caller's item and the future its caller awaits."""
+
+    __slots__ = ("item", "fut", "arrived")
+
+    def __init__(self, item: Any, fut: Any, arrived: float) -> None:
+        self.item, self.fut, self.arrived = item, fut, arrived
+
+
+class _Queue:
+    """The items waiting on one loop, and its batches. Used on that loop's thread only."""
+
+    __slots__ = ("waiting", "running", "dispatching", "wakeup", "__weakref__")
+
+    def __init__(self) -> None:
+        self.waiting: dict[_Entry, None] = {}  # an ordered set: arrival order, O(1) removal
+        self.running = 0  # batches started and not ended
+        self.dispatching = False  # a dispatcher task is alive
+        self.wakeup: Any = None  # the future the dispatcher sleeps on, if it sleeps
+
+    def wake(self) -> None:
+        fut, self.wakeup = self.wakeup, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+
+class _Awaiting:
+    """Awaits a future without ever cancelling it (asyncio's or trio's)."""
+
+    __slots__ = ("_fut",)
+
+    def __init__(self, fut: Any) -> None:
+        self._fut = fut
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return shield(self._fut)
+
+
+def _now(loop: Any) -> float:
+    if is_trio(loop):
+        import trio
+
+        return trio.current_time()
+    return float(loop.time())
+
+
+async def _sleep_until_woken(loop: Any, q: _Queue, timeout: float | None) -> None:
+    """Sleep until ``q.wake()`` or until `timeout` seconds have passed (None: no limit)."""
+    fut = loop.create_future()
+    q.wakeup = fut
+    try:
+        if is_trio(loop):
+            import trio
+
+            with trio.move_on_after(math.inf if timeout is None else max(timeout, 0.0)):
+                await _Awaiting(fut)
+        else:
+            await asyncio.wait((fut,), timeout=timeout)
+    finally:
+        if q.wakeup is fut:
+            q.wakeup = None
+        if not fut.done():
+            fut.cancel()
+
+
+def _check_settings(max_batch_size: object, max_wait_s: object,
+                    max_concurrent_batches: object) -> None:
+    for name, value in (("max_batch_size", max_batch_size),
+                        ("max_concurrent_batches", max_concurrent_batches)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"aiocuda.batch: {name} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"aiocuda.batch: {name} must be at least 1, got {value}")
+    if not isinstance(max_wait_s, (int, float)) or isinstance(max_wait_s, bool):
+        raise TypeError("aiocuda.batch: max_wait_s must be a number of seconds, got "
+                        f"{type(max_wait_s).__name__}")
+    if not (0 <= max_wait_s < math.inf):
+        raise ValueError("aiocuda.batch: max_wait_s must be a finite number of seconds >= 0, "
+                         f"got {max_wait_s}")
+
+
+def _check_function(fn: object) -> None:
+    if not callable(fn):
+        raise TypeError(f"aiocuda.batch decorates an async function, got {type(fn).__name__}: "
+                        "pass the settings as keywords, @aiocuda.batch(max_batch_size=32)")
+    if not inspect.iscoroutinefunction(fn):
+        raise TypeError(
+            f"aiocuda.batch needs an async function (async def f(items: list) -> list), got "
+            f"{fn!r}: make it an async def and await its GPU work in it (aiocuda.gpu_op)"
+        )
+
+
+class Batcher(Generic[T, R]):
+    """Callers' items, gathered into batches, each batch given to one call of an async function.
+
+    Made by :func:`aiocuda.batch`. ``await batcher(item)`` returns that item's result.
+
+    Rules:
+
+    - A batch starts when `max_batch_size` items wait, or `max_wait_s` seconds after the
+      first of the waiting items arrived, whichever comes first; at most
+      `max_concurrent_batches` batches run at once (more items wait for a free one). The
+      function gets the items in arrival order and must return one result per item, in
+      that order (a list, a tuple, a tensor's rows: anything ``list()`` takes).
+    - An exception from the function reaches every caller of that batch; a wrong number of
+      results fails them all with a ``ValueError``. Other batches are not affected.
+    - A caller cancelled before its batch starts is left out of it; cancelled after, its
+      result is dropped and the batch goes on (the GPU work runs to its end anyway).
+    - Each event loop (asyncio, uvloop, or a trio run) has its own queue: callers on
+      different loops, in different threads, are never batched together. A batch runs on
+      its callers' loop, in a task of its own; while nothing waits, no task exists.
+    - On a method, each instance gets its own batcher (its own queues), as a bound method.
+    """
+
+    def __init__(self, fn: Callable[..., Awaitable[Sequence[R]]], *, max_batch_size: int = 32,
+                 max_wait_s: float = 0.002, max_concurrent_batches: int = 1) -> None:
+        _check_function(fn)
+        _check_settings(max_batch_size, max_wait_s, max_concurrent_batches)
+        self._setup(fn, max_batch_size, float(max_wait_s), max_concurrent_batches)
+
+    def _setup(self, fn: Callable[..., Awaitable[Sequence[R]]], max_batch_size: int,
+               max_wait_s: float, max_concurrent_batches: int) -> None:
+        self._fn = fn
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_concurrent_batches = max_concurrent_batches
+        self._queues: weakref.WeakKeyDictionary[Any, _Queue] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        self._attr = "_aiocuda_batcher_" + str(getattr(fn, "__qualname__", id(fn)))
+        functools.update_wrapper(self, fn)
+
+    # ---- methods: one batcher per instance ----------------------------------------------------
+
+    def __get__(self, obj: object, objtype: type | None = None) -> Batcher[T, R]:
+        if obj is None:
+            return self
+        try:
+            store: dict[str, Any] = obj.__dict__
+        except AttributeError:
+            raise TypeError(
+                f"@aiocuda.batch on a method of {type(obj).__name__}, whose instances have no "
+                "__dict__ (__slots__): add '__dict__' to its __slots__, where each instance "
+                "keeps its batcher"
+            ) from None
+        bound = store.get(self._attr)
+        if bound is None:
+            made: Batcher[T, R] = Batcher.__new__(Batcher)
+            made._setup(self._fn.__get__(obj, type(obj)),
+                        self.max_batch_size, self.max_wait_s, self.max_concurrent_batches)
+            bound = store.setdefault(self._attr, made)  # one per instance, whoever wins
+        return bound  # type: ignore[no-any-return]
+
+    # ---- pickling (Ray ships a deployment's class by value): settings only ----------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"fn": self._fn, "max_batch_size": self.max_batch_size,
+                "max_wait_s": self.max_wait_s,
+                "max_concurrent_batches": self.max_concurrent_batches}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._setup(state["fn"], state["max_batch_size"], state["max_wait_s"],
+                    state["max_concurrent_batches"])
+
+    # ---- callers ------------------------------------------------------------------------------
+
+    async def __call__(self, item: T) -> R:
+        """Add `item` to the next batch of this loop; return its result once the batch is done."""
+        loop = running_loop(f"{self._name()}(item)")
+        q = self._queue(loop)
+        fut = loop.create_future()
+        entry = _Entry(item, fut, _now(loop))
+        q.waiting[entry] = None
+        if not q.dispatching:
+            q.dispatching = True
+            try:
+                spawn(loop, self._dispatch, loop, q)
+            except BaseException:  # the loop is closing: nothing will run this batch
+                q.dispatching = False
+                del q.waiting[entry]
+                raise
+        elif len(q.waiting) >= self.max_batch_size:
+            q.wake()
+        try:
+            return await fut  # type: ignore[no-any-return]
+        finally:
+            if entry in q.waiting:  # cancelled before its batch started: leave the queue
+                del q.waiting[entry]
+                if not fut.done():
+                    fut.cancel()
+                if not q.waiting:
+                    q.wake()  # it was the last one waiting: the dispatcher may end now
+
+    def _name(self) -> str:
+        return f"aiocuda.batch {getattr(self._fn, '__qualname__', self._fn)!s}"
+
+    def _queue(self, loop: Any) -> _Queue:
+        q = self._queues.get(loop)
+        if q is None:
+            with self._lock:
+                q = self._queues.setdefault(loop, _Queue())
+        return q
+
+    # ---- the loop's dispatcher and batches ----------------------------------------------------
+
+    async def _dispatch(self, loop: Any, q: _Queue) -> None:
+        """Start batches while items wait; end when none does."""
+        try:
+            while q.waiting:
+                now = _now(loop)
+                deadline = next(iter(q.waiting)).arrived + self.max_wait_s
+                ready = len(q.waiting) >= self.max_batch_size or now >= deadline
+                free = q.running < self.max_concurrent_batches
+                if ready and free:
+                    entries = []
+                    for entry in q.waiting:
+                        entries.append(entry)
+                        if len(entries) == self.max_batch_size:
+                            break
+                    for entry in entries:
+                        del q.waiting[entry]
+                    q.running += 1
+                    spawn(loop, self._run_batch, q, entries)
+                    continue
+                await _sleep_until_woken(loop, q, None if not free else deadline - now)
+        finally:
+            q.dispatching = False
+
+    async def _run_batch(self, q: _Queue, entries: list[_Entry]) -> None:
+        """Call the function on the entries' items; give each caller its result or the error."""
+        try:
+            live = [e for e in entries if not e.fut.done()]  # not cancelled since it was taken
+            if not live:
+                return
+            try:
+                out = await self._fn([e.item for e in live])
+                results = self._results(out, len(live))
+            except Exception as exc:
+                for e in live:
+                    if not e.fut.done():
+                        e.fut.set_exception(exc)
+                return
+            except BaseException:  # cancelled (the loop is shutting down) or interrupted
+                for e in live:
+                    if not e.fut.done():
+                        e.fut.cancel()
+                raise
+            for e, r in zip(live, results):
+                if not e.fut.done():  # a caller cancelled after the start: its result is dropped
+                    e.fut.set_result(r)
+        finally:
+            q.running -= 1
+            q.wake()
+
+    def _results(self, out: object, n: int) -> list[R]:
+        try:
+            results: list[R] = list(out)  # type: ignore[call-overload]
+        except TypeError:
+            raise TypeError(
+                f"{self._name()} returned {type(out).__name__}, not a sequence: return one "
+                "result per item, in the items' order (a list, a tuple, a tensor's rows)"
+            ) from None
+        if len(results) != n:
+            raise ValueError(
+                f"{self._name()} got {n} items and returned {len(results)} results: return "
+                "exactly one result per item, in the items' order"
+            )
+        return results
+
+    def __repr__(self) -> str:
+        return (f"<aiocuda.Batcher {self._name()} max_batch_size={self.max_batch_size} "
+                f"max_wait_s={self.max_wait_s} "
+                f"max_concurrent_batches={self.max_concurrent_batches}>")
+
+
+@overload
+def batch(fn: BatchFn[T, R], /) -> Batcher[T, R]: ...
+@overload
+def batch(fn: MethodFn[T, R], /) -> Batcher[T, R]: ...
+@overload
+def batch(*, max_batch_size: int = 32, max_wait_s: float = 0.002,
+          max_concurrent_batches: int = 1) -> Callable[[BatchFn[T, R] | MethodFn[T, R]],
+                                                         Batcher[T, R]]: ...
+
+
+def batch(fn: Any = None, /, *, max_batch_size: int = 32, max_wait_s: float = 0.002,
+          max_concurrent_batches: int = 1) -> Any:
+    """Turn ``async def f(items: list[T]) -> Sequence[R]`` into a :class:`Batcher` whose
+    ``await b(item)`` returns that item's result, computed in a batch with other callers' items.
+
+    Use it bare (``@aiocuda.batch``) or with settings
+    (``@aiocuda.batch(max_batch_size=32, max_wait_s=0.002, max_concurrent_batches=1)``),
+    on a function or on a method (one batcher per instance). A typical body awaits one
+    ``gpu_op`` for the batch: ``return list(await aiocuda.gpu_op(model, torch.stack(items)))``.
+    Wrong settings, or a function that is not ``async def``, raise at decoration time.
+    See :class:`Batcher` for the rules.
+    """
+    _check_settings(max_batch_size, max_wait_s, max_concurrent_batches)
+
+    def decorate(f: Any) -> Batcher[Any, Any]:
+        return Batcher(f, max_batch_size=max_batch_size, max_wait_s=max_wait_s,
+                       max_concurrent_batches=max_concurrent_batches)
+
+    if fn is None:
+        return decorate
+    return decorate(fn)
+

@@ -1,0 +1,598 @@
+"""aiocuda.batch: dynamic batching on asyncio, uvloop and trio, awaiting real aiocuda work.
+
+Every body is written with anyio and runs on each loop. No assertion depends on wall-clock time:
+orderings are made with gates (events a batch waits on) and with waits of an hour that must
+never be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+import aiocuda
+
+anyio = pytest.importorskip("anyio")
+pytest.importorskip("trio")
+
+BACKENDS = {
+    "asyncio": ("asyncio", {}),
+    "uvloop": ("asyncio", {"use_uvloop": True}),
+    "trio": ("trio", {}),
+}
+HOUR = 3600.0  # a max_wait_s that no test may reach
+
+
+@pytest.fixture(params=list(BACKENDS))
+def go(request: pytest.FixtureRequest) -> Callable[[Callable[[], Awaitable[Any]]], Any]:
+    """Run an async body on the loop under test, failing (not hanging) after 60 s."""
+    backend, options = BACKENDS[request.param]
+    if request.param == "uvloop":
+        pytest.importorskip("uvloop")
+
+    def run(body: Callable[[], Awaitable[Any]]) -> Any:
+        async def bounded() -> Any:
+            if request.param != "trio":  # the loop under test is the one that runs
+                loop_module = type(asyncio.get_running_loop()).__module__
+                assert loop_module.startswith("uvloop") == (request.param == "uvloop")
+            with anyio.fail_after(60):
+                return await body()
+
+        return anyio.run(bounded, backend=backend, backend_options=options)
+
+    return run
+
+
+async def doubled(items: list[int]) -> list[int]:
+    """Real work on a cpu-backend worker (the same call runs on a GPU for CUDA tensors)."""
+    return await aiocuda.gpu_op(lambda xs: [2 * x for x in xs], items)
+
+
+async def until(pred: Callable[[], bool]) -> None:
+    """Let the loop run (awaiting real cpu-backend work) until `pred()` holds."""
+    s = aiocuda.CpuStream()
+    while not pred():
+        await aiocuda.synchronize(s)
+
+
+async def spin(n: int = 20) -> None:
+    """Let the loop run n times through real completions: anything ready would have run."""
+    s = aiocuda.CpuStream()
+    for _ in range(n):
+        s.delay(0.0005)
+        await aiocuda.synchronize(s)
+
+
+def queues(b: aiocuda.Batcher[Any, Any]) -> list[Any]:
+    return list(b._queues.values())
+
+
+# ---- batching -------------------------------------------------------------------------------
+
+def test_items_waiting_together_are_one_batch_up_to_max_batch_size(go):
+    sizes: list[int] = []
+
+    @aiocuda.batch(max_batch_size=4, max_wait_s=0)
+    async def f(items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        return await doubled(items)
+
+    async def body() -> dict[int, int]:
+        out: dict[int, int] = {}
+
+        async def call(i: int) -> None:
+            out[i] = await f(i)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(10):  # all ten wait before the first batch is formed
+                tg.start_soon(call, i)
+        return out
+
+    assert go(body) == {i: 2 * i for i in range(10)}
+    assert sizes == [4, 4, 2]
+
+
+def test_bare_decorator_and_torch_rows(go):
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Linear(4, 2)
+    sizes: list[int] = []
+
+    @aiocuda.batch
+    async def predict(xs: list[Any]) -> list[Any]:
+        sizes.append(len(xs))
+        return list(await aiocuda.gpu_op(model, torch.stack(xs)))  # a tensor's rows
+
+    assert predict.max_batch_size == 32 and predict.max_wait_s == 0.002
+    assert predict.max_concurrent_batches == 1 and predict.__name__ == "predict"
+    assert aiocuda.batch()(doubled).max_batch_size == 32  # with empty parentheses too
+    xs = [torch.randn(4) for _ in range(5)]
+
+    async def body() -> list[Any]:
+        out: list[Any] = [None] * 5
+
+        async def call(i: int) -> None:
+            out[i] = await predict(xs[i])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(5):
+                tg.start_soon(call, i)
+        return out
+
+    ys = go(body)
+    with torch.no_grad():
+        for x, y in zip(xs, ys):
+            assert torch.allclose(model(x), y, atol=1e-6)
+    assert sizes == [5]
+
+
+def test_a_batch_waits_for_max_batch_size_items_until_max_wait_s(go):
+    calls: list[list[int]] = []
+
+    @aiocuda.batch(max_batch_size=3, max_wait_s=HOUR)
+    async def f(items: list[int]) -> list[int]:
+        calls.append(sorted(items))
+        return await doubled(items)
+
+    async def body() -> None:
+        started = 0
+
+        async def call(i: int) -> None:
+            nonlocal started
+            started += 1
+            assert await f(i) == 2 * i
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, 1)
+            tg.start_soon(call, 2)
+            await until(lambda: started == 2)
+            await spin()
+            assert calls == []  # two wait, an hour is not over: no batch yet
+            tg.start_soon(call, 3)  # the third fills it
+        assert calls == [[1, 2, 3]]
+
+    go(body)
+
+
+def test_a_batch_that_does_not_fill_starts_after_max_wait_s(go):
+    calls: list[list[int]] = []
+
+    @aiocuda.batch(max_batch_size=100, max_wait_s=0.01)
+    async def f(items: list[int]) -> list[int]:
+        calls.append(items)
+        return await doubled(items)
+
+    async def body() -> int:
+        return await f(21)  # would hang (and fail after 60 s) if the wait never ended
+
+    assert go(body) == 42
+    assert calls == [[21]]
+
+
+def test_items_arriving_while_the_batch_before_runs_wait_for_it(go):
+    """max_concurrent_batches=1: what arrives meanwhile is the next batch, all of it."""
+    calls: list[list[int]] = []
+
+    async def body() -> None:
+        gate = anyio.Event()
+
+        @aiocuda.batch(max_batch_size=10, max_wait_s=0)
+        async def f(items: list[int]) -> list[int]:
+            calls.append(sorted(items))
+            if items == [0]:
+                await gate.wait()
+            return await doubled(items)
+
+        async def call(i: int) -> None:
+            assert await f(i) == 2 * i
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, 0)
+            await until(lambda: len(calls) == 1)  # batch [0] runs, held by the gate
+            for i in (1, 2, 3):
+                tg.start_soon(call, i)
+            await spin()  # their wait (0 s) is long over, but no batch may start yet
+            assert calls == [[0]]
+            gate.set()
+        assert calls == [[0], [1, 2, 3]]
+
+    go(body)
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_at_most_max_concurrent_batches_run_at_once(go, limit):
+    active = most = ended = 0
+
+    async def body() -> None:
+        nonlocal active, most, ended
+        gate = anyio.Event()
+
+        @aiocuda.batch(max_batch_size=1, max_wait_s=0, max_concurrent_batches=limit)
+        async def f(items: list[int]) -> list[int]:
+            nonlocal active, most, ended
+            active += 1
+            most = max(most, active)
+            await gate.wait()
+            out = await doubled(items)
+            active -= 1
+            ended += 1
+            return out
+
+        async def call(i: int) -> None:
+            assert await f(i) == 2 * i
+
+        async with anyio.create_task_group() as tg:
+            for i in range(4):
+                tg.start_soon(call, i)
+            await until(lambda: active == limit)
+            await spin()  # a third batch would have started by now if it could
+            assert active == limit
+            gate.set()
+        assert ended == 4
+
+    go(body)
+    assert most == limit
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+class Bad(Exception):
+    pass
+
+
+def test_an_exception_reaches_every_caller_of_its_batch_and_no_other(go):
+    async def body() -> None:
+        @aiocuda.batch(max_batch_size=3, max_wait_s=HOUR)
+        async def f(items: list[int]) -> list[int]:
+            out = await doubled(items)
+            if -1 in items:
+                raise Bad(f"bad item in {sorted(items)}")
+            return out
+
+        async def group(xs: list[int]) -> list[Any]:
+            got: list[Any] = [None] * len(xs)
+
+            async def call(k: int) -> None:
+                try:
+                    got[k] = await f(xs[k])
+                except Bad as exc:
+                    got[k] = exc
+
+            async with anyio.create_task_group() as tg:
+                for k in range(len(xs)):
+                    tg.start_soon(call, k)
+            return got
+
+        failed = await group([1, -1, 2])
+        assert all(isinstance(e, Bad) and str(e) == "bad item in [-1, 1, 2]" for e in failed)
+        assert await group([3, 4, 5]) == [6, 8, 10]  # the batcher goes on
+
+    go(body)
+
+
+@pytest.mark.parametrize("returns, error, match", [
+    (lambda items: items[:-1], ValueError, "got 3 items and returned 2 results"),
+    (lambda items: items + [0], ValueError, "got 3 items and returned 4 results"),
+    (lambda items: None, TypeError, "returned NoneType, not a sequence"),
+])
+def test_a_wrong_number_of_results_fails_every_caller(go, returns, error, match):
+    async def body() -> None:
+        @aiocuda.batch(max_batch_size=3, max_wait_s=HOUR)
+        async def f(items: list[int]) -> Any:
+            await doubled(items)
+            return returns(items)
+
+        errors: list[BaseException] = []
+
+        async def call(i: int) -> None:
+            try:
+                await f(i)
+            except Exception as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(call, i)
+        assert len(errors) == 3
+        for e in errors:
+            assert isinstance(e, error) and match in str(e), e
+
+    go(body)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"max_batch_size": 0}, ValueError, "max_batch_size must be at least 1, got 0"),
+    ({"max_batch_size": 2.5}, TypeError, "max_batch_size must be an int, got float"),
+    ({"max_batch_size": True}, TypeError, "max_batch_size must be an int, got bool"),
+    ({"max_concurrent_batches": 0}, ValueError, "max_concurrent_batches must be at least 1"),
+    ({"max_wait_s": -0.1}, ValueError, "max_wait_s must be a finite number of seconds >= 0"),
+    ({"max_wait_s": math.nan}, ValueError, "max_wait_s must be a finite number"),
+    ({"max_wait_s": math.inf}, ValueError, "max_wait_s must be a finite number"),
+    ({"max_wait_s": "1"}, TypeError, "max_wait_s must be a number of seconds, got str"),
+])
+def test_bad_settings_raise_at_decoration_time(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        aiocuda.batch(**kwargs)
+    with pytest.raises(error, match=match):
+        aiocuda.Batcher(doubled, **kwargs)
+
+
+def test_a_function_that_is_not_async_is_refused():
+    def plain(items: list[int]) -> list[int]:
+        return items
+
+    with pytest.raises(TypeError, match="needs an async function"):
+        aiocuda.batch(plain)
+    with pytest.raises(TypeError, match="needs an async function"):
+        aiocuda.batch(max_batch_size=4)(plain)
+    with pytest.raises(TypeError, match="pass the settings as keywords"):
+        aiocuda.batch(32)  # type: ignore[call-overload]
+
+
+def test_calling_it_outside_a_loop_says_where():
+    b = aiocuda.batch(doubled)
+    with pytest.raises(aiocuda.AiocudaError, match="needs a running event loop"):
+        b(1).send(None)
+
+
+# ---- cancellation ---------------------------------------------------------------------------
+
+def test_a_caller_cancelled_before_its_batch_starts_is_left_out(go):
+    calls: list[list[int]] = []
+
+    @aiocuda.batch(max_batch_size=3, max_wait_s=HOUR)
+    async def f(items: list[int]) -> list[int]:
+        calls.append(sorted(items))
+        return await doubled(items)
+
+    async def body() -> None:
+        results: dict[int, int] = {}
+        waiting = 0
+        scope = anyio.CancelScope()
+        a_done = anyio.Event()
+
+        async def a() -> None:
+            nonlocal waiting
+            with scope:
+                waiting += 1
+                results[0] = await f(0)
+            a_done.set()
+
+        async def call(i: int) -> None:
+            nonlocal waiting
+            waiting += 1
+            results[i] = await f(i)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a)
+            tg.start_soon(call, 1)
+            await until(lambda: waiting == 2)
+            scope.cancel()
+            await a_done.wait()
+            await spin()
+            assert calls == []  # 0 left: one waits, not three
+            tg.start_soon(call, 2)
+            tg.start_soon(call, 3)
+        assert calls == [[1, 2, 3]]
+        assert results == {1: 2, 2: 4, 3: 6}  # 0 was cancelled: no result
+
+    go(body)
+
+
+def test_a_caller_cancelled_after_its_batch_started_only_loses_its_result(go, caplog):
+    seen: list[list[int]] = []
+    ended = 0
+
+    async def body() -> None:
+        nonlocal ended
+        gate = anyio.Event()
+
+        @aiocuda.batch(max_batch_size=3, max_wait_s=HOUR)
+        async def f(items: list[int]) -> list[int]:
+            nonlocal ended
+            seen.append(sorted(items))
+            await gate.wait()
+            out = await doubled(items)
+            ended += 1
+            return out
+
+        results: dict[int, int] = {}
+        scope = anyio.CancelScope()
+
+        async def a() -> None:
+            with scope:
+                results[0] = await f(0)
+
+        async def call(i: int) -> None:
+            results[i] = await f(i)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a)
+            tg.start_soon(call, 1)
+            tg.start_soon(call, 2)
+            await until(lambda: len(seen) == 1)  # the batch of three started
+            scope.cancel()
+            await spin()
+            gate.set()
+        assert results == {1: 2, 2: 4}
+        assert ended == 1
+
+    with caplog.at_level(logging.DEBUG, logger="aiocuda"):
+        go(body)
+    assert seen == [[0, 1, 2]]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+# ---- methods, loops, threads ----------------------------------------------------------------
+
+class Model:
+    def __init__(self, scale: int) -> None:
+        self.scale = scale
+        self.batches: list[list[int]] = []
+
+    @aiocuda.batch(max_batch_size=8, max_wait_s=0)
+    async def predict(self, items: list[int]) -> list[int]:
+        self.batches.append(sorted(items))
+        return [self.scale * y // 2 for y in await doubled(items)]
+
+
+def test_a_method_gets_one_batcher_per_instance(go):
+    m1, m2 = Model(10), Model(100)
+    assert isinstance(Model.predict, aiocuda.Batcher)
+    assert m1.predict is m1.predict and m1.predict is not m2.predict
+    assert Model.predict.__name__ == "predict"
+
+    async def body() -> dict[tuple[int, int], int]:
+        out: dict[tuple[int, int], int] = {}
+
+        async def call(m: Model, i: int) -> None:
+            out[(m.scale, i)] = await m.predict(i)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(call, m1, i)
+                tg.start_soon(call, m2, i)
+        return out
+
+    assert go(body) == {(s, i): s * i for s in (10, 100) for i in range(3)}
+    assert m1.batches == [[0, 1, 2]] and m2.batches == [[0, 1, 2]]
+
+
+def test_a_method_of_a_class_without_instance_dicts_says_what_to_do():
+    class Slotted:
+        __slots__ = ()
+
+        @aiocuda.batch
+        async def predict(self, items: list[int]) -> list[int]:
+            return items
+
+    with pytest.raises(TypeError, match="add '__dict__' to its __slots__"):
+        Slotted().predict  # noqa: B018
+
+
+def test_two_loops_in_two_threads_keep_their_own_queues(go):
+    """Each thread's four items are one batch; a batcher shared by both loops must not mix
+    them (two from each thread would make a batch of four first)."""
+    batches: list[tuple[int, list[str]]] = []
+    barrier = threading.Barrier(2, timeout=30)
+
+    @aiocuda.batch(max_batch_size=4, max_wait_s=HOUR)
+    async def f(items: list[str]) -> list[str]:
+        batches.append((threading.get_ident(), sorted(items)))
+        await doubled([1])
+        return [x.upper() for x in items]
+
+    async def body() -> None:
+        me = threading.current_thread().name
+        waiting = 0
+
+        async def call(i: int) -> None:
+            nonlocal waiting
+            waiting += 1
+            assert await f(f"{me}-{i}") == f"{me}-{i}".upper()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, 0)
+            tg.start_soon(call, 1)
+            await until(lambda: waiting == 2)
+            await anyio.to_thread.run_sync(barrier.wait)  # both threads have two waiting
+            await spin()
+            tg.start_soon(call, 2)
+            tg.start_soon(call, 3)
+
+    errors: list[BaseException] = []
+    idents: dict[str, int] = {}
+
+    def thread_main() -> None:
+        idents[threading.current_thread().name] = threading.get_ident()
+        try:
+            go(body)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=thread_main, name=n) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert not errors, errors
+    assert sorted(items for _, items in batches) == [
+        [f"{n}-{i}" for i in range(4)] for n in ("a", "b")
+    ]
+    for ident, items in batches:  # each batch ran on its callers' loop
+        assert ident == idents[items[0][0]]
+
+
+def test_nothing_is_left_running_while_nothing_waits(go):
+    async def body() -> None:
+        b = aiocuda.batch(max_batch_size=2, max_wait_s=0)(doubled)
+        await b(0)  # aiocuda's own queue watcher exists from here on
+        await spin()
+        before = _living_tasks()
+        async with anyio.create_task_group() as tg:
+            for i in range(7):
+                tg.start_soon(b, i)
+        await spin(5)
+        (q,) = queues(b)
+        assert q.waiting == {} and q.running == 0 and not q.dispatching and q.wakeup is None
+        assert _living_tasks() == before
+
+    go(body)
+
+
+def _living_tasks() -> int:
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # not asyncio: trio
+        import trio
+
+        return trio.lowlevel.current_statistics().tasks_living
+
+
+@pytest.mark.parametrize("when", ["waiting", "running"])
+def test_a_loop_that_ends_with_callers_waiting_ends_cleanly(go, when):
+    """The run ends while a caller waits for an hour (or its batch waits forever): it is
+    cancelled, the batcher's tasks end with it, nothing is reported to the loop's exception
+    handler or the log."""
+    problems: list[Any] = []
+    never = threading.Event()  # set only after the run: the batch would run forever
+
+    @aiocuda.batch(max_batch_size=1 if when == "running" else 8, max_wait_s=HOUR)
+    async def f(items: list[int]) -> list[int]:
+        while not never.is_set():
+            await doubled(items)
+        return items
+
+    async def body() -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            import trio
+
+            trio.lowlevel.spawn_system_task(f, 1)  # cancelled when the main task has ended
+        else:
+            loop.set_exception_handler(lambda _loop, ctx: problems.append(ctx))
+            loop.create_task(f(1))  # cancelled by the runner when the body has ended
+        await spin()
+        (q,) = queues(f)
+        if when == "running":
+            assert q.waiting == {} and q.running == 1
+        else:
+            assert len(q.waiting) == 1 and q.dispatching
+
+    logger = logging.getLogger("aiocuda")
+    handler = logging.Handler()
+    handler.emit = problems.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        go(body)
+    finally:
+        logger.removeHandler(handler)
+        never.set()
+    assert problems == []
