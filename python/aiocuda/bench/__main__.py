@@ -47,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="output folder (default: bench-report); report.json and report.txt "
                     "are rewritten after every measurement")
     ap.add_argument("--loop", choices=("asyncio", "uvloop", "trio"), action="append",
-                    help="only this loop (repeatable; default: both when uvloop is installed)")
+                    help="only this loop (repeatable; default: every one installed; trio: its wake-up "
+                    "latency only)")
     ap.add_argument("--source", choices=("cpu", "cuda"), action="append",
                     help="only this source (repeatable; default: cpu, and cuda where the cuda "
                     "backend is available)")

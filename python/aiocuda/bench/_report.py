@@ -871,7 +871,7 @@ def table(r: Report) -> str:
     if trio_rows:
         lines.append("wake-up latency in a trio run (one wait at a time)")
         for x in trio_rows:
-            lines.append(f"  {x['source']:8} {x['method']:{w}} p50 {x['p50_us']:7.0f} us  "
+            lines.append(f"  {x['source']:24} {x['method']:{w}} p50 {x['p50_us']:7.0f} us  "
                          f"p99 {x['p99_us']:7.0f} us")
         lines.append("")
     for c in dict.fromkeys(capped_rows):
