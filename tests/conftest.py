@@ -23,9 +23,14 @@ REAL_DRIVER = os.environ.get("AIOCUDA_TEST_REAL_DRIVER") == "1"
 
 
 # The driver is opened on first use, so this must happen before any test touches the cuda
-# backend. With AIOCUDA_TEST_REAL_DRIVER=1 (scripts/gpu-check) the real libcuda is used instead.
+# backend. With AIOCUDA_TEST_REAL_DRIVER=1 (scripts/gpu-check) the real libcuda is used instead;
+# AIOCUDA_TEST_EMULATOR=PATH uses an emulator built elsewhere (scripts/tsan-test's instrumented
+# one), with its controls.
 EMU_PATH: Path | None = None
-if not REAL_DRIVER:
+if os.environ.get("AIOCUDA_TEST_EMULATOR"):
+    EMU_PATH = Path(os.environ["AIOCUDA_TEST_EMULATOR"]).resolve()
+    os.environ["AIOCUDA_LIBCUDA"] = str(EMU_PATH)
+elif not REAL_DRIVER:
     EMU_PATH = build_emulator()
     os.environ["AIOCUDA_LIBCUDA"] = str(EMU_PATH)
 
