@@ -431,15 +431,18 @@ class ThreadEngine(Engine):
             self._inbox.put(None)
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
             self._thread = None
-        left = self.scheduler.drain(self._current)
+        self._stopped(self.scheduler.drain(self._current) + self._take_inbox())
+
+    def _take_inbox(self) -> list[Sequence]:
+        """The sequences submitted since the last look (None entries only wake the thread)."""
+        got: list[Sequence] = []
         while True:
             try:
                 s = self._inbox.get_nowait()
             except queue.Empty:
-                break
+                return got
             if s is not None:
-                left.append(s)
-        self._stopped(left)
+                got.append(s)
 
     def _submit(self, seq: Sequence) -> None:
         self._inbox.put(seq)
@@ -458,13 +461,8 @@ class ThreadEngine(Engine):
                 s = self._inbox.get()
                 if s is not None:
                     sched.add(s)
-            while True:
-                try:
-                    s = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if s is not None:
-                    sched.add(s)
+            for s in self._take_inbox():
+                sched.add(s)
             if self._stopping:
                 break
             plan = sched.prepare()
