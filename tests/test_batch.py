@@ -18,8 +18,8 @@ import pytest
 
 import aiocuda
 
-anyio = pytest.importorskip("anyio")
-pytest.importorskip("trio")
+anyio = pytest.importorskip("anyio", reason="anyio is a test dependency: pip install aiocuda[test]")
+pytest.importorskip("trio", reason="trio is a test dependency: pip install aiocuda[test]")
 
 BACKENDS = {
     "asyncio": ("asyncio", {}),
