@@ -252,7 +252,7 @@ CUresult mark(Timeline* tl, Node* n, Mark** user, std::string* why) {
             return true;
         }
         reap(tl);
-        if (tl->in_flight < kMarksInFlight && !tl->open) return false;
+        if (tl->in_flight < kMarksInFlight && !tl->open && !tl->placing_now) return false;
         if (!tl->open) {
             start_placer(tl->cs->device);
             tl->open = new_mark(tl);
@@ -324,16 +324,25 @@ bool place_open(Timeline* tl) {
     CUstreamCaptureStatus st;
     CUresult r = capture_status(tl, &st);
     if (r == CUDA_SUCCESS && st != CU_STREAM_CAPTURE_STATUS_NONE) return false;
+    {
+        std::lock_guard<std::mutex> g(eng->mu);
+        if (tl->open != open || tl->cs->retired) return true;  // failed meanwhile
+        // From here on no await may join this mark: its mark may reach the stream before work
+        // the await's caller enqueued after it (a cuStreamWaitEvent, say), which the await must
+        // cover. Awaits meanwhile open a new mark, placed after this one (mark(): joined()).
+        tl->open = nullptr;
+        tl->placing_now = true;
+    }
     Placed p;
     std::string why;
     if (r == CUDA_SUCCESS) r = put(tl, &p, &why);
     if (r == kCapturing) r = CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;  // taken into a capture
     std::lock_guard<std::mutex> g(eng->mu);
-    if (tl->open != open || tl->cs->retired) {  // failed meanwhile (its handles are not ours)
-        if (p.ev && !tl->cs->retired) give_back(tl->cs, p.ev);
-        return true;
+    tl->placing_now = false;
+    if (tl->cs->retired) {  // a reset meanwhile: its handles are not ours; the awaits fail
+        r = tl->cs->error;
+        p.ev = nullptr;
     }
-    tl->open = nullptr;
     if (r != CUDA_SUCCESS) {
         // Only these awaits fail: a capture that began meanwhile, or no memory for an event, is
         // no context error (a sticky one the next query of this context finds). They fail in
@@ -342,12 +351,14 @@ bool place_open(Timeline* tl) {
         if (tl->tail) tl->tail->next = open; else tl->head = open;
         tl->tail = open;  // unplaced: no event, never queried or watched
         reap(tl);
+        want_placing(tl);  // an open mark made meanwhile
         return true;
     }
     open->flag = p.flag;
     open->seq = p.seq;
     placed(tl, open, p.ev);
     if (p.flag) nudge_locked(tl); else wake_locked();
+    want_placing(tl);  // an open mark made meanwhile
     return true;
 }
 
