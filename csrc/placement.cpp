@@ -41,7 +41,8 @@ void release_timeline(Timeline* tl) {
 void maybe_drop(Timeline* tl) {
     CtxState* cs = tl->cs;
     if (tl->kind != Timeline::kStream || tl->relay || tl == cs->legacy_tl || tl->users ||
-        tl->alive || tl->placing || tl->open || tl->head || tl->lane || cs->retired)
+        tl->alive || tl->placing || tl->placing_now || tl->open || tl->head || tl->lane ||
+        cs->retired)
         return;
     cs->streams.erase(tl->sid);
     if (tl->word) cs->words.emplace_back(tl->word, tl->dword);
@@ -357,6 +358,7 @@ bool place_open(Timeline* tl) {
     open->flag = p.flag;
     open->seq = p.seq;
     placed(tl, open, p.ev);
+    activate(tl);  // (it stayed active: idle() counts a placement under way)
     if (p.flag) nudge_locked(tl); else wake_locked();
     want_placing(tl);  // an open mark made meanwhile
     return true;
