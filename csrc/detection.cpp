@@ -22,6 +22,14 @@ struct FlagPlan {
     Clock::time_point next = Clock::time_point::max();
 };
 
+// A timeline's history: flag mark `m` was passed by `seen` at the latest. Quick to come down and
+// slow to go up, so that the engine thread wakes early rather than late.
+void learn(Timeline* tl, Mark* m, Clock::time_point seen) {
+    int64_t took =
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::max(seen, m->at) - m->at).count();
+    tl->est_ns += (took - tl->est_ns) / (took < tl->est_ns ? 2 : 8);
+}
+
 // Under eng->mu: completes every flag mark whose word its stream has written (plain loads, no
 // driver call), learns how long marks take, and plans the next look. A word only grows (cyclic,
 // as cuStreamWaitValue32 compares): a value that reached a mark's sequence number passed it.
@@ -42,11 +50,7 @@ FlagPlan read_flags(Clock::time_point now, bool* progress) {
             else if (!oldest) oldest = m;
         }
         if (upto) {
-            // Its history: how long the newest passed mark took, seen now. Quick to come down and
-            // slow to go up, so that the thread wakes early rather than late.
-            int64_t took = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                std::max(prev, upto->at) - upto->at).count();
-            tl->est_ns += (took - tl->est_ns) / (took < tl->est_ns ? 2 : 8);
+            learn(tl, upto, prev);
             passed(upto, CUDA_SUCCESS);
             reap(tl);  // hands the open mark, if any, to its placer
             *progress = true;
@@ -54,11 +58,26 @@ FlagPlan read_flags(Clock::time_point now, bool* progress) {
         if (!oldest) continue;
         plan.pending = true;
         auto due = oldest->at + std::chrono::nanoseconds(tl->est_ns);
-        auto lead = kFlagLead + std::chrono::nanoseconds(tl->est_ns / 16 + eng->oversleep_ns);
+        // The margin for an estimate that may be early: a sixteenth of it, or less with a
+        // doorbell placed, which tells of an early end (and costs no CPU meanwhile).
+        auto margin = std::chrono::nanoseconds(tl->est_ns / 16);
+        if (tl->bell) margin = std::min<std::chrono::nanoseconds>(margin, kBellMargin);
+        auto lead = kFlagLead + margin + std::chrono::nanoseconds(eng->oversleep_ns);
         Clock::time_point next;
-        if (now < due - lead) next = due - lead;               // sleep through most of it
-        else if (now < due + kFlagSpin) next = now;            // due: spin
-        else next = now + std::min<Clock::duration>(kFlagMaxNap, (now - due) / 16);  // late: nap
+        bool ring;
+        if (now < due - lead) {  // sleep through most of it; a long sleep with a doorbell
+            next = due - lead;
+            ring = next - now >= kBellSleep;
+        } else if (now < due + kFlagSpin) {  // due: spin
+            next = now;
+            ring = false;
+        } else {  // late: nap, for longer the later it is; a doorbell once it is long overdue
+            auto late = now - due;
+            next = now + (tl->bell ? std::min<Clock::duration>(kBellMaxNap, late / 4)
+                                   : std::min<Clock::duration>(kFlagMaxNap, late / 16));
+            ring = late >= kBellLate;
+        }
+        if (ring && !tl->bell) want_bell(tl);
         plan.next = std::min(plan.next, next);
     }
     return plan;
@@ -90,7 +109,7 @@ bool pass(Strategy strat, bool backstop) {
         for (Timeline* tl : tls)
             if (!tl->cs->retired && std::find(ctxs.begin(), ctxs.end(), tl->cs) == ctxs.end())
                 ctxs.push_back(tl->cs);
-        if (strat == Strategy::kCallback) {
+        if (strat != Strategy::kPoll) {  // kFlag watches its event marks so too
             watches.reserve(eng->to_watch.size());
             for (Mark* m : eng->to_watch) {
                 Timeline* tl = m->tl;
@@ -295,6 +314,7 @@ void engine_run() {
                     if (plan.next > now) {
                         eng->sleeping = true;
                         eng->sleep_until = std::min(plan.next, last_backstop + backstop_every);
+                        ++eng->naps;
                         if (eng->cv.wait_until(g, eng->sleep_until) == std::cv_status::timeout) {
                             // How late this machine wakes a sleeping thread (quick to go up, slow
                             // to come down): the thread sets out that much earlier.
@@ -371,6 +391,12 @@ void on_host_fn(void* key) {
             eng->kick = true;
             eng->cv.notify_one();
             return;
+        }
+        if (m->bell) {  // the newest flag mark before it was passed by now: its timeline learns
+            Mark* last = nullptr;
+            for (Mark* p = tl->head; p && p != m; p = p->next)
+                if (p->flag && !p->done) last = p;
+            if (last) learn(tl, last, Clock::now());
         }
         passed(m, CUDA_SUCCESS);
         reap(tl);  // hands the open mark, if any, to its placer

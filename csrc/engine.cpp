@@ -260,8 +260,8 @@ void after_fork_in_child() {
 
 Stats stats() {
     std::lock_guard<std::mutex> g(eng->mu);
-    return Stats{eng->pending, eng->marks,     eng->events,    eng->lanes,
-                 eng->threads, eng->words, eng->timelines, eng->handed_over};
+    return Stats{eng->pending, eng->marks, eng->events,    eng->lanes,       eng->threads,
+                 eng->words,   eng->timelines, eng->handed_over, eng->bells, eng->naps};
 }
 
 }  // namespace aiocuda::cuda

@@ -57,6 +57,8 @@ struct Stats {
     size_t flag_words;         // words of host memory streams write their marks to
     size_t timelines;          // streams aiocuda keeps a timeline of (idle ones are dropped)
     size_t handed_over;        // marks with many awaits that host functions left to the engine
+    size_t bells;              // kFlag's doorbell marks placed (long or late marks)
+    size_t naps;               // kFlag: timed sleeps of the engine thread (its wake-ups)
 };
 Stats stats();
 

@@ -51,6 +51,18 @@ constexpr auto kPollMaxSleep = std::chrono::microseconds(200);
 constexpr auto kFlagLead = std::chrono::microseconds(40);
 constexpr auto kFlagSpin = std::chrono::microseconds(150);
 constexpr auto kFlagMaxNap = std::chrono::microseconds(2000);
+// kFlag's doorbell: when the engine thread would sleep kBellSleep or more before looking at a
+// timeline's word (a long mark: its estimate may be wrong either way), or its oldest mark is
+// kBellLate overdue (napping on would cost wake-ups for as long as it lasts), the placer puts an
+// event mark (no awaits of its own) at the end of the stream, watched by a lane's host function
+// as the callback strategy's are: the GPU then tells the engine, and its host function completes
+// every earlier mark. One per timeline at a time, never one per await. It may over-wait (work
+// enqueued after the late mark is before it), so the thread still looks, seldom: naps of a
+// quarter of the lateness, at most kBellMaxNap.
+constexpr auto kBellSleep = std::chrono::microseconds(1000);
+constexpr auto kBellLate = std::chrono::microseconds(500);
+constexpr auto kBellMaxNap = std::chrono::milliseconds(20);
+constexpr auto kBellMargin = std::chrono::microseconds(200);  // spin this early at most, with one
 constexpr size_t kFlagWordStride = 64;  // one cache line per timeline: the device writes whole lines
 constexpr size_t kFlagPage = 4096;
 
@@ -79,6 +91,7 @@ struct Mark {
     CUresult fail = CUDA_SUCCESS;  // could not be placed: fails with this once earlier marks end
     uint64_t key = 0;         // what its host function gets: never a pointer
     bool flag = false;        // kFlag: passed once its timeline's word reaches seq
+    bool bell = false;        // kFlag's doorbell: an event mark with no awaits of its own
     uint32_t seq = 0;
     Clock::time_point at{};   // when it was placed (kFlag: the timeline's history)
     Mark* next = nullptr;     // in its timeline, oldest first
@@ -116,6 +129,7 @@ struct Timeline {
     uint32_t issued = 0;         // the last sequence number written (under record_mu)
     bool no_flag = false;        // the driver cannot write host memory from this stream: events
     int64_t est_ns = 0;          // how long its marks take, placed to passed (kFlag's sleeps)
+    bool bell = false;           // kFlag: a doorbell mark is placed, or queued for the placer
     std::mutex record_mu;        // marks enter the timeline in the order they enter the stream
 };
 
@@ -148,6 +162,7 @@ struct CtxState {
 struct Placer {
     std::condition_variable cv;  // under eng->mu
     std::vector<Timeline*> queue;
+    std::vector<Timeline*> bells;  // kFlag: timelines that want a doorbell mark
 };
 
 // Whole-device waits on drivers without cuCtxRecordEvent (older than 12.5): one thread per device
@@ -173,6 +188,8 @@ struct Engine {
     std::vector<Mark*> to_watch;         // kCallback: placed, not watched yet
     std::vector<Mark*> seen;             // passed, as host functions said: too many for them
     size_t handed_over = 0;              // marks host functions left to this thread (tests)
+    size_t bells = 0;                    // kFlag's doorbell marks placed (tests)
+    size_t naps = 0;                     // kFlag: timed sleeps of the engine thread (tests)
     std::vector<Mark*> slots;            // host-function keys: (generation << 32) | index
     std::vector<uint32_t> gens;
     std::vector<uint32_t> free_slots;
@@ -264,6 +281,7 @@ void maybe_drop(Timeline* tl);
 CUresult take_event(CtxState* cs, CUevent* ev);
 CUresult mark(Timeline* tl, Node* n, Mark** user, std::string* why);
 void want_placing(Timeline* tl);
+void want_bell(Timeline* tl);
 void start_placer(int dev);
 // detection.cpp
 void start_engine_locked();

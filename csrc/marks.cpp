@@ -137,6 +137,7 @@ void reap(Timeline* tl) {
         tl->head = m->next;
         if (!tl->head) tl->tail = nullptr;
         if (m->placed) --tl->in_flight;
+        if (m->bell) tl->bell = false;
         unref(m);
         freed = true;
     }

@@ -683,6 +683,8 @@ PYBIND11_MODULE(_core, m) {
         out["flag_words"] = st.flag_words;
         out["timelines"] = st.timelines;
         out["handed_over"] = st.handed_over;
+        out["bells"] = st.bells;
+        out["naps"] = st.naps;
         return out;
     });
     m.def("cuda_pending", [] { return cuda::stats().pending; });

@@ -91,11 +91,13 @@ void wake_locked() {
     if (eng->sleeping) eng->cv.notify_one();
 }
 
-// A flag mark was placed: wake the engine thread only if it sleeps past when this one may pass.
+// A flag mark was placed: wake the engine thread only if it sleeps past when this one may pass,
+// or if the mark is long enough to want a doorbell (read_flags()).
 void nudge_locked(Timeline* tl) {
     if (!eng->sleeping) return;
-    auto due = Clock::now() + std::chrono::nanoseconds(tl->est_ns) - kFlagLead;
-    if (due < eng->sleep_until) eng->cv.notify_one();
+    auto est = std::chrono::nanoseconds(tl->est_ns);
+    if (Clock::now() + est - kFlagLead < eng->sleep_until || (est >= kBellSleep && !tl->bell))
+        eng->cv.notify_one();
 }
 
 // kFlag: the word `tl`'s stream writes its marks to, taken from a page of registered host memory
@@ -165,9 +167,9 @@ const char* const kCapturedText =
 // then a second capture check (tl->record_mu held). A capture may begin between the check before
 // and the mark, and a mark taken into a capture never tells when the stream's work ends: its
 // awaits are refused (kCapturing), and a flag word a graph may write is never read again.
-CUresult put(Timeline* tl, Placed* p, std::string* why) {
+CUresult put(Timeline* tl, Placed* p, std::string* why, bool event = false) {
     CUresult r = CUDA_ERROR_NOT_SUPPORTED;
-    if (current_strategy() == Strategy::kFlag && flag_word(tl)) {
+    if (!event && current_strategy() == Strategy::kFlag && flag_word(tl)) {
         p->flag = true;
         p->seq = tl->issued + 1;
         CUstream st = tl->stream;
@@ -309,6 +311,59 @@ void want_placing(Timeline* tl) {
     p->cv.notify_one();
 }
 
+// Under eng->mu, on the engine thread: queue a doorbell mark for `tl` with its device's placer.
+void want_bell(Timeline* tl) {
+    if (tl->bell || tl->cs->retired || current_strategy() == Strategy::kPoll) return;
+    int dev = tl->cs->device;
+    try {
+        start_placer(dev);
+    } catch (...) {
+        return;  // no thread for it: the engine naps on
+    }
+    Placer* p = eng->placers[dev];
+    tl->bell = true;
+    ++tl->users;  // the placer's, as for an open mark
+    p->bells.push_back(tl);
+    p->cv.notify_one();
+}
+
+// The placer: a doorbell mark at the end of `tl`'s stream, if a flag mark still waits there. An
+// event mark, checked for a capture after its record as every mark is (put()).
+void place_bell(Timeline* tl) {
+    std::lock_guard<std::mutex> order(tl->record_mu);
+    auto give_up = [&] {
+        std::lock_guard<std::mutex> g(eng->mu);
+        tl->bell = false;  // asked for again at a later look, if still late
+    };
+    {
+        std::lock_guard<std::mutex> g(eng->mu);
+        bool waiting = false;
+        for (Mark* m = tl->head; m && !waiting; m = m->next) waiting = m->flag && !m->done;
+        if (!waiting || tl->cs->retired) {
+            tl->bell = false;
+            return;
+        }
+    }
+    CUstreamCaptureStatus st;
+    if (!still_current(tl->cs) || capture_status(tl, &st) != CUDA_SUCCESS ||
+        st != CU_STREAM_CAPTURE_STATUS_NONE)
+        return give_up();
+    Placed p;
+    std::string why;
+    CUresult r = put(tl, &p, &why, true);
+    std::lock_guard<std::mutex> g(eng->mu);
+    if (r != CUDA_SUCCESS || tl->cs->retired) {  // put() gave the event back; a reset took it
+        tl->bell = false;
+        return;
+    }
+    Mark* m = new_mark(tl);
+    m->bell = true;
+    placed(tl, m, p.ev);  // watched by a lane, as the callback strategy's marks are
+    ++eng->bells;
+    activate(tl);
+    wake_locked();
+}
+
 // Places `tl`'s open mark; false if it must wait (the stream is capturing: after it ends).
 bool place_open(Timeline* tl) {
     std::lock_guard<std::mutex> order(tl->record_mu);
@@ -367,15 +422,16 @@ bool place_open(Timeline* tl) {
 void placer_run(Placer* p) {
     CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
     api.cuThreadExchangeStreamCaptureMode(&mode);
-    std::vector<Timeline*> work, later;
+    std::vector<Timeline*> work, later, bells;
     for (;;) {
         {
             std::unique_lock<std::mutex> g(eng->mu);
-            auto ready = [&] { return !p->queue.empty() && !eng->held; };
+            auto ready = [&] { return (!p->queue.empty() || !p->bells.empty()) && !eng->held; };
             if (later.empty()) p->cv.wait(g, ready);
             else p->cv.wait_for(g, std::chrono::milliseconds(1), ready);  // a capture to end
             while (eng->held) eng->hold_cv.wait(g);
             work.swap(p->queue);
+            bells.swap(p->bells);
             for (Timeline* tl : later)  // a capture to end: kept, unless queued again meanwhile
                 if (!tl->placing) work.push_back(tl); else --tl->users;
             later.clear();
@@ -384,6 +440,11 @@ void placer_run(Placer* p) {
         for (Timeline* tl : work)
             if (!place_open(tl)) later.push_back(tl); else release_timeline(tl);
         work.clear();
+        for (Timeline* tl : bells) {
+            place_bell(tl);
+            release_timeline(tl);
+        }
+        bells.clear();
         std::lock_guard<std::mutex> g(eng->mu);
         if (--eng->placing == 0) eng->hold_cv.notify_all();
     }

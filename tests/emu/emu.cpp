@@ -264,6 +264,42 @@ struct State {
 // static destructors must not pull the state from under them.
 State& S = *new State;
 
+// The stream workers stand for the GPU (its front end reading the push buffer and the words that
+// streams wait on, its engines running kernels): the CPU they spend is no host CPU on a machine
+// with a GPU, where a stream waiting on a word of host memory polls it from the device. Each worker
+// registers its thread's CPU clock here; emu_device_cpu_ns() sums them, so that a benchmark charges
+// the host only what a host pays (process CPU less this). Callback threads are the driver's, on
+// the host: not counted here.
+struct DeviceClocks {
+    std::mutex mu;
+    std::vector<clockid_t> live;
+    unsigned long long exited_ns = 0;
+};
+DeviceClocks& dev_clocks = *new DeviceClocks;
+
+unsigned long long cpu_ns_of(clockid_t id) {
+    timespec t{};
+    if (clock_gettime(id, &t) != 0) return 0;
+    return static_cast<unsigned long long>(t.tv_sec) * 1'000'000'000ULL + t.tv_nsec;
+}
+
+struct DeviceThread {  // a stream worker's CPU, counted as the device's while it lives and after
+    clockid_t id{};
+    bool on = false;
+    DeviceThread() {
+        on = pthread_getcpuclockid(pthread_self(), &id) == 0;
+        if (on) { Lock g(dev_clocks.mu); dev_clocks.live.push_back(id); }
+    }
+    ~DeviceThread() {
+        if (!on) return;
+        unsigned long long used = cpu_ns_of(CLOCK_THREAD_CPUTIME_ID);
+        Lock g(dev_clocks.mu);
+        auto& l = dev_clocks.live;
+        l.erase(std::find(l.begin(), l.end(), id));
+        dev_clocks.exited_ns += used;
+    }
+};
+
 // ==== 3. Per-thread state, entry bookkeeping, fork =================================================
 thread_local std::vector<Ctx*> t_stack;  // back() is current
 thread_local int t_mode = kModeGlobal;   // cuThreadExchangeStreamCaptureMode
@@ -435,6 +471,18 @@ void wait_progress(P pred) {
         }
         S.waiters--;
     }
+}
+
+// As wait_progress, for at most `ns` (a progress notification or the timeout ends it).
+template <class P>
+void wait_progress_for(int64_t ns, P pred) {
+    uint64_t e = S.epoch.load();
+    S.waiters++;
+    {
+        ULock g(S.pmu);
+        if (S.epoch.load() == e && !pred()) S.pcv.wait_for(g, std::chrono::nanoseconds(ns));
+    }
+    S.waiters--;
 }
 
 // A condition-variable wait whose duration counts in the calling thread's blocked time.
@@ -638,9 +686,10 @@ bool wait_value_met(uint32_t word, uint32_t value, unsigned cond) {
         default: return static_cast<int32_t>(word - value) >= 0;
     }
 }
-// Choice: how often a waiting stream reads the word: every 20 us at first, then less often the
-// longer the wait lasts (a sixteenth of the time waited, at most every 1 ms). A GPU polls without
-// host CPU; this thread does not, and a gate held for seconds must not cost a core.
+// Choice: how often a waiting stream reads a word that a host thread may write: every 20 us at
+// first, then less often the longer the wait lasts (a sixteenth of the time waited, at most every
+// 1 ms), so that a gate held for seconds does not cost the machine a core. A stream's write wakes
+// it at once. A GPU polls without host CPU: this thread's CPU is the device's (DeviceClocks).
 constexpr int64_t kWaitValuePollMinNs = 20'000, kWaitValuePollMaxNs = 1'000'000;
 
 void run_item(Stream& s, Item& it) {
@@ -658,14 +707,19 @@ void run_item(Stream& s, Item& it) {
             wait_progress([&] { return s.aborted() || it.mark->done.load(); });
             break;
         case kOpWaitValue: {
-            // The front end polls the word in host memory, as a GPU polls mapped pinned memory:
-            // nothing notifies it of a host write, so it checks again after a short sleep.
+            // The front end polls the word in host memory, as a GPU polls mapped pinned memory. A
+            // write by a stream (cuStreamWriteValue32) wakes it at once: a GPU sees its own
+            // writes within a microsecond or two. A write by a host thread notifies nothing, so it
+            // also checks again after a short sleep (a GPU would see it sooner: the emulator's
+            // one lag, on host writes only).
             int64_t t0 = now_ns();
-            auto met = [&] { return wait_value_met(__atomic_load_n(it.word, __ATOMIC_ACQUIRE), it.value, it.cond); };
-            while (!s.aborted() && !met()) {
+            auto met = [&] {
+                return s.aborted() || wait_value_met(__atomic_load_n(it.word, __ATOMIC_ACQUIRE), it.value, it.cond);
+            };
+            while (!met()) {
                 int64_t waited = now_ns() - t0;
                 int64_t nap = std::min(kWaitValuePollMaxNs, std::max(kWaitValuePollMinNs, waited / 16));
-                sleep_until(now_ns() + nap, [&] { return s.aborted(); });
+                wait_progress_for(nap, met);
             }
             break;
         }
@@ -689,6 +743,7 @@ void run_item(Stream& s, Item& it) {
 void worker(std::shared_ptr<Stream> sp) {
     t_emu_thread = true;
     S.emu_threads++;
+    DeviceThread device_cpu;
     Stream& s = *sp;
     for (;;) {
         // Like a GPU front end polling its push buffer, spin briefly before sleeping, so that a
@@ -1691,7 +1746,8 @@ EXPORT CUresult cuMemHostGetDevicePointer_v2(unsigned long long* pdptr, void* p,
 // restricted to selected platforms". The wait is an item of the stream like any other: one pending
 // operation (the bounded queue counts it), recorded into a capture as a node, dropped by a sticky
 // error or a reset; while it runs the stream reads the word again and again (every 20 us, backing
-// off to 1 ms: kWaitValuePollMinNs; nothing tells a GPU that the host wrote). Choices: addr must be
+// off to 1 ms: kWaitValuePollMinNs; nothing tells a GPU that the host wrote), and at once when
+// a stream writes a word (cuStreamWriteValue32). Choices: addr must be
 // 4-byte aligned and its 4 bytes inside a range registered with CU_MEMHOSTREGISTER_DEVICEMAP, else
 // CUDA_ERROR_INVALID_VALUE (device memory is not modelled); _FLUSH -> CUDA_ERROR_NOT_SUPPORTED; _NOR
 // is supported.
@@ -1967,6 +2023,14 @@ EXPORT long long emu_live(const char* what) {
     if (w == "threads") return S.live_threads.load();
     if (w == "emu_threads") return S.emu_threads.load();
     return -1;
+}
+
+// CPU time the stream workers (the device) spent, live and exited ones: see DeviceClocks.
+EXPORT unsigned long long emu_device_cpu_ns() {
+    Lock g(dev_clocks.mu);
+    unsigned long long sum = dev_clocks.exited_ns;
+    for (clockid_t id : dev_clocks.live) sum += cpu_ns_of(id);
+    return sum;
 }
 
 EXPORT unsigned long long emu_calls_from_host_fns() { return S.calls_from_host_fns.load(); }
