@@ -817,3 +817,53 @@ def test_idle_events_are_bounded(run, emu):
         aiocuda.set_strategy(before)
         for h in streams:
             emu.lib.cuStreamDestroy_v2(h)
+
+
+def test_a_long_flag_wait_rings_a_doorbell_instead_of_napping(run, emu):
+    # A flag mark far overdue (the timeline's history said its marks are short): the engine
+    # thread has the GPU tell it (an event mark at the stream's end, a lane's host function)
+    # instead of napping every 2 ms for as long as the wait lasts. The backstop is set out of
+    # the way: it is not what completes the await.
+    s = emu.stream()
+    before = aiocuda.strategy()
+    aiocuda.set_strategy("flag")
+    _core.cuda_set_backstop_period_ms(60_000)
+    try:
+        async def main():
+            for _ in range(20):  # short marks: the timeline learns to expect them
+                await aiocuda.synchronize(s)
+            st0 = _core.cuda_stats()
+            emu.sleep(s, 0.6)
+            await asyncio.wait_for(aiocuda.synchronize(s), 10)
+            st1 = _core.cuda_stats()
+            return {k: st1[k] - st0[k] for k in ("bells", "naps")}
+
+        got = run(main())
+        assert got["bells"] >= 1
+        # Napping with a 2 ms cap took about 370 timed sleeps for this wait (measured); with the
+        # doorbell, a quarter of the lateness up to 20 ms: about 60.
+        assert got["naps"] < 150, got
+        assert emu.stream_ops(s, "record") == got["bells"]  # the doorbell is the one record
+    finally:
+        _core.cuda_set_backstop_period_ms(20)
+        aiocuda.set_strategy(before)
+    emu.lib.cuStreamDestroy_v2(s)
+
+
+def test_flag_strategy_watches_device_waits_by_host_function(run, emu):
+    # Device waits are event marks: under the flag strategy too a lane's host function reports
+    # them, not the backstop's queries (set out of the way here: a minute).
+    s = emu.stream()
+    before = aiocuda.strategy()
+    aiocuda.set_strategy("flag")
+    _core.cuda_set_backstop_period_ms(60_000)
+    try:
+        async def main():
+            emu.sleep(s, 0.05)
+            await asyncio.wait_for(aiocuda.synchronize_device(0), 10)
+
+        run(main())
+    finally:
+        _core.cuda_set_backstop_period_ms(20)
+        aiocuda.set_strategy(before)
+    emu.lib.cuStreamDestroy_v2(s)
