@@ -163,10 +163,11 @@ async def throughput(method: str, src: Source, in_flight: int, ops: int) -> tupl
         start = waiter(method, src)
         rounds = max(1, ops // in_flight)
         with _NoGC():
-            c0, t0 = time.process_time(), time.perf_counter()
+            c0, d0, t0 = time.process_time(), src.device_cpu_s(), time.perf_counter()
             for _ in range(rounds):
                 await asyncio.gather(*[start() for _ in range(in_flight)])
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            wall = time.perf_counter() - t0
+            cpu = time.process_time() - c0 - (src.device_cpu_s() - d0)
     n = rounds * in_flight
     return n / wall, cpu / n * 1e6
 
@@ -326,8 +327,8 @@ def _all_done(futs: list[asyncio.Future[Any]]) -> asyncio.Future[None]:
 
 
 async def idle_cpu(method: str, src: Source, n: int, window: float) -> float:
-    """Process CPU, in % of one core, while `n` waits are pending on gated work (`NOTHING`: the
-    gate alone, which on the driver emulator is a thread reading the gate's word).
+    """Host CPU (the process's, less the device's: `Source.device_cpu_s`), in % of one core,
+    while `n` waits are pending on gated work (`NOTHING`: the gate alone).
 
     The event-based alternatives all wait on one event recorded after the gate (they wait for
     the same work; an event per wait would be `n` stream operations behind a closed gate).
@@ -341,9 +342,10 @@ async def idle_cpu(method: str, src: Source, n: int, window: float) -> float:
                 start = waiter(method, src, shared)
                 futs = [asyncio.ensure_future(start()) for _ in range(n)]
             await asyncio.sleep(0.05)
-            c0, t0 = time.process_time(), time.perf_counter()
+            c0, d0, t0 = time.process_time(), src.device_cpu_s(), time.perf_counter()
             await asyncio.sleep(window)
-            pct = (time.process_time() - c0) / (time.perf_counter() - t0) * 100
+            cpu = time.process_time() - c0 - (src.device_cpu_s() - d0)
+            pct = cpu / (time.perf_counter() - t0) * 100
             gate.open()
             await asyncio.gather(*futs)
         finally:

@@ -763,6 +763,10 @@ def targets(r: Report) -> list[dict[str, Any]]:
                       f"work vs poll sleep(0) "
                       f"({where}; {idle['percent']:.1f}% vs {poll['percent']:.1f}% of a core"
                       f"{base})", v)
+            if idle and none:
+                v = idle["percent"] - none["percent"]
+                check(f"{m}: CPU above nothing waiting while {idle.get('waits', r.config['idle_ops'])}"
+                      f" wait on slow work ({where}), % of a core", v, "<= 1", v <= 1)
             s = _find(r.stall, method=m, **key)
             if s:
                 check(f"{m}: stream stall p50 under GIL contention ({where}), us", s["p50_us"],

@@ -84,6 +84,11 @@ class Source(Protocol):
     def open_gates(self) -> None:
         """Open every gate (the watchdog's way out of a stuck measurement); any thread."""
 
+    def device_cpu_s(self) -> float:
+        """CPU seconds so far of threads that stand for the device (the driver emulator's stream
+        workers), which the process's CPU clock counts but a host with a GPU does not pay; 0.0
+        for a GPU and for the cpu backend (its workers are the host's)."""
+
     def close(self) -> None: ...
 
 
@@ -124,6 +129,9 @@ class CpuSource:
     def open_gates(self) -> None:
         for go in list(self._gos):
             go.set()
+
+    def device_cpu_s(self) -> float:
+        return 0.0
 
     def close(self) -> None:
         self.open_gates()
@@ -267,6 +275,11 @@ class DriverSource:
             self.handle: int = s.value or 0
             self.stream: Any = self.handle
             lib.emu_enqueue_sleep.argtypes = [ctypes.c_void_p, ctypes.c_longlong]
+            if hasattr(lib, "emu_device_cpu_ns"):
+                lib.emu_device_cpu_ns.restype = ctypes.c_ulonglong
+                self.notes.append(
+                    "cuda: CPU is the process's less the emulator's stream workers, which stand "
+                    "for the GPU (a stream waiting on host memory polls it from the device)")
         else:
             torch: Any = importlib.import_module("torch")  # a real GPU: kernels from PyTorch
             if not torch.cuda.is_available():
@@ -356,6 +369,11 @@ class DriverSource:
         word = self._word
         if word is not None and word.value < n:
             word.write(n)
+
+    def device_cpu_s(self) -> float:
+        if self.emulated and hasattr(self.lib, "emu_device_cpu_ns"):
+            return int(self.lib.emu_device_cpu_ns()) / 1e9
+        return 0.0
 
     def open_gates(self) -> None:
         self._open_word(self._gates)
