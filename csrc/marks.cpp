@@ -136,7 +136,7 @@ void reap(Timeline* tl) {
         if (!m->done) break;
         tl->head = m->next;
         if (!tl->head) tl->tail = nullptr;
-        if (m->placed) --tl->in_flight;
+        if (m->placed && !m->bell) --tl->in_flight;
         if (m->bell) tl->bell = false;
         unref(m);
         freed = true;

@@ -312,8 +312,13 @@ void want_placing(Timeline* tl) {
 }
 
 // Under eng->mu, on the engine thread: queue a doorbell mark for `tl` with its device's placer.
+// Never on the legacy stream: a record there is an action on "an implicit stream with legacy
+// synchronization behavior" (cuda.h, CU_STREAM_LEGACY), a barrier with every blocking stream of
+// the context, which aiocuda adds only for an await; its timeline naps.
 void want_bell(Timeline* tl) {
-    if (tl->bell || tl->cs->retired || current_strategy() == Strategy::kPoll) return;
+    if (tl->bell || tl->cs->retired || current_strategy() == Strategy::kPoll ||
+        tl->kind != Timeline::kStream || is_legacy(reinterpret_cast<uintptr_t>(tl->stream)))
+        return;
     int dev = tl->cs->device;
     try {
         start_placer(dev);
@@ -359,6 +364,7 @@ void place_bell(Timeline* tl) {
     Mark* m = new_mark(tl);
     m->bell = true;
     placed(tl, m, p.ev);  // watched by a lane, as the callback strategy's marks are
+    --tl->in_flight;      // it takes no await's room (kMarksInFlight)
     ++eng->bells;
     activate(tl);
     wake_locked();

@@ -655,10 +655,16 @@ def test_a_capture_beginning_between_the_check_and_the_mark_fails_the_await(run,
 
     async def main():
         emu.sleep(s, 0.2)
-        earlier = aiocuda.synchronize(s)
-        emu.lib.emu_capture_before_next_mark(s)
-        with pytest.raises(aiocuda.AiocudaError, match="began capturing"):
-            aiocuda.synchronize(s)
+        # The engine is parked meanwhile: its placer's doorbell for the earlier mark (a long
+        # one) would otherwise be the next mark, the one the capture begins before.
+        _core.cuda_hold(True)
+        try:
+            earlier = aiocuda.synchronize(s)
+            emu.lib.emu_capture_before_next_mark(s)
+            with pytest.raises(aiocuda.AiocudaError, match="began capturing"):
+                aiocuda.synchronize(s)
+        finally:
+            _core.cuda_hold(False)
         assert emu.capture_status(s) == 1  # the user's capture goes on
         ended = end_capture(emu, s)
         try:
