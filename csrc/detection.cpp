@@ -20,6 +20,11 @@ bool is_capture_error(CUresult r) { return r >= 900 && r <= 908; }  // CUDA_ERRO
 struct FlagPlan {
     bool pending = false;
     Clock::time_point next = Clock::time_point::max();
+    // While a completion is due: the words to spin on (and the number each waits for), until
+    // spin_until; other timelines want a look at `later`.
+    std::vector<std::pair<const uint32_t*, uint32_t>> due;
+    Clock::time_point spin_until = Clock::time_point::max();
+    Clock::time_point later = Clock::time_point::max();
 };
 
 // A timeline's history: flag mark `m` was passed by `seen` at the latest. Quick to come down and
@@ -33,8 +38,11 @@ void learn(Timeline* tl, Mark* m, Clock::time_point seen) {
 // Under eng->mu: completes every flag mark whose word its stream has written (plain loads, no
 // driver call), learns how long marks take, and plans the next look. A word only grows (cyclic,
 // as cuStreamWaitValue32 compares): a value that reached a mark's sequence number passed it.
-FlagPlan read_flags(Clock::time_point now, bool* progress) {
-    FlagPlan plan;
+const FlagPlan& read_flags(Clock::time_point now, bool* progress) {
+    static thread_local FlagPlan plan;  // the engine thread's, reused: no allocation per look
+    plan.pending = false;
+    plan.next = plan.spin_until = plan.later = Clock::time_point::max();
+    plan.due.clear();
     // A mark seen passed now passed after the previous look: that look's time is what it took at
     // least. Learning from it (not from now) keeps a late wake-up from teaching a later one.
     Clock::time_point prev = eng->last_look;
@@ -71,6 +79,8 @@ FlagPlan read_flags(Clock::time_point now, bool* progress) {
         } else if (now < due + kFlagSpin) {  // due: spin
             next = now;
             ring = false;
+            plan.due.emplace_back(tl->word, oldest->seq);
+            plan.spin_until = std::min(plan.spin_until, due + kFlagSpin);
         } else {  // late: nap, for longer the later it is; a doorbell once it is long overdue
             auto late = now - due;
             next = now + (tl->bell ? std::min<Clock::duration>(kBellMaxNap, late / 4)
@@ -79,6 +89,7 @@ FlagPlan read_flags(Clock::time_point now, bool* progress) {
         }
         if (ring && !tl->bell) want_bell(tl);
         plan.next = std::min(plan.next, next);
+        if (next != now) plan.later = std::min(plan.later, next);
     }
     return plan;
 }
@@ -307,7 +318,7 @@ void engine_run() {
                 for (;;) {
                     now = Clock::now();
                     bool progress = false;
-                    FlagPlan plan = read_flags(now, &progress);
+                    const FlagPlan& plan = read_flags(now, &progress);
                     if (eng->held || !eng->to_watch.empty() || eng->kick ||
                         now >= last_backstop + backstop_every)
                         break;
@@ -326,8 +337,22 @@ void engine_run() {
                         eng->sleeping = false;
                         continue;
                     }
-                    g.unlock();  // due: spin, without the lock (the loop thread takes it to mark)
-                    for (int i = 0; i < 64; ++i) cpu_relax();
+                    // Due: spin without the lock (the loop thread takes it to mark) on the due
+                    // words alone, until one reaches its mark, the spin ends, another timeline
+                    // wants a look, or something changes (Engine::poke).
+                    auto until = std::min({plan.spin_until, plan.later,
+                                           last_backstop + backstop_every});
+                    uint32_t poke = eng->poke.load(std::memory_order_acquire);
+                    g.unlock();
+                    for (;;) {
+                        bool hit = false;
+                        for (auto& [word, seq] : plan.due)
+                            hit |= static_cast<int32_t>(__atomic_load_n(word, __ATOMIC_ACQUIRE) - seq) >= 0;
+                        if (hit || eng->poke.load(std::memory_order_acquire) != poke ||
+                            Clock::now() >= until)
+                            break;
+                        for (int i = 0; i < 64; ++i) cpu_relax();
+                    }
                     g.lock();
                 }
                 now = Clock::now();
@@ -389,6 +414,7 @@ void on_host_fn(void* key) {
             eng->seen.push_back(m);  // with the watch's reference
             ++eng->handed_over;
             eng->kick = true;
+            eng->poke.fetch_add(1, std::memory_order_release);
             eng->cv.notify_one();
             return;
         }

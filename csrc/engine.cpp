@@ -243,6 +243,7 @@ void set_backstop_period_ms(int ms) { g_backstop_ms = std::max(1, ms); }
 void hold(bool on) {
     std::unique_lock<std::mutex> g(eng->mu);
     eng->held = on;
+    eng->poke.fetch_add(1, std::memory_order_release);
     eng->hold_cv.notify_all();
     eng->cv.notify_all();
     if (!on)

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
@@ -201,6 +202,7 @@ struct Engine {
     bool started = false;
     bool sleeping = false;               // the engine thread waits on cv
     bool kick = false;                   // something for the engine to do (an open mark has room)
+    std::atomic<uint32_t> poke{0};       // bumped with every kick or new mark: ends a lock-free spin
     bool held = false, in_pass = false;  // hold(): tests
     int placing = 0;                     // placers at work
     std::condition_variable hold_cv;

@@ -101,6 +101,7 @@ void watch(Mark* m) {
     m->watched = true;
     eng->to_watch.push_back(m);
     eng->kick = true;
+    eng->poke.fetch_add(1, std::memory_order_release);
 }
 
 void unwatch(Mark* m) {

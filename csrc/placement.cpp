@@ -88,12 +88,14 @@ CUresult capture_status(Timeline* tl, CUstreamCaptureStatus* st) {
 
 void wake_locked() {
     eng->kick = true;
+    eng->poke.fetch_add(1, std::memory_order_release);
     if (eng->sleeping) eng->cv.notify_one();
 }
 
 // A flag mark was placed: wake the engine thread only if it sleeps past when this one may pass,
 // or if the mark is long enough to want a doorbell (read_flags()).
 void nudge_locked(Timeline* tl) {
+    eng->poke.fetch_add(1, std::memory_order_release);  // a spinning thread looks at it too
     if (!eng->sleeping) return;
     auto est = std::chrono::nanoseconds(tl->est_ns);
     if (Clock::now() + est - kFlagLead < eng->sleep_until || (est >= kBellSleep && !tl->bell))
