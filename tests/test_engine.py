@@ -399,6 +399,37 @@ def test_device_waits_fall_back_on_drivers_without_cuCtxRecordEvent():
     assert float(r.stdout.split()[-1]) >= 0.095
 
 
+@pytest.mark.parametrize("driver", ["12040", "13000"])
+def test_a_device_wait_during_a_capture_fails_alike_on_old_and_new_drivers(driver):
+    # cuCtxRecordEvent (12.5 and later): "The API will return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
+    # if the specified context hCtx has a stream in the capture mode. In such a case, the call
+    # will invalidate all the conflicting captures." The fallback's cuCtxSynchronize (older
+    # drivers) does the same on the emulator (its choice, documented there): a whole-device
+    # wait during a capture fails the same way whichever the driver, as synchronize_device says.
+    r = python_subprocess(
+        "import asyncio, ctypes, os, aiocuda\n"
+        "lib = ctypes.CDLL(os.environ['AIOCUDA_LIBCUDA'])\n"
+        "async def main():\n"
+        "    ctx, s, g = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()\n"
+        "    assert lib.cuInit(0) == 0\n"
+        "    assert lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0) == 0\n"
+        "    assert lib.cuCtxSetCurrent(ctx) == 0\n"
+        "    assert lib.cuStreamCreate(ctypes.byref(s), 1) == 0\n"
+        "    assert lib.cuStreamBeginCapture_v2(s, 2) == 0  # relaxed\n"
+        "    try:\n"
+        "        await asyncio.wait_for(aiocuda.synchronize_device(0), 5)\n"
+        "        print('completed')\n"
+        "    except aiocuda.CudaError as e:\n"
+        "        print(e.code)\n"
+        "    print(lib.cuStreamEndCapture(s, ctypes.byref(g)))\n"
+        "asyncio.run(main())\n",
+        env={"AIOCUDA_EMU_DRIVER_VERSION": driver},
+    )
+    assert r.returncode == 0, r.stderr
+    # CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, then CUDA_ERROR_STREAM_CAPTURE_INVALIDATED
+    assert r.stdout.split() == ["900", "901"], r.stdout
+
+
 def test_events_past_the_bound_share_a_mark(run, emu, strategy):
     s = emu.stream()
 

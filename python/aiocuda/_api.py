@@ -138,7 +138,9 @@ def synchronize_device(device: int = 0) -> asyncio.Future[None]:
     the device's work, so it may over-wait; prefer :func:`synchronize` on a stream when you have
     one. The driver refuses a whole-device mark while a stream of the device captures a CUDA
     graph, and invalidates that capture (cuda.h, ``cuCtxRecordEvent``): the wait then fails
-    with ``CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED``.
+    with ``CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED``. The older drivers' ``cuCtxSynchronize`` does
+    the same (as ``torch.cuda.synchronize()`` would): do not wait for a whole device while one
+    of its streams captures.
     """
     loop = running_loop("aiocuda.synchronize_device()")
     fut: asyncio.Future[None] = state_for(loop).queue.wait_device(loop, _device_index(device))

@@ -836,7 +836,11 @@ CUresult legacy_implicit(const Stream& s, bool inv) {
 // cuCtxRecordEvent: "The API will return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED if the specified
 // context hCtx has a stream in the capture mode. In such a case, the call will invalidate all the
 // conflicting captures." Choice: cuCtxSynchronize follows the same rule, in every mode (it would
-// wait on a stream whose work is not executed).
+// wait on a stream whose work is not executed), as reported of the real driver: NVIDIA/TensorRT
+// issue 2888 (cudaDeviceSynchronize in one thread fails with 900 and breaks another thread's
+// capture "regardless of the modes"), ROCm/rocm-systems PR 4508 (measured on an RTX PRO 4000:
+// cudaDeviceSynchronize from another thread during a global capture on the same GPU, 900 and
+// the capture invalidated).
 CUresult ctx_capturing(Ctx* c) {
     return captures_with([&](const Stream& m) { return m.ctx == c; }, true) ? kCaptureUnsupported
                                                                            : kSuccess;
