@@ -904,3 +904,48 @@ def test_flag_strategy_watches_device_waits_by_host_function(run, emu):
         _core.cuda_set_backstop_period_ms(20)
         aiocuda.set_strategy(before)
     emu.lib.cuStreamDestroy_v2(s)
+
+
+def test_an_await_never_joins_a_mark_while_it_is_being_placed(run, emu, strategy):
+    # The placer takes a timeline's open mark and puts its mark on the stream. An await made
+    # meanwhile, after its caller enqueued more work, must not join that mark: the mark is ahead
+    # of that work, and the await would complete before it. The emulator holds the placer in the
+    # driver right after its mark (a slow call); the caller enqueues work, records an event of
+    # its own after it, and awaits; the await must not complete before that event.
+    s = emu.stream()
+    word = _host_word(emu)
+    assert emu.lib.cuStreamWaitValue32_v2(ctypes.c_void_p(s), word.device, 1, 0) == 0  # held
+    ev = ctypes.c_void_p()
+    assert emu.lib.cuCtxPushCurrent_v2(emu.primary()) == 0
+    try:
+        assert emu.lib.cuEventCreate(ctypes.byref(ev), 2) == 0  # CU_EVENT_DISABLE_TIMING
+    finally:
+        emu.lib.cuCtxPopCurrent_v2(None)
+
+    async def main():
+        first = [aiocuda.synchronize(s) for _ in range(8)]  # kMarksInFlight, behind the gate
+        opened = aiocuda.synchronize(s)  # no room: joins the timeline's open mark
+        emu.lib.emu_pause_after_next_mark(ctypes.c_void_p(s))
+        word.write(1)  # the marks pass; the placer puts the open mark, and is held there
+        assert wait_until(lambda: emu.lib.emu_paused() == 1, 5), "the placer never marked"
+        emu.sleep(s, 0.2)  # the caller's work, enqueued after that mark
+        assert emu.lib.cuEventRecord(ev, ctypes.c_void_p(s)) == 0
+        late = aiocuda.synchronize(s)
+        emu.lib.emu_resume()
+        await asyncio.wait_for(asyncio.gather(*first, opened), 5)
+        await asyncio.wait_for(late, 5)
+        return emu.lib.cuEventQuery(ev)
+
+    try:
+        assert run(main()) == 0, "the await completed before work enqueued before it"
+    finally:
+        emu.lib.emu_resume()
+        word.write(1)
+        assert emu.lib.cuStreamSynchronize(ctypes.c_void_p(s)) == 0
+        emu.lib.cuEventDestroy_v2(ev)
+        assert emu.lib.cuCtxPushCurrent_v2(emu.primary()) == 0
+        try:
+            word.unregister()
+        finally:
+            emu.lib.cuCtxPopCurrent_v2(None)
+    emu.lib.cuStreamDestroy_v2(s)

@@ -247,6 +247,10 @@ struct State {
     unsigned long long next_stream_id = 1;
     unsigned long long next_ctx_id = 1, next_capture_id = 1;
     uintptr_t capture_before_mark = 0;  // emu_capture_before_next_mark: the stream handle
+    uintptr_t pause_after_mark = 0;     // emu_pause_after_next_mark: the stream handle
+    std::mutex pause_mu;                // emu_pause_after_next_mark's caller, held in the driver
+    std::condition_variable pause_cv;
+    bool paused = false, resume = false;
     int64_t query_ns = 400;             // AIOCUDA_EMU_QUERY_NS: cuEventQuery holds the lock this long
     long long dflt_latency_us = 26;
     int dflt_cap = 256, dflt_depth = 1024;
@@ -961,6 +965,20 @@ CUresult submit(const char* fn, void* hs, OpKind kind, B build) {
     std::shared_ptr<Stream> s;
     Item it;
     it.kind = kind;
+    bool pause = false;
+    // emu_pause_after_next_mark: the caller stays in the driver after its mark was enqueued, as a
+    // slow call would keep it (a test then acts in that window), until emu_resume().
+    struct PauseAfter {
+        bool& on;
+        ~PauseAfter() {
+            if (!on) return;
+            ULock g(S.pause_mu);
+            S.paused = true;
+            S.pause_cv.notify_all();
+            S.pause_cv.wait(g, [] { return S.resume; });
+            S.resume = S.paused = false;
+        }
+    } pause_after{pause};
     {
         Lock g(S.mu);
         TRY(get_stream(fn, hs, s)); TRY(sticky(s->ctx));
@@ -970,6 +988,11 @@ CUresult submit(const char* fn, void* hs, OpKind kind, B build) {
             // caller's capture check and this mark.
             S.capture_before_mark = 0;
             begin_capture(s, kModeRelaxed, std::thread::id());
+        }
+        if ((kind == kOpRecord || kind == kOpWriteValue) && S.pause_after_mark &&
+            S.pause_after_mark == reinterpret_cast<uintptr_t>(hs)) {
+            S.pause_after_mark = 0;
+            pause = true;
         }
         if (s->cap) {
             // Choice: once invalidated, more work on the capturing stream fails with
@@ -1971,6 +1994,23 @@ EXPORT void emu_capture_before_next_mark(void* h) {
     S.capture_before_mark = reinterpret_cast<uintptr_t>(h);
 }
 
+// The next event record or memory write on stream `h`, once enqueued, keeps its caller in the
+// driver until emu_resume() (a slow call: the window between a mark and what its caller does
+// next). emu_paused() says whether a caller waits there now. 0 disarms.
+EXPORT void emu_pause_after_next_mark(void* h) {
+    Lock g(S.mu);
+    S.pause_after_mark = reinterpret_cast<uintptr_t>(h);
+}
+EXPORT int emu_paused() {
+    Lock g(S.pause_mu);
+    return S.paused ? 1 : 0;
+}
+EXPORT void emu_resume() {
+    Lock g(S.pause_mu);
+    if (S.paused) S.resume = true;
+    S.pause_cv.notify_all();
+}
+
 // A sticky error `code` on `device`'s primary context, as after a faulting kernel.
 EXPORT void emu_inject_error(int device, int code) {
     if (S.init.load() && device >= 0 && device < S.ndev && code) fault(S.primary[device], code);
@@ -1988,7 +2028,8 @@ EXPORT void emu_set_hostfn_cap(int cap) { S.hostfn_cap = std::max(1, cap), wake_
 EXPORT void emu_set_queue_depth(int depth) { S.depth = std::max(1, depth), wake_all_waiters(); }
 EXPORT void emu_defaults() {  // every control back to its default (env at load, else built in)
     S.latency_us = S.dflt_latency_us, S.hostfn_cap = S.dflt_cap, S.depth = S.dflt_depth;
-    { Lock g(S.mu); S.capture_before_mark = 0; }
+    { Lock g(S.mu); S.capture_before_mark = 0, S.pause_after_mark = 0; }
+    emu_resume();
     wake_all_waiters();
 }
 
