@@ -49,7 +49,7 @@ constexpr auto kPollMaxSleep = std::chrono::microseconds(200);
 // the later the completion is (at most kFlagMaxNap): a long wait costs a few hundred wake-ups a
 // second, and no driver call (io_uring's hybrid polling sleeps through part of the expected time
 // in the same way).
-constexpr auto kFlagLead = std::chrono::microseconds(40);
+constexpr auto kFlagLead = std::chrono::microseconds(20);
 constexpr auto kFlagSpin = std::chrono::microseconds(150);
 constexpr auto kFlagMaxNap = std::chrono::microseconds(2000);
 // kFlag's doorbell: when the engine thread would sleep kBellSleep or more before looking at a

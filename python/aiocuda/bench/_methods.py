@@ -354,6 +354,24 @@ async def idle_cpu(method: str, src: Source, n: int, window: float) -> float:
     return pct
 
 
+async def paced_cpu(method: str, src: Source, kernels: int, usec: float) -> dict[str, float]:
+    """A loop that launches a kernel of `usec`, awaits it, and launches the next, `kernels`
+    times: host CPU (the process's, less the device's) in % of one core over the run, and the
+    wall time per kernel (the kernel plus the wake-up)."""
+    with strategy_of(method):
+        start = waiter(method, src)
+        src.hold(usec / 1e6)  # a warm-up: the first wait sets the method up
+        await start()
+        with _NoGC():
+            c0, d0, t0 = time.process_time(), src.device_cpu_s(), time.perf_counter()
+            for _ in range(kernels):
+                src.hold(usec / 1e6)
+                await start()
+            wall = time.perf_counter() - t0
+            cpu = time.process_time() - c0 - (src.device_cpu_s() - d0)
+    return {"percent": cpu / wall * 100, "per_kernel_us": wall / kernels * 1e6}
+
+
 async def tiny_kernels(method: str, src: DriverSource, kernels: int) -> dict[str, float]:
     """`kernels` tiny kernels, each awaited by its own coroutine (all in flight together),
     against launching them back to back with one blocking synchronize at the end (wall time)."""

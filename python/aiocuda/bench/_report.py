@@ -40,6 +40,7 @@ from ._methods import (
     POLL1,
     TO_THREAD,
     awaited_kernels,
+    paced_cpu,
     burst_lag,
     idle_cpu,
     in_flight_for,
@@ -71,6 +72,8 @@ class Config:
     busy_kernels: int = 2_000  # kernels of kernel_us, each followed by an await kept in flight
     kernel_us: float = 50.0
     kernel_repeats: int = 3
+    paced_kernels: int = 500  # kernels of paced_us awaited one after another (host CPU)
+    paced_us: float = 1000.0
     step_timeout_s: float = 120.0  # one measurement; then it is reported as timed out
     stuck_grace_s: float = 15.0  # past the timeout, the watchdog steps in
 
@@ -78,7 +81,7 @@ class Config:
 QUICK = Config(
     in_flight=(1, 100, 10_000), ops=150, repeats=3, budget_s=1.0, latency_samples=30,
     stall_samples=6, idle_window_s=0.2, memory_ops=50_000, memory_repeats=1,
-    kernels=2_000, kernel_repeats=1, step_timeout_s=30.0,
+    kernels=2_000, kernel_repeats=1, paced_kernels=100, step_timeout_s=30.0,
 )
 
 LOOPS = ("asyncio", "uvloop")
@@ -101,6 +104,7 @@ class Report:
     memory: list[dict[str, Any]] = field(default_factory=list)
     kernels: list[dict[str, Any]] = field(default_factory=list)  # tiny kernels
     awaited_kernels: list[dict[str, Any]] = field(default_factory=list)
+    paced: list[dict[str, Any]] = field(default_factory=list)  # kernels awaited one by one
     targets: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     timed_out: list[str] = field(default_factory=list)
@@ -112,7 +116,8 @@ class Report:
     parts: list[dict[str, Any]] = field(default_factory=list)
 
 
-ROWS = ("throughput", "latency", "stall", "burst", "idle_cpu", "kernels", "awaited_kernels")
+ROWS = ("throughput", "latency", "stall", "burst", "idle_cpu", "kernels", "awaited_kernels",
+        "paced")
 # configuration that may differ between the parts of one report
 RUN_ONLY = ("step_timeout_s", "stuck_grace_s")
 
@@ -521,6 +526,13 @@ def _plan(report: Report, cfg: Config, source_kind: str, src: Source | None, loo
             pct = await idle_cpu(m, the_src, n, cfg.idle_window_s)
             report.idle_cpu.append({**row, "method": m, "percent": pct, "waits": n})
         add(f"CPU while {cfg.idle_ops} wait, {m}", idle, m)
+    for m in (*ours, POLL0, EXECUTOR):
+        async def paced(m: str = m) -> None:
+            got = await paced_cpu(m, the_src, cfg.paced_kernels, cfg.paced_us)
+            report.paced.append({**row, "method": m, "kernels": cfg.paced_kernels,
+                                 "kernel_us": cfg.paced_us, **got})
+        add(f"CPU awaiting {cfg.paced_kernels} {cfg.paced_us:g} us kernels one by one, {m}",
+            paced, m)
     if cuda:
         for m in ours:
             async def tiny(m: str = m) -> None:
@@ -767,6 +779,13 @@ def targets(r: Report) -> list[dict[str, Any]]:
                 v = idle["percent"] - none["percent"]
                 check(f"{m}: CPU above nothing waiting while {idle.get('waits', r.config['idle_ops'])}"
                       f" wait on slow work ({where}), % of a core", v, "<= 1", v <= 1)
+            pc = _find(r.paced, method=m, **key)
+            if pc:
+                busy = _find(r.paced, method=POLL0, **key)
+                vs = f"; poll sleep(0) {busy['percent']:.0f}%" if busy else ""
+                check(f"{m}: CPU while awaiting {pc['kernel_us']:g} us kernels one after another "
+                      f"({where}{vs}), % of a core", pc["percent"], "<= 25",
+                      pc["percent"] <= 25)
             s = _find(r.stall, method=m, **key)
             if s:
                 check(f"{m}: stream stall p50 under GIL contention ({where}), us", s["p50_us"],
@@ -906,6 +925,10 @@ def table(r: Report) -> str:
         lines.append(f"tiny kernels, {k['source']} {k['loop']} {k.get('method', AIOCUDA)}: "
                      f"{k['kernels']} awaited one coroutine each {k['awaited_per_s']:.0f}/s, back "
                      f"to back {k['back_to_back_per_s']:.0f}/s: {k['ratio']:.2f}x")
+    for k in r.paced:
+        lines.append(f"awaiting {k['kernel_us']:g} us kernels one after another, {k['source']} "
+                     f"{k['loop']} {k['method']}: host CPU {k['percent']:.1f}% of a core, "
+                     f"{k['per_kernel_us']:.0f} us per kernel ({k['kernels']} kernels)")
     for k in r.awaited_kernels:
         lines.append(f"awaiting every kernel, {k['source']} {k['loop']} {k['method']}: "
                      f"{k['kernels']} x {k['kernel_us']:g} us, stream time back to back "
