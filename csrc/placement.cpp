@@ -355,10 +355,18 @@ void place_bell(Timeline* tl) {
     if (!still_current(tl->cs) || capture_status(tl, &st) != CUDA_SUCCESS ||
         st != CU_STREAM_CAPTURE_STATUS_NONE)
         return give_up();
+    {
+        // An enqueue, which blocks while the stream is full: meanwhile awaits join an open mark
+        // (mark(): joined()) rather than wait for record_mu on the loop thread.
+        std::lock_guard<std::mutex> g(eng->mu);
+        tl->placing_now = true;
+    }
     Placed p;
     std::string why;
     CUresult r = put(tl, &p, &why, true);
     std::lock_guard<std::mutex> g(eng->mu);
+    tl->placing_now = false;
+    want_placing(tl);  // an open mark made meanwhile
     if (r != CUDA_SUCCESS || tl->cs->retired) {  // put() gave the event back; a reset took it
         tl->bell = false;
         return;

@@ -949,3 +949,46 @@ def test_an_await_never_joins_a_mark_while_it_is_being_placed(run, emu, strategy
         finally:
             emu.lib.cuCtxPopCurrent_v2(None)
     emu.lib.cuStreamDestroy_v2(s)
+
+
+def test_the_loop_never_waits_behind_a_doorbell_being_placed(run, emu):
+    # A doorbell is an enqueue on the user's stream, which blocks while that stream is full; the
+    # placer makes it holding the timeline's record lock. An await made meanwhile joins an open
+    # mark instead of waiting for that lock on the loop thread. The emulator holds the placer in
+    # the driver right after the doorbell's record; a watchdog thread lets it go after 10 s.
+    s = emu.stream()
+    before = aiocuda.strategy()
+    aiocuda.set_strategy("flag")
+    released_by_watchdog = threading.Event()
+    try:
+        async def main():
+            for _ in range(5):  # short marks: the next long one is late, and rings
+                await aiocuda.synchronize(s)
+            emu.sleep(s, 0.3)
+            _core.cuda_hold(True)  # no doorbell before the pause is armed (after the await's mark)
+            try:
+                first = aiocuda.synchronize(s)
+                emu.lib.emu_pause_after_next_mark(ctypes.c_void_p(s))
+            finally:
+                _core.cuda_hold(False)
+            assert wait_until(lambda: emu.lib.emu_paused() == 1, 5), "no doorbell was placed"
+
+            def watchdog():
+                if not done.wait(10):
+                    released_by_watchdog.set()
+                    emu.lib.emu_resume()
+
+            done = threading.Event()
+            threading.Thread(target=watchdog, daemon=True).start()
+            later = aiocuda.synchronize(s)  # the loop thread: must not wait for the placer
+            held = not released_by_watchdog.is_set()
+            done.set()
+            emu.lib.emu_resume()
+            await asyncio.wait_for(asyncio.gather(first, later), 5)
+            return held
+
+        assert run(main()), "the await waited for the placer's doorbell"
+    finally:
+        emu.lib.emu_resume()
+        aiocuda.set_strategy(before)
+    emu.lib.cuStreamDestroy_v2(s)
