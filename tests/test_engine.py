@@ -7,10 +7,12 @@ strategies differ, with both completion strategies.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -40,6 +42,22 @@ def end_capture(emu, stream: int) -> int:
 def calls(emu, names=WAITING_CALLS) -> dict[str, int]:
     """The calling thread's count of each driver call so far."""
     return {n: emu.lib.emu_thread_calls(n.encode()) for n in names}
+
+
+@contextlib.contextmanager
+def flag_strategy(backstop_ms: int = 0) -> Iterator[None]:
+    """The flag strategy for the duration; with `backstop_ms`, the backstop's period too (set
+    out of the way: it is then not what completes an await)."""
+    before = aiocuda.strategy()
+    aiocuda.set_strategy("flag")
+    if backstop_ms:
+        _core.cuda_set_backstop_period_ms(backstop_ms)
+    try:
+        yield
+    finally:
+        if backstop_ms:
+            _core.cuda_set_backstop_period_ms(20)
+        aiocuda.set_strategy(before)
 
 
 def test_the_loop_thread_only_marks(run, emu, strategy):
@@ -719,9 +737,7 @@ def test_flag_marks_need_no_driver_call_to_complete(run, emu):
     # The flag strategy learns completions by reading host memory: no query on any thread while
     # awaits complete, one memory write per mark.
     s = emu.stream()
-    before = aiocuda.strategy()
-    aiocuda.set_strategy("flag")
-    try:
+    with flag_strategy():
         async def main():
             for _ in range(50):
                 emu.sleep(s, 0.0005)
@@ -736,8 +752,6 @@ def test_flag_marks_need_no_driver_call_to_complete(run, emu):
         assert emu.stream_ops(s, "record") == bells <= 25
         assert emu.stream_ops(s, "writevalue") == 50
         assert _core.cuda_stats()["flag_words"] >= 1
-    finally:
-        aiocuda.set_strategy(before)
     emu.lib.cuStreamDestroy_v2(s)
 
 
@@ -862,10 +876,7 @@ def test_a_long_flag_wait_rings_a_doorbell_instead_of_napping(run, emu):
     # instead of napping every 2 ms for as long as the wait lasts. The backstop is set out of
     # the way: it is not what completes the await.
     s = emu.stream()
-    before = aiocuda.strategy()
-    aiocuda.set_strategy("flag")
-    _core.cuda_set_backstop_period_ms(60_000)
-    try:
+    with flag_strategy(backstop_ms=60_000):
         async def main():
             for _ in range(20):  # short marks: the timeline learns to expect them
                 await aiocuda.synchronize(s)
@@ -881,9 +892,6 @@ def test_a_long_flag_wait_rings_a_doorbell_instead_of_napping(run, emu):
         # doorbell, a quarter of the lateness up to 20 ms: about 60.
         assert got["naps"] < 150, got
         assert emu.stream_ops(s, "record") == got["bells"]  # the doorbell is the one record
-    finally:
-        _core.cuda_set_backstop_period_ms(20)
-        aiocuda.set_strategy(before)
     emu.lib.cuStreamDestroy_v2(s)
 
 
@@ -891,18 +899,12 @@ def test_flag_strategy_watches_device_waits_by_host_function(run, emu):
     # Device waits are event marks: under the flag strategy too a lane's host function reports
     # them, not the backstop's queries (set out of the way here: a minute).
     s = emu.stream()
-    before = aiocuda.strategy()
-    aiocuda.set_strategy("flag")
-    _core.cuda_set_backstop_period_ms(60_000)
-    try:
+    with flag_strategy(backstop_ms=60_000):
         async def main():
             emu.sleep(s, 0.05)
             await asyncio.wait_for(aiocuda.synchronize_device(0), 10)
 
         run(main())
-    finally:
-        _core.cuda_set_backstop_period_ms(20)
-        aiocuda.set_strategy(before)
     emu.lib.cuStreamDestroy_v2(s)
 
 
@@ -957,10 +959,10 @@ def test_the_loop_never_waits_behind_a_doorbell_being_placed(run, emu):
     # mark instead of waiting for that lock on the loop thread. The emulator holds the placer in
     # the driver right after the doorbell's record; a watchdog thread lets it go after 10 s.
     s = emu.stream()
-    before = aiocuda.strategy()
-    aiocuda.set_strategy("flag")
     released_by_watchdog = threading.Event()
-    try:
+    with flag_strategy(), contextlib.ExitStack() as cleanup:
+        cleanup.callback(emu.lib.emu_resume)
+
         async def main():
             for _ in range(5):  # short marks: the next long one is late, and rings
                 await aiocuda.synchronize(s)
@@ -988,7 +990,4 @@ def test_the_loop_never_waits_behind_a_doorbell_being_placed(run, emu):
             return held
 
         assert run(main()), "the await waited for the placer's doorbell"
-    finally:
-        emu.lib.emu_resume()
-        aiocuda.set_strategy(before)
     emu.lib.cuStreamDestroy_v2(s)
