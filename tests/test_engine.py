@@ -662,6 +662,15 @@ def _host_word(emu):
         emu.lib.cuCtxPopCurrent_v2(None)
 
 
+def _unregister(emu, word) -> None:
+    """Unregister a word from _host_word (once no stream waits on it)."""
+    assert emu.lib.cuCtxPushCurrent_v2(emu.primary()) == 0
+    try:
+        word.unregister()
+    finally:
+        emu.lib.cuCtxPopCurrent_v2(None)
+
+
 def test_a_held_stream_never_delays_other_streams_awaits(run, emu, strategy):
     # 40 streams (past the 16 lanes a device has for callback), one held by a wait on host memory
     # (a producer/consumer pipeline): every await of the 39 others completes while it is held,
@@ -682,11 +691,7 @@ def test_a_held_stream_never_delays_other_streams_awaits(run, emu, strategy):
         assert not held.done()
         word.write(1)
         await asyncio.wait_for(held, 5)
-        assert emu.lib.cuCtxPushCurrent_v2(emu.primary()) == 0
-        try:
-            word.unregister()  # the wait has ended
-        finally:
-            emu.lib.cuCtxPopCurrent_v2(None)
+        _unregister(emu, word)  # the wait has ended
         return len(done)
 
     assert run(main()) == 12 * 39
@@ -809,11 +814,7 @@ def test_a_foreign_event_is_read_when_awaited(run, emu, strategy):
         await asyncio.wait_for(aiocuda.synchronize(a), 5)
         word.write(1)
         await asyncio.wait_for(aiocuda.synchronize(b), 5)
-        assert emu.lib.cuCtxPushCurrent_v2(emu.primary()) == 0
-        try:
-            word.unregister()
-        finally:
-            emu.lib.cuCtxPopCurrent_v2(None)
+        _unregister(emu, word)
         emu.lib.cuEventDestroy_v2(ev)
 
     run(main())
@@ -945,11 +946,7 @@ def test_an_await_never_joins_a_mark_while_it_is_being_placed(run, emu, strategy
         word.write(1)
         assert emu.lib.cuStreamSynchronize(ctypes.c_void_p(s)) == 0
         emu.lib.cuEventDestroy_v2(ev)
-        assert emu.lib.cuCtxPushCurrent_v2(emu.primary()) == 0
-        try:
-            word.unregister()
-        finally:
-            emu.lib.cuCtxPopCurrent_v2(None)
+        _unregister(emu, word)
     emu.lib.cuStreamDestroy_v2(s)
 
 
