@@ -861,3 +861,48 @@ def test_the_emulator_charges_the_calibrated_costs(tmp_path):
     assert "not a GPU" in calibrated["measured_on"]
     overridden = measured({"AIOCUDA_EMU_HOSTFN_LATENCY_US": "0", "AIOCUDA_EMU_QUERY_NS": "0"})
     assert overridden["hostfn_latency_us"] < 3000 and overridden["query_ns"] < 20000
+
+
+def test_the_stream_workers_cpu_is_counted_as_the_devices():
+    # emu_device_cpu_ns: the CPU of the threads that stand for the GPU (the stream workers), which
+    # a benchmark takes out of the process's. A stream running many tiny kernels spends some (its
+    # front end spins between items); it is part of the process's CPU, never more.
+    res = emu_run(
+        """
+        lib.emu_device_cpu_ns.restype = ctypes.c_ulonglong
+        c = retain(0); s = stream(c)
+        d0, p0 = lib.emu_device_cpu_ns(), time.process_time_ns()
+        for _ in range(3000):
+            ok(sleep(s, 0))
+        ok(lib.cuStreamSynchronize(s))
+        d1, p1 = lib.emu_device_cpu_ns(), time.process_time_ns()
+        ok(lib.cuStreamDestroy_v2(s))
+        until(lambda: lib.emu_live(b"streams") == 0)
+        d2 = lib.emu_device_cpu_ns()  # an exited worker's CPU stays counted
+        out(device=d1 - d0, process=p1 - p0, after=d2 - d1)
+        """
+    )
+    assert 0 < res["device"] <= res["process"], res
+    assert res["after"] >= 0, res
+
+
+def test_a_caller_can_be_held_in_the_driver_after_its_mark():
+    # emu_pause_after_next_mark: the next record or memory write on the stream is enqueued, then
+    # its caller stays in the driver until emu_resume() (tests use it for the window between a
+    # mark and what its caller does next). Other calls on the stream go on meanwhile.
+    res = emu_run(
+        """
+        c = retain(0); s = stream(c); ev = event(c)
+        lib.emu_pause_after_next_mark(P(s))
+        ok(sleep(s, 0))                                   # a kernel is no mark: not held
+        done = []
+        t = threading.Thread(target=lambda: done.append(lib.cuEventRecord(P(ev), P(s))))
+        t.start()
+        until(lambda: lib.emu_paused() == 1)
+        held = lib.emu_paused() == 1 and not done
+        ok(sleep(s, 0))                                   # the stream is usable meanwhile
+        lib.emu_resume(); t.join(5)
+        out(held=held, rc=done, paused_after=lib.emu_paused())
+        """
+    )
+    assert res == {"held": True, "rc": [SUCCESS], "paused_after": 0}
