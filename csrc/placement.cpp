@@ -342,24 +342,31 @@ void place_bell(Timeline* tl) {
         std::lock_guard<std::mutex> g(eng->mu);
         tl->bell = false;  // asked for again at a later look, if still late
     };
+    if (!still_current(tl->cs)) return give_up();
     {
+        // Only for a mark the stream has not passed yet (its word says): a program may
+        // synchronize and destroy the stream once it has given up its awaits (a closed loop),
+        // and a passed mark needs no doorbell; its handle is then not touched again.
         std::lock_guard<std::mutex> g(eng->mu);
-        bool waiting = false;
-        for (Mark* m = tl->head; m && !waiting; m = m->next) waiting = m->flag && !m->done;
-        if (!waiting || tl->cs->retired) {
+        Mark* oldest = nullptr;
+        for (Mark* m = tl->head; m && !oldest; m = m->next)
+            if (m->flag && !m->done) oldest = m;
+        if (!oldest || !tl->word || tl->cs->retired ||
+            static_cast<int32_t>(__atomic_load_n(tl->word, __ATOMIC_ACQUIRE) - oldest->seq) >= 0) {
             tl->bell = false;
             return;
         }
-    }
-    CUstreamCaptureStatus st;
-    if (!still_current(tl->cs) || capture_status(tl, &st) != CUDA_SUCCESS ||
-        st != CU_STREAM_CAPTURE_STATUS_NONE)
-        return give_up();
-    {
         // An enqueue, which blocks while the stream is full: meanwhile awaits join an open mark
         // (mark(): joined()) rather than wait for record_mu on the loop thread.
-        std::lock_guard<std::mutex> g(eng->mu);
         tl->placing_now = true;
+    }
+    CUstreamCaptureStatus st;
+    if (capture_status(tl, &st) != CUDA_SUCCESS || st != CU_STREAM_CAPTURE_STATUS_NONE) {
+        std::lock_guard<std::mutex> g(eng->mu);
+        tl->placing_now = false;
+        tl->bell = false;  // asked for again at a later look, if still late
+        want_placing(tl);
+        return;
     }
     Placed p;
     std::string why;
