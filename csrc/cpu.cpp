@@ -85,6 +85,7 @@ CpuStream::CpuStream()
     std::thread t;
     try {
         t = std::thread([sh = sh_] {
+            name_this_thread("aiocuda-cpu");
             run(*sh);
             worker_exited();
         });

@@ -287,6 +287,7 @@ bool pass(Strategy strat, bool backstop) {
 }
 
 void engine_run() {
+    name_this_thread("aiocuda-engine");
     // aiocuda's thread never captures, so thread-local mode lets it query and launch while a
     // user's thread captures in global mode (pytorch#104555 is this bug in NCCL's watchdog).
     CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;

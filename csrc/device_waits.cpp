@@ -5,6 +5,7 @@
 namespace aiocuda::cuda {
 
 void device_waiter_run(DeviceWaiter* w) {
+    name_this_thread("aiocuda-devsync");
     CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
     api.cuThreadExchangeStreamCaptureMode(&mode);
     api.cuCtxSetCurrent(w->ctx);

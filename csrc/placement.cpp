@@ -443,6 +443,7 @@ bool place_open(Timeline* tl) {
 }
 
 void placer_run(Placer* p) {
+    name_this_thread("aiocuda-placer");
     CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
     api.cuThreadExchangeStreamCaptureMode(&mode);
     std::vector<Timeline*> work, later, bells;

@@ -1,5 +1,9 @@
-// A CPU hint for spin-wait loops (also used by the test-only driver emulator).
+// A CPU hint for spin-wait loops, and thread names (also used by the test-only driver emulator).
 #pragma once
+
+#if defined(__linux__)
+#include <pthread.h>
+#endif
 
 namespace aiocuda {
 
@@ -8,6 +12,16 @@ inline void cpu_relax() noexcept {
     __builtin_ia32_pause();
 #elif defined(__aarch64__)
     asm volatile("yield");
+#endif
+}
+
+// Names the calling thread (at most 15 characters), for top -H, py-spy, gdb and the tests'
+// per-thread CPU checks.
+inline void name_this_thread(const char* name) noexcept {
+#if defined(__linux__)
+    pthread_setname_np(pthread_self(), name);
+#else
+    (void)name;
 #endif
 }
 

@@ -568,6 +568,7 @@ void drop_call(HostCall& h) {
 bool call_aborted(const HostCall& h) { return h.ctx->sticky.load() || h.ctx->epoch.load() != h.epoch; }
 
 void host_thread(Ctx* c) {  // lives as long as its context: for ever
+    aiocuda::name_this_thread("emu-host-fn");
     t_emu_thread = true;
     S.emu_threads++;
     for (;;) {
@@ -745,6 +746,7 @@ void run_item(Stream& s, Item& it) {
 }
 
 void worker(std::shared_ptr<Stream> sp) {
+    aiocuda::name_this_thread("emu-stream");
     t_emu_thread = true;
     S.emu_threads++;
     DeviceThread device_cpu;
