@@ -117,7 +117,7 @@ void placed(Timeline* tl, Mark* m, CUevent ev) {
     ++eng->marks;
     if (tl->tail) tl->tail->next = m; else tl->head = m;
     tl->tail = m;
-    ++tl->in_flight;
+    if (!m->bell) ++tl->in_flight;  // a doorbell takes no await's room (kMarksInFlight)
     m->at = Clock::now();
     // Event marks: a lane's host function, unless polling (kFlag watches device waits this way).
     if (!m->flag && current_strategy() != Strategy::kPoll) watch(m);

@@ -338,11 +338,11 @@ void want_bell(Timeline* tl) {
 // event mark, checked for a capture after its record as every mark is (put()).
 void place_bell(Timeline* tl) {
     std::lock_guard<std::mutex> order(tl->record_mu);
-    auto give_up = [&] {
+    if (!still_current(tl->cs)) {
         std::lock_guard<std::mutex> g(eng->mu);
         tl->bell = false;  // asked for again at a later look, if still late
-    };
-    if (!still_current(tl->cs)) return give_up();
+        return;
+    }
     {
         // Only for a mark the stream has not passed yet (its word says): a program may
         // synchronize and destroy the stream once it has given up its awaits (a closed loop),
@@ -381,7 +381,6 @@ void place_bell(Timeline* tl) {
     Mark* m = new_mark(tl);
     m->bell = true;
     placed(tl, m, p.ev);  // watched by a lane, as the callback strategy's marks are
-    --tl->in_flight;      // it takes no await's room (kMarksInFlight)
     ++eng->bells;
     activate(tl);
     wake_locked();

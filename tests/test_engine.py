@@ -169,10 +169,12 @@ def test_many_awaits_cost_bounded_resources(run, emu, strategy):
         while emu.lib.emu_live(b"hostfns_pending") < watched and time.monotonic() < end:
             await asyncio.sleep(0.005)
         await asyncio.sleep(0.01)  # room for more, were any to come
-        mid = _core.cuda_stats(), emu.lib.emu_live(b"hostfns_pending")
+        # Host functions first: a doorbell is counted before its host function is launched.
+        hostfns = emu.lib.emu_live(b"hostfns_pending")
+        mid = _core.cuda_stats()
         word.write(1)
         await asyncio.wait_for(asyncio.gather(*futs), 10)
-        return mid
+        return mid, hostfns
 
     try:
         (mid, hostfns) = run(main())
@@ -385,6 +387,7 @@ def test_a_device_wait_does_not_spin(run, emu, strategy):
     s = emu.stream()
 
     async def main():
+        start = time.perf_counter()
         emu.sleep(s, 0.5)
         await asyncio.sleep(0.01)
         with no_collection():
@@ -392,10 +395,10 @@ def test_a_device_wait_does_not_spin(run, emu, strategy):
             await aiocuda.synchronize_device(0)
             c1, t1 = thread_cpu_ns(), time.perf_counter()
         used, tid = max((c1[t] - c0.get(t, 0), t) for t in c1)
-        return used / 1e9 / (t1 - t0), t1 - t0, thread_name(tid)
+        return used / 1e9 / (t1 - t0), t1 - start, thread_name(tid)
 
     share, took, busiest = run(main())
-    assert took >= 0.45
+    assert took >= 0.5  # it waited for the sleep queued before it
     # The share of a core the busiest thread of the process used while the device wait was
     # pending (each thread's own CPU time: another process, or another thread, does not count).
     # A thread waiting through the emulator's cuCtxSynchronize, which spins like the driver's,
@@ -762,9 +765,14 @@ def test_flag_marks_need_no_driver_call_to_complete(run, emu):
         run(main())
         # Host functions and records only as doorbells: for the first marks, while the
         # timeline learns how long they take (or a mark late by a hiccup), never one per await.
-        bells = _core.cuda_stats()["bells"] - bells0
-        assert emu.host_fn_stats()[0] - calls0 == bells
-        assert emu.stream_ops(s, "record") == bells <= 25
+        # A doorbell's host function may run after the word told of the await (so, may the
+        # placer's count and the record, just after the word was checked): they settle.
+        def settled() -> tuple[int, int, int]:
+            bells = _core.cuda_stats()["bells"] - bells0
+            return bells, emu.host_fn_stats()[0] - calls0, emu.stream_ops(s, "record")
+
+        assert wait_until(lambda: len(set(settled())) == 1), settled()
+        assert settled()[0] <= 25
         assert emu.stream_ops(s, "writevalue") == 50
         assert _core.cuda_stats()["flag_words"] >= 1
     emu.lib.cuStreamDestroy_v2(s)
@@ -887,6 +895,7 @@ def test_a_long_flag_wait_rings_a_doorbell_instead_of_napping(run, emu):
     # instead of napping every 2 ms for as long as the wait lasts. The backstop is set out of
     # the way: it is not what completes the await.
     s = emu.stream()
+    bells0 = _core.cuda_stats()["bells"]
     with flag_strategy(backstop_ms=60_000):
         async def main():
             for _ in range(20):  # short marks: the timeline learns to expect them
@@ -902,7 +911,9 @@ def test_a_long_flag_wait_rings_a_doorbell_instead_of_napping(run, emu):
         # Napping with a 2 ms cap took about 370 timed sleeps for this wait (measured); with the
         # doorbell, a quarter of the lateness up to 20 ms: about 60.
         assert got["naps"] < 150, got
-        assert emu.stream_ops(s, "record") == got["bells"]  # the doorbell is the one record
+        # Doorbells are the stream's only records (one may have rung for a short mark too, on a
+        # loaded machine: 500 us late); a placer counts its doorbell just after the record.
+        assert wait_until(lambda: emu.stream_ops(s, "record") == _core.cuda_stats()["bells"] - bells0)
     emu.lib.cuStreamDestroy_v2(s)
 
 
