@@ -11,6 +11,7 @@ void retire(CtxState* cs, CUresult code) {
     for (Timeline* tl : eng->active) {
         if (tl->cs != cs) continue;
         for (Mark* m = tl->head; m; m = m->next) finish(m, code);
+        if (tl->taken) finish(tl->taken, code);  // in stream order: before the newer open mark
         if (tl->open) finish(tl->open, code);
     }
     eng->to_watch.erase(std::remove_if(eng->to_watch.begin(), eng->to_watch.end(),

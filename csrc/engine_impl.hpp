@@ -118,6 +118,7 @@ struct Timeline {
     int alive = 0;               // marks pointing here (a foreign wait's timeline dies with them)
     bool placing = false;        // queued for its device's placer
     bool placing_now = false;    // the placer is putting a mark (the open one it took, a doorbell)
+    Mark* taken = nullptr;       // the open mark the placer is putting: after head, before open
     Lane* lane = nullptr;        // kCallback: where its marks are watched
     int watching = 0;            // its host functions not run yet
     bool active = false;         // in the engine's list

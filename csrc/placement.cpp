@@ -216,6 +216,8 @@ CUresult place_now(Timeline* tl, Node* n, Mark** user, std::string* why) {
     Placed p;
     CUresult r = put(tl, &p, why);
     std::lock_guard<std::mutex> g(eng->mu);
+    if (r == CUDA_SUCCESS && tl->cs->retired)  // a reset or an error meanwhile: refused (its
+        r = tl->cs->error;                     // handles, this event too, are no longer ours)
     if (r != CUDA_SUCCESS) return r;
     Mark* m = new_mark(tl);
     m->flag = p.flag;
@@ -409,6 +411,7 @@ bool place_open(Timeline* tl) {
         // the await's caller enqueued after it (a cuStreamWaitEvent, say), which the await must
         // cover. Awaits meanwhile open a new mark, placed after this one (mark(): joined()).
         tl->open = nullptr;
+        tl->taken = open;
         tl->placing_now = true;
     }
     Placed p;
@@ -417,7 +420,8 @@ bool place_open(Timeline* tl) {
     if (r == kCapturing) r = CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;  // taken into a capture
     std::lock_guard<std::mutex> g(eng->mu);
     tl->placing_now = false;
-    if (tl->cs->retired) {  // a reset meanwhile: its handles are not ours; the awaits fail
+    tl->taken = nullptr;
+    if (tl->cs->retired) {  // a reset or an error meanwhile (retire() failed `open` already)
         r = tl->cs->error;
         p.ev = nullptr;
     }

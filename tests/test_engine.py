@@ -971,6 +971,45 @@ def test_an_await_never_joins_a_mark_while_it_is_being_placed(run, emu, strategy
     emu.lib.cuStreamDestroy_v2(s)
 
 
+def test_an_error_fails_a_mark_being_placed_before_later_awaits(run, emu, strategy):
+    # Errors reach the awaits in stream order too. The placer has taken the open mark and is in
+    # the driver putting it (held there by the emulator) when a sticky error breaks the context;
+    # an await made meanwhile joined a newer open mark. The error must fail the mark being placed
+    # before that newer one (found by the native stress harness with a slow driver queue: the
+    # newer mark failed first, and the earlier awaits only once the placer came back).
+    s = emu.stream()
+    word = _host_word(emu)
+    assert emu.lib.cuStreamWaitValue32_v2(ctypes.c_void_p(s), word.device, 1, 0) == 0  # held
+    order: list[str] = []
+
+    async def main():
+        first = [aiocuda.synchronize(s) for _ in range(8)]  # kMarksInFlight, behind the gate
+        taken = aiocuda.synchronize(s)  # no room: joins the open mark
+        emu.lib.emu_pause_after_next_mark(ctypes.c_void_p(s))
+        word.write(1)  # the marks pass; the placer puts the open mark, and is held there
+        assert wait_until(lambda: emu.lib.emu_paused() == 1, 5), "the placer never marked"
+        await asyncio.wait_for(asyncio.gather(*first), 5)
+        emu.sleep(s, 5.0)
+        later = aiocuda.synchronize(s)  # joins a newer open mark
+        device = aiocuda.synchronize_device(0)  # a placed mark: the engine finds the error there
+        for name, fut in (("taken", taken), ("later", later)):
+            fut.add_done_callback(lambda _, name=name: order.append(name))
+        emu.inject_error(700, device=0)
+        with pytest.raises(aiocuda.CudaError, match="ILLEGAL_ADDRESS"):
+            await asyncio.wait_for(device, 5)
+        await asyncio.sleep(0.05)  # the completions pushed with it are resolved meanwhile
+        emu.lib.emu_resume()
+        return await asyncio.wait_for(asyncio.gather(taken, later, return_exceptions=True), 5)
+
+    try:
+        results = run(main())
+    finally:
+        emu.lib.emu_resume()
+        emu.reset_device(0)  # destroys s; the word's registration ends with the context
+    assert [getattr(r, "code", None) for r in results] == [700, 700], results
+    assert order == ["taken", "later"], "a later await failed before an earlier one"
+
+
 def test_the_loop_never_waits_behind_a_doorbell_being_placed(run, emu):
     # A doorbell is an enqueue on the user's stream, which blocks while that stream is full; the
     # placer makes it holding the timeline's record lock. An await made meanwhile joins an open
