@@ -109,7 +109,8 @@ void fail(const char* fmt, ...) {
 // their checks fail the run (--lenient counts them instead). A fourth cannot be tolerated (the
 // emulator aborts the process on it): repro_placer_after_reset, also alone with --part repro.
 enum OpenIssue {
-    kErrorsOutOfOrder,    // detection.cpp pass() (failed lane watch) and place_open(): finish() of one
+    kErrorsOutOfOrder,    // detection.cpp pass() (failed lane watch), place_open(), and retire()
+                          // passing over the open mark the placer was putting: finish() of one
                           // mark while earlier marks of its stream are pending: error completions
                           // reach the queue out of stream order
     kBrokenLaneHandle,    // detection.cpp pass(): a lane whose cuStreamCreate failed stays in the
@@ -121,7 +122,8 @@ enum OpenIssue {
     kNumOpenIssues,
 };
 const char* const kOpenIssueNames[kNumOpenIssues] = {
-    "error completions out of stream order (detection.cpp pass() lane failure, place_open failure)",
+    "error completions out of stream order (detection.cpp pass() lane failure, place_open failure, "
+    "contexts.cpp retire() and the placer's taken mark)",
     "INVALID_HANDLE (400) from a lane whose stream creation failed (detection.cpp pass())",
     "device waits succeed after a reset on drivers without cuCtxRecordEvent "
     "(device_waits.cpp device_waiter_run())",
