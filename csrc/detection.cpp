@@ -59,6 +59,7 @@ const FlagPlan& read_flags(Clock::time_point now, bool* progress) {
             if (static_cast<int32_t>(v - m->seq) >= 0) upto = m;
             else if (!oldest) oldest = m;
         }
+        if (upto && tl->ringing) continue;  // place_bell() wakes this thread when it is done
         if (upto) {
             learn(tl, upto, prev);
             passed(upto, CUDA_SUCCESS);

@@ -132,6 +132,9 @@ struct Timeline {
     bool no_flag = false;        // the driver cannot write host memory from this stream: events
     int64_t est_ns = 0;          // how long its marks take, placed to passed (kFlag's sleeps)
     bool bell = false;           // kFlag: a doorbell mark is placed, or queued for the placer
+    bool ringing = false;        // the placer is putting a doorbell on the stream: its flag marks
+                                 // pass once it is done (their awaits' end lets the program
+                                 // destroy the stream)
     std::mutex record_mu;        // marks enter the timeline in the order they enter the stream
 };
 

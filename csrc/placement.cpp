@@ -359,25 +359,23 @@ void place_bell(Timeline* tl) {
             return;
         }
         // An enqueue, which blocks while the stream is full: meanwhile awaits join an open mark
-        // (mark(): joined()) rather than wait for record_mu on the loop thread.
-        tl->placing_now = true;
+        // (mark(): joined()) rather than wait for record_mu on the loop thread. And no await of
+        // this stream ends until the doorbell is down (read_flags()): the program may destroy
+        // the stream once they have, and the doorbell touches it.
+        tl->placing_now = tl->ringing = true;
     }
     CUstreamCaptureStatus st;
-    if (capture_status(tl, &st) != CUDA_SUCCESS || st != CU_STREAM_CAPTURE_STATUS_NONE) {
-        std::lock_guard<std::mutex> g(eng->mu);
-        tl->placing_now = false;
-        tl->bell = false;  // asked for again at a later look, if still late
-        want_placing(tl);
-        return;
-    }
+    CUresult r = capture_status(tl, &st);
+    if (r == CUDA_SUCCESS && st != CU_STREAM_CAPTURE_STATUS_NONE) r = kCapturing;
     Placed p;
     std::string why;
-    CUresult r = put(tl, &p, &why, true);
+    if (r == CUDA_SUCCESS) r = put(tl, &p, &why, true);
     std::lock_guard<std::mutex> g(eng->mu);
-    tl->placing_now = false;
+    tl->placing_now = tl->ringing = false;
     want_placing(tl);  // an open mark made meanwhile
+    wake_locked();     // for the marks that passed meanwhile
     if (r != CUDA_SUCCESS || tl->cs->retired) {  // put() gave the event back; a reset took it
-        tl->bell = false;
+        tl->bell = false;  // asked for again at a later look, if still late
         return;
     }
     Mark* m = new_mark(tl);
@@ -385,7 +383,6 @@ void place_bell(Timeline* tl) {
     placed(tl, m, p.ev);  // watched by a lane, as the callback strategy's marks are
     ++eng->bells;
     activate(tl);
-    wake_locked();
 }
 
 // Places `tl`'s open mark; false if it must wait (the stream is capturing: after it ends).

@@ -150,6 +150,8 @@ def test_many_awaits_cost_bounded_resources(run, emu, strategy):
     from aiocuda.bench._sources import HostWord  # a word of host memory a stream waits on
 
     streams = [emu.stream() for _ in range(40)]
+    # Host functions of earlier tests (doorbells, lanes) run after their awaits ended: settled.
+    assert wait_until(lambda: emu.lib.emu_live(b"hostfns_pending") == 0)
     before = _core.cuda_stats()
     emu.lib.emu_set_hostfn_cap(1 << 20)  # no cap of the emulator's below aiocuda's own bound
     assert emu.lib.cuCtxPushCurrent_v2(emu.primary()) == 0
@@ -675,6 +677,14 @@ def _host_word(emu):
         emu.lib.cuCtxPopCurrent_v2(None)
 
 
+def _doorbell_rung(strategy: str, bells_before: int) -> None:
+    """Under flag, marks held behind a gate soon ring their stream's doorbell (one at a time):
+    wait for it, so that a test that holds the next mark's caller in the driver holds the mark
+    it means to."""
+    if strategy == "flag":
+        assert wait_until(lambda: _core.cuda_stats()["bells"] > bells_before, 5), "no doorbell"
+
+
 def _unregister(emu, word) -> None:
     """Unregister a word from _host_word (once no stream waits on it)."""
     assert emu.lib.cuCtxPushCurrent_v2(emu.primary()) == 0
@@ -947,8 +957,10 @@ def test_an_await_never_joins_a_mark_while_it_is_being_placed(run, emu, strategy
         emu.lib.cuCtxPopCurrent_v2(None)
 
     async def main():
+        bells = _core.cuda_stats()["bells"]
         first = [aiocuda.synchronize(s) for _ in range(8)]  # kMarksInFlight, behind the gate
         opened = aiocuda.synchronize(s)  # no room: joins the timeline's open mark
+        _doorbell_rung(strategy, bells)  # the next mark on s is then the open mark's
         emu.lib.emu_pause_after_next_mark(ctypes.c_void_p(s))
         word.write(1)  # the marks pass; the placer puts the open mark, and is held there
         assert wait_until(lambda: emu.lib.emu_paused() == 1, 5), "the placer never marked"
@@ -971,6 +983,41 @@ def test_an_await_never_joins_a_mark_while_it_is_being_placed(run, emu, strategy
     emu.lib.cuStreamDestroy_v2(s)
 
 
+def test_no_await_ends_while_a_doorbell_is_put_on_its_stream(run, emu):
+    # A doorbell is an enqueue on the user's stream, made by the placer thread. Once an await of
+    # that stream has ended, the program may destroy the stream (the test suite's churn of
+    # streams does): the await must not end while the placer is still in the driver with the
+    # stream (the emulator aborted on a destroyed handle, ASan run of CI run 5). The emulator
+    # holds the placer right after the doorbell's record; the stream passes the await's mark
+    # meanwhile; the await ends only once the placer is back.
+    s = emu.stream()
+    word = _host_word(emu)
+    assert emu.lib.cuStreamWaitValue32_v2(ctypes.c_void_p(s), word.device, 1, 0) == 0  # held
+    with flag_strategy(backstop_ms=60_000), contextlib.ExitStack() as cleanup:
+        cleanup.callback(emu.lib.emu_resume)
+        cleanup.callback(word.write, 1)
+
+        async def main():
+            _core.cuda_hold(True)  # no doorbell before the pause is armed (after the await's mark)
+            try:
+                fut = aiocuda.synchronize(s)
+                emu.lib.emu_pause_after_next_mark(ctypes.c_void_p(s))
+            finally:
+                _core.cuda_hold(False)
+            assert wait_until(lambda: emu.lib.emu_paused() == 1, 5), "no doorbell was placed"
+            word.write(1)  # the stream passes the await's mark (and the doorbell)
+            assert wait_until(lambda: emu.lib.cuStreamQuery(ctypes.c_void_p(s)) == 0, 5)
+            await asyncio.sleep(0.05)  # the engine has looked at the word by now
+            ended_while_held = fut.done()
+            emu.lib.emu_resume()
+            await asyncio.wait_for(fut, 5)
+            return ended_while_held
+
+        assert not run(main()), "the await ended while the placer was putting a doorbell"
+    _unregister(emu, word)
+    emu.lib.cuStreamDestroy_v2(s)
+
+
 def test_an_error_fails_a_mark_being_placed_before_later_awaits(run, emu, strategy):
     # Errors reach the awaits in stream order too. The placer has taken the open mark and is in
     # the driver putting it (held there by the emulator) when a sticky error breaks the context;
@@ -983,8 +1030,10 @@ def test_an_error_fails_a_mark_being_placed_before_later_awaits(run, emu, strate
     order: list[str] = []
 
     async def main():
+        bells = _core.cuda_stats()["bells"]
         first = [aiocuda.synchronize(s) for _ in range(8)]  # kMarksInFlight, behind the gate
         taken = aiocuda.synchronize(s)  # no room: joins the open mark
+        _doorbell_rung(strategy, bells)  # the next mark on s is then the open mark's
         emu.lib.emu_pause_after_next_mark(ctypes.c_void_p(s))
         word.write(1)  # the marks pass; the placer puts the open mark, and is held there
         assert wait_until(lambda: emu.lib.emu_paused() == 1, 5), "the placer never marked"
