@@ -392,10 +392,16 @@ def test_a_device_wait_does_not_spin(run, emu, strategy):
         start = time.perf_counter()
         emu.sleep(s, 0.5)
         await asyncio.sleep(0.01)
+        # This thread's own time from its clock, around the await alone: reading /proc costs it
+        # CPU for every thread of the process (hundreds, late in the suite: 43% of a core, CI).
+        me = threading.get_native_id()
         with no_collection():
-            c0, t0 = thread_cpu_ns(), time.perf_counter()
+            c0 = thread_cpu_ns()
+            c0[me], t0 = time.thread_time_ns(), time.perf_counter()
             await aiocuda.synchronize_device(0)
-            c1, t1 = thread_cpu_ns(), time.perf_counter()
+            mine, t1 = time.thread_time_ns(), time.perf_counter()
+            c1 = thread_cpu_ns()
+            c1[me] = mine
         used, tid = max((c1[t] - c0.get(t, 0), t) for t in c1)
         return used / 1e9 / (t1 - t0), t1 - start, thread_name(tid)
 
