@@ -97,7 +97,9 @@ def emu_run(body: str, env: dict[str, str] | None = None, init: bool = True) -> 
 
 def emu_abort(body: str) -> tuple[Any, str]:
     """Run `body`, which must end in an abort(); return what it passed to out() and stderr."""
-    r = python_subprocess(PRELUDE + "ok(lib.cuInit(0))\n" + textwrap.dedent(body))
+    # (an abort on purpose: not one for scripts/test to report)
+    r = python_subprocess(PRELUDE + "ok(lib.cuInit(0))\n" + textwrap.dedent(body),
+                          {"AIOCUDA_EMU_ABORT_LOG": ""})
     assert r.returncode == -6, (r.returncode, r.stdout, r.stderr)  # SIGABRT
     lines = r.stdout.strip().splitlines()
     return (json.loads(lines[-1]) if lines else None), r.stderr

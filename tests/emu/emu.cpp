@@ -24,6 +24,8 @@
 //                                      is a round trip through the driver's callback thread, about
 //                                      26 us on current GPUs (PyTorch torchcomms PR 1203) and
 //                                      about 100 us on an RTX 3080 (velox PR 6096)
+//   AIOCUDA_EMU_ABORT_LOG (unset)      a file that each abort's message is appended to, besides
+//                                      stderr (read when aborting; scripts/test sets it)
 // Controls for tests: section 18.
 #include <dlfcn.h>
 #include <pthread.h>
@@ -380,9 +382,17 @@ State::State() {  // runs when the library is loaded
 // handle the driver is given; the emulator makes it loud and deterministic.
 [[noreturn]] void ub(const char* fn, const char* what, const void* h,
                      const char* why = "is not a valid/live handle") {
-    std::fprintf(stderr, "aiocuda driver emulator: %s: %s %p %s (undefined behaviour in the CUDA "
-                 "driver)\n", fn, what, h, why);
+    const char* fmt = "aiocuda driver emulator: %s: %s %p %s (undefined behaviour in the CUDA "
+                      "driver)\n";
+    std::fprintf(stderr, fmt, fn, what, h, why);
     std::fflush(stderr);
+    // Also to AIOCUDA_EMU_ABORT_LOG: a test runner that captures stderr loses it with the process
+    // (scripts/test prints that file when a run fails).
+    const char* log = std::getenv("AIOCUDA_EMU_ABORT_LOG");
+    if (FILE* f = log && *log ? std::fopen(log, "a") : nullptr) {
+        std::fprintf(f, fmt, fn, what, h, why);
+        std::fclose(f);
+    }
     std::abort();
 }
 
