@@ -691,6 +691,19 @@ def _doorbell_rung(strategy: str, bells_before: int) -> None:
         assert wait_until(lambda: _core.cuda_stats()["bells"] > bells_before, 5), "no doorbell"
 
 
+def _await_held_at_its_doorbell(emu, s: int) -> asyncio.Future[None]:
+    """Await `s` (flag strategy, work pending) and have the emulator hold the placer in the
+    driver right after the doorbell's record that the late mark brings; returns the await."""
+    _core.cuda_hold(True)  # no doorbell before the pause is armed (after the await's mark)
+    try:
+        fut = aiocuda.synchronize(s)
+        emu.lib.emu_pause_after_next_mark(ctypes.c_void_p(s))
+    finally:
+        _core.cuda_hold(False)
+    assert wait_until(lambda: emu.lib.emu_paused() == 1, 5), "no doorbell was placed"
+    return fut
+
+
 def _unregister(emu, word) -> None:
     """Unregister a word from _host_word (once no stream waits on it)."""
     assert emu.lib.cuCtxPushCurrent_v2(emu.primary()) == 0
@@ -1004,13 +1017,7 @@ def test_no_await_ends_while_a_doorbell_is_put_on_its_stream(run, emu):
         cleanup.callback(word.write, 1)
 
         async def main():
-            _core.cuda_hold(True)  # no doorbell before the pause is armed (after the await's mark)
-            try:
-                fut = aiocuda.synchronize(s)
-                emu.lib.emu_pause_after_next_mark(ctypes.c_void_p(s))
-            finally:
-                _core.cuda_hold(False)
-            assert wait_until(lambda: emu.lib.emu_paused() == 1, 5), "no doorbell was placed"
+            fut = _await_held_at_its_doorbell(emu, s)
             word.write(1)  # the stream passes the await's mark (and the doorbell)
             assert wait_until(lambda: emu.lib.cuStreamQuery(ctypes.c_void_p(s)) == 0, 5)
             await asyncio.sleep(0.05)  # the engine has looked at the word by now
@@ -1079,13 +1086,7 @@ def test_the_loop_never_waits_behind_a_doorbell_being_placed(run, emu):
             for _ in range(5):  # short marks: the next long one is late, and rings
                 await aiocuda.synchronize(s)
             emu.sleep(s, 0.3)
-            _core.cuda_hold(True)  # no doorbell before the pause is armed (after the await's mark)
-            try:
-                first = aiocuda.synchronize(s)
-                emu.lib.emu_pause_after_next_mark(ctypes.c_void_p(s))
-            finally:
-                _core.cuda_hold(False)
-            assert wait_until(lambda: emu.lib.emu_paused() == 1, 5), "no doorbell was placed"
+            first = _await_held_at_its_doorbell(emu, s)
 
             def watchdog():
                 if not done.wait(10):
