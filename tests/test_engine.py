@@ -704,6 +704,23 @@ def _await_held_at_its_doorbell(emu, s: int) -> asyncio.Future[None]:
     return fut
 
 
+def _fill_behind_the_gate(s: int) -> tuple[list[asyncio.Future[None]], asyncio.Future[None]]:
+    """On a stream held behind a gate: kMarksInFlight awaits, each placing its own mark, and one
+    more, which joins the timeline's open mark (the placer puts it once room frees up). The
+    engine is held meanwhile: a doorbell rung for a late first mark would otherwise have the
+    later awaits join an open mark early (the placer is busy on the stream), and the last one
+    place its own (CI's ASan run: "the placer never marked")."""
+    marks = _core.cuda_stats()["marks"]
+    _core.cuda_hold(True)
+    try:
+        first = [aiocuda.synchronize(s) for _ in range(8)]  # kMarksInFlight, behind the gate
+        joined = aiocuda.synchronize(s)  # no room: joins the open mark
+    finally:
+        _core.cuda_hold(False)
+    assert _core.cuda_stats()["marks"] - marks == 8, "the awaits did not place a mark each"
+    return first, joined
+
+
 def _unregister(emu, word) -> None:
     """Unregister a word from _host_word (once no stream waits on it)."""
     assert emu.lib.cuCtxPushCurrent_v2(emu.primary()) == 0
@@ -977,8 +994,7 @@ def test_an_await_never_joins_a_mark_while_it_is_being_placed(run, emu, strategy
 
     async def main():
         bells = _core.cuda_stats()["bells"]
-        first = [aiocuda.synchronize(s) for _ in range(8)]  # kMarksInFlight, behind the gate
-        opened = aiocuda.synchronize(s)  # no room: joins the timeline's open mark
+        first, opened = _fill_behind_the_gate(s)
         _doorbell_rung(strategy, bells)  # the next mark on s is then the open mark's
         emu.lib.emu_pause_after_next_mark(ctypes.c_void_p(s))
         word.write(1)  # the marks pass; the placer puts the open mark, and is held there
@@ -1044,8 +1060,7 @@ def test_an_error_fails_a_mark_being_placed_before_later_awaits(run, emu, strate
 
     async def main():
         bells = _core.cuda_stats()["bells"]
-        first = [aiocuda.synchronize(s) for _ in range(8)]  # kMarksInFlight, behind the gate
-        taken = aiocuda.synchronize(s)  # no room: joins the open mark
+        first, taken = _fill_behind_the_gate(s)
         _doorbell_rung(strategy, bells)  # the next mark on s is then the open mark's
         emu.lib.emu_pause_after_next_mark(ctypes.c_void_p(s))
         word.write(1)  # the marks pass; the placer puts the open mark, and is held there
