@@ -21,6 +21,7 @@ import pytest
 
 import aiocuda
 from .conftest import Ticker
+from .stress.common import under_asan
 
 GATE_S = 10  # how long gated work waits for its gate before it gives up (a close that waited)
 
@@ -189,7 +190,7 @@ def finish(p: subprocess.Popen, timeout: float = 60) -> tuple[str, str]:
 @pytest.mark.parametrize("stuck", sorted(STUCK))
 @pytest.mark.parametrize("dropped", [False, True], ids=["kept", "collected"])
 def test_exit_does_not_hang_on_work_that_never_returns(stuck, dropped):
-    if stuck == "spinning" and "libasan" in os.environ.get("LD_PRELOAD", ""):
+    if stuck == "spinning" and under_asan():
         # CPython ends a thread that wants the GIL back during finalization with pthread_exit,
         # a forced unwind through the worker's frames, which AddressSanitizer reports as a
         # stack-buffer-overflow of 32 bytes (its report is cut short by the exit; seen only

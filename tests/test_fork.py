@@ -58,6 +58,21 @@ def _child_checks(s: aiocuda.CpuStream, pending: asyncio.Future[None], cuda_hand
         except aiocuda.AiocudaError as exc:
             if "fork" not in str(exc):
                 failed |= 16
+    # The parent's loop reader, called here as the parent's loop copy calls it (uvloop polls
+    # the epoll set it shares with the parent once more while an exception unwinds through the
+    # copy): it neither reads the parent's fd nor raises.
+    from aiocuda import _loop
+
+    for st in _loop._orphans:
+        try:
+            wakeups = st.wakeups
+            st._on_readable()
+            if st.wakeups != wakeups:
+                failed |= 32
+        except BaseException:
+            failed |= 32
+    if not _loop._orphans:
+        failed |= 32  # the parent's loop state was not handed over as an orphan
     return failed
 
 

@@ -64,8 +64,12 @@ class LoopState:
             ) from None
 
     def _on_readable(self) -> None:
-        if self.queue.stale:
-            return  # a forked child's copy: the fd is shared with the parent, never read it
+        if self.queue.closed or self.queue.stale:
+            # A forked child's copy of the parent's (abandoned, or not yet): the fd is shared
+            # with the parent, never read it. uvloop calls this in a child when an exception
+            # unwinds through its copy of the parent's running loop: libuv polls the epoll set
+            # it shares with the parent once more on its way out.
+            return
         self.wakeups += 1
         self.drain()
 

@@ -34,7 +34,9 @@ if __name__ == "__main__" and "AIOCUDA_LIBCUDA" not in os.environ:
 import aiocuda  # noqa: E402
 from aiocuda import _core, _loop  # noqa: E402
 
-from .common import emit, env_int, fd_count, native_threads, rss_bytes, watchdog  # noqa: E402
+from .common import (  # noqa: E402
+    emit, env_int, fd_count, native_threads, rss_bytes, under_asan, watchdog,
+)
 
 MiB = 1 << 20
 THREAD_SLACK = 20  # cuda: aiocuda's lanes (one per awaited stream, at most 16 a device) stay
@@ -221,11 +223,6 @@ def settle() -> int:
         if _core.live_records() == 0 or time.monotonic() > end:
             return _core.live_records()
         time.sleep(0.01)
-
-
-def under_asan() -> bool:
-    """Whether AddressSanitizer runs in this process (scripts/asan-test preloads it)."""
-    return "libasan" in os.environ.get("LD_PRELOAD", "")
 
 
 def problems(r: dict[str, Any], *, rss_limit: int | None = 32 * MiB) -> list[str]:

@@ -21,6 +21,11 @@ def env_int(name: str, default: int) -> int:
     return int(text) if text else default
 
 
+def under_asan() -> bool:
+    """Whether AddressSanitizer runs in this process (scripts/asan-test preloads it)."""
+    return "libasan" in os.environ.get("LD_PRELOAD", "")
+
+
 def rss_bytes() -> int:
     """The process's resident set size."""
     with open("/proc/self/statm") as f:

@@ -252,6 +252,14 @@ async def pending_work(s: aiocuda.CpuStream, emu: Any, h: int) -> list[asyncio.F
     if emu is not None:
         emu.sleep(h, 0.2)
         pending.append(aiocuda.synchronize(h))
+    # One turn of the loop before the fork, so that it has polled: no registration (aiocuda's
+    # first reader on this loop) is still queued in it. uvloop runs the rest of its loop
+    # iteration in a child that unwinds through its copy of the running loop (--exit sys), and
+    # libuv (1.45 on; uvloop 0.23 bundles 1.52) then submits the queued epoll changes through
+    # the io_uring ring it shares with the parent, as the parent does: strace shows both
+    # processes' io_uring_enter on the parent's ring fd, and CI once saw the parent die of
+    # SIGABRT with no output. uvloop's hazard, not aiocuda's: docs/troubleshooting.md.
+    await asyncio.sleep(0)
     return pending
 
 
