@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from .conftest import EMU_PATH, python_subprocess
+from .stress.common import ASAN_FORK, under_asan
 
 pytestmark = pytest.mark.emu
 
@@ -632,6 +633,7 @@ def test_event_record_rules():
 
 
 # Rule 12: a forked child gets errors --------------------------------------------------------------
+@pytest.mark.skipif(under_asan(), reason=ASAN_FORK)  # the emulator's stream thread runs at fork
 def test_a_forked_child_gets_not_initialized():
     res = emu_run(
         """

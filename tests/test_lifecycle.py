@@ -11,6 +11,8 @@ import textwrap
 
 import pytest
 
+from .stress.common import ASAN_FORK, under_asan
+
 LOOPS = ["asyncio", "uvloop"]
 
 
@@ -123,6 +125,7 @@ def wait_child(pid, timeout=20):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.skipif(under_asan(), reason=ASAN_FORK)
 @pytest.mark.parametrize("kind", LOOPS)
 @pytest.mark.parametrize("child_exit", ["sys.exit", "os._exit", "return"])
 def test_a_forked_child_never_touches_the_parents_loop(kind, child_exit):
@@ -161,6 +164,7 @@ if out != "child":
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.skipif(under_asan(), reason=ASAN_FORK)
 def test_a_fork_while_another_thread_registers_a_loop_does_not_hang_the_child():
     # Another thread is inside aiocuda's loop registration (holding its lock) when this one
     # forks: the child, where that thread does not exist, must still be able to use aiocuda.

@@ -17,7 +17,7 @@ from . import conftest
 from .conftest import LOOPS
 from .stress import churn, forks
 from .stress.chaos import run_chaos
-from .stress.common import env_int, run_helper, under_asan
+from .stress.common import ASAN_FORK, env_int, run_helper, under_asan
 
 pytestmark = pytest.mark.stress
 
@@ -102,13 +102,7 @@ def test_fork(scenario, exit_mode, loop_kind):
     afresh, and the parent's loops keep delivering (tests/stress/forks.py)."""
     _need("uvloop" if scenario == "churn" else loop_kind)  # the churning threads use both
     if under_asan():
-        # gcc 12's libasan intercepts no fork() (no fork interceptor in `strings libasan.so`):
-        # a fork while another thread holds one of its allocator's locks leaves the child
-        # waiting for it for ever. Seen here: hung children with every thread in a futex wait on
-        # an address in the allocator's region table (the mapping at 0x640000000000), in 5 of
-        # 73 runs of the thread scenario. The scenarios run unsanitized in the other stages.
-        pytest.skip("AddressSanitizer (gcc 12) is not fork-safe: a child can deadlock in its "
-                    "allocator when another thread allocates at fork time")
+        pytest.skip(ASAN_FORK)
     n = env_int("AIOCUDA_STRESS_FORKS", 20) if scenario == "churn" else 3
     result, how = run_helper("forks", ["--scenario", scenario, "--exit", exit_mode,
                                        "--loop", loop_kind, "--forks", str(n)],
