@@ -117,7 +117,6 @@ struct Timeline {
     Mark* open = nullptr;        // unplaced: awaits waiting for room
     int alive = 0;               // marks pointing here (a foreign wait's timeline dies with them)
     bool placing = false;        // queued for its device's placer
-    bool placing_now = false;    // the placer is putting a mark (the open one it took, a doorbell)
     Mark* taken = nullptr;       // the open mark the placer is putting: after head, before open
     Lane* lane = nullptr;        // kCallback: where its marks are watched
     int watching = 0;            // its host functions not run yet
@@ -136,6 +135,9 @@ struct Timeline {
                                  // pass once it is done (their awaits' end lets the program
                                  // destroy the stream)
     std::mutex record_mu;        // marks enter the timeline in the order they enter the stream
+
+    // The placer is putting a mark on the stream (the open one it took, or a doorbell).
+    bool placing_now() const { return taken != nullptr || ringing; }
 };
 
 // One CUDA context instance (a reset makes a new one: a new cuCtxGetId).

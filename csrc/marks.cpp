@@ -150,7 +150,7 @@ void reap(Timeline* tl) {
     if (freed) want_placing(tl);
 }
 
-bool idle(Timeline* tl) { return !tl->head && !tl->open && !tl->placing_now && !tl->lane; }
+bool idle(Timeline* tl) { return !tl->head && !tl->open && !tl->placing_now() && !tl->lane; }
 
 // Every earlier mark of a timeline completes with a passed one: work on a stream is ordered.
 void passed(Mark* m, CUresult status) {

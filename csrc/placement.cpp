@@ -41,7 +41,7 @@ void release_timeline(Timeline* tl) {
 void maybe_drop(Timeline* tl) {
     CtxState* cs = tl->cs;
     if (tl->kind != Timeline::kStream || tl->relay || tl == cs->legacy_tl || tl->users ||
-        tl->alive || tl->placing || tl->placing_now || tl->open || tl->head || tl->lane ||
+        tl->alive || tl->placing || tl->placing_now() || tl->open || tl->head || tl->lane ||
         cs->retired)
         return;
     cs->streams.erase(tl->sid);
@@ -259,7 +259,7 @@ CUresult mark(Timeline* tl, Node* n, Mark** user, std::string* why) {
             return true;
         }
         reap(tl);
-        if (tl->in_flight < kMarksInFlight && !tl->open && !tl->placing_now) return false;
+        if (tl->in_flight < kMarksInFlight && !tl->open && !tl->placing_now()) return false;
         if (!tl->open) {
             start_placer(tl->cs->device);
             tl->open = new_mark(tl);
@@ -362,7 +362,7 @@ void place_bell(Timeline* tl) {
         // (mark(): joined()) rather than wait for record_mu on the loop thread. And no await of
         // this stream ends until the doorbell is down (read_flags()): the program may destroy
         // the stream once they have, and the doorbell touches it.
-        tl->placing_now = tl->ringing = true;
+        tl->ringing = true;
     }
     CUstreamCaptureStatus st;
     CUresult r = capture_status(tl, &st);
@@ -371,7 +371,7 @@ void place_bell(Timeline* tl) {
     std::string why;
     if (r == CUDA_SUCCESS) r = put(tl, &p, &why, true);
     std::lock_guard<std::mutex> g(eng->mu);
-    tl->placing_now = tl->ringing = false;
+    tl->ringing = false;
     want_placing(tl);  // an open mark made meanwhile
     wake_locked();     // for the marks that passed meanwhile
     if (r != CUDA_SUCCESS || tl->cs->retired) {  // put() gave the event back; a reset took it
@@ -409,14 +409,12 @@ bool place_open(Timeline* tl) {
         // cover. Awaits meanwhile open a new mark, placed after this one (mark(): joined()).
         tl->open = nullptr;
         tl->taken = open;
-        tl->placing_now = true;
     }
     Placed p;
     std::string why;
     if (r == CUDA_SUCCESS) r = put(tl, &p, &why);
     if (r == kCapturing) r = CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;  // taken into a capture
     std::lock_guard<std::mutex> g(eng->mu);
-    tl->placing_now = false;
     tl->taken = nullptr;
     if (tl->cs->retired) {  // a reset or an error meanwhile (retire() failed `open` already)
         r = tl->cs->error;
