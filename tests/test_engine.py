@@ -704,12 +704,17 @@ def _await_held_at_its_doorbell(emu, s: int) -> asyncio.Future[None]:
     return fut
 
 
-def _fill_behind_the_gate(s: int) -> tuple[list[asyncio.Future[None]], asyncio.Future[None]]:
-    """On a stream held behind a gate: kMarksInFlight awaits, each placing its own mark, and one
-    more, which joins the timeline's open mark (the placer puts it once room frees up). The
-    engine is held meanwhile: a doorbell rung for a late first mark would otherwise have the
-    later awaits join an open mark early (the placer is busy on the stream), and the last one
-    place its own (CI's ASan run: "the placer never marked")."""
+def _placer_held_putting_the_open_mark(
+    emu, s: int, word, strategy: str,
+) -> tuple[list[asyncio.Future[None]], asyncio.Future[None]]:
+    """On stream `s` held behind a gate on `word`: kMarksInFlight awaits, each placing its own
+    mark, and one more, which joins the timeline's open mark; then the gate opens, and the
+    emulator holds the placer in the driver right after it put that open mark. Returns (the
+    first awaits, the one that joined). The awaits are made with the engine held: a doorbell
+    rung for a late first mark would otherwise have the later awaits join an open mark early
+    (the placer is busy on the stream), and the last one place its own (CI's ASan run: "the
+    placer never marked")."""
+    bells = _core.cuda_stats()["bells"]
     marks = _core.cuda_stats()["marks"]
     _core.cuda_hold(True)
     try:
@@ -718,6 +723,10 @@ def _fill_behind_the_gate(s: int) -> tuple[list[asyncio.Future[None]], asyncio.F
     finally:
         _core.cuda_hold(False)
     assert _core.cuda_stats()["marks"] - marks == 8, "the awaits did not place a mark each"
+    _doorbell_rung(strategy, bells)  # the next mark on s is then the open mark's
+    emu.lib.emu_pause_after_next_mark(ctypes.c_void_p(s))
+    word.write(1)  # the marks pass; the placer puts the open mark, and is held there
+    assert wait_until(lambda: emu.lib.emu_paused() == 1, 5), "the placer never marked"
     return first, joined
 
 
@@ -993,12 +1002,7 @@ def test_an_await_never_joins_a_mark_while_it_is_being_placed(run, emu, strategy
         emu.lib.cuCtxPopCurrent_v2(None)
 
     async def main():
-        bells = _core.cuda_stats()["bells"]
-        first, opened = _fill_behind_the_gate(s)
-        _doorbell_rung(strategy, bells)  # the next mark on s is then the open mark's
-        emu.lib.emu_pause_after_next_mark(ctypes.c_void_p(s))
-        word.write(1)  # the marks pass; the placer puts the open mark, and is held there
-        assert wait_until(lambda: emu.lib.emu_paused() == 1, 5), "the placer never marked"
+        first, opened = _placer_held_putting_the_open_mark(emu, s, word, strategy)
         emu.sleep(s, 0.2)  # the caller's work, enqueued after that mark
         assert emu.lib.cuEventRecord(ev, ctypes.c_void_p(s)) == 0
         late = aiocuda.synchronize(s)
@@ -1059,12 +1063,7 @@ def test_an_error_fails_a_mark_being_placed_before_later_awaits(run, emu, strate
     order: list[str] = []
 
     async def main():
-        bells = _core.cuda_stats()["bells"]
-        first, taken = _fill_behind_the_gate(s)
-        _doorbell_rung(strategy, bells)  # the next mark on s is then the open mark's
-        emu.lib.emu_pause_after_next_mark(ctypes.c_void_p(s))
-        word.write(1)  # the marks pass; the placer puts the open mark, and is held there
-        assert wait_until(lambda: emu.lib.emu_paused() == 1, 5), "the placer never marked"
+        first, taken = _placer_held_putting_the_open_mark(emu, s, word, strategy)
         await asyncio.wait_for(asyncio.gather(*first), 5)
         emu.sleep(s, 5.0)
         later = aiocuda.synchronize(s)  # joins a newer open mark
