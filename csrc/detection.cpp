@@ -107,7 +107,7 @@ bool pass(Strategy strat, bool backstop) {
     ctxs.clear();
     bool progress = false;
     {
-        std::lock_guard<std::mutex> g(eng->mu);
+        SpinGuard g(eng->mu);
         for (Mark* m : eng->seen) {  // marks host functions reported and left to this thread
             if (!m->tl->cs->retired) {
                 Timeline* tl = m->tl;
@@ -166,7 +166,7 @@ bool pass(Strategy strat, bool backstop) {
     for (CtxState* cs : ctxs) {
         std::vector<CUevent> doomed;
         {
-            std::lock_guard<std::mutex> g(eng->mu);
+            SpinGuard g(eng->mu);
             if (cs->retired) continue;
             doomed.swap(cs->doomed);
             eng->events -= doomed.size();
@@ -178,7 +178,7 @@ bool pass(Strategy strat, bool backstop) {
     for (Watch& w : watches) {
         bool retired;
         {
-            std::lock_guard<std::mutex> g(eng->mu);
+            SpinGuard g(eng->mu);
             retired = w.cs->retired;
         }
         CUresult r = CUDA_SUCCESS;
@@ -191,7 +191,7 @@ bool pass(Strategy strat, bool backstop) {
         if (retired || r != CUDA_SUCCESS) {
             // The mark stays in its timeline unwatched: the backstop's queries complete it, in
             // stream order, and find a sticky error behind the failure if there is one.
-            std::lock_guard<std::mutex> g(eng->mu);
+            SpinGuard g(eng->mu);
             --w.m->tl->watching;
             if (!w.lane->s && !w.lane->dead) {  // never to be used again: lanes are made anew
                 w.lane->dead = true;
@@ -211,7 +211,7 @@ bool pass(Strategy strat, bool backstop) {
         for (CtxState* cs : ctxs) {
             bool flags = false;
             {
-                std::lock_guard<std::mutex> g(eng->mu);
+                SpinGuard g(eng->mu);
                 if (cs->retired) continue;
                 for (Timeline* tl : tls)
                     if (tl->cs == cs && tl->word && tl->head) flags = true;
@@ -222,7 +222,7 @@ bool pass(Strategy strat, bool backstop) {
             });
             if (r == CUDA_SUCCESS) r = api.cuStreamQuery(cs->probe);
             if (r != CUDA_SUCCESS && r != CUDA_ERROR_NOT_READY) {
-                std::lock_guard<std::mutex> g(eng->mu);
+                SpinGuard g(eng->mu);
                 retire(cs, r);
                 progress = true;
             }
@@ -235,7 +235,7 @@ bool pass(Strategy strat, bool backstop) {
         for (Timeline* tl : tls) {
             marks.clear();
             {
-                std::lock_guard<std::mutex> g(eng->mu);
+                SpinGuard g(eng->mu);
                 if (tl->cs->retired) continue;
                 for (Mark* m = tl->head; m; m = m->next)
                     if (!m->done && m->ev) {  // not one that could not be placed
@@ -255,7 +255,7 @@ bool pass(Strategy strat, bool backstop) {
                 if (r == CUDA_SUCCESS) r = CUDA_ERROR_NOT_READY;  // keep walking
                 else break;
             }
-            std::lock_guard<std::mutex> g(eng->mu);
+            SpinGuard g(eng->mu);
             if (failed && failed->owned && !is_capture_error(r)) {
                 retire(tl->cs, r);  // aiocuda's own event: the context is broken
             } else if (failed) {
@@ -268,7 +268,7 @@ bool pass(Strategy strat, bool backstop) {
         }
     }
     {
-        std::lock_guard<std::mutex> g(eng->mu);
+        SpinGuard g(eng->mu);
         auto& act = eng->active;
         for (size_t i = 0; i < act.size();) {
             Timeline* tl = act[i];
@@ -401,7 +401,7 @@ void start_engine_locked() {
 constexpr size_t kHostFnPushes = 64;
 
 void on_host_fn(void* key) {
-    std::lock_guard<std::mutex> g(eng->mu);
+    SpinGuard g(eng->mu);
     Mark* m = slot_get(reinterpret_cast<uintptr_t>(key));
     if (!m) return;
     Timeline* tl = m->tl;

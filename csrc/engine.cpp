@@ -1,7 +1,8 @@
 // The completion engine. The data path, one await on a CUDA stream:
 //
-//   loop thread (GIL released)  wait_stream: stream -> its context's state -> the stream's
-//                               timeline; cuStreamIsCapturing; then either a mark (the one operation
+//   loop thread (GIL released)  wait_stream: stream -> the stream's timeline (by cuStreamGetId;
+//                               a stream new to aiocuda through its context's state);
+//                               cuStreamIsCapturing; then either a mark (the one operation
 //                               put on the user's stream: kFlag, cuStreamWriteValue32 of the
 //                               timeline's next sequence number into a word of host memory; else a
 //                               cuEventRecord of a pooled event), a second cuStreamIsCapturing (a
@@ -42,16 +43,46 @@ CUresult wait_stream(uintptr_t stream, int device, Node* n, std::string* why) {
     return record(stream, device, n, nullptr, why);
 }
 
+// An await on a stream aiocuda already has a timeline of (by cuStreamGetId: a new stream that
+// reuses a destroyed one's handle has a new id), on a live context of the device asked for: no
+// context lookup, and one lock round trip when it joins the open mark. False: the caller takes
+// the general way.
+bool record_known(uintptr_t stream, int device, Node* n, Mark** user, std::string* why,
+                  CUresult* res) {
+    CUstream h = reinterpret_cast<CUstream>(stream);
+    unsigned long long sid = 0;
+    CUstreamCaptureStatus st = CU_STREAM_CAPTURE_STATUS_NONE;
+    if (api.cuStreamGetId(h, &sid) != CUDA_SUCCESS ||
+        api.cuStreamIsCapturing(h, &st) != CUDA_SUCCESS || st != CU_STREAM_CAPTURE_STATUS_NONE)
+        return false;  // refused the general way, with its checks first
+    Timeline* tl;
+    {
+        SpinGuard g(eng->mu);
+        auto it = eng->streams.find(sid);
+        if (it == eng->streams.end()) return false;
+        tl = it->second;
+        if (tl->cs->retired || (device >= 0 && tl->cs->device != device)) return false;
+        if (join_open(tl, n, user, res)) return true;
+        ++tl->users;
+    }
+    *res = place_or_join(tl, n, user, why);
+    release_timeline(tl);
+    return true;
+}
+
 CUresult record(uintptr_t stream, int device, Node* n, Mark** user, std::string* why) {
     CtxState* cs = nullptr;
     CUresult r = check_ready(why);
+    if (r == CUDA_SUCCESS && !is_legacy(stream) && stream != kPerThreadHandle &&
+        record_known(stream, device, n, user, why, &r))
+        return r;
     if (r == CUDA_SUCCESS) r = stream_ctx(stream, device, &cs, why);
     if (r != CUDA_SUCCESS) {
         if (n) discard(n);
         return r;
     }
     if (!cs) {  // no context on that device: nothing was queued, so nothing to wait for
-        std::lock_guard<std::mutex> g(eng->mu);
+        SpinGuard g(eng->mu);
         Timeline* tl = new Timeline;  // a done mark for the Event, on a throwaway timeline
         tl->kind = Timeline::kForeign;
         static CtxState none{};
@@ -89,7 +120,7 @@ size_t load_of(Timeline* tl) {
 // relay holds at most kRelayWaits waits: an enqueue on a full stream would block the loop thread.
 CUresult take_relay(CtxState* cs, int device, Timeline** out, std::string* why) {
     {
-        std::lock_guard<std::mutex> g(eng->mu);
+        SpinGuard g(eng->mu);
         Timeline* best = nullptr;
         for (Timeline* tl : cs->relays)
             if (!best || load_of(tl) < load_of(best)) best = tl;
@@ -116,7 +147,7 @@ CUresult take_relay(CtxState* cs, int device, Timeline** out, std::string* why) 
     tl->relay = true;
     tl->stream = st;
     tl->users = 1;
-    std::lock_guard<std::mutex> g(eng->mu);
+    SpinGuard g(eng->mu);
     cs->relays.push_back(tl);
     *out = tl;
     return CUDA_SUCCESS;
@@ -161,7 +192,7 @@ CUresult wait_event(uintptr_t event, int device, Node* n, std::string* why) {
         // The event was recorded into a capture after the query: the relay joined that capture
         // and is never used again (the capture cannot end cleanly; nothing aiocuda can undo).
         *why = kCapturedEventText;
-        std::lock_guard<std::mutex> g(eng->mu);
+        SpinGuard g(eng->mu);
         auto& rs = cs->relays;
         rs.erase(std::remove(rs.begin(), rs.end(), relay), rs.end());
     }
@@ -182,7 +213,7 @@ CUresult mark_event(Mark* m, bool wait_placed, CUevent* ev) {
         *ev = m->ev;
     }
     if (!still_current(cs)) {  // a reset dropped the work: the word will never be written
-        std::lock_guard<std::mutex> g(eng->mu);
+        SpinGuard g(eng->mu);
         return m->status;
     }
     if (m->flag) {  // no event: the word tells (a plain load), or the engine finishes the mark
@@ -219,13 +250,13 @@ CUresult mark_synchronize(Mark* m, std::string* why) {
 
 void mark_release(Mark* m) {
     if (!m || m->owner != eng) return;  // a forked child's copy of the parent's: leave it
-    std::lock_guard<std::mutex> g(eng->mu);
+    SpinGuard g(eng->mu);
     unref(m);
 }
 
 void set_strategy(Strategy s) {
     int old = g_strategy.exchange(static_cast<int>(s));
-    std::lock_guard<std::mutex> g(eng->mu);
+    SpinGuard g(eng->mu);
     if (old != static_cast<int>(s) && s != Strategy::kPoll) {
         // Every placed event mark not watched yet gets a host function (flag marks are read
         // whatever the strategy).
@@ -260,7 +291,7 @@ void after_fork_in_child() {
 }
 
 Stats stats() {
-    std::lock_guard<std::mutex> g(eng->mu);
+    SpinGuard g(eng->mu);
     return Stats{eng->pending, eng->marks, eng->events,    eng->lanes,       eng->threads,
                  eng->words,   eng->timelines, eng->handed_over, eng->bells, eng->naps};
 }

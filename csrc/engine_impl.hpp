@@ -122,7 +122,7 @@ struct Timeline {
     int watching = 0;            // its host functions not run yet
     bool active = false;         // in the engine's list
     bool relay = false;          // an aiocuda stream that foreign events are read on
-    unsigned long long sid = 0;  // kStream: cuStreamGetId, its key in CtxState::streams
+    unsigned long long sid = 0;  // kStream: cuStreamGetId, its key in Engine::streams
     int users = 0;               // threads between timeline_of and release_timeline
     // kFlag: the word of host memory its stream writes each mark's sequence number to.
     uint32_t* word = nullptr;
@@ -151,7 +151,6 @@ struct CtxState {
     std::vector<CUevent> pool;   // idle events (at most kPooledEvents; give_back())
     std::vector<CUevent> doomed; // past that: destroyed by the engine thread (a host function,
                                  // which may free a mark, must make no CUDA call)
-    std::unordered_map<unsigned long long, Timeline*> streams;  // by cuStreamGetId
     Timeline* legacy_tl = nullptr;
     Timeline* device_tl = nullptr;
     std::vector<Timeline*> relays;  // wait_event's streams (at most kRelays)
@@ -192,6 +191,9 @@ struct Engine {
     std::condition_variable placed_cv;   // mark_synchronize waits here for an open mark's placing
     std::vector<CtxState*> ctxs;         // live and retired (retired ones are leaked: rare)
     std::vector<Timeline*> active;       // timelines with marks or waiters
+    // Streams' timelines by cuStreamGetId, of every context: an id is "unique for the life of the
+    // program" (cuda.h), so an await on a known stream finds its timeline with no context lookup.
+    std::unordered_map<unsigned long long, Timeline*> streams;
     std::vector<Mark*> to_watch;         // kCallback: placed, not watched yet
     std::vector<Mark*> seen;             // passed, as host functions said: too many for them
     size_t handed_over = 0;              // marks host functions left to this thread (tests)
@@ -288,6 +290,9 @@ void release_timeline(Timeline* tl);
 void maybe_drop(Timeline* tl);
 CUresult take_event(CtxState* cs, CUevent* ev);
 CUresult mark(Timeline* tl, Node* n, Mark** user, std::string* why);
+bool join_open(Timeline* tl, Node* n, Mark** user, CUresult* res);
+CUresult place_or_join(Timeline* tl, Node* n, Mark** user, std::string* why);
+CUresult refuse_capturing(CUresult r, CUstreamCaptureStatus st, std::string* why);
 void want_placing(Timeline* tl);
 void want_bell(Timeline* tl);
 void start_placer(int dev);

@@ -14,9 +14,9 @@ CUresult timeline_of(CtxState* cs, Timeline::Kind kind, uintptr_t stream, Timeli
         CUresult r = api.cuStreamGetId(reinterpret_cast<CUstream>(stream), &sid);
         if (r != CUDA_SUCCESS) return r;
     }
-    std::lock_guard<std::mutex> g(eng->mu);
+    SpinGuard g(eng->mu);
     Timeline*& tl = kind == Timeline::kDevice ? cs->device_tl
-                    : keyed                   ? cs->streams[sid]
+                    : keyed                   ? eng->streams[sid]
                                               : cs->legacy_tl;  // one legacy stream: one timeline
     if (!tl) {
         tl = new Timeline;
@@ -32,7 +32,7 @@ CUresult timeline_of(CtxState* cs, Timeline::Kind kind, uintptr_t stream, Timeli
 }
 
 void release_timeline(Timeline* tl) {
-    std::lock_guard<std::mutex> g(eng->mu);
+    SpinGuard g(eng->mu);
     if (--tl->users == 0 && !tl->active) maybe_drop(tl);  // the engine let go of it meanwhile
 }
 
@@ -44,7 +44,7 @@ void maybe_drop(Timeline* tl) {
         tl->alive || tl->placing || tl->placing_now() || tl->open || tl->head || tl->lane ||
         cs->retired)
         return;
-    cs->streams.erase(tl->sid);
+    eng->streams.erase(tl->sid);
     if (tl->word) cs->words.emplace_back(tl->word, tl->dword);
     delete tl;
     --eng->timelines;
@@ -54,7 +54,7 @@ void maybe_drop(Timeline* tl) {
 // is no part of anyone's capture.
 CUresult take_event(CtxState* cs, CUevent* ev) {
     {
-        std::lock_guard<std::mutex> g(eng->mu);
+        SpinGuard g(eng->mu);
         if (!cs->pool.empty()) {
             *ev = cs->pool.back();
             cs->pool.pop_back();
@@ -65,7 +65,7 @@ CUresult take_event(CtxState* cs, CUevent* ev) {
         return with_ctx(cs->ctx, [&] { return api.cuEventCreate(ev, kEventFlags); });
     });
     if (r == CUDA_SUCCESS) {
-        std::lock_guard<std::mutex> g(eng->mu);
+        SpinGuard g(eng->mu);
         ++eng->events;
     }
     return r;
@@ -109,7 +109,7 @@ bool flag_word(Timeline* tl) {
     if (tl->word) return true;
     CtxState* cs = tl->cs;
     {
-        std::lock_guard<std::mutex> g(eng->mu);
+        SpinGuard g(eng->mu);
         if (tl->kind != Timeline::kStream || cs->no_words || !api.cuStreamWriteValue32 ||
             !api.cuMemHostRegister || !api.cuMemHostGetDevicePointer)
             tl->no_flag = true;
@@ -137,7 +137,7 @@ bool flag_word(Timeline* tl) {
             return rr;
         });
     });
-    std::lock_guard<std::mutex> g(eng->mu);
+    SpinGuard g(eng->mu);
     if (r != CUDA_SUCCESS) {
         if (!registered) std::free(page);  // else leaked: unregistering it could fail the same way
         cs->no_words = tl->no_flag = true;
@@ -181,7 +181,7 @@ CUresult put(Timeline* tl, Placed* p, std::string* why, bool event = false) {
         r = is_legacy(reinterpret_cast<uintptr_t>(st)) ? with_ctx(tl->cs->ctx, write) : write();
         if (r == CUDA_SUCCESS) tl->issued = p->seq;
         if (r == CUDA_ERROR_NOT_SUPPORTED) {  // no stream memory operations: events, from now on
-            std::lock_guard<std::mutex> g(eng->mu);
+            SpinGuard g(eng->mu);
             tl->no_flag = true;
         }
     }
@@ -195,7 +195,7 @@ CUresult put(Timeline* tl, Placed* p, std::string* why, bool event = false) {
         st != CU_STREAM_CAPTURE_STATUS_NONE) {
         *why = kCapturedText;
         r = kCapturing;
-        std::lock_guard<std::mutex> g(eng->mu);
+        SpinGuard g(eng->mu);
         if (p->flag) {  // the word may be written by every replay: earlier marks cannot trust it
             for (Mark* m = tl->head; m; m = m->next)
                 if (m->flag && !m->done) finish(m, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
@@ -204,7 +204,7 @@ CUresult put(Timeline* tl, Placed* p, std::string* why, bool event = false) {
         }
     }
     if (r != CUDA_SUCCESS && p->ev) {
-        std::lock_guard<std::mutex> g(eng->mu);
+        SpinGuard g(eng->mu);
         if (!tl->cs->retired) give_back(tl->cs, p->ev);
         p->ev = nullptr;
     }
@@ -215,7 +215,7 @@ CUresult put(Timeline* tl, Placed* p, std::string* why, bool event = false) {
 CUresult place_now(Timeline* tl, Node* n, Mark** user, std::string* why) {
     Placed p;
     CUresult r = put(tl, &p, why);
-    std::lock_guard<std::mutex> g(eng->mu);
+    SpinGuard g(eng->mu);
     if (r == CUDA_SUCCESS && tl->cs->retired)  // a reset or an error meanwhile: refused (its
         r = tl->cs->error;                     // handles, this event too, are no longer ours)
     if (r != CUDA_SUCCESS) return r;
@@ -234,58 +234,73 @@ CUresult place_now(Timeline* tl, Node* n, Mark** user, std::string* why) {
     return CUDA_SUCCESS;
 }
 
-// Loop thread: mark `tl` for `n` (and an Event), or join its open mark when kMarksInFlight are out.
-CUresult mark(Timeline* tl, Node* n, Mark** user, std::string* why) {
-    CUstreamCaptureStatus st;
-    CUresult r = capture_status(tl, &st);
-    if (r == CUDA_SUCCESS && st != CU_STREAM_CAPTURE_STATUS_NONE) {
-        *why = "the stream is capturing a CUDA graph: its work will not run until the graph is "
-               "launched, so awaiting it now would never finish; await it after the capture ends "
-               "(or await the graph's replay, aiocuda.torch.replay)";
-        r = kCapturing;
-    }
-    if (r != CUDA_SUCCESS) {
+const char* const kCapturingText =
+    "the stream is capturing a CUDA graph: its work will not run until the graph is launched, so "
+    "awaiting it now would never finish; await it after the capture ends (or await the graph's "
+    "replay, aiocuda.torch.replay)";
+
+// An await is refused while its stream captures.
+CUresult refuse_capturing(CUresult r, CUstreamCaptureStatus st, std::string* why) {
+    if (r != CUDA_SUCCESS || st == CU_STREAM_CAPTURE_STATUS_NONE) return r;
+    *why = kCapturingText;
+    return kCapturing;
+}
+
+// Under eng->mu: join `tl`'s open mark if kMarksInFlight are out (or one is open already); false
+// if this await may place its own mark. Joining needs no driver call, so it never waits behind a
+// placement that a full stream holds up.
+bool join_open(Timeline* tl, Node* n, Mark** user, CUresult* res) {
+    *res = CUDA_SUCCESS;
+    if (tl->cs->retired) {
         if (n) discard(n);
-        return r;
-    }
-    // Under eng->mu: join the open mark if kMarksInFlight are out (or one is open already);
-    // false if this await may place its own mark. Joining needs no driver call, so it never waits
-    // behind a placement that a full stream holds up.
-    auto joined = [&](CUresult* res) {
-        *res = CUDA_SUCCESS;
-        if (tl->cs->retired) {
-            if (n) discard(n);
-            *res = tl->cs->error;
-            return true;
-        }
-        reap(tl);
-        if (tl->in_flight < kMarksInFlight && !tl->open && !tl->placing_now()) return false;
-        if (!tl->open) {
-            start_placer(tl->cs->device);
-            tl->open = new_mark(tl);
-        }
-        if (n) attach(tl->open, n);
-        if (user) {
-            ++tl->open->refs;
-            *user = tl->open;
-        }
-        if (activate(tl)) wake_locked();
-        start_engine_locked();
-        want_placing(tl);  // room may have freed up since the open mark was made
+        *res = tl->cs->error;
         return true;
-    };
-    {
-        std::lock_guard<std::mutex> g(eng->mu);
-        if (joined(&r)) return r;
     }
+    reap(tl);
+    if (tl->in_flight < kMarksInFlight && !tl->open && !tl->placing_now()) return false;
+    if (!tl->open) {
+        start_placer(tl->cs->device);
+        tl->open = new_mark(tl);
+    }
+    if (n) attach(tl->open, n);
+    if (user) {
+        ++tl->open->refs;
+        *user = tl->open;
+    }
+    if (activate(tl)) wake_locked();
+    start_engine_locked();
+    want_placing(tl);  // room may have freed up since the open mark was made
+    return true;
+}
+
+// Places a mark for `n` on `tl` (its capture checked, held by the caller), or joins the open mark
+// if others marked meanwhile.
+CUresult place_or_join(Timeline* tl, Node* n, Mark** user, std::string* why) {
     std::lock_guard<std::mutex> order(tl->record_mu);
+    CUresult r;
     {
-        std::lock_guard<std::mutex> g(eng->mu);
-        if (joined(&r)) return r;  // others marked meanwhile
+        SpinGuard g(eng->mu);
+        if (join_open(tl, n, user, &r)) return r;
     }
     r = place_now(tl, n, user, why);
     if (r != CUDA_SUCCESS && n) discard(n);
     return r;
+}
+
+// Loop thread: mark `tl` for `n` (and an Event), or join its open mark when kMarksInFlight are out.
+CUresult mark(Timeline* tl, Node* n, Mark** user, std::string* why) {
+    CUstreamCaptureStatus st;
+    CUresult r = capture_status(tl, &st);
+    r = refuse_capturing(r, st, why);
+    if (r != CUDA_SUCCESS) {
+        if (n) discard(n);
+        return r;
+    }
+    {
+        SpinGuard g(eng->mu);
+        if (join_open(tl, n, user, &r)) return r;
+    }
+    return place_or_join(tl, n, user, why);
 }
 
 // ---- placers: open marks, one thread per device ------------------------------------------------
@@ -341,7 +356,7 @@ void want_bell(Timeline* tl) {
 void place_bell(Timeline* tl) {
     std::lock_guard<std::mutex> order(tl->record_mu);
     if (!still_current(tl->cs)) {
-        std::lock_guard<std::mutex> g(eng->mu);
+        SpinGuard g(eng->mu);
         tl->bell = false;  // asked for again at a later look, if still late
         return;
     }
@@ -349,7 +364,7 @@ void place_bell(Timeline* tl) {
         // Only for a mark the stream has not passed yet (its word says): a program may
         // synchronize and destroy the stream once it has given up its awaits (a closed loop),
         // and a passed mark needs no doorbell; its handle is then not touched again.
-        std::lock_guard<std::mutex> g(eng->mu);
+        SpinGuard g(eng->mu);
         Mark* oldest = nullptr;
         for (Mark* m = tl->head; m && !oldest; m = m->next)
             if (m->flag && !m->done) oldest = m;
@@ -359,7 +374,7 @@ void place_bell(Timeline* tl) {
             return;
         }
         // An enqueue, which blocks while the stream is full: meanwhile awaits join an open mark
-        // (mark(): joined()) rather than wait for record_mu on the loop thread. And no await of
+        // (join_open()) rather than wait for record_mu on the loop thread. And no await of
         // this stream ends until the doorbell is down (read_flags()): the program may destroy
         // the stream once they have, and the doorbell touches it.
         tl->ringing = true;
@@ -370,7 +385,7 @@ void place_bell(Timeline* tl) {
     Placed p;
     std::string why;
     if (r == CUDA_SUCCESS) r = put(tl, &p, &why, true);
-    std::lock_guard<std::mutex> g(eng->mu);
+    SpinGuard g(eng->mu);
     tl->ringing = false;
     want_placing(tl);  // an open mark made meanwhile
     wake_locked();     // for the marks that passed meanwhile
@@ -390,7 +405,7 @@ bool place_open(Timeline* tl) {
     std::lock_guard<std::mutex> order(tl->record_mu);
     Mark* open;
     {
-        std::lock_guard<std::mutex> g(eng->mu);
+        SpinGuard g(eng->mu);
         tl->placing = false;
         open = tl->open;
         if (!open || tl->cs->retired || tl->in_flight >= kMarksInFlight) return true;
@@ -402,11 +417,11 @@ bool place_open(Timeline* tl) {
     CUresult r = capture_status(tl, &st);
     if (r == CUDA_SUCCESS && st != CU_STREAM_CAPTURE_STATUS_NONE) return false;
     {
-        std::lock_guard<std::mutex> g(eng->mu);
+        SpinGuard g(eng->mu);
         if (tl->open != open || tl->cs->retired) return true;  // failed meanwhile
         // From here on no await may join this mark: its mark may reach the stream before work
         // the await's caller enqueued after it (a cuStreamWaitEvent, say), which the await must
-        // cover. Awaits meanwhile open a new mark, placed after this one (mark(): joined()).
+        // cover. Awaits meanwhile open a new mark, placed after this one (join_open()).
         tl->open = nullptr;
         tl->taken = open;
     }
@@ -414,7 +429,7 @@ bool place_open(Timeline* tl) {
     std::string why;
     if (r == CUDA_SUCCESS) r = put(tl, &p, &why);
     if (r == kCapturing) r = CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;  // taken into a capture
-    std::lock_guard<std::mutex> g(eng->mu);
+    SpinGuard g(eng->mu);
     tl->taken = nullptr;
     if (tl->cs->retired) {  // a reset or an error meanwhile (retire() failed `open` already)
         r = tl->cs->error;
@@ -467,7 +482,7 @@ void placer_run(Placer* p) {
             release_timeline(tl);
         }
         bells.clear();
-        std::lock_guard<std::mutex> g(eng->mu);
+        SpinGuard g(eng->mu);
         if (--eng->placing == 0) eng->hold_cv.notify_all();
     }
 }

@@ -257,6 +257,40 @@ def test_awaiting_a_capturing_stream_raises_at_once(run, emu, mode):
     run(main())
 
 
+def test_a_stream_aiocuda_knows_is_checked_as_a_new_one(run, emu, strategy):
+    # Once awaited, a stream's timeline is found by its id (cuStreamGetId) with no context lookup:
+    # that way must refuse what the general one does. A wrong device=, a capture, and a sticky
+    # error, each on a stream that awaits just used. An Event held throughout keeps the stream's
+    # timeline (an idle one is dropped, and the next await takes the general way).
+    s = emu.stream()
+
+    async def main():
+        held = aiocuda.record(s)
+        await aiocuda.synchronize(s)
+        await aiocuda.synchronize(s, device=0)
+        with pytest.raises(aiocuda.AiocudaError, match="belongs to CUDA device 0, not device 1"):
+            aiocuda.synchronize(s, device=1)
+        emu.lib.cuCtxSetCurrent(emu.primary())
+        assert emu.lib.cuStreamBeginCapture_v2(ctypes.c_void_p(s), MODE_GLOBAL) == 0
+        try:
+            with pytest.raises(aiocuda.AiocudaError, match="capturing a CUDA graph"):
+                aiocuda.synchronize(s)
+        finally:
+            rc = end_capture(emu, s)
+            emu.lib.cuCtxSetCurrent(None)
+        assert rc == 0
+        await aiocuda.synchronize(s)
+        emu.inject_error(700, device=0)  # CUDA_ERROR_ILLEGAL_ADDRESS
+        with pytest.raises(aiocuda.CudaError, match="ILLEGAL_ADDRESS"):
+            await asyncio.wait_for(aiocuda.synchronize(s), 2)
+        del held
+
+    try:
+        run(main())
+    finally:
+        emu.reset_device(0)  # clears the sticky error (and destroys s)
+
+
 def test_a_sticky_error_fails_that_device_only(run, emu, strategy):
     a, b = emu.stream(emu.primary(0)), emu.stream(emu.primary(1))
 
