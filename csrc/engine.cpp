@@ -46,19 +46,20 @@ CUresult wait_stream(uintptr_t stream, int device, Node* n, std::string* why) {
 // An await on a stream aiocuda already has a timeline of (by cuStreamGetId: a new stream that
 // reuses a destroyed one's handle has a new id), on a live context of the device asked for: no
 // context lookup, and one lock round trip when it joins the open mark. False: the caller takes
-// the general way.
+// the general way, told the stream's id in *sid if it is not capturing (else 0).
 bool record_known(uintptr_t stream, int device, Node* n, Mark** user, std::string* why,
-                  CUresult* res) {
+                  CUresult* res, unsigned long long* sid) {
     CUstream h = reinterpret_cast<CUstream>(stream);
-    unsigned long long sid = 0;
     CUstreamCaptureStatus st = CU_STREAM_CAPTURE_STATUS_NONE;
-    if (api.cuStreamGetId(h, &sid) != CUDA_SUCCESS ||
-        api.cuStreamIsCapturing(h, &st) != CUDA_SUCCESS || st != CU_STREAM_CAPTURE_STATUS_NONE)
+    if (api.cuStreamGetId(h, sid) != CUDA_SUCCESS ||
+        api.cuStreamIsCapturing(h, &st) != CUDA_SUCCESS || st != CU_STREAM_CAPTURE_STATUS_NONE) {
+        *sid = 0;
         return false;  // refused the general way, with its checks first
+    }
     Timeline* tl;
     {
         SpinGuard g(eng->mu);
-        auto it = eng->streams.find(sid);
+        auto it = eng->streams.find(*sid);
         if (it == eng->streams.end()) return false;
         tl = it->second;
         if (tl->cs->retired || (device >= 0 && tl->cs->device != device)) return false;
@@ -72,9 +73,10 @@ bool record_known(uintptr_t stream, int device, Node* n, Mark** user, std::strin
 
 CUresult record(uintptr_t stream, int device, Node* n, Mark** user, std::string* why) {
     CtxState* cs = nullptr;
+    unsigned long long sid = 0;
     CUresult r = check_ready(why);
     if (r == CUDA_SUCCESS && !is_legacy(stream) && stream != kPerThreadHandle &&
-        record_known(stream, device, n, user, why, &r))
+        record_known(stream, device, n, user, why, &r, &sid))
         return r;
     if (r == CUDA_SUCCESS) r = stream_ctx(stream, device, &cs, why);
     if (r != CUDA_SUCCESS) {
@@ -95,11 +97,11 @@ CUresult record(uintptr_t stream, int device, Node* n, Mark** user, std::string*
         return CUDA_SUCCESS;
     }
     Timeline* tl;
-    if ((r = timeline_of(cs, Timeline::kStream, stream, &tl)) != CUDA_SUCCESS) {
+    if ((r = timeline_of(cs, Timeline::kStream, stream, &tl, sid)) != CUDA_SUCCESS) {
         if (n) discard(n);
         return r;
     }
-    r = mark(tl, n, user, why);
+    r = mark(tl, n, user, why, sid != 0);  // (checked for a capture a moment ago)
     release_timeline(tl);
     return r;
 }

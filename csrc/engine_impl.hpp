@@ -285,11 +285,12 @@ CUresult check_device(int device, std::string* why);
 CUresult ctx_state(CUcontext ctx, CtxState** out, std::string* why);
 CUresult stream_ctx(uintptr_t stream, int device, CtxState** cs, std::string* why);
 // placement.cpp
-CUresult timeline_of(CtxState* cs, Timeline::Kind kind, uintptr_t stream, Timeline** out);
+CUresult timeline_of(CtxState* cs, Timeline::Kind kind, uintptr_t stream, Timeline** out,
+                     unsigned long long sid = 0);
 void release_timeline(Timeline* tl);
 void maybe_drop(Timeline* tl);
 CUresult take_event(CtxState* cs, CUevent* ev);
-CUresult mark(Timeline* tl, Node* n, Mark** user, std::string* why);
+CUresult mark(Timeline* tl, Node* n, Mark** user, std::string* why, bool checked = false);
 bool join_open(Timeline* tl, Node* n, Mark** user, CUresult* res);
 CUresult place_or_join(Timeline* tl, Node* n, Mark** user, std::string* why);
 CUresult refuse_capturing(CUresult r, CUstreamCaptureStatus st, std::string* why);

@@ -6,11 +6,12 @@ namespace aiocuda::cuda {
 // The timeline of `stream` (or of the context, kDevice), made on first use and held by the caller
 // until release_timeline(): the engine drops idle timelines nobody holds. Streams are told apart by
 // cuStreamGetId ("unique for the life of the program"), not by handle: once a stream is destroyed
-// its handle may name a new stream, which must not inherit its marks or word.
-CUresult timeline_of(CtxState* cs, Timeline::Kind kind, uintptr_t stream, Timeline** out) {
-    unsigned long long sid = 0;
+// its handle may name a new stream, which must not inherit its marks or word. `sid`: the id if the
+// caller has it.
+CUresult timeline_of(CtxState* cs, Timeline::Kind kind, uintptr_t stream, Timeline** out,
+                     unsigned long long sid) {
     bool keyed = kind == Timeline::kStream && !is_legacy(stream);
-    if (keyed) {
+    if (keyed && !sid) {
         CUresult r = api.cuStreamGetId(reinterpret_cast<CUstream>(stream), &sid);
         if (r != CUDA_SUCCESS) return r;
     }
@@ -288,9 +289,11 @@ CUresult place_or_join(Timeline* tl, Node* n, Mark** user, std::string* why) {
 }
 
 // Loop thread: mark `tl` for `n` (and an Event), or join its open mark when kMarksInFlight are out.
-CUresult mark(Timeline* tl, Node* n, Mark** user, std::string* why) {
-    CUstreamCaptureStatus st;
-    CUresult r = capture_status(tl, &st);
+// `checked`: the caller found the stream not capturing (a capture that began since is found after
+// the mark, as one that begins between this check and the mark is).
+CUresult mark(Timeline* tl, Node* n, Mark** user, std::string* why, bool checked) {
+    CUstreamCaptureStatus st = CU_STREAM_CAPTURE_STATUS_NONE;
+    CUresult r = checked ? CUDA_SUCCESS : capture_status(tl, &st);
     r = refuse_capturing(r, st, why);
     if (r != CUDA_SUCCESS) {
         if (n) discard(n);
