@@ -30,7 +30,7 @@ bool still_current(CtxState* cs) {
     unsigned long long id = 0;
     CUresult r = api.cuCtxGetId(cs->ctx, &id);
     if (r == CUDA_SUCCESS && id == cs->id) return true;
-    SpinGuard g(eng->mu);
+    Locked g;
     retire(cs, r != CUDA_SUCCESS ? r : CUDA_ERROR_CONTEXT_IS_DESTROYED);
     return false;
 }
@@ -42,7 +42,7 @@ bool still_current(CtxState* cs) {
 // an inactive one would create it, which aiocuda never does as a side effect).
 CUresult primary_of(int device, CUcontext* out) {
     {
-        SpinGuard g(eng->mu);
+        Locked g;
         if (static_cast<size_t>(device) < eng->primary.size() && eng->primary[device]) {
             *out = eng->primary[device];
             return CUDA_SUCCESS;
@@ -59,7 +59,7 @@ CUresult primary_of(int device, CUcontext* out) {
     }
     CUcontext p = nullptr;
     if ((r = api.cuDevicePrimaryCtxRetain(&p, dev)) != CUDA_SUCCESS) return r;
-    SpinGuard g(eng->mu);
+    Locked g;
     if (eng->primary.size() <= static_cast<size_t>(device)) eng->primary.resize(device + 1, nullptr);
     if (!eng->primary[device]) eng->primary[device] = p;  // a racing retain is one more reference
     *out = eng->primary[device];
@@ -101,7 +101,7 @@ CUresult ctx_state(CUcontext ctx, CtxState** out, std::string* why) {
         return false;
     };
     {
-        SpinGuard g(eng->mu);
+        Locked g;
         if (known(&r)) return r;
     }
     auto cs = new CtxState;
@@ -114,7 +114,7 @@ CUresult ctx_state(CUcontext ctx, CtxState** out, std::string* why) {
             cs->device = d;
         }
     }
-    SpinGuard g(eng->mu);
+    Locked g;
     if (known(&r)) {  // another thread met it meanwhile: one state per context
         delete cs;
         return r;

@@ -107,7 +107,7 @@ bool pass(Strategy strat, bool backstop) {
     ctxs.clear();
     bool progress = false;
     {
-        SpinGuard g(eng->mu);
+        Locked g;
         for (Mark* m : eng->seen) {  // marks host functions reported and left to this thread
             if (!m->tl->cs->retired) {
                 Timeline* tl = m->tl;
@@ -166,7 +166,7 @@ bool pass(Strategy strat, bool backstop) {
     for (CtxState* cs : ctxs) {
         std::vector<CUevent> doomed;
         {
-            SpinGuard g(eng->mu);
+            Locked g;
             if (cs->retired) continue;
             doomed.swap(cs->doomed);
             eng->events -= doomed.size();
@@ -178,7 +178,7 @@ bool pass(Strategy strat, bool backstop) {
     for (Watch& w : watches) {
         bool retired;
         {
-            SpinGuard g(eng->mu);
+            Locked g;
             retired = w.cs->retired;
         }
         CUresult r = CUDA_SUCCESS;
@@ -191,7 +191,7 @@ bool pass(Strategy strat, bool backstop) {
         if (retired || r != CUDA_SUCCESS) {
             // The mark stays in its timeline unwatched: the backstop's queries complete it, in
             // stream order, and find a sticky error behind the failure if there is one.
-            SpinGuard g(eng->mu);
+            Locked g;
             --w.m->tl->watching;
             if (!w.lane->s && !w.lane->dead) {  // never to be used again: lanes are made anew
                 w.lane->dead = true;
@@ -211,7 +211,7 @@ bool pass(Strategy strat, bool backstop) {
         for (CtxState* cs : ctxs) {
             bool flags = false;
             {
-                SpinGuard g(eng->mu);
+                Locked g;
                 if (cs->retired) continue;
                 for (Timeline* tl : tls)
                     if (tl->cs == cs && tl->word && tl->head) flags = true;
@@ -222,7 +222,7 @@ bool pass(Strategy strat, bool backstop) {
             });
             if (r == CUDA_SUCCESS) r = api.cuStreamQuery(cs->probe);
             if (r != CUDA_SUCCESS && r != CUDA_ERROR_NOT_READY) {
-                SpinGuard g(eng->mu);
+                Locked g;
                 retire(cs, r);
                 progress = true;
             }
@@ -235,7 +235,7 @@ bool pass(Strategy strat, bool backstop) {
         for (Timeline* tl : tls) {
             marks.clear();
             {
-                SpinGuard g(eng->mu);
+                Locked g;
                 if (tl->cs->retired) continue;
                 for (Mark* m = tl->head; m; m = m->next)
                     if (!m->done && m->ev) {  // not one that could not be placed
@@ -255,7 +255,7 @@ bool pass(Strategy strat, bool backstop) {
                 if (r == CUDA_SUCCESS) r = CUDA_ERROR_NOT_READY;  // keep walking
                 else break;
             }
-            SpinGuard g(eng->mu);
+            Locked g;
             if (failed && failed->owned && !is_capture_error(r)) {
                 retire(tl->cs, r);  // aiocuda's own event: the context is broken
             } else if (failed) {
@@ -268,7 +268,7 @@ bool pass(Strategy strat, bool backstop) {
         }
     }
     {
-        SpinGuard g(eng->mu);
+        Locked g;
         auto& act = eng->active;
         for (size_t i = 0; i < act.size();) {
             Timeline* tl = act[i];
@@ -323,6 +323,7 @@ void engine_run() {
                     now = Clock::now();
                     bool progress = false;
                     const FlagPlan& plan = read_flags(now, &progress);
+                    if (let_go(g, false)) continue;  // the lock was let go: look again
                     if (eng->held || !eng->to_watch.empty() || eng->kick ||
                         now >= last_backstop + backstop_every)
                         break;
@@ -364,6 +365,7 @@ void engine_run() {
             if (eng->held) continue;
             eng->kick = false;
             eng->in_pass = true;
+            let_go(g, true);
         }
         bool backstop = now - last_backstop >= backstop_every;
         if (backstop) last_backstop = now;
@@ -401,7 +403,7 @@ void start_engine_locked() {
 constexpr size_t kHostFnPushes = 64;
 
 void on_host_fn(void* key) {
-    SpinGuard g(eng->mu);
+    Locked g;
     Mark* m = slot_get(reinterpret_cast<uintptr_t>(key));
     if (!m) return;
     Timeline* tl = m->tl;

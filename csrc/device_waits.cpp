@@ -51,7 +51,7 @@ CUresult wait_device(int device, Node* n, std::string* why) {
     }
     DeviceWaiter* w;
     {
-        SpinGuard g(eng->mu);
+        Locked g;
         auto& ws = eng->device_waiters;
         if (ws.size() <= static_cast<size_t>(device)) ws.resize(device + 1, nullptr);
         if (!ws[device]) {

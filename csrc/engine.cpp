@@ -58,7 +58,7 @@ bool record_known(uintptr_t stream, int device, Node* n, Mark** user, std::strin
     }
     Timeline* tl;
     {
-        SpinGuard g(eng->mu);
+        Locked g;
         auto it = eng->streams.find(*sid);
         if (it == eng->streams.end()) return false;
         tl = it->second;
@@ -84,7 +84,7 @@ CUresult record(uintptr_t stream, int device, Node* n, Mark** user, std::string*
         return r;
     }
     if (!cs) {  // no context on that device: nothing was queued, so nothing to wait for
-        SpinGuard g(eng->mu);
+        Locked g;
         Timeline* tl = new Timeline;  // a done mark for the Event, on a throwaway timeline
         tl->kind = Timeline::kForeign;
         static CtxState none{};
@@ -122,7 +122,7 @@ size_t load_of(Timeline* tl) {
 // relay holds at most kRelayWaits waits: an enqueue on a full stream would block the loop thread.
 CUresult take_relay(CtxState* cs, int device, Timeline** out, std::string* why) {
     {
-        SpinGuard g(eng->mu);
+        Locked g;
         Timeline* best = nullptr;
         for (Timeline* tl : cs->relays)
             if (!best || load_of(tl) < load_of(best)) best = tl;
@@ -149,7 +149,7 @@ CUresult take_relay(CtxState* cs, int device, Timeline** out, std::string* why) 
     tl->relay = true;
     tl->stream = st;
     tl->users = 1;
-    SpinGuard g(eng->mu);
+    Locked g;
     cs->relays.push_back(tl);
     *out = tl;
     return CUDA_SUCCESS;
@@ -194,7 +194,7 @@ CUresult wait_event(uintptr_t event, int device, Node* n, std::string* why) {
         // The event was recorded into a capture after the query: the relay joined that capture
         // and is never used again (the capture cannot end cleanly; nothing aiocuda can undo).
         *why = kCapturedEventText;
-        SpinGuard g(eng->mu);
+        Locked g;
         auto& rs = cs->relays;
         rs.erase(std::remove(rs.begin(), rs.end(), relay), rs.end());
     }
@@ -215,7 +215,7 @@ CUresult mark_event(Mark* m, bool wait_placed, CUevent* ev) {
         *ev = m->ev;
     }
     if (!still_current(cs)) {  // a reset dropped the work: the word will never be written
-        SpinGuard g(eng->mu);
+        Locked g;
         return m->status;
     }
     if (m->flag) {  // no event: the word tells (a plain load), or the engine finishes the mark
@@ -252,13 +252,13 @@ CUresult mark_synchronize(Mark* m, std::string* why) {
 
 void mark_release(Mark* m) {
     if (!m || m->owner != eng) return;  // a forked child's copy of the parent's: leave it
-    SpinGuard g(eng->mu);
+    Locked g;
     unref(m);
 }
 
 void set_strategy(Strategy s) {
     int old = g_strategy.exchange(static_cast<int>(s));
-    SpinGuard g(eng->mu);
+    Locked g;
     if (old != static_cast<int>(s) && s != Strategy::kPoll) {
         // Every placed event mark not watched yet gets a host function (flag marks are read
         // whatever the strategy).
@@ -282,7 +282,8 @@ void hold(bool on) {
     if (!on)
         for (Placer* p : eng->placers)
             if (p) p->cv.notify_all();
-    if (on) eng->hold_cv.wait(g, [] { return !eng->in_pass && eng->placing == 0; });
+    if (on)
+        eng->hold_cv.wait(g, [] { return !eng->in_pass && eng->placing == 0 && !eng->pushing; });
 }
 
 void after_fork_in_child() {
@@ -293,7 +294,7 @@ void after_fork_in_child() {
 }
 
 Stats stats() {
-    SpinGuard g(eng->mu);
+    Locked g;
     return Stats{eng->pending, eng->marks, eng->events,    eng->lanes,       eng->threads,
                  eng->words,   eng->timelines, eng->handed_over, eng->bells, eng->naps};
 }

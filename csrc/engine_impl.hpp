@@ -167,6 +167,7 @@ struct CtxState {
 // stream, which blocks while that stream is full: the engine thread must never wait on that.
 struct Placer {
     std::condition_variable cv;  // under eng->mu
+    bool wake = false;           // in Engine::wake_placers
     std::vector<Timeline*> queue;
     std::vector<Timeline*> bells;  // kFlag: timelines that want a doorbell mark
 };
@@ -196,6 +197,16 @@ struct Engine {
     std::unordered_map<unsigned long long, Timeline*> streams;
     std::vector<Mark*> to_watch;         // kCallback: placed, not watched yet
     std::vector<Mark*> seen;             // passed, as host functions said: too many for them
+    // Awaits finished under the lock, in the order they finished, linked through Node::next: they
+    // are pushed to their loops' queues after it is let go (Locked, let_go), by one thread
+    // at a time, so that they reach each queue in that order whoever pushes them.
+    Node* finished = nullptr;
+    Node** finished_tail = &finished;
+    bool pushing = false;                // a thread is pushing finished awaits (the lock let go)
+    // Wake-ups asked for under the lock, made once it is let go (let_go): a thread woken while its
+    // waker holds the lock can preempt the waker there, and every await then waits for the lock.
+    bool wake_engine = false;
+    std::vector<Placer*> wake_placers;
     size_t handed_over = 0;              // marks host functions left to this thread (tests)
     size_t bells = 0;                    // kFlag's doorbell marks placed (tests)
     size_t naps = 0;                     // kFlag: timed sleeps of the engine thread (tests)
@@ -227,6 +238,25 @@ struct Engine {
 void on_host_fn(void* key);
 
 extern Engine* eng;
+
+// Under eng->mu (held by `g`): pushes the awaits finished so far to their queues, and makes the
+// wake-ups asked for, with the lock let go; the pushes unless another thread is pushing (it takes
+// these too before it stops). Returns whether the lock was let go meanwhile; `leave`: returns with
+// it let go. A queue push can write an eventfd, a system call, and a wake-up can hand the CPU to
+// the woken thread: neither is done under the lock that every await takes.
+bool let_go(std::unique_lock<std::mutex>& g, bool leave);
+
+// eng->mu for a short section (taken spinning: spin_lock), and what it finished and woke, after.
+class Locked {
+public:
+    Locked() : g_(eng->mu, std::defer_lock) { spin_lock(g_); }
+    ~Locked() { let_go(g_, true); }
+    Locked(const Locked&) = delete;
+    Locked& operator=(const Locked&) = delete;
+
+private:
+    std::unique_lock<std::mutex> g_;
+};
 extern std::atomic<int> g_backstop_ms;
 Strategy current_strategy();
 
@@ -263,7 +293,6 @@ CUresult thread_local_mode(F fn) {
 
 // marks.cpp (under eng->mu unless said)
 void discard(Node* n);
-void complete_list(Node* n, CUresult status);
 Mark* slot_get(uint64_t key);
 Mark* new_mark(Timeline* tl);
 void unref(Mark* m);

@@ -9,15 +9,41 @@ void discard(Node* n) {
     q->release();
 }
 
-// Completes a list of nodes linked through Node::next (read before each push: the push relinks).
-void complete_list(Node* n, CUresult status) {
-    while (n) {
-        Node* next = n->next;
-        complete(n, status);
-        n = next;
+bool let_go(std::unique_lock<std::mutex>& g, bool leave) {
+    bool let = false;
+    while (eng->finished && !eng->pushing) {
+        Node* n = eng->finished;
+        eng->finished = nullptr;
+        eng->finished_tail = &eng->finished;
+        eng->pushing = true;
+        g.unlock();
+        let = true;
+        while (n) {
+            Node* next = n->next;  // read before the push, which relinks it
+            complete(n, n->status);
+            n = next;
+        }
+        spin_lock(g);
+        eng->pushing = false;
+        if (eng->held) eng->hold_cv.notify_all();
     }
+    if (eng->wake_engine || !eng->wake_placers.empty()) {
+        thread_local std::vector<Placer*> placers;
+        bool engine = eng->wake_engine;
+        eng->wake_engine = false;
+        placers.swap(eng->wake_placers);
+        for (Placer* p : placers) p->wake = false;
+        g.unlock();
+        let = true;
+        if (engine) eng->cv.notify_one();
+        for (Placer* p : placers) p->cv.notify_one();
+        placers.clear();
+        if (!leave) spin_lock(g);
+        return true;
+    }
+    if (leave) g.unlock();
+    return let;
 }
-
 
 // ---- marks and timelines (under eng->mu) -------------------------------------------------------
 
@@ -77,9 +103,14 @@ void finish(Mark* m, CUresult status) {
     m->done = true;
     m->status = status;
     if (m->placed) --eng->marks;
-    // Pushed under the engine's lock, so that completions reach each queue in stream order
-    // whichever thread learns of them (a host function and a query can race).
-    complete_list(m->head, status);
+    // Queued in the order marks finish, so that completions reach each queue in stream order
+    // whichever thread learns of them (a host function and a query can race); pushed once the
+    // lock is let go (let_go).
+    if (m->head) {
+        for (Node* n = m->head; n; n = n->next) n->status = status;
+        *eng->finished_tail = m->head;
+        eng->finished_tail = &m->tail->next;
+    }
     eng->pending -= m->waiters;
     m->head = m->tail = nullptr;
     m->waiters = 0;

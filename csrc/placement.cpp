@@ -15,7 +15,7 @@ CUresult timeline_of(CtxState* cs, Timeline::Kind kind, uintptr_t stream, Timeli
         CUresult r = api.cuStreamGetId(reinterpret_cast<CUstream>(stream), &sid);
         if (r != CUDA_SUCCESS) return r;
     }
-    SpinGuard g(eng->mu);
+    Locked g;
     Timeline*& tl = kind == Timeline::kDevice ? cs->device_tl
                     : keyed                   ? eng->streams[sid]
                                               : cs->legacy_tl;  // one legacy stream: one timeline
@@ -33,7 +33,7 @@ CUresult timeline_of(CtxState* cs, Timeline::Kind kind, uintptr_t stream, Timeli
 }
 
 void release_timeline(Timeline* tl) {
-    SpinGuard g(eng->mu);
+    Locked g;
     if (--tl->users == 0 && !tl->active) maybe_drop(tl);  // the engine let go of it meanwhile
 }
 
@@ -55,7 +55,7 @@ void maybe_drop(Timeline* tl) {
 // is no part of anyone's capture.
 CUresult take_event(CtxState* cs, CUevent* ev) {
     {
-        SpinGuard g(eng->mu);
+        Locked g;
         if (!cs->pool.empty()) {
             *ev = cs->pool.back();
             cs->pool.pop_back();
@@ -66,7 +66,7 @@ CUresult take_event(CtxState* cs, CUevent* ev) {
         return with_ctx(cs->ctx, [&] { return api.cuEventCreate(ev, kEventFlags); });
     });
     if (r == CUDA_SUCCESS) {
-        SpinGuard g(eng->mu);
+        Locked g;
         ++eng->events;
     }
     return r;
@@ -90,7 +90,14 @@ CUresult capture_status(Timeline* tl, CUstreamCaptureStatus* st) {
 void wake_locked() {
     eng->kick = true;
     eng->poke.fetch_add(1, std::memory_order_release);
-    if (eng->sleeping) eng->cv.notify_one();
+    if (eng->sleeping) eng->wake_engine = true;
+}
+
+// Under eng->mu: wake placer `p` once the lock is let go.
+void wake_placer(Placer* p) {
+    if (p->wake) return;
+    p->wake = true;
+    eng->wake_placers.push_back(p);
 }
 
 // A flag mark was placed: wake the engine thread only if it sleeps past when this one may pass,
@@ -100,7 +107,7 @@ void nudge_locked(Timeline* tl) {
     if (!eng->sleeping) return;
     auto est = std::chrono::nanoseconds(tl->est_ns);
     if (Clock::now() + est - kFlagLead < eng->sleep_until || (est >= kBellSleep && !tl->bell))
-        eng->cv.notify_one();
+        eng->wake_engine = true;
 }
 
 // kFlag: the word `tl`'s stream writes its marks to, taken from a page of registered host memory
@@ -110,7 +117,7 @@ bool flag_word(Timeline* tl) {
     if (tl->word) return true;
     CtxState* cs = tl->cs;
     {
-        SpinGuard g(eng->mu);
+        Locked g;
         if (tl->kind != Timeline::kStream || cs->no_words || !api.cuStreamWriteValue32 ||
             !api.cuMemHostRegister || !api.cuMemHostGetDevicePointer)
             tl->no_flag = true;
@@ -138,7 +145,7 @@ bool flag_word(Timeline* tl) {
             return rr;
         });
     });
-    SpinGuard g(eng->mu);
+    Locked g;
     if (r != CUDA_SUCCESS) {
         if (!registered) std::free(page);  // else leaked: unregistering it could fail the same way
         cs->no_words = tl->no_flag = true;
@@ -182,7 +189,7 @@ CUresult put(Timeline* tl, Placed* p, std::string* why, bool event = false) {
         r = is_legacy(reinterpret_cast<uintptr_t>(st)) ? with_ctx(tl->cs->ctx, write) : write();
         if (r == CUDA_SUCCESS) tl->issued = p->seq;
         if (r == CUDA_ERROR_NOT_SUPPORTED) {  // no stream memory operations: events, from now on
-            SpinGuard g(eng->mu);
+            Locked g;
             tl->no_flag = true;
         }
     }
@@ -196,7 +203,7 @@ CUresult put(Timeline* tl, Placed* p, std::string* why, bool event = false) {
         st != CU_STREAM_CAPTURE_STATUS_NONE) {
         *why = kCapturedText;
         r = kCapturing;
-        SpinGuard g(eng->mu);
+        Locked g;
         if (p->flag) {  // the word may be written by every replay: earlier marks cannot trust it
             for (Mark* m = tl->head; m; m = m->next)
                 if (m->flag && !m->done) finish(m, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
@@ -205,7 +212,7 @@ CUresult put(Timeline* tl, Placed* p, std::string* why, bool event = false) {
         }
     }
     if (r != CUDA_SUCCESS && p->ev) {
-        SpinGuard g(eng->mu);
+        Locked g;
         if (!tl->cs->retired) give_back(tl->cs, p->ev);
         p->ev = nullptr;
     }
@@ -216,7 +223,7 @@ CUresult put(Timeline* tl, Placed* p, std::string* why, bool event = false) {
 CUresult place_now(Timeline* tl, Node* n, Mark** user, std::string* why) {
     Placed p;
     CUresult r = put(tl, &p, why);
-    SpinGuard g(eng->mu);
+    Locked g;
     if (r == CUDA_SUCCESS && tl->cs->retired)  // a reset or an error meanwhile: refused (its
         r = tl->cs->error;                     // handles, this event too, are no longer ours)
     if (r != CUDA_SUCCESS) return r;
@@ -280,7 +287,7 @@ CUresult place_or_join(Timeline* tl, Node* n, Mark** user, std::string* why) {
     std::lock_guard<std::mutex> order(tl->record_mu);
     CUresult r;
     {
-        SpinGuard g(eng->mu);
+        Locked g;
         if (join_open(tl, n, user, &r)) return r;
     }
     r = place_now(tl, n, user, why);
@@ -300,7 +307,7 @@ CUresult mark(Timeline* tl, Node* n, Mark** user, std::string* why, bool checked
         return r;
     }
     {
-        SpinGuard g(eng->mu);
+        Locked g;
         if (join_open(tl, n, user, &r)) return r;
     }
     return place_or_join(tl, n, user, why);
@@ -330,7 +337,7 @@ void want_placing(Timeline* tl) {
     tl->placing = true;
     ++tl->users;  // the placer's, until it is done with it (placer_run): never dropped meanwhile
     p->queue.push_back(tl);
-    p->cv.notify_one();
+    wake_placer(p);
 }
 
 // Under eng->mu, on the engine thread: queue a doorbell mark for `tl` with its device's placer.
@@ -351,7 +358,7 @@ void want_bell(Timeline* tl) {
     tl->bell = true;
     ++tl->users;  // the placer's, as for an open mark
     p->bells.push_back(tl);
-    p->cv.notify_one();
+    wake_placer(p);
 }
 
 // The placer: a doorbell mark at the end of `tl`'s stream, if a flag mark still waits there. An
@@ -359,7 +366,7 @@ void want_bell(Timeline* tl) {
 void place_bell(Timeline* tl) {
     std::lock_guard<std::mutex> order(tl->record_mu);
     if (!still_current(tl->cs)) {
-        SpinGuard g(eng->mu);
+        Locked g;
         tl->bell = false;  // asked for again at a later look, if still late
         return;
     }
@@ -367,7 +374,7 @@ void place_bell(Timeline* tl) {
         // Only for a mark the stream has not passed yet (its word says): a program may
         // synchronize and destroy the stream once it has given up its awaits (a closed loop),
         // and a passed mark needs no doorbell; its handle is then not touched again.
-        SpinGuard g(eng->mu);
+        Locked g;
         Mark* oldest = nullptr;
         for (Mark* m = tl->head; m && !oldest; m = m->next)
             if (m->flag && !m->done) oldest = m;
@@ -388,7 +395,7 @@ void place_bell(Timeline* tl) {
     Placed p;
     std::string why;
     if (r == CUDA_SUCCESS) r = put(tl, &p, &why, true);
-    SpinGuard g(eng->mu);
+    Locked g;
     tl->ringing = false;
     want_placing(tl);  // an open mark made meanwhile
     wake_locked();     // for the marks that passed meanwhile
@@ -408,7 +415,7 @@ bool place_open(Timeline* tl) {
     std::lock_guard<std::mutex> order(tl->record_mu);
     Mark* open;
     {
-        SpinGuard g(eng->mu);
+        Locked g;
         tl->placing = false;
         open = tl->open;
         if (!open || tl->cs->retired || tl->in_flight >= kMarksInFlight) return true;
@@ -420,7 +427,7 @@ bool place_open(Timeline* tl) {
     CUresult r = capture_status(tl, &st);
     if (r == CUDA_SUCCESS && st != CU_STREAM_CAPTURE_STATUS_NONE) return false;
     {
-        SpinGuard g(eng->mu);
+        Locked g;
         if (tl->open != open || tl->cs->retired) return true;  // failed meanwhile
         // From here on no await may join this mark: its mark may reach the stream before work
         // the await's caller enqueued after it (a cuStreamWaitEvent, say), which the await must
@@ -432,7 +439,7 @@ bool place_open(Timeline* tl) {
     std::string why;
     if (r == CUDA_SUCCESS) r = put(tl, &p, &why);
     if (r == kCapturing) r = CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;  // taken into a capture
-    SpinGuard g(eng->mu);
+    Locked g;
     tl->taken = nullptr;
     if (tl->cs->retired) {  // a reset or an error meanwhile (retire() failed `open` already)
         r = tl->cs->error;
@@ -485,7 +492,7 @@ void placer_run(Placer* p) {
             release_timeline(tl);
         }
         bells.clear();
-        SpinGuard g(eng->mu);
+        Locked g;
         if (--eng->placing == 0) eng->hold_cv.notify_all();
     }
 }

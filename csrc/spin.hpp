@@ -17,26 +17,18 @@ inline void cpu_relax() noexcept {
 #endif
 }
 
-// A lock guard that spins a moment on a contended mutex before sleeping on it, for short critical
+// Locks `m`, spinning a moment if it is contended before sleeping on it, for short critical
 // sections on a thread that must not sleep for them: std::mutex sleeps at once (a futex wait),
 // and the sleep and its wake-up cost microseconds, far more than the section (glibc's adaptive
-// mutexes, PTHREAD_MUTEX_ADAPTIVE_NP, try 100 times in the same way).
-class SpinGuard {
-public:
-    explicit SpinGuard(std::mutex& m) : m_(m) {
-        for (int i = 0; i < 100; ++i) {
-            if (m_.try_lock()) return;
-            cpu_relax();
-        }
-        m_.lock();
+// mutexes, PTHREAD_MUTEX_ADAPTIVE_NP, try 100 times in the same way). M: a mutex or a lock.
+template <class M>
+void spin_lock(M& m) {
+    for (int i = 0; i < 100; ++i) {
+        if (m.try_lock()) return;
+        cpu_relax();
     }
-    ~SpinGuard() { m_.unlock(); }
-    SpinGuard(const SpinGuard&) = delete;
-    SpinGuard& operator=(const SpinGuard&) = delete;
-
-private:
-    std::mutex& m_;
-};
+    m.lock();
+}
 
 // Names the calling thread (at most 15 characters), for top -H, py-spy, gdb and the tests'
 // per-thread CPU checks.
