@@ -257,6 +257,36 @@ def test_awaiting_a_capturing_stream_raises_at_once(run, emu, mode):
     run(main())
 
 
+def test_awaits_on_many_streams_complete_in_each_streams_order(run, emu, strategy):
+    # Awaits finished under the engine's lock are pushed after it is let go, by whichever thread
+    # let it go (the engine thread, a host function, the loop thread itself): each stream's awaits
+    # must still reach their futures in the order they were made, through many marks and the
+    # open mark, while kernels of 0-200 us run on four streams at once.
+    streams = [emu.stream() for _ in range(4)]
+
+    async def main():
+        order: dict[int, list[int]] = {s: [] for s in streams}
+        futs = []
+        for i in range(3000):
+            s = streams[i % 4]
+            if i % 7 == 0:
+                emu.sleep(s, (i % 5) * 50e-6)
+            f = aiocuda.synchronize(s)
+            f.add_done_callback(lambda _f, s=s, i=i: order[s].append(i))
+            futs.append(f)
+            if i % 250 == 0:
+                await asyncio.sleep(0)
+        await asyncio.wait_for(asyncio.gather(*futs), 10)
+        return order
+
+    order = run(main())
+    for s in streams:
+        assert len(order[s]) == 750
+        assert order[s] == sorted(order[s])
+    for s in streams:
+        emu.lib.cuStreamDestroy_v2(s)
+
+
 def test_a_stream_aiocuda_knows_is_checked_as_a_new_one(run, emu, strategy):
     # Once awaited, a stream's timeline is found by its id (cuStreamGetId) with no context lookup:
     # that way must refuse what the general one does. A wrong device=, a capture, and a sticky
