@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 import aiocuda
+from aiocuda import _core
 from aiocuda.bench._methods import METHODS, in_flight_for, methods_for, throughput
 from aiocuda.bench._report import available_loops, new_loop
 from aiocuda.bench._sources import CpuSource, DriverSource, Source
@@ -58,3 +59,52 @@ def test_wait_for_1000_in_flight(benchmark, source: Source, loop: asyncio.Abstra
     benchmark.extra_info["ops_per_s"] = ops_per_s
     benchmark.extra_info["in_flight"] = in_flight
     assert ops_per_s > 0
+
+
+SUBMITS = 10_000
+SUBMIT_KINDS = ("aiocuda.synchronize", "aiocuda.synchronize, engine parked", "loop.create_future")
+
+
+@pytest.mark.parametrize("kind", SUBMIT_KINDS)
+def test_submit_10000(benchmark, source: Source, loop: asyncio.AbstractEventLoop,
+                      kind: str) -> None:
+    """What starting a wait costs the loop thread, its completion aside: 10,000
+    `aiocuda.synchronize` calls, with the engine running or parked (`aiocuda._core.cuda_hold`:
+    no other thread of aiocuda's competes for the lock or the CPU; cuda only), against 10,000
+    `loop.create_future()`, the part of the in-loop floor a wait cannot avoid. The futures are
+    completed and gathered after each timed round, outside the timing."""
+    parked = kind.endswith("parked")
+    if parked and source.kind != "cuda":
+        pytest.skip("the cpu backend has no engine to park")
+    made: list[asyncio.Future[None]] = []
+    completed = 0
+
+    async def submit() -> None:
+        if kind == "loop.create_future":
+            lp = asyncio.get_running_loop()
+            made.extend(lp.create_future() for _ in range(SUBMITS))
+        else:
+            made.extend(aiocuda.synchronize(source.stream) for _ in range(SUBMITS))
+
+    def setup() -> None:
+        if parked:
+            _core.cuda_hold(True)
+
+    def settle() -> None:  # a round's futures, completed (pytest-benchmark may skip teardown)
+        nonlocal completed
+        if parked:
+            _core.cuda_hold(False)
+        if kind == "loop.create_future":
+            for f in made:
+                f.set_result(None)
+        loop.run_until_complete(asyncio.wait_for(asyncio.gather(*made), 30))
+        completed += len(made)
+        made.clear()
+
+    benchmark.pedantic(lambda: loop.run_until_complete(submit()), setup=setup, teardown=settle,
+                       rounds=5, warmup_rounds=1)
+    if made:
+        settle()
+    if benchmark.stats:  # (None under --benchmark-disable: one plain run)
+        benchmark.extra_info["us_per_wait"] = benchmark.stats.stats.median / SUBMITS * 1e6
+    assert completed >= SUBMITS and completed % SUBMITS == 0
