@@ -163,8 +163,12 @@ STUCK = {
     "delay": "s.delay(1e6)",
 }
 
+# The child handles Ctrl-C as Python does in a terminal: a child of a shell's background job
+# inherits SIGINT ignored, and Python then installs no handler (CI run with `&`: the Ctrl-C test
+# hung for 60 s under ASan, its SIGINT ignored).
 PRELUDE = """
-import asyncio, sys, threading, time, aiocuda
+import asyncio, signal, sys, threading, time, aiocuda
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def spin():
     while True:
