@@ -1,7 +1,8 @@
 // The completion engine's own state and the functions its files share (not installed, not
 // part of engine.hpp's interface). The files, each readable alone:
 //   engine.cpp        the entry points (awaits, Events, strategies), relays for foreign events
-//   marks.cpp         marks and timelines: references, completion in stream order, reaping
+//   marks.cpp         marks and timelines: references, completion in stream order, reaping;
+//                     the lock let go (let_go): finished awaits pushed and threads woken after it
 //   contexts.cpp      contexts (primary only), sticky errors and resets
 //   placement.cpp     timelines of streams, the mark itself (a memory write or an event record)
 //                     with its capture checks, and the placers of open marks
