@@ -784,9 +784,13 @@ def _placer_held_putting_the_open_mark(
     try:
         first = [aiocuda.synchronize(s) for _ in range(8)]  # kMarksInFlight, behind the gate
         joined = aiocuda.synchronize(s)  # no room: joins the open mark
+        import time; time.sleep(0.005)
+        # Counted while held: once let go, the engine may at once ring the doorbell that the
+        # first mark, late by then, brings (a ninth mark: CI's TSan run, where the awaits are slow).
+        placed = _core.cuda_stats()["marks"] - marks
     finally:
         _core.cuda_hold(False)
-    assert _core.cuda_stats()["marks"] - marks == 8, "the awaits did not place a mark each"
+    assert placed == 8, "the awaits did not place a mark each"
     _doorbell_rung(strategy, bells)  # the next mark on s is then the open mark's
     emu.lib.emu_pause_after_next_mark(ctypes.c_void_p(s))
     word.write(1)  # the marks pass; the placer puts the open mark, and is held there
