@@ -164,6 +164,24 @@ def test_targets_follow_from_the_rows(report):
             assert t["met"] is None
 
 
+def test_a_gpu_run_is_held_to_the_gpu_wake_up_targets():
+    # Issue 14: on a GPU, wake-up p50 <= 10 us and p99 <= 40 us; rows from the emulator are not
+    # held to them (its figures stand for no GPU).
+    def report_for(source: str, p50: float, p99: float) -> _report.Report:
+        r = _report.Report("test machine", True, {"repeats": 1, "latency_samples": 3})
+        r.latency.append({"source": source, "loop": "asyncio", "method": AIOCUDA_FLAG,
+                          "p50_us": p50, "p99_us": p99})
+        return r
+
+    gpu = "cuda (NVIDIA H100 80GB HBM3)"
+    rows = {t["what"]: t for t in _report.targets(report_for(gpu, 9.5, 41.0))}
+    assert rows[f"{AIOCUDA_FLAG}: wake-up p50 on the GPU ({gpu}, asyncio), us"]["met"] is True
+    p99 = rows[f"{AIOCUDA_FLAG}: wake-up p99 on the GPU ({gpu}, asyncio), us"]
+    assert (p99["target"], p99["met"]) == ("<= 40", False)
+    emulated = _report.targets(report_for(EMULATED, 9.5, 41.0))
+    assert not any("on the GPU" in t["what"] for t in emulated)
+
+
 def test_report_files_table_and_redrawing(report, tmp_path):
     written = _report.write(report, tmp_path / "out")
     assert {p.name for p in written} == {"report.json", "report.txt", "throughput.png",

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import atexit
 import importlib.util
 import inspect
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -148,15 +150,23 @@ except ImportError:  # the runner alone needs no pytest
 
 if pytest is not None:
     _results: dict[Path, dict[str, dict[str, Any]]] = {}
-    _workdir = tempfile.mkdtemp(prefix="aiocuda-docs-")
+    _workdirs: list[str] = []
+
+    def _workdir() -> str:
+        """Where the pages run: made when the first page runs, removed when pytest exits."""
+        if not _workdirs:
+            _workdirs.append(tempfile.mkdtemp(prefix="aiocuda-docs-"))
+            atexit.register(shutil.rmtree, _workdirs[0], True)
+        return _workdirs[0]
 
     def _page_results(page: Path) -> dict[str, dict[str, Any]]:
         if page not in _results:
-            out = Path(_workdir) / f"{len(_results)}.json"
+            workdir = _workdir()
+            out = Path(workdir) / f"{len(_results)}.json"
             env = {k: v for k, v in os.environ.items() if k != "AIOCUDA_LIBCUDA"}
             try:
                 r = subprocess.run([sys.executable, str(Path(__file__)), str(page), str(out)],
-                                   cwd=_workdir, env=env, capture_output=True, text=True,
+                                   cwd=workdir, env=env, capture_output=True, text=True,
                                    timeout=PAGE_TIMEOUT_S)
                 log = r.stdout + r.stderr
                 res = json.loads(out.read_text()) if out.exists() else []
