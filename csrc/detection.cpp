@@ -20,17 +20,22 @@ bool is_capture_error(CUresult r) { return r >= 900 && r <= 908; }  // CUDA_ERRO
 struct FlagPlan {
     bool pending = false;
     Clock::time_point next = Clock::time_point::max();
-    // While a completion is due: the words to spin on (and the number each waits for), until
-    // spin_until; other timelines want a look at `later`.
-    std::vector<std::pair<const uint32_t*, uint32_t>> due;
+    // While a completion is due: the timelines whose words to spin on (and the number each
+    // waits for), until spin_until; other timelines want a look at `later`.
+    struct Due { Timeline* tl; const uint32_t* word; uint32_t seq; };
+    std::vector<Due> due;
     Clock::time_point spin_until = Clock::time_point::max();
     Clock::time_point later = Clock::time_point::max();
 };
 
-// A timeline's history: flag mark `m` was passed by `seen` at the latest. A moving average (a
-// quarter of each new figure): a lopsided one (quick down, slow up) kept the estimate below most
-// marks and the thread spinning through the difference: 30% of a core awaiting 1 ms kernels one
-// by one on the emulator, 23% with this, and no later wake-ups (a doorbell covers an early end).
+// A timeline's history: flag mark `m` was passed after `seen` at the earliest (the last look
+// that found it short). A moving average (a quarter of each new figure): a lopsided one (quick
+// down, slow up) kept the estimate below most marks and the thread spinning through the
+// difference: 30% of a core awaiting 1 ms kernels one by one on the emulator, 23% with this, and
+// no later wake-ups (a doorbell covers an early end). A spin's last look counts as a look: taught
+// the spin's start instead, the estimate slid early by the lead each mark until a mark ended
+// past the spin, which a nap then found tens of microseconds late (13% of a core with it, and a
+// wake-up p90 of 30-45 us against 60-65 on the emulator).
 void learn(Timeline* tl, Mark* m, Clock::time_point seen) {
     int64_t took =
         std::chrono::duration_cast<std::chrono::nanoseconds>(std::max(seen, m->at) - m->at).count();
@@ -45,12 +50,13 @@ const FlagPlan& read_flags(Clock::time_point now, bool* progress) {
     plan.pending = false;
     plan.next = plan.spin_until = plan.later = Clock::time_point::max();
     plan.due.clear();
-    // A mark seen passed now passed after the previous look: that look's time is what it took at
-    // least. Learning from it (not from now) keeps a late wake-up from teaching a later one.
-    Clock::time_point prev = eng->last_look;
-    eng->last_look = now;
+    // A mark seen passed now passed after the timeline's previous look (a look before a nap, or
+    // the spin's last one, microseconds before): that look's time is what it took at least.
+    // Learning from it (not from now) keeps a late wake-up from teaching a later one.
     for (Timeline* tl : eng->active) {
         if (!tl->word || tl->cs->retired) continue;
+        Clock::time_point prev = tl->looked;
+        tl->looked = now;
         uint32_t v = __atomic_load_n(tl->word, __ATOMIC_ACQUIRE);
         Mark* upto = nullptr;
         Mark* oldest = nullptr;
@@ -82,7 +88,7 @@ const FlagPlan& read_flags(Clock::time_point now, bool* progress) {
         } else if (now < due + kFlagSpin) {  // due: spin
             next = now;
             ring = false;
-            plan.due.emplace_back(tl->word, oldest->seq);
+            plan.due.push_back({tl, tl->word, oldest->seq});
             plan.spin_until = std::min(plan.spin_until, due + kFlagSpin);
         } else {  // late: nap, for longer the later it is; a doorbell once it is long overdue
             auto late = now - due;
@@ -348,16 +354,23 @@ void engine_run() {
                                            last_backstop + backstop_every});
                     uint32_t poke = eng->poke.load(std::memory_order_acquire);
                     g.unlock();
+                    Clock::time_point short_at{};  // the last time every due word was short
                     for (;;) {
+                        auto t = Clock::now();
                         bool hit = false;
-                        for (auto& [word, seq] : plan.due)
-                            hit |= static_cast<int32_t>(__atomic_load_n(word, __ATOMIC_ACQUIRE) - seq) >= 0;
-                        if (hit || eng->poke.load(std::memory_order_acquire) != poke ||
-                            Clock::now() >= until)
+                        for (auto& d : plan.due)
+                            hit |= static_cast<int32_t>(__atomic_load_n(d.word, __ATOMIC_ACQUIRE) - d.seq) >= 0;
+                        if (hit || eng->poke.load(std::memory_order_acquire) != poke || t >= until)
                             break;
+                        short_at = t;
                         for (int i = 0; i < 64; ++i) cpu_relax();
                     }
                     g.lock();
+                    // What the spin saw teaches the due timelines their marks' time to within
+                    // an iteration (learn()); each is still active (only pass() drops one, on
+                    // this thread).
+                    if (short_at != Clock::time_point{})
+                        for (auto& d : plan.due) d.tl->looked = std::max(d.tl->looked, short_at);
                 }
                 now = Clock::now();
                 strat = current_strategy();

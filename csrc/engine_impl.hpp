@@ -131,6 +131,7 @@ struct Timeline {
     uint32_t issued = 0;         // the last sequence number written (under record_mu)
     bool no_flag = false;        // the driver cannot write host memory from this stream: events
     int64_t est_ns = 0;          // how long its marks take, placed to passed (kFlag's sleeps)
+    Clock::time_point looked{};  // kFlag: its word was last seen short of its oldest mark then
     bool bell = false;           // kFlag: a doorbell mark is placed, or queued for the placer
     bool ringing = false;        // the placer is putting a doorbell on the stream: its flag marks
                                  // pass once it is done (their awaits' end lets the program
@@ -217,7 +218,6 @@ struct Engine {
     size_t pending = 0, marks = 0, events = 0, lanes = 0, threads = 0, words = 0, timelines = 0;
     int sync_waiters = 0;                // threads in mark_synchronize (placed_cv)
     Clock::time_point sleep_until{};     // the engine thread's wake-up, while it sleeps
-    Clock::time_point last_look{};       // kFlag: when read_flags last read the words
     int64_t oversleep_ns = 0;            // kFlag: how late a timed sleep ends on this machine
     bool started = false;
     bool sleeping = false;               // the engine thread waits on cv

@@ -20,7 +20,6 @@ executor and its host-function callback) wait on the same stream with their own 
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import statistics
 import threading
@@ -84,10 +83,6 @@ def _resolver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> Cal
         loop.call_soon_threadsafe(fut.set_result, None)
 
     return callback
-
-
-def _stamp(into: list[float]) -> None:
-    into.append(time.perf_counter())
 
 
 def waiter(method: str, src: Source,
@@ -173,8 +168,10 @@ async def throughput(method: str, src: Source, in_flight: int, ops: int) -> tupl
 
 
 async def wake_latency(method: str, src: Source, samples: int) -> list[float]:
-    """Seconds from the moment the work is done (a stamp taken on the stream) to the awaiting
-    coroutine running again, one operation at a time on an otherwise idle loop.
+    """Seconds from the moment the work is done (`Source.stamp`: the stream's own time where the
+    work ends) to the awaiting coroutine running again, one operation at a time on an otherwise
+    idle loop. What a method puts on the stream after the work (a host function, a mark) is
+    part of its wake-up.
 
     Returns 1 + `samples` values: the first is the first wake-up after the method was set up
     (for aiocuda on the cuda source: right after `set_strategy`), reported on its own.
@@ -183,22 +180,15 @@ async def wake_latency(method: str, src: Source, samples: int) -> list[float]:
     out: list[float] = []
     with strategy_of(method):
         for _ in range(1 + samples):
-            stamp: list[float] = []
             src.hold(0.0005)  # the loop is waiting when the work finishes
+            done_at = src.stamp()
             if method == CALLBACK:
                 fut = loop.create_future()
-                resolve = _resolver(loop, fut)
-
-                def stamp_and_resolve(stamp: list[float] = stamp, resolve: Any = resolve) -> None:
-                    _stamp(stamp)
-                    resolve()
-
-                src.post(stamp_and_resolve)
+                src.post(_resolver(loop, fut))
                 await fut
             else:
-                src.post(functools.partial(_stamp, stamp))
                 await waiter(method, src)()
-            out.append(time.perf_counter() - stamp[0])
+            out.append(time.perf_counter() - done_at())
     return out
 
 

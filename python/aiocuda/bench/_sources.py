@@ -71,6 +71,11 @@ class Source(Protocol):
     def post(self, fn: Callable[[], object]) -> None:
         """Run a Python callable on the stream's own thread (the Python-callback design)."""
 
+    def stamp(self) -> Callable[[], float]:
+        """Mark the moment the stream reaches its current end (where the work is done): the
+        returned function gives it, in `time.perf_counter` seconds, once the stream has passed
+        it."""
+
     def hold(self, seconds: float) -> None:
         """Enqueue work that keeps the stream busy for about `seconds`."""
 
@@ -108,6 +113,13 @@ class CpuSource:
 
     def post(self, fn: Callable[[], object]) -> None:
         _ok(self.stream._post(fn))
+
+    def stamp(self) -> Callable[[], float]:
+        # Taken by the worker as it reaches the stamp; the work's completion follows on the same
+        # thread with no hand-off (the sleeping-loop floor).
+        at: list[float] = []
+        self.post(lambda: at.append(time.perf_counter()))
+        return lambda: at[0]
 
     def hold(self, seconds: float) -> None:
         self.stream.delay(seconds)
@@ -294,6 +306,8 @@ class DriverSource:
         self._pending: dict[int, Callable[[], object]] = {}
         self._next = 0
         self._trampoline = _HOST_FN(self._dispatch)  # kept alive as long as the source
+        self._ref_stream: int | None = None  # stamp()'s reference events, on an idle stream
+        self._ref_torch: Any = None
         self._word: HostWord | None = None
         self._gates = 0  # gate n waits until the word is >= n
         self._word_refused = ""
@@ -322,6 +336,34 @@ class DriverSource:
         self._pending[self._next] = fn
         _cu(self.lib, "cuLaunchHostFunc", ctypes.c_void_p(self.handle), self._trampoline,
             ctypes.c_void_p(self._next))
+
+    def stamp(self) -> Callable[[], float]:
+        """A timing event at the stream's end, placed on the host's clock by a reference event:
+        recorded on an idle stream of the same context and queried until done, it happened after
+        the start of the last query that found it not done, which is taken as its time (so the
+        stamp is never late, and a wake-up measured from it never short). A Python host function
+        would stamp before its own return and the stream's resumption (about 40 us on the 2-core
+        emulator), which every wait after it pays and no wait causes."""
+        if self._ref_stream is None:
+            if self._torch is not None:
+                self._ref_torch = self._torch.cuda.Stream()
+                self._ref_stream = int(self._ref_torch.cuda_stream)
+            else:
+                s = ctypes.c_void_p()
+                _cu(self.lib, "cuStreamCreate", ctypes.byref(s), _CU_STREAM_NON_BLOCKING)
+                self._ref_stream = s.value or 0
+        deadline = time.monotonic() + 5
+        t_ref = time.perf_counter()
+        ref = DriverEvent(self.lib, self._ref_stream, timing=True)
+        while True:
+            t = time.perf_counter()
+            if ref.done():
+                break
+            t_ref = t
+            if time.monotonic() > deadline:
+                raise AiocudaError("the reference event of a timing stamp did not complete in 5 s")
+        end = DriverEvent(self.lib, self.handle, timing=True)
+        return lambda: t_ref + self.elapsed(ref, end)
 
     def hold(self, seconds: float) -> None:
         self.kernel(seconds * 1e6)
@@ -416,6 +458,9 @@ class DriverSource:
             else:
                 _stuck.append(self._word)  # still registered: its memory must stay mapped
             self._word = None
+        if self._ref_stream is not None and self._torch is None:
+            self.lib.cuStreamDestroy_v2(ctypes.c_void_p(self._ref_stream))
+        self._ref_stream = self._ref_torch = None
 
 
 _stuck: list[HostWord] = []

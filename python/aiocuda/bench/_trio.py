@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .._api import synchronize
-from ._methods import AIOCUDA, AIOCUDA_FLAG, OURS, _stamp, strategy_of
+from ._methods import AIOCUDA, AIOCUDA_FLAG, OURS, strategy_of
 from ._sources import Source
 
 TRIO_THREAD = "trio to_thread"
@@ -35,9 +35,8 @@ async def wake_latency(method: str, src: Source, samples: int) -> list[float]:
     out: list[float] = []
     with strategy_of(method):
         for _ in range(1 + samples):
-            stamp: list[float] = []
             src.hold(0.0005)  # the run is waiting when the work finishes
-            src.post(functools.partial(_stamp, stamp))
+            done_at = src.stamp()
             if method in OURS:
                 await synchronize(src.stream)
             elif method == TRIO_THREAD:
@@ -48,7 +47,7 @@ async def wake_latency(method: str, src: Source, samples: int) -> list[float]:
                     await trio.sleep(0.001)
             else:
                 raise ValueError(f"unknown trio method {method!r}")
-            out.append(time.perf_counter() - stamp[0])
+            out.append(time.perf_counter() - done_at())
     return out
 
 
