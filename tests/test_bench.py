@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import types
 from dataclasses import asdict
 from pathlib import Path
@@ -162,6 +163,25 @@ def test_targets_follow_from_the_rows(report):
             assert t["met"] == (t["value"] >= 0.9)
         if t["target"] == "-":
             assert t["met"] is None
+
+
+@pytest.mark.parametrize("kind", ["cpu", "cuda"])
+def test_a_stamp_is_where_the_work_ends_never_after(kind):
+    # The wake-up's start: after the held work (2 ms from before it was queued, less the one query
+    # a driver stamp may err early by) and no later than the moment it is seen done.
+    if kind == "cuda" and not CUDA:
+        pytest.skip("the cuda backend is not available")
+    src = CpuSource() if kind == "cpu" else DriverSource()
+    try:
+        before = time.perf_counter()
+        src.hold(0.002)
+        done_at = src.stamp()
+        ev = src.event()
+        ev.wait()
+        seen = time.perf_counter()
+        assert before + 0.002 - 0.0005 <= done_at() <= seen
+    finally:
+        src.close()
 
 
 def test_a_gpu_run_is_held_to_the_gpu_wake_up_targets():

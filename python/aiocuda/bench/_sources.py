@@ -313,6 +313,9 @@ class DriverSource:
         self._word_refused = ""
         self.notes.append(f"cuda: Python host functions (call_soon_threadsafe) capped at "
                           f"{self.max_py_hostfns} in flight (bounded driver queues)")
+        self.notes.append("cuda: a wake-up counts from a timing event recorded where the work "
+                          "ends, put on the host's clock by a reference event on an idle stream "
+                          "(the stamp is never late: it errs early by one query at most)")
 
     def _calibrate(self) -> float:
         torch = self._torch
@@ -352,16 +355,24 @@ class DriverSource:
                 s = ctypes.c_void_p()
                 _cu(self.lib, "cuStreamCreate", ctypes.byref(s), _CU_STREAM_NON_BLOCKING)
                 self._ref_stream = s.value or 0
-        deadline = time.monotonic() + 5
-        t_ref = time.perf_counter()
-        ref = DriverEvent(self.lib, self._ref_stream, timing=True)
-        while True:
-            t = time.perf_counter()
-            if ref.done():
+        best: tuple[float, float, DriverEvent] | None = None  # (uncertainty, time, event)
+        for _ in range(10):  # the narrowest of a few tries: a preempted query widens it
+            deadline = time.monotonic() + 5
+            t_ref = time.perf_counter()
+            ref = DriverEvent(self.lib, self._ref_stream, timing=True)
+            while True:
+                t = time.perf_counter()
+                if ref.done():
+                    break
+                t_ref = t
+                if time.monotonic() > deadline:
+                    raise AiocudaError("a timing stamp's reference event did not complete in 5 s")
+            width = time.perf_counter() - t_ref
+            if best is None or width < best[0]:
+                best = (width, t_ref, ref)
+            if width <= 20e-6:
                 break
-            t_ref = t
-            if time.monotonic() > deadline:
-                raise AiocudaError("the reference event of a timing stamp did not complete in 5 s")
+        _, t_ref, ref = best
         end = DriverEvent(self.lib, self.handle, timing=True)
         return lambda: t_ref + self.elapsed(ref, end)
 
