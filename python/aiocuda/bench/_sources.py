@@ -372,6 +372,7 @@ class DriverSource:
                 best = (width, t_ref, ref)
             if width <= 20e-6:
                 break
+        assert best is not None
         _, t_ref, ref = best
         end = DriverEvent(self.lib, self.handle, timing=True)
         return lambda: t_ref + self.elapsed(ref, end)
