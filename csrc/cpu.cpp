@@ -1,7 +1,5 @@
 #include "cpu.hpp"
 
-#include <sched.h>
-
 #include <chrono>
 
 #include "spin.hpp"
@@ -9,10 +7,7 @@
 namespace aiocuda {
 
 // An idle worker checks for new work this many times (a CPU pause each) before it sleeps:
-// tens of microseconds, so a burst from the loop does not pay a futex wake per submission. It
-// gives its CPU to any thread ready to run every 64 pauses (sched_yield): the loop thread that
-// the completion just woke may be waiting for that CPU (on 2 cores, wake-up p90 57-63 us without
-// the yields, 9-28 us with them).
+// tens of microseconds, so a burst from the loop does not pay a futex wake per submission.
 constexpr int kSpins = 4096;
 
 void CpuEventState::reach(uint64_t gen) {
@@ -302,10 +297,8 @@ void CpuStream::run(Shared& sh) {
     for (;;) {
         // Idle: spin a few microseconds before sleeping, so a burst of submissions from the loop
         // does not pay a futex wake for each one. Bounded, so an idle stream costs nothing.
-        for (int i = 0; i < kSpins && sh.enqueued.load(std::memory_order_acquire) == taken; ++i) {
+        for (int i = 0; i < kSpins && sh.enqueued.load(std::memory_order_acquire) == taken; ++i)
             cpu_relax();
-            if ((i & 63) == 63) sched_yield();
-        }
         {
             std::unique_lock<std::mutex> g(sh.mu);
             if (sh.items.empty() && !sh.closing) {
