@@ -284,11 +284,12 @@ bool pass(Strategy strat, bool backstop) {
                 act[i] = act.back();
                 act.pop_back();
                 if (tl->kind == Timeline::kForeign && tl->alive == 0) delete tl;
-                else maybe_drop(tl);
+                else park(tl);
             } else {
                 ++i;
             }
         }
+        sweep_parked(Clock::now());
     }
     return progress;
 }
@@ -314,8 +315,12 @@ void engine_run() {
             eng->hold_cv.notify_all();
             while (eng->held || eng->active.empty()) {
                 eng->sleeping = true;
-                eng->sleep_until = Clock::time_point::max();
-                (eng->held ? eng->hold_cv : eng->cv).wait(g);
+                // Nothing to watch: asleep until a parked timeline is due to be dropped.
+                eng->sleep_until = eng->held ? Clock::time_point::max()
+                                             : sweep_parked(Clock::now());
+                if (eng->held) eng->hold_cv.wait(g);
+                else if (eng->sleep_until == Clock::time_point::max()) eng->cv.wait(g);
+                else eng->cv.wait_until(g, eng->sleep_until);
                 eng->sleeping = false;
                 last_progress = now = Clock::now();
             }

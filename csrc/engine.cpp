@@ -28,6 +28,7 @@ namespace aiocuda::cuda {
 Engine* eng = new Engine;
 std::atomic<int> g_strategy{-1};  // -1: not chosen yet (AIOCUDA_STRATEGY, else kFlag)
 std::atomic<int> g_backstop_ms{20};
+std::atomic<int> g_keep_idle_ms{1000};
 
 Strategy current_strategy() {
     int s = g_strategy.load(std::memory_order_relaxed);
@@ -273,6 +274,12 @@ Strategy strategy() { return current_strategy(); }
 
 void set_backstop_period_ms(int ms) { g_backstop_ms = std::max(1, ms); }
 
+void set_keep_idle_ms(int ms) {
+    g_keep_idle_ms = std::max(0, ms);
+    Locked g;
+    if (eng->sleeping) eng->wake_engine = true;  // its timer for the parked timelines moved
+}
+
 void hold(bool on) {
     std::unique_lock<std::mutex> g(eng->mu);
     eng->held = on;
@@ -296,7 +303,8 @@ void after_fork_in_child() {
 Stats stats() {
     Locked g;
     return Stats{eng->pending, eng->marks, eng->events,    eng->lanes,       eng->threads,
-                 eng->words,   eng->timelines, eng->handed_over, eng->bells, eng->naps};
+                 eng->words,   eng->timelines, eng->parked.size(), eng->handed_over,
+                 eng->bells,   eng->naps};
 }
 
 }  // namespace aiocuda::cuda

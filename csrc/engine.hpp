@@ -42,6 +42,7 @@ void mark_release(Mark* m);
 void set_strategy(Strategy s);
 Strategy strategy();
 void set_backstop_period_ms(int ms);
+void set_keep_idle_ms(int ms);  // how long an idle stream's timeline is kept (1000 by default)
 // Tests: park the engine between passes, standing for what cuda.h asks of code that resets a
 // device ("it is responsibility of the calling function to ensure that no other module in the
 // process is using the device any more").
@@ -56,6 +57,7 @@ struct Stats {
     size_t threads;            // native threads aiocuda started
     size_t flag_words;         // words of host memory streams write their marks to
     size_t timelines;          // streams aiocuda keeps a timeline of (idle ones are dropped)
+    size_t parked;             // of those, idle ones kept a while for an await after a pause
     size_t handed_over;        // marks with many awaits that host functions left to the engine
     size_t bells;              // kFlag's doorbell marks placed (long or late marks)
     size_t naps;               // kFlag: timed sleeps of the engine thread (its wake-ups)

@@ -122,6 +122,8 @@ struct Timeline {
     Lane* lane = nullptr;        // kCallback: where its marks are watched
     int watching = 0;            // its host functions not run yet
     bool active = false;         // in the engine's list
+    bool parked = false;         // in Engine::parked: idle since idle_since (sweep_parked())
+    Clock::time_point idle_since{};
     bool relay = false;          // an aiocuda stream that foreign events are read on
     unsigned long long sid = 0;  // kStream: cuStreamGetId, its key in Engine::streams
     int users = 0;               // threads between timeline_of and release_timeline
@@ -194,6 +196,7 @@ struct Engine {
     std::condition_variable placed_cv;   // mark_synchronize waits here for an open mark's placing
     std::vector<CtxState*> ctxs;         // live and retired (retired ones are leaked: rare)
     std::vector<Timeline*> active;       // timelines with marks or waiters
+    std::vector<Timeline*> parked;       // idle stream timelines nothing refers to (park())
     // Streams' timelines by cuStreamGetId, of every context: an id is "unique for the life of the
     // program" (cuda.h), so an await on a known stream finds its timeline with no context lookup.
     std::unordered_map<unsigned long long, Timeline*> streams;
@@ -259,6 +262,7 @@ private:
     std::unique_lock<std::mutex> g_;
 };
 extern std::atomic<int> g_backstop_ms;
+extern std::atomic<int> g_keep_idle_ms;  // kept: how long a parked timeline is
 Strategy current_strategy();
 
 constexpr uintptr_t kLegacyHandle = 1, kPerThreadHandle = 2;  // CU_STREAM_LEGACY, CU_STREAM_PER_THREAD
@@ -318,7 +322,8 @@ CUresult stream_ctx(uintptr_t stream, int device, CtxState** cs, std::string* wh
 CUresult timeline_of(CtxState* cs, Timeline::Kind kind, uintptr_t stream, Timeline** out,
                      unsigned long long sid = 0);
 void release_timeline(Timeline* tl);
-void maybe_drop(Timeline* tl);
+void park(Timeline* tl);
+Clock::time_point sweep_parked(Clock::time_point now);
 CUresult take_event(CtxState* cs, CUevent* ev);
 CUresult mark(Timeline* tl, Node* n, Mark** user, std::string* why, bool checked = false);
 bool join_open(Timeline* tl, Node* n, Mark** user, CUresult* res);

@@ -86,8 +86,10 @@ void unref(Mark* m) {
     Timeline* tl = m->tl;
     if (m->ev && m->owned && !tl->cs->retired) give_back(tl->cs, m->ev);
     delete m;
-    if (--tl->alive == 0 && tl->kind == Timeline::kForeign && !tl->active)
-        delete tl;  // a foreign wait's timeline lives as long as its one mark
+    if (--tl->alive == 0 && !tl->active) {
+        if (tl->kind == Timeline::kForeign) delete tl;  // it lives as long as its one mark
+        else park(tl);                                  // an Event held it past its last await
+    }
 }
 
 void attach(Mark* m, Node* n) {

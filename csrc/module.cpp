@@ -682,6 +682,7 @@ PYBIND11_MODULE(_core, m) {
         out["threads"] = st.threads;
         out["flag_words"] = st.flag_words;
         out["timelines"] = st.timelines;
+        out["parked"] = st.parked;
         out["handed_over"] = st.handed_over;
         out["bells"] = st.bells;
         out["naps"] = st.naps;
@@ -689,6 +690,7 @@ PYBIND11_MODULE(_core, m) {
     });
     m.def("cuda_pending", [] { return cuda::stats().pending; });
     m.def("cuda_set_backstop_period_ms", &cuda::set_backstop_period_ms);
+    m.def("cuda_set_keep_idle_ms", &cuda::set_keep_idle_ms, py::call_guard<py::gil_scoped_release>());
     m.def("cuda_set_strategy", [](int s) { cuda::set_strategy(static_cast<cuda::Strategy>(s)); });
     m.def("cuda_strategy", [] { return static_cast<int>(cuda::strategy()); });
     m.def("cuda_hold", &cuda::hold, py::call_guard<py::gil_scoped_release>());

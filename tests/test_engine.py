@@ -931,6 +931,36 @@ def test_timelines_follow_streams_not_handles(run, emu, strategy):
     assert wait_until(lambda: _core.cuda_stats()["timelines"] <= before + 2)
 
 
+def test_an_idle_stream_keeps_its_timeline_a_while(run, emu, strategy):
+    # Between two awaits of a decode loop the stream is idle: its timeline (kFlag's history of
+    # how long its marks take, the stream known to aiocuda) is kept for the next await, and
+    # dropped once the stream has been idle for the keep time (1 s by default; long here, then 0).
+    s = emu.stream()
+    _core.cuda_set_keep_idle_ms(0)  # earlier tests' idle timelines go first
+    try:
+        assert wait_until(lambda: _core.cuda_stats()["parked"] == 0)
+        _core.cuda_set_keep_idle_ms(60_000)
+        before = _core.cuda_stats()["timelines"]
+
+        async def once() -> None:
+            emu.sleep(s, 0.001)
+            await asyncio.wait_for(aiocuda.synchronize(s), 5)
+
+        run(once())
+        # The engine lets go of it (a pass after the mark passed), and keeps it.
+        assert wait_until(lambda: _core.cuda_stats()["parked"] >= 1), "never parked"
+        assert _core.cuda_stats()["timelines"] == before + 1
+        run(once())  # the same timeline again: no new one
+        assert wait_until(lambda: _core.cuda_stats()["parked"] >= 1)
+        assert _core.cuda_stats()["timelines"] == before + 1
+        _core.cuda_set_keep_idle_ms(0)  # the engine wakes for it: dropped now
+        assert wait_until(lambda: _core.cuda_stats()["parked"] == 0)
+        assert _core.cuda_stats()["timelines"] <= before  # (others' idle ones may go too)
+    finally:
+        _core.cuda_set_keep_idle_ms(1000)
+        emu.lib.cuStreamDestroy_v2(s)
+
+
 def test_a_foreign_event_is_read_when_awaited(run, emu, strategy):
     # torch reuses events: recorded again after the await began, the await still stands for the
     # record it was made after; and once the await is cancelled the owner may destroy the event
