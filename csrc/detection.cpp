@@ -405,11 +405,12 @@ void engine_run() {
     }
 }
 
-void start_engine_locked() {
-    if (eng->started) return;
-    std::thread(engine_run).detach();  // may throw: nothing is changed before it
+bool start_engine_locked() {
+    if (eng->started) return true;
+    if (!start_thread(engine_run)) return false;
     eng->started = true;
     ++eng->threads;
+    return true;
 }
 
 // Runs on the driver's callback thread: native memory only, no GIL, no CUDA call.

@@ -55,10 +55,15 @@ CUresult wait_device(int device, Node* n, std::string* why) {
         auto& ws = eng->device_waiters;
         if (ws.size() <= static_cast<size_t>(device)) ws.resize(device + 1, nullptr);
         if (!ws[device]) {
-            ws[device] = new DeviceWaiter;
-            ws[device]->ctx = ctx;
+            auto* dw = new DeviceWaiter;
+            dw->ctx = ctx;
+            if (!start_thread(device_waiter_run, dw)) {
+                delete dw;
+                discard(n);
+                return kNoThread;
+            }
+            ws[device] = dw;
             ++eng->threads;
-            std::thread(device_waiter_run, ws[device]).detach();
         }
         w = ws[device];
     }

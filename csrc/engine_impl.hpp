@@ -18,6 +18,7 @@
 #include <cstring>
 #include <mutex>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <tuple>
 #include <unordered_map>
@@ -261,6 +262,22 @@ public:
 private:
     std::unique_lock<std::mutex> g_;
 };
+extern std::atomic<int> g_fail_starts;  // tests: thread starts still to fail (fail_thread_starts)
+
+// Starts a detached thread running fn(args...); false if the system could not start one
+// (std::thread's std::system_error, or a failure fail_thread_starts() asked for).
+template <class F, class... A>
+bool start_thread(F fn, A... args) {
+    for (int n = g_fail_starts.load(); n > 0;)
+        if (g_fail_starts.compare_exchange_weak(n, n - 1)) return false;
+    try {
+        std::thread(fn, args...).detach();
+        return true;
+    } catch (const std::system_error&) {
+        return false;
+    }
+}
+
 extern std::atomic<int> g_backstop_ms;
 extern std::atomic<int> g_keep_idle_ms;  // kept: how long a parked timeline is
 Strategy current_strategy();
@@ -331,9 +348,9 @@ CUresult place_or_join(Timeline* tl, Node* n, Mark** user, std::string* why);
 CUresult refuse_capturing(CUresult r, CUstreamCaptureStatus st, std::string* why);
 void want_placing(Timeline* tl);
 void want_bell(Timeline* tl);
-void start_placer(int dev);
+bool start_placer(int dev);  // false: no thread could be started
 // detection.cpp
-void start_engine_locked();
+bool start_engine_locked();  // false: no thread could be started
 void wake_locked();
 void nudge_locked(Timeline* tl);
 void on_host_fn(void* key);  // the driver's callback thread: native memory only

@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <mutex>
 
@@ -13,6 +14,7 @@ namespace {
 
 DriverInfo info;
 std::once_flag load_once;
+std::atomic<bool> loaded{false};  // load() has run: `info` is final
 bool forked = false;
 
 bool resolve(void* lib, std::string* why) {
@@ -74,7 +76,12 @@ void do_load() {
 
 const DriverInfo& load() {
     std::call_once(load_once, do_load);
+    loaded.store(true, std::memory_order_release);
     return info;
+}
+
+bool ready_now() {
+    return loaded.load(std::memory_order_acquire) && info.available && !forked;
 }
 
 CUresult check_ready(std::string* why) {
@@ -97,6 +104,9 @@ void mark_forked() {
 }
 
 std::string error_text(CUresult code) {
+    if (code == kNoThread)
+        return "aiocuda could not start a native thread (the system is out of threads or memory): "
+               "nothing was waited for; free some and await again";
     const char* name = nullptr;
     const char* text = nullptr;
     if (api.cuGetErrorName) api.cuGetErrorName(code, &name);

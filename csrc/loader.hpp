@@ -31,10 +31,12 @@ const DriverInfo& load();
 
 // Negative codes are aiocuda's own refusals; the text in `why` says what to do.
 enum : int { kNotLoaded = -1, kForked = -2, kNotPrimary = -3, kCapturing = -4, kNoContext = -5,
-             kBadDevice = -6, kPerThread = -7, kTooMany = -8 };
+             kBadDevice = -6, kPerThread = -7, kTooMany = -8, kNoThread = -9 };
 
 // 0 when the driver may be used from this process, else kNotLoaded or kForked with `why` set.
 CUresult check_ready(std::string* why);
+// check_ready() would answer 0, and finding out makes no call that can block (load() has run).
+bool ready_now();
 void mark_forked();  // in a forked child: the parent initialised the driver
 
 // "CUDA_ERROR_X: description" for a driver code.

@@ -18,11 +18,7 @@ bool let_go(std::unique_lock<std::mutex>& g, bool leave) {
         eng->pushing = true;
         g.unlock();
         let = true;
-        while (n) {
-            Node* next = n->next;  // read before the push, which relinks it
-            complete(n, n->status);
-            n = next;
-        }
+        complete_all(n);
         spin_lock(g);
         eng->pushing = false;
         if (eng->held) eng->hold_cv.notify_all();

@@ -142,19 +142,33 @@ public:
             code = why.empty() ? 0 : kRefused;
             if (code) discard(n);
         } else {
-            Py_BEGIN_ALLOW_THREADS  // driver calls can block (a full stream): never with the GIL
+            cuda::Known known;
+            bool joined = false;
+            code = 0;
             try {
-                switch (kind) {  // each frees n itself on failure
-                    case kEvent: code = cuda::wait_event(handle, device, n, &why); break;
-                    case kDevice: code = cuda::wait_device(device, n, &why); break;
-                    case kRecord: code = cuda::record(handle, device, n, mark, &why); break;
-                    default: code = cuda::wait_stream(handle, device, n, &why);
-                }
-            } catch (std::exception& e) {  // no memory or no thread: say so with the GIL back
+                // Most awaits of a busy stream join its open mark, making no call that can block:
+                // that is done with the GIL held, which costs less than letting it go.
+                if (kind == kStream || kind == kRecord)
+                    joined = cuda::try_join(handle, device, n, mark, &code, &known);
+            } catch (std::exception& e) {
                 code = kRefused;
+                joined = true;
                 why = std::string("aiocuda could not start the wait: ") + e.what();
             }
-            Py_END_ALLOW_THREADS
+            if (!joined) {
+                Py_BEGIN_ALLOW_THREADS  // driver calls can block (a full stream): never with the GIL
+                try {
+                    switch (kind) {  // each frees n itself on failure
+                        case kEvent: code = cuda::wait_event(handle, device, n, &why); break;
+                        case kDevice: code = cuda::wait_device(device, n, &why); break;
+                        default: code = cuda::record_rest(handle, device, n, mark, &why, known);
+                    }
+                } catch (std::exception& e) {  // no memory or no thread: say so with the GIL back
+                    code = kRefused;
+                    why = std::string("aiocuda could not start the wait: ") + e.what();
+                }
+                Py_END_ALLOW_THREADS
+            }
             if (code && why.empty()) why = cuda::error_text(code);
         }
         if (code) {
@@ -652,7 +666,7 @@ PYBIND11_MODULE(_core, m) {
     });
     if (PyModule_AddFunctions(m.ptr(), fast_methods) != 0) throw py::error_already_set();
 
-    m.def("live_records", [] { return g_live_nodes.load(); });
+    m.def("live_records", [] { return g_live_nodes.n.load(); });
     m.def("cpu_workers", &cpu_workers);
     m.def("cpu_wait_workers", &cpu_wait_workers, py::arg("timeout"),
           py::call_guard<py::gil_scoped_release>());
@@ -694,6 +708,7 @@ PYBIND11_MODULE(_core, m) {
     m.def("cuda_set_strategy", [](int s) { cuda::set_strategy(static_cast<cuda::Strategy>(s)); });
     m.def("cuda_strategy", [] { return static_cast<int>(cuda::strategy()); });
     m.def("cuda_hold", &cuda::hold, py::call_guard<py::gil_scoped_release>());
+    m.def("cuda_fail_thread_starts", &cuda::fail_thread_starts);
     // Marks behind aiocuda.Event, passed to Python as integers (a reference each).
     m.def("cuda_mark_query", mark_call<cuda::mark_query>);
     m.def("cuda_mark_synchronize", mark_call<cuda::mark_synchronize>);

@@ -264,6 +264,10 @@ CUresult put(Timeline* tl, Placed* p, std::string* why, bool event = false) {
 
 // Places a mark on `tl` now (the caller holds tl->record_mu), for `n` and, if `user`, an Event.
 CUresult place_now(Timeline* tl, Node* n, Mark** user, std::string* why) {
+    {
+        Locked g;
+        if (!start_engine_locked()) return kNoThread;  // before the mark: it would never be seen
+    }
     Placed p;
     CUresult r = put(tl, &p, why);
     Locked g;
@@ -280,7 +284,6 @@ CUresult place_now(Timeline* tl, Node* n, Mark** user, std::string* why) {
         *user = m;
     }
     activate(tl);
-    start_engine_locked();
     if (p.flag) nudge_locked(tl); else wake_locked();
     return CUDA_SUCCESS;
 }
@@ -309,17 +312,19 @@ bool join_open(Timeline* tl, Node* n, Mark** user, CUresult* res) {
     }
     reap(tl);
     if (tl->in_flight < kMarksInFlight && !tl->open && !tl->placing_now()) return false;
-    if (!tl->open) {
-        start_placer(tl->cs->device);
-        tl->open = new_mark(tl);
+    // The threads that place the open mark and learn it was passed, before anything changes.
+    if (!start_engine_locked() || (!tl->open && !start_placer(tl->cs->device))) {
+        if (n) discard(n);
+        *res = kNoThread;
+        return true;
     }
+    if (!tl->open) tl->open = new_mark(tl);
     if (n) attach(tl->open, n);
     if (user) {
         ++tl->open->refs;
         *user = tl->open;
     }
     if (activate(tl)) wake_locked();
-    start_engine_locked();
     want_placing(tl);  // room may have freed up since the open mark was made
     return true;
 }
@@ -363,14 +368,18 @@ void placer_run(Placer* p);
 
 // Under eng->mu, on the loop thread: the placer of device `dev`, started with the device's first
 // open mark (so that host functions, which hand it work, never start a thread).
-void start_placer(int dev) {
+bool start_placer(int dev) {
     auto& ps = eng->placers;
     if (ps.size() <= static_cast<size_t>(dev)) ps.resize(dev + 1, nullptr);
-    if (ps[dev]) return;
+    if (ps[dev]) return true;
     auto p = new Placer;
-    std::thread(placer_run, p).detach();  // may throw: nothing is changed before it
+    if (!start_thread(placer_run, p)) {
+        delete p;
+        return false;
+    }
     ps[dev] = p;
     ++eng->threads;
+    return true;
 }
 
 // Under eng->mu: queue `tl` for its device's placer if its open mark has room now.
@@ -392,11 +401,7 @@ void want_bell(Timeline* tl) {
         tl->kind != Timeline::kStream || is_legacy(reinterpret_cast<uintptr_t>(tl->stream)))
         return;
     int dev = tl->cs->device;
-    try {
-        start_placer(dev);
-    } catch (...) {
-        return;  // no thread for it: the engine naps on
-    }
+    if (!start_placer(dev)) return;  // no thread for it: the engine naps on
     Placer* p = eng->placers[dev];
     tl->bell = true;
     ++tl->users;  // the placer's, as for an open mark

@@ -14,18 +14,18 @@
 
 namespace aiocuda {
 
-std::atomic<int64_t> g_live_nodes{0};
+LiveCount g_live_nodes;
 std::atomic<uint32_t> g_fork_epoch{0};
 
 Node* new_node(Queue* q, uint64_t token) {
     Node* n = new Node{nullptr, q, token, kOk};
     q->retain();
-    g_live_nodes.fetch_add(1, std::memory_order_relaxed);
+    g_live_nodes.n.fetch_add(1, std::memory_order_relaxed);
     return n;
 }
 
 void free_node(Node* n) noexcept {
-    g_live_nodes.fetch_sub(1, std::memory_order_relaxed);
+    g_live_nodes.n.fetch_sub(1, std::memory_order_relaxed);
     delete n;
 }
 
@@ -34,6 +34,24 @@ void complete(Node* n, int32_t status) noexcept {
     n->status = status;
     q->push(n);
     q->release();
+}
+
+void complete_all(Node* n) noexcept {
+    while (n) {
+        Queue* q = n->queue;
+        Node* oldest = n;
+        Node* newest = nullptr;  // the run, relinked newest first (the queue's stack order)
+        size_t k = 0;
+        while (n && n->queue == q) {
+            Node* next = n->next;
+            n->next = newest;
+            newest = n;
+            n = next;
+            ++k;
+        }
+        q->push(newest, oldest, k);
+        q->release(k);
+    }
 }
 
 Queue* Queue::create() {
@@ -53,7 +71,7 @@ Queue* Queue::create() {
 }
 
 Queue::Queue(int rfd, int wfd)
-    : epoch_(g_fork_epoch.load(std::memory_order_relaxed)), rfd_(rfd), wfd_(wfd) {}
+    : wfd_(wfd), epoch_(g_fork_epoch.load(std::memory_order_relaxed)), rfd_(rfd) {}
 
 Queue::~Queue() {
     // Only reached once no producer holds a reference, so nothing can push any more.
@@ -65,17 +83,20 @@ Queue::~Queue() {
     if (wfd_ != rfd_) ::close(wfd_);
 }
 
-void Queue::release() noexcept {
-    if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
+void Queue::release() noexcept { release(1); }
+
+void Queue::release(size_t k) noexcept {
+    auto drop = static_cast<int64_t>(k);
+    if (refs_.fetch_sub(drop, std::memory_order_acq_rel) == drop) delete this;
 }
 
-void Queue::push(Node* n) noexcept {
+void Queue::push(Node* newest, Node* oldest, size_t k) noexcept {
     Node* old = head_.load(std::memory_order_relaxed);
     do {
-        n->next = old;
-    } while (!head_.compare_exchange_weak(old, n, std::memory_order_release,
+        oldest->next = old;
+    } while (!head_.compare_exchange_weak(old, newest, std::memory_order_release,
                                           std::memory_order_relaxed));
-    pushed_.fetch_add(1, std::memory_order_relaxed);
+    pushed_.fetch_add(k, std::memory_order_relaxed);
     if (old == nullptr) signal();  // coalesced: only the push that made the stack non-empty
 }
 

@@ -25,8 +25,13 @@ struct Node {
     int32_t status;
 };
 
-// Counts live records so tests can check that each is freed exactly once.
-extern std::atomic<int64_t> g_live_nodes;
+// Counts live records so tests can check that each is freed exactly once. Alone on its cache
+// line: the loop thread counts every await, and a neighbour that other threads read (the driver's
+// function table) would make each count a cache miss.
+struct alignas(64) LiveCount {
+    std::atomic<int64_t> n{0};
+};
+extern LiveCount g_live_nodes;
 // Bumped in a forked child: objects from an older epoch belong to the parent.
 extern std::atomic<uint32_t> g_fork_epoch;
 
@@ -35,6 +40,9 @@ Node* new_node(Queue* q, uint64_t token);
 void free_node(Node* n) noexcept;
 // Any thread: hand a finished record to its queue and drop the queue reference it held.
 void complete(Node* n, int32_t status) noexcept;
+// Any thread: complete(n, n->status) for each record of the list `n` (linked through `next`,
+// in the order they finished), one push per run of records of the same queue.
+void complete_all(Node* n) noexcept;
 
 class Queue {
 public:
@@ -44,7 +52,11 @@ public:
     void release() noexcept;
 
     // Any thread: link the record, wake the loop only on the empty -> non-empty edge.
-    void push(Node* n) noexcept;
+    void push(Node* n) noexcept { push(n, n, 1); }
+    // Any thread: link `k` records at once, `newest` ... `oldest` already linked through `next`.
+    void push(Node* newest, Node* oldest, size_t k) noexcept;
+    // Drops `k` references at once.
+    void release(size_t k) noexcept;
 
     // Loop thread only.
     int fd() const noexcept { return rfd_; }
@@ -62,11 +74,14 @@ private:
     void signal() noexcept;
     void clear_signal() noexcept;
 
+    // One cache line per writer: the producers' (a push), the loop's (taken at every await,
+    // dropped by producers once per push) and the consumer's own.
     alignas(64) std::atomic<Node*> head_{nullptr};  // LIFO stack written by producers
-    alignas(64) std::atomic<int64_t> refs_{1};
     std::atomic<uint64_t> pushed_{0};
     std::atomic<uint64_t> signals_{0};
-    Node* taken_ = nullptr;  // consumer-private: a taken stack, newest first, being reversed
+    int wfd_;  // == rfd_ for an eventfd
+    alignas(64) std::atomic<int64_t> refs_{1};
+    alignas(64) Node* taken_ = nullptr;  // consumer-private: a taken stack, newest first, being reversed
     Node* rev_head_ = nullptr;  // its reversed part (oldest of those first) ...
     Node* rev_tail_ = nullptr;  // ... ending with the newest record taken
     size_t rev_len_ = 0;
@@ -75,7 +90,6 @@ private:
     size_t backlog_len_ = 0;
     uint32_t epoch_;
     int rfd_;
-    int wfd_;  // == rfd_ for an eventfd
 };
 
 }  // namespace aiocuda

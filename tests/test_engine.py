@@ -1216,3 +1216,57 @@ def test_the_loop_never_waits_behind_a_doorbell_being_placed(run, emu):
 
         assert run(main()), "the await waited for the placer's doorbell"
     emu.lib.cuStreamDestroy_v2(s)
+
+
+_NO_THREAD = (
+    "import asyncio, ctypes, os, aiocuda\n"
+    "from aiocuda import _core\n"
+    "lib = ctypes.CDLL(os.environ['AIOCUDA_LIBCUDA'])\n"
+    "def refused(start):\n"
+    "    try:\n"
+    "        start()\n"
+    "    except aiocuda.AiocudaError as e:\n"
+    "        assert 'could not start a native thread' in str(e), e\n"
+    "        return True\n"
+    "    return False\n"
+    "async def main():\n"
+    "    ctx, s = ctypes.c_void_p(), ctypes.c_void_p()\n"
+    "    assert lib.cuInit(0) == 0\n"
+    "    assert lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0) == 0\n"
+    "    assert lib.cuCtxSetCurrent(ctx) == 0\n"
+    "    assert lib.cuStreamCreate(ctypes.byref(s), 1) == 0\n"
+    "    {body}\n"
+    "    print('threads', _core.cuda_stats()['threads'], 'live', _core.live_records())\n"
+    "asyncio.run(main())\n"
+)
+
+
+@pytest.mark.parametrize("needs", ["engine", "placer", "device waiter"])
+def test_an_await_with_no_thread_to_serve_it_is_refused_and_frees_its_record(needs):
+    # The first await of a process starts the engine thread; the first await that joins an open
+    # mark (past kMarksInFlight on one stream) starts its device's placer; a whole-device wait
+    # on a driver without cuCtxRecordEvent starts a thread of its own. A system out of threads
+    # refuses that await with a clear error, its record freed, and a later await starts it.
+    first = {
+        "engine": "[]",
+        "placer": "[aiocuda.synchronize(s.value) for _ in range(8)]",  # 8 marks in flight
+        "device waiter": "[]",
+    }[needs]
+    wait = "aiocuda.synchronize_device(0)" if needs == "device waiter" else "aiocuda.synchronize(s.value)"
+    body = (
+        "lib.emu_enqueue_sleep(s, ctypes.c_longlong(200000))\n"
+        f"    before = {first}\n"
+        "    _core.cuda_fail_thread_starts(1)\n"
+        f"    assert refused(lambda: {wait}), 'not refused'\n"
+        "    assert _core.cuda_stats()['pending'] == len(before), _core.cuda_stats()\n"
+        "    await asyncio.wait_for(asyncio.gather(*before), 5)\n"
+        "    assert _core.live_records() == 0, _core.live_records()\n"
+        f"    again = [{wait} for _ in range(10)]\n"
+        "    await asyncio.wait_for(asyncio.gather(*again), 5)"
+    )
+    env = {"AIOCUDA_EMU_DRIVER_VERSION": "12040"} if needs == "device waiter" else None
+    r = python_subprocess(_NO_THREAD.replace("{body}", body), env=env)
+    assert r.returncode == 0, r.stderr
+    threads, live = int(r.stdout.split()[1]), int(r.stdout.split()[3])
+    assert live == 0
+    assert threads >= (2 if needs == "placer" else 1)  # started by the awaits after the refusal
