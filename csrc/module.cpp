@@ -83,11 +83,11 @@ public:
         pending_ = 0;
         clear_outcomes();
         if (!dropped || Py_AddPendingCall(release_queue, q_) != 0)
-            q_->release();  // records in flight keep the native queue until they land
+            q_->release_owner();  // records in flight keep the native queue until they land
         q_ = nullptr;
     }
     static int release_queue(void* q) {
-        static_cast<Queue*>(q)->release();
+        static_cast<Queue*>(q)->release_owner();
         return 0;
     }
     bool closed() const { return q_ == nullptr; }
@@ -134,7 +134,7 @@ public:
         PyObject* fut = PyObject_CallMethodNoArgs(loop, hooks.s_create_future);
         if (!fut) return nullptr;
         uint64_t token = put(fut, keep);
-        Node* n = new_node(q_, token);
+        Node* n = q_->make(token);
         int code;
         std::string why;
         if (cpu) {
@@ -186,7 +186,7 @@ public:
             PyObject_CallMethodNoArgs(loop.ptr(), hooks.s_create_future));
         if (!fut) throw py::error_already_set();
         uint64_t token = put(fut.ptr());
-        Node* n = new_node(q_, token);
+        Node* n = q_->make(token);
         PyObject* kw = kwargs.is_none() ? nullptr : kwargs.release().ptr();
         std::string why = s.call(n, fn.release().ptr(), args.release().ptr(), kw,
                                  py::object(outcomes_).release().ptr());
@@ -524,6 +524,7 @@ struct PyCpuEvent {
 void on_fork_child() {
     g_pid = getpid();
     g_fork_epoch.fetch_add(1, std::memory_order_relaxed);
+    queue_after_fork_in_child();
     cpu_after_fork_in_child();
     cuda::after_fork_in_child();
 }
@@ -666,7 +667,7 @@ PYBIND11_MODULE(_core, m) {
     });
     if (PyModule_AddFunctions(m.ptr(), fast_methods) != 0) throw py::error_already_set();
 
-    m.def("live_records", [] { return g_live_nodes.n.load(); });
+    m.def("live_records", [] { return live_nodes(); });
     m.def("cpu_workers", &cpu_workers);
     m.def("cpu_wait_workers", &cpu_wait_workers, py::arg("timeout"),
           py::call_guard<py::gil_scoped_release>());

@@ -1,6 +1,9 @@
 #include "queue.hpp"
 
+#include <algorithm>
 #include <initializer_list>
+#include <mutex>
+#include <vector>
 
 #include <cerrno>
 #include <new>
@@ -14,18 +17,68 @@
 
 namespace aiocuda {
 
-LiveCount g_live_nodes;
 std::atomic<uint32_t> g_fork_epoch{0};
+
+namespace {
+
+// Every thread's record count, and the sum of those of threads that have ended. Leaked: threads
+// that outlive static destructors may still count.
+std::mutex* g_counts_mu = new std::mutex;
+std::vector<struct NodeCount*>* g_counts = new std::vector<NodeCount*>;
+int64_t g_ended_count = 0;
+
+struct NodeCount {
+    std::atomic<int64_t> n{0};  // written by its own thread alone: a load and a store, no lock
+    NodeCount() {
+        std::lock_guard<std::mutex> g(*g_counts_mu);
+        g_counts->push_back(this);
+    }
+    ~NodeCount() {
+        std::lock_guard<std::mutex> g(*g_counts_mu);
+        g_ended_count += n.load();
+        g_counts->erase(std::find(g_counts->begin(), g_counts->end(), this));
+    }
+    void add(int64_t d) noexcept { n.store(n.load(std::memory_order_relaxed) + d, std::memory_order_relaxed); }
+};
+thread_local NodeCount t_count;
+
+}  // namespace
+
+void queue_after_fork_in_child() { g_counts_mu = new std::mutex; }  // the old one leaked
+
+int64_t live_nodes() {
+    std::lock_guard<std::mutex> g(*g_counts_mu);
+    int64_t sum = g_ended_count;
+    for (NodeCount* c : *g_counts) sum += c->n.load();
+    return sum;
+}
 
 Node* new_node(Queue* q, uint64_t token) {
     Node* n = new Node{nullptr, q, token, kOk};
     q->retain();
-    g_live_nodes.n.fetch_add(1, std::memory_order_relaxed);
+    t_count.add(1);
     return n;
 }
 
+Node* Queue::make(uint64_t token) {
+    Node* n = new Node{nullptr, this, token, kOk};
+    if (reserve_ == 0) {
+        refs_.fetch_add(kReserve, std::memory_order_relaxed);
+        reserve_ = kReserve;
+    }
+    --reserve_;
+    t_count.add(1);
+    return n;
+}
+
+void Queue::release_owner() noexcept {
+    int64_t k = 1 + reserve_;
+    reserve_ = 0;
+    release(static_cast<size_t>(k));
+}
+
 void free_node(Node* n) noexcept {
-    g_live_nodes.n.fetch_sub(1, std::memory_order_relaxed);
+    t_count.add(-1);
     delete n;
 }
 

@@ -225,7 +225,7 @@ void discard(Node* n) {
 
 bool wait_live_nodes_zero(double seconds) {
     auto t0 = Clock::now();
-    while (g_live_nodes.n.load() != 0) {
+    while (live_nodes() != 0) {
         if (secs_since(t0) > seconds) return false;
         std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
@@ -321,7 +321,7 @@ void part_queue() {
         say("queue: %llu records from %d producers, %llu eventfd signals",
             (unsigned long long)received, P, (unsigned long long)q->signals());
         q->release();
-        CHECK(g_live_nodes.n.load() == 0, "queue: %lld records never freed", (long long)g_live_nodes.n.load());
+        CHECK(live_nodes() == 0, "queue: %lld records never freed", (long long)live_nodes());
     }
     // -- phase 2: the consumer closes the queue while records are being completed -----------------
     const int R = 200 * opt.scale;
@@ -354,8 +354,8 @@ void part_queue() {
         }
         q->release();  // closed: records still in flight keep the queue until they land
         for (auto& t : ts) t.join();
-        CHECK(g_live_nodes.n.load() == 0, "queue close, round %d: %lld records never freed", round,
-              (long long)g_live_nodes.n.load());
+        CHECK(live_nodes() == 0, "queue close, round %d: %lld records never freed", round,
+              (long long)live_nodes());
     }
     say("queue: %d closes with records in flight (%llu drained before the close)", R,
         (unsigned long long)drained);
@@ -496,7 +496,7 @@ void part_cpu() {
         ss.clear();  // destroys the closed streams
     }
     q->release();
-    CHECK(wait_live_nodes_zero(5), "cpu: %lld records never freed", (long long)g_live_nodes.n.load());
+    CHECK(wait_live_nodes_zero(5), "cpu: %lld records never freed", (long long)live_nodes());
     say("cpu: %d rounds, %llu markers completed, %llu submissions refused after a close", R,
         (unsigned long long)total_markers, (unsigned long long)total_refused);
     say("cpu: done in %.1f s", secs_since(t0));
@@ -1034,7 +1034,7 @@ void part_cuda() {
     for (auto& L : loops) total += L->total(), refused += L->refused();
     loops.clear();
     emu.stream_destroy(g_shared);
-    CHECK(wait_live_nodes_zero(5), "cuda: %lld records never freed", (long long)g_live_nodes.n.load());
+    CHECK(wait_live_nodes_zero(5), "cuda: %lld records never freed", (long long)live_nodes());
     say("cuda: %zu waits completed and checked, %zu refused while the context was broken; engine: "
         "%zu events, %zu lanes, %zu threads", total, refused, st.events, st.lanes, st.threads);
     if (opt.strict) repro_placer_after_reset();
