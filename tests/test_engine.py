@@ -1253,11 +1253,15 @@ def test_an_await_with_no_thread_to_serve_it_is_refused_and_frees_its_record(nee
         "device waiter": "[]",
     }[needs]
     wait = "aiocuda.synchronize_device(0)" if needs == "device waiter" else "aiocuda.synchronize(s.value)"
+    # The engine is held while the awaits are made: a doorbell (a mark that a slow await puts,
+    # under TSan) would start the placer before the await that should.
     body = (
         "lib.emu_enqueue_sleep(s, ctypes.c_longlong(200000))\n"
+        "    _core.cuda_hold(True)\n"
         f"    before = {first}\n"
         "    _core.cuda_fail_thread_starts(1)\n"
         f"    assert refused(lambda: {wait}), 'not refused'\n"
+        "    _core.cuda_hold(False)\n"
         "    assert _core.cuda_stats()['pending'] == len(before), _core.cuda_stats()\n"
         "    await asyncio.wait_for(asyncio.gather(*before), 5)\n"
         "    assert _core.live_records() == 0, _core.live_records()\n"
