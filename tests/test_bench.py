@@ -24,13 +24,14 @@ from typing import Any
 import pytest
 
 import aiocuda
-from aiocuda.bench import _peers, _report, _trio
+from aiocuda.bench import _methods, _peers, _report, _trio
 from aiocuda.bench._methods import (
     AIOCUDA,
     AIOCUDA_CALLBACK,
     AIOCUDA_FLAG,
     AIOCUDA_POLL,
     CALLBACK,
+    DEVICE_EVENTFD,
     EXECUTOR,
     FLOOR,
     NOTHING,
@@ -87,7 +88,8 @@ def test_every_comparison_is_measured_on_every_source_and_loop(report):
                     if t["source"] == s and t["loop"] == lp}
             assert rows == {(m, n) for m in methods for n in TINY.in_flight}
             waits = {r["method"] for r in report.latency if r["source"] == s and r["loop"] == lp}
-            assert waits == set(methods) - {FLOOR}
+            # and on the emulator, its device writing an eventfd: the sleeping-loop floor there
+            assert waits == set(methods) - {FLOOR} | ({DEVICE_EVENTFD} if kind == "cuda" else set())
             bursts = {b["method"] for b in report.burst if b["source"] == s and b["loop"] == lp}
             assert bursts == {*ours, CALLBACK, FLOOR}
             idle = {b["method"] for b in report.idle_cpu if b["source"] == s and b["loop"] == lp}
@@ -200,6 +202,56 @@ def test_a_gpu_run_is_held_to_the_gpu_wake_up_targets():
     assert (p99["target"], p99["met"]) == ("<= 40", False)
     emulated = _report.targets(report_for(EMULATED, 9.5, 41.0))
     assert not any("on the GPU" in t["what"] for t in emulated)
+
+
+def test_the_sleeping_loop_floor_is_the_same_sources_where_it_has_one():
+    # Issue 14's wake-up p50 target (<= 1.25x the sleeping-loop floor, a native thread writing the
+    # eventfd as the work ends): on the emulator, against its own device thread writing one (same
+    # source, same device threads), the cpu backend's worker then shown beside it; on a GPU,
+    # which writes no eventfd, against the cpu backend's worker.
+    def targets(source: str, device_floor: bool) -> dict[str, dict[str, Any]]:
+        r = _report.Report("test machine", True, {"repeats": 1, "latency_samples": 3})
+        r.latency.append({"source": source, "loop": "asyncio", "method": AIOCUDA_FLAG,
+                          "p50_us": 12.0, "p99_us": 50.0})
+        r.latency.append({"source": "cpu", "loop": "asyncio", "method": AIOCUDA,
+                          "p50_us": 8.0, "p99_us": 50.0})
+        if device_floor:
+            r.latency.append({"source": source, "loop": "asyncio", "method": DEVICE_EVENTFD,
+                              "p50_us": 10.0, "p99_us": 30.0})
+        return {t["what"]: t for t in _report.targets(r)}
+
+    where = f"{EMULATED}, asyncio"
+    rows = targets(EMULATED, True)
+    dev = rows[f"{AIOCUDA_FLAG}: wake-up p50 vs the sleeping-loop floor (the emulated device "
+               f"writing the eventfd; {where})"]
+    assert (dev["value"], dev["target"], dev["met"]) == (1.2, "<= 1.25x", True)
+    cpu = rows[f"{AIOCUDA_FLAG}: wake-up p50 vs the cpu backend's worker writing the eventfd "
+               f"({where})"]
+    assert (cpu["value"], cpu["target"], cpu["met"]) == (1.5, "-", None)
+    gpu = "cuda (NVIDIA H100 80GB HBM3)"
+    rows = targets(gpu, False)
+    cpu = rows[f"{AIOCUDA_FLAG}: wake-up p50 vs the cpu backend's worker writing the eventfd "
+               f"({gpu}, asyncio)"]
+    assert (cpu["value"], cpu["target"], cpu["met"]) == (1.5, "<= 1.25x", False)
+    assert not any("emulated device" in w for w in rows)
+
+
+@pytest.mark.skipif(not CUDA, reason="the cuda backend is not available")
+def test_the_emulated_device_wakes_a_loop_after_its_work():
+    # DEVICE_EVENTFD: the loop wakes once the held work is done, and no earlier than its stamp.
+    src = DriverSource()
+    if not src.notifies:
+        src.close()
+        pytest.skip("AIOCUDA_TEST_REAL_DRIVER=1: a real driver writes no eventfd")
+
+    async def main() -> list[float]:
+        return await _methods.wake_latency(DEVICE_EVENTFD, src, 5)
+
+    try:
+        took = asyncio.run(main())
+    finally:
+        src.close()
+    assert len(took) == 6 and all(0 < t < 5 for t in took)
 
 
 def test_report_files_table_and_redrawing(report, tmp_path):

@@ -84,6 +84,7 @@ SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "cuStreamWriteValue32_v2": (_I, [_P, _ULL, ctypes.c_uint32, _U]),
     "cuStreamGetId": (_I, [_P, ctypes.POINTER(_ULL)]),
     "emu_enqueue_sleep": (_I, [_P, _LL]),
+    "emu_enqueue_notify": (_I, [_P, _I]),
     "emu_inject_error": (None, [_I, _I]),
     "emu_capture_before_next_mark": (None, [_P]),
     "emu_set_hostfn_latency_us": (None, [_LL]),

@@ -30,9 +30,11 @@
 #include <dlfcn.h>
 #include <pthread.h>
 #include <sched.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -89,9 +91,9 @@ enum { kCapNone = 0, kCapActive = 1, kCapInvalidated = 2 };
 enum { kModeGlobal = 0, kModeThreadLocal = 1, kModeRelaxed = 2 };
 enum { kProcSuccess = 0, kProcSymbolNotFound = 1, kProcVersionNotSufficient = 2 };
 enum OpKind { kOpKernel, kOpRecord, kOpWait, kOpHostFn, kOpCtxRecord, kOpWaitValue, kOpWriteValue,
-              kOpCaptured, kNumOps };
+              kOpNotify, kOpCaptured, kNumOps };
 const char* const kOpNames[kNumOps] = {"kernel", "record", "wait", "hostfn", "ctxrecord", "waitvalue",
-                                       "writevalue", "captured"};
+                                       "writevalue", "notify", "captured"};
 
 // Every entry point, for per-thread call counts; versioned symbols count under their base name.
 #define EMU_ENTRIES(X)                                                                             \
@@ -174,6 +176,7 @@ struct Item {
     std::shared_ptr<HostCall> call;  // hostfn
     std::shared_ptr<HostReg> reg;    // waitvalue: the range holding the word
     const uint32_t* word = nullptr;  // waitvalue: read; writevalue: written
+    int fd = -1;                     // notify: the eventfd written
     uint32_t value = 0;
     unsigned cond = kWaitGeq;
     Deps deps;  // legacy-stream implicit synchronization
@@ -744,6 +747,11 @@ void run_item(Stream& s, Item& it) {
             // once, as a write to mapped pinned memory over PCIe is (about 1 us on a GPU).
             __atomic_store_n(const_cast<uint32_t*>(it.word), it.value, __ATOMIC_RELEASE);
             break;
+        case kOpNotify: {  // emu_enqueue_notify: no driver counterpart
+            uint64_t one = 1;
+            while (::write(it.fd, &one, sizeof one) < 0 && errno == EINTR) {}
+            break;
+        }
         case kOpHostFn:
             // cuLaunchHostFunc: "The function will be called after currently enqueued work and will
             // block work added after it." The stream waits until the function has returned.
@@ -2001,6 +2009,19 @@ EXPORT int emu_enqueue_sleep(void* h, long long usec) {
     if (usec < 0) return kInvalidValue;
     return submit("emu_enqueue_sleep", h, kOpKernel, [&](const std::shared_ptr<Stream>&, Item& it, bool) {
         it.usec = usec;
+        return kSuccess;
+    });
+}
+
+// When stream `h` reaches this operation, its thread writes 1 to the eventfd `fd`: the device
+// itself wakes a loop as its work ends, which no GPU can do. No driver call has this effect: it is
+// the benchmark's sleeping-loop floor on the emulator, with the emulated device's threads running
+// as they do for every way of waiting (a cpu-backend floor has none on its machine's cores).
+EXPORT int emu_enqueue_notify(void* h, int fd) {
+    if (S.forked.load() || !S.init.load()) return kNotInitialized;
+    if (fd < 0) return kInvalidValue;
+    return submit("emu_enqueue_notify", h, kOpNotify, [&](const std::shared_ptr<Stream>&, Item& it, bool) {
+        it.fd = fd;
         return kSuccess;
     });
 }

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import statistics
 import threading
 import time
@@ -44,6 +45,10 @@ POLL1 = "poll 1ms"
 CALLBACK = "call_soon_threadsafe"
 FLOOR = "in-loop floor"
 NOTHING = "nothing waiting"  # idle CPU: the gate alone, a baseline for the others
+# Wake-up only, on the driver emulator: the emulated device's own thread writes an eventfd that
+# the loop reads, as the work ends (DriverSource.notify): one native hop, the sleeping-loop floor
+# on that source, with its device threads running as they do for every method.
+DEVICE_EVENTFD = "device writes eventfd"
 OURS = (AIOCUDA, AIOCUDA_FLAG, AIOCUDA_CALLBACK, AIOCUDA_POLL)
 ALTERNATIVES = (EXECUTOR, TO_THREAD, POLL0, POLL1, CALLBACK, FLOOR)
 METHODS = OURS + ALTERNATIVES + PEERS  # every method, in the report's order
@@ -178,6 +183,8 @@ async def wake_latency(method: str, src: Source, samples: int) -> list[float]:
     """
     loop = asyncio.get_running_loop()
     out: list[float] = []
+    if method == DEVICE_EVENTFD:
+        return await _device_eventfd_latency(src, samples)
     with strategy_of(method):
         for _ in range(1 + samples):
             src.hold(0.0005)  # the loop is waiting when the work finishes
@@ -189,6 +196,37 @@ async def wake_latency(method: str, src: Source, samples: int) -> list[float]:
             else:
                 await waiter(method, src)()
             out.append(time.perf_counter() - done_at())
+    return out
+
+
+async def _device_eventfd_latency(src: Any, samples: int) -> list[float]:
+    """wake_latency for `DEVICE_EVENTFD`: the loop sleeps on an eventfd of its own, which the
+    source's (emulated) stream writes as the work ends."""
+    loop = asyncio.get_running_loop()
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    out: list[float] = []
+    fut: asyncio.Future[None] | None = None
+
+    def readable() -> None:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            return
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        for _ in range(1 + samples):
+            src.hold(0.0005)
+            done_at = src.stamp()
+            fut = loop.create_future()
+            src.notify(fd)
+            await fut
+            out.append(time.perf_counter() - done_at())
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
     return out
 
 

@@ -380,6 +380,19 @@ class DriverSource:
     def hold(self, seconds: float) -> None:
         self.kernel(seconds * 1e6)
 
+    @property
+    def notifies(self) -> bool:
+        """Whether `notify` works: the driver emulator only (no GPU writes an eventfd)."""
+        return self.emulated and hasattr(self.lib, "emu_enqueue_notify")
+
+    def notify(self, fd: int) -> None:
+        """Have the stream write 1 to the eventfd `fd` as it reaches this point: the emulated
+        device's own thread wakes the loop as the work ends (the sleeping-loop floor)."""
+        self.lib.emu_enqueue_notify.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        code = self.lib.emu_enqueue_notify(ctypes.c_void_p(self.handle), fd)
+        if code:
+            raise DriverError("emu_enqueue_notify", code)
+
     def kernel(self, usec: float = 0) -> None:
         """Launch one kernel of about `usec` microseconds (0: a tiny kernel; the emulator: one
         zero-length work item)."""
