@@ -42,6 +42,45 @@ struct Hooks {
     PyObject* s_queue = nullptr;
 } hooks;
 
+// A method called once per await (a loop's create_future, a future's set_result), looked up once
+// per type where the lookup cannot change: a type that is immutable and whose objects have no
+// __dict__ to shadow it, as asyncio's C Future and uvloop's loop are. Other types (a Python
+// class: asyncio's own loops) look it up every call, as PyObject_CallMethod does. Python code
+// pays no lookup either: its call sites cache it.
+class Method {
+public:
+    explicit Method(PyObject** name) : name_(name) {}
+    // self.<name>(*args), args[0] left free for self (nargs counts self).
+    PyObject* call(PyObject* self, PyObject** args, size_t nargs) {
+        PyTypeObject* t = Py_TYPE(self);
+        if (t != type_) learn(t);
+        if (!fn_)
+            return PyObject_VectorcallMethod(*name_, args, nargs | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                             nullptr);
+        return PyObject_Vectorcall(fn_, args, nargs, nullptr);
+    }
+
+private:
+    void learn(PyTypeObject* t) {
+        Py_CLEAR(fn_);
+        type_ = t;
+        if (!(t->tp_flags & Py_TPFLAGS_IMMUTABLETYPE) || t->tp_dictoffset != 0) return;
+        PyObject* fn = PyObject_GetAttr(reinterpret_cast<PyObject*>(t), *name_);
+        if (fn && PyObject_TypeCheck(fn, &PyMethodDescr_Type)) {
+            fn_ = fn;  // an unbound method of `t`: called with self first
+            return;
+        }
+        Py_XDECREF(fn);
+        PyErr_Clear();
+    }
+    PyObject** name_;
+    PyTypeObject* type_ = nullptr;  // compared by identity only (a type kept alive by fn_)
+    PyObject* fn_ = nullptr;
+};
+
+Method create_future{&hooks.s_create_future};
+Method set_result{&hooks.s_set_result};
+
 PyObject* raise_from(PyObject* exc) {  // steals exc; always returns nullptr
     if (!exc) return nullptr;
     PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc)), exc);
@@ -131,7 +170,8 @@ public:
     PyObject* wait(PyObject* loop, CpuStream* cpu, uintptr_t handle, int kind = kStream,
                    int device = -1, PyObject* keep = nullptr, cuda::Mark** mark = nullptr) {
         if (!q_) return raise_refused(kRefused, "the completion queue of this loop is closed");
-        PyObject* fut = PyObject_CallMethodNoArgs(loop, hooks.s_create_future);
+        PyObject* args[2] = {nullptr, loop};
+        PyObject* fut = create_future.call(loop, args + 1, 1);
         if (!fut) return nullptr;
         uint64_t token = put(fut, keep);
         Node* n = q_->make(token);
@@ -262,8 +302,9 @@ private:
         } else if (PyErr_Occurred()) {
             r = nullptr;  // building the exception failed: that error is reported below
         } else {
-            r = PyObject_CallMethodOneArg(fut, hooks.s_set_result,
-                                          status == kCallReturned && outcome ? outcome : Py_None);
+            PyObject* args[3] = {nullptr, fut,
+                                 status == kCallReturned && outcome ? outcome : Py_None};
+            r = set_result.call(fut, args + 1, 2);
         }
         Py_XDECREF(exc);
         if (r) {
