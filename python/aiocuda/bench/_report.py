@@ -848,7 +848,7 @@ def targets(r: Report) -> list[dict[str, Any]]:
 # ---- output ----------------------------------------------------------------------------------
 def _methods_in(rows: list[dict[str, Any]]) -> list[str]:
     seen = {r["method"] for r in rows}
-    return [m for m in METHODS if m in seen]
+    return [m for m in (*METHODS, DEVICE_EVENTFD) if m in seen]
 
 
 def table(r: Report) -> str:
@@ -881,14 +881,15 @@ def table(r: Report) -> str:
                 floor = t and _find(r.throughput, method=FLOOR, in_flight=t["in_flight"], **key)
                 ratio = (f"{t['ops_per_s'] / floor['ops_per_s']:7.2f}x" if t and floor
                          else f"{'-':>8}")
-                n = f"{t['in_flight']}" if t else "0"
+                n = f"{t['in_flight']}" if t else "-"
                 if t and t.get("max_in_flight", t["in_flight"]) < t["in_flight"]:
                     n = f"{t['max_in_flight']}*"
                     capped_rows.append(f"{m} on {src}: at most {t['max_in_flight']} in flight "
                                        f"(the row stands for {t['in_flight']})")
                 lines.append(
-                    f"  {m:{w}} {t['ops_per_s'] if t else 0:10.0f} {n:>9} {ratio} "
-                    f"{t['cpu_us_per_op'] if t else 0:9.1f} "
+                    f"  {m:{w}} " + (f"{t['ops_per_s']:10.0f}" if t else f"{'-':>10}")
+                    + f" {n:>9} {ratio} "
+                    + (f"{t['cpu_us_per_op']:9.1f} " if t else f"{'-':>9} ")
                     + (f"{lat['p50_us']:7.0f}us {lat['p99_us']:7.0f}us " if lat
                        else f"{'-':>9} {'-':>9} ")
                     + (f"{idle['percent']:8.1f}%" if idle else f"{'-':>9}")

@@ -292,6 +292,11 @@ class DriverSource:
                 self.notes.append(
                     "cuda: CPU is the process's less the emulator's stream workers, which stand "
                     "for the GPU (a stream waiting on host memory polls it from the device)")
+            if hasattr(lib, "emu_enqueue_notify"):
+                self.notes.append(
+                    "cuda: 'device writes eventfd' is the sleeping-loop floor there: the emulated "
+                    "stream's own thread writes an eventfd the loop reads as the work ends (a "
+                    "test-only operation; no GPU can), wake-up only")
         else:
             torch: Any = importlib.import_module("torch")  # a real GPU: kernels from PyTorch
             if not torch.cuda.is_available():
