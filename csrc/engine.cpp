@@ -28,10 +28,8 @@ namespace aiocuda::cuda {
 Engine* eng = new Engine;
 std::atomic<int> g_strategy{-1};  // -1: not chosen yet (AIOCUDA_STRATEGY, else kFlag)
 std::atomic<int> g_backstop_ms{20};
-std::atomic<int> g_fail_starts{0};
-
-void fail_thread_starts(int n) { g_fail_starts = std::max(0, n); }
 std::atomic<int> g_keep_idle_ms{1000};
+std::atomic<int> g_fail_starts{0};
 
 Strategy current_strategy() {
     int s = g_strategy.load(std::memory_order_relaxed);
@@ -293,6 +291,8 @@ void set_keep_idle_ms(int ms) {
     Locked g;
     if (eng->sleeping) eng->wake_engine = true;  // its timer for the parked timelines moved
 }
+
+void fail_thread_starts(int n) { g_fail_starts = std::max(0, n); }
 
 void hold(bool on) {
     std::unique_lock<std::mutex> g(eng->mu);

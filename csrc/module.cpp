@@ -222,8 +222,9 @@ public:
     py::object submit_call(CpuStream& s, py::handle loop, py::object fn, py::tuple args,
                            py::object kwargs) {
         live();
+        PyObject* cf_args[2] = {nullptr, loop.ptr()};
         py::object fut = py::reinterpret_steal<py::object>(
-            PyObject_CallMethodNoArgs(loop.ptr(), hooks.s_create_future));
+            create_future.call(loop.ptr(), cf_args + 1, 1));
         if (!fut) throw py::error_already_set();
         uint64_t token = put(fut.ptr());
         Node* n = q_->make(token);

@@ -38,7 +38,9 @@ struct NodeCount {
         g_ended_count += n.load();
         g_counts->erase(std::find(g_counts->begin(), g_counts->end(), this));
     }
-    void add(int64_t d) noexcept { n.store(n.load(std::memory_order_relaxed) + d, std::memory_order_relaxed); }
+    void add(int64_t d) noexcept {
+        n.store(n.load(std::memory_order_relaxed) + d, std::memory_order_relaxed);
+    }
 };
 thread_local NodeCount t_count;
 

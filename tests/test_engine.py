@@ -1018,16 +1018,27 @@ def test_an_event_recorded_in_a_capture_is_refused_at_once(run, emu, strategy):
 def test_idle_events_are_bounded(run, emu):
     # Events (the callback and poll strategies' marks) return to a pool of 64 per context; the
     # rest are destroyed by aiocuda's thread, so a burst of marks does not keep its events.
+    # The streams are held by a word of host memory until every await is made (a sleep could
+    # end first on a loaded machine, and its marks pass before the next ones take their events).
+    from aiocuda.bench._sources import HostWord
+
     before = aiocuda.strategy()
     aiocuda.set_strategy("callback")
     streams = [emu.stream() for _ in range(40)]
+    assert emu.lib.cuCtxPushCurrent_v2(emu.primary()) == 0
+    try:
+        gate = HostWord(emu.lib)  # registered in the streams' context
+    finally:
+        emu.lib.cuCtxPopCurrent_v2(None)
     live0 = emu.live("events")
     try:
         async def main():
             for h in streams:
-                emu.sleep(h, 0.05)
-            await asyncio.gather(*[aiocuda.synchronize(h) for h in streams for _ in range(10)])
+                assert emu.lib.cuStreamWaitValue32_v2(h, gate.device, 1, 0) == 0  # until >= 1
+            futs = [aiocuda.synchronize(h) for h in streams for _ in range(10)]
             peak = emu.live("events")
+            gate.write(1)
+            await asyncio.gather(*futs)
             for _ in range(3):  # passes of the engine meanwhile (new awaits wake it)
                 await asyncio.gather(*[aiocuda.synchronize(h) for h in streams[:1]])
                 await asyncio.sleep(0.03)
@@ -1037,9 +1048,15 @@ def test_idle_events_are_bounded(run, emu):
         assert peak - live0 > 64  # 40 streams x up to 8 marks were out at once
         assert wait_until(lambda: emu.live("events") - live0 <= 64 + 8)
     finally:
+        gate.write(1)
         aiocuda.set_strategy(before)
         for h in streams:
             emu.lib.cuStreamDestroy_v2(h)
+        assert emu.lib.cuCtxPushCurrent_v2(emu.primary()) == 0
+        try:
+            gate.unregister()
+        finally:
+            emu.lib.cuCtxPopCurrent_v2(None)
 
 
 def test_a_long_flag_wait_rings_a_doorbell_instead_of_napping(run, emu):
