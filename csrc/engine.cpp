@@ -46,40 +46,40 @@ CUresult wait_stream(uintptr_t stream, int device, Node* n, std::string* why) {
 }
 
 // An await on a stream aiocuda already has a timeline of (by cuStreamGetId: a new stream that
-// reuses a destroyed one's handle has a new id), on a live context of the device asked for, joins
-// its open mark: two queries and one round trip of the engine's lock, and no call that can block,
-// so the loop thread makes it with the GIL held. False: the await is the caller's to place
-// (record_rest), told in *k the timeline (held) or else the stream's id if it is not capturing.
-bool try_join(uintptr_t stream, int device, Node* n, Mark** user, CUresult* res, Known* k) {
-    *k = Known{};
-    if (!ready_now() || is_legacy(stream) || stream == kPerThreadHandle) return false;
+// reuses a destroyed one's handle has a new id), on a live context of the device asked for: no
+// context lookup, and one lock round trip when it joins the open mark. False: the caller takes
+// the general way, told the stream's id in *sid if it is not capturing (else 0).
+bool record_known(uintptr_t stream, int device, Node* n, Mark** user, std::string* why,
+                  CUresult* res, unsigned long long* sid) {
     CUstream h = reinterpret_cast<CUstream>(stream);
     CUstreamCaptureStatus st = CU_STREAM_CAPTURE_STATUS_NONE;
-    unsigned long long sid = 0;
-    if (api.cuStreamGetId(h, &sid) != CUDA_SUCCESS ||
-        api.cuStreamIsCapturing(h, &st) != CUDA_SUCCESS || st != CU_STREAM_CAPTURE_STATUS_NONE)
+    if (api.cuStreamGetId(h, sid) != CUDA_SUCCESS ||
+        api.cuStreamIsCapturing(h, &st) != CUDA_SUCCESS || st != CU_STREAM_CAPTURE_STATUS_NONE) {
+        *sid = 0;
         return false;  // refused the general way, with its checks first
-    k->sid = sid;
-    Locked g;
-    auto it = eng->streams.find(sid);
-    if (it == eng->streams.end()) return false;
-    Timeline* tl = it->second;
-    if (tl->cs->retired || (device >= 0 && tl->cs->device != device)) return false;
-    if (join_open(tl, n, user, res)) return true;
-    ++tl->users;
-    k->tl = tl;
-    return false;
+    }
+    Timeline* tl;
+    {
+        Locked g;
+        auto it = eng->streams.find(*sid);
+        if (it == eng->streams.end()) return false;
+        tl = it->second;
+        if (tl->cs->retired || (device >= 0 && tl->cs->device != device)) return false;
+        if (join_open(tl, n, user, res)) return true;
+        ++tl->users;
+    }
+    *res = place_or_join(tl, n, user, why);
+    release_timeline(tl);
+    return true;
 }
 
-CUresult record_rest(uintptr_t stream, int device, Node* n, Mark** user, std::string* why,
-                     Known k) {
-    if (k.tl) {  // known: this await places the mark
-        CUresult r = place_or_join(k.tl, n, user, why);
-        release_timeline(k.tl);
-        return r;
-    }
+CUresult record(uintptr_t stream, int device, Node* n, Mark** user, std::string* why) {
     CtxState* cs = nullptr;
+    unsigned long long sid = 0;
     CUresult r = check_ready(why);
+    if (r == CUDA_SUCCESS && !is_legacy(stream) && stream != kPerThreadHandle &&
+        record_known(stream, device, n, user, why, &r, &sid))
+        return r;
     if (r == CUDA_SUCCESS) r = stream_ctx(stream, device, &cs, why);
     if (r != CUDA_SUCCESS) {
         if (n) discard(n);
@@ -99,24 +99,13 @@ CUresult record_rest(uintptr_t stream, int device, Node* n, Mark** user, std::st
         return CUDA_SUCCESS;
     }
     Timeline* tl;
-    if ((r = timeline_of(cs, Timeline::kStream, stream, &tl, k.sid)) != CUDA_SUCCESS) {
+    if ((r = timeline_of(cs, Timeline::kStream, stream, &tl, sid)) != CUDA_SUCCESS) {
         if (n) discard(n);
         return r;
     }
-    r = mark(tl, n, user, why, k.sid != 0);  // (checked for a capture a moment ago)
+    r = mark(tl, n, user, why, sid != 0);  // (checked for a capture a moment ago)
     release_timeline(tl);
     return r;
-}
-
-CUresult record(uintptr_t stream, int device, Node* n, Mark** user, std::string* why) {
-    CUresult r = check_ready(why);
-    if (r != CUDA_SUCCESS) {
-        if (n) discard(n);
-        return r;
-    }
-    Known k;
-    if (try_join(stream, device, n, user, &r, &k)) return r;
-    return record_rest(stream, device, n, user, why, k);
 }
 
 const char* const kCapturedEventText =

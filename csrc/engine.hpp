@@ -21,25 +21,14 @@ enum class Strategy : int {
 };
 
 struct Mark;  // a point on a stream, shared by the awaits behind it; what an aiocuda.Event holds
-struct Timeline;  // the marks of one stream, in the order they complete
 
-// Loop thread, GIL released (try_join excepted). Each takes ownership of `n`: it completes later
-// (or at once when no work can be pending), or is freed when the call is refused. Returns 0, a CUresult, or one
+// Loop thread, GIL released. Each takes ownership of `n`: it completes later (or at once when
+// no work can be pending), or is freed when the call is refused. Returns 0, a CUresult, or one
 // of loader.hpp's refusals with `why` set. `device` < 0: take it from the stream (handles 0, 1
 // and 2 then mean the current context's legacy or per-thread stream).
 CUresult wait_stream(uintptr_t stream, int device, Node* n, std::string* why);
 // As wait_stream, and `*mark` gets a reference to the mark (release it with mark_release).
 CUresult record(uintptr_t stream, int device, Node* n, Mark** mark, std::string* why);
-// record() in two steps. try_join: the await joins its stream's open mark, making no call that
-// can block, so the GIL may be held; true when that ended it (*res: 0, or a refusal, `n` freed).
-// Otherwise record_rest, GIL released, does the rest with what try_join learned (`k`).
-struct Known {
-    Timeline* tl = nullptr;       // the stream's timeline, held for record_rest
-    unsigned long long sid = 0;  // else the stream's id, if it was found not capturing
-};
-bool try_join(uintptr_t stream, int device, Node* n, Mark** mark, CUresult* res, Known* k);
-CUresult record_rest(uintptr_t stream, int device, Node* n, Mark** mark, std::string* why,
-                     Known k);
 // A CUevent made by anyone (torch.cuda.Event), of device `device`: watched by aiocuda's thread.
 CUresult wait_event(uintptr_t event, int device, Node* n, std::string* why);
 // All the work queued so far on device `device` (cuCtxRecordEvent; a cuCtxSynchronize thread

@@ -2,7 +2,6 @@
 
 #include <dlfcn.h>
 
-#include <atomic>
 #include <cstdlib>
 #include <mutex>
 
@@ -14,7 +13,6 @@ namespace {
 
 DriverInfo info;
 std::once_flag load_once;
-std::atomic<bool> loaded{false};  // load() has run: `info` is final
 bool forked = false;
 
 bool resolve(void* lib, std::string* why) {
@@ -76,12 +74,7 @@ void do_load() {
 
 const DriverInfo& load() {
     std::call_once(load_once, do_load);
-    loaded.store(true, std::memory_order_release);
     return info;
-}
-
-bool ready_now() {
-    return loaded.load(std::memory_order_acquire) && info.available && !forked;
 }
 
 CUresult check_ready(std::string* why) {

@@ -35,8 +35,6 @@ enum : int { kNotLoaded = -1, kForked = -2, kNotPrimary = -3, kCapturing = -4, k
 
 // 0 when the driver may be used from this process, else kNotLoaded or kForked with `why` set.
 CUresult check_ready(std::string* why);
-// check_ready() would answer 0, and finding out makes no call that can block (load() has run).
-bool ready_now();
 void mark_forked();  // in a forked child: the parent initialised the driver
 
 // "CUDA_ERROR_X: description" for a driver code.

@@ -42,45 +42,6 @@ struct Hooks {
     PyObject* s_queue = nullptr;
 } hooks;
 
-// A method called once per await (a loop's create_future, a future's set_result), looked up once
-// per type where the lookup cannot change: a type that is immutable and whose objects have no
-// __dict__ to shadow it, as asyncio's C Future and uvloop's loop are. Other types (a Python
-// class: asyncio's own loops) look it up every call, as PyObject_CallMethod does. Python code
-// pays no lookup either: its call sites cache it.
-class Method {
-public:
-    explicit Method(PyObject** name) : name_(name) {}
-    // self.<name>(*args), args[0] left free for self (nargs counts self).
-    PyObject* call(PyObject* self, PyObject** args, size_t nargs) {
-        PyTypeObject* t = Py_TYPE(self);
-        if (t != type_) learn(t);
-        if (!fn_)
-            return PyObject_VectorcallMethod(*name_, args, nargs | PY_VECTORCALL_ARGUMENTS_OFFSET,
-                                             nullptr);
-        return PyObject_Vectorcall(fn_, args, nargs, nullptr);
-    }
-
-private:
-    void learn(PyTypeObject* t) {
-        Py_CLEAR(fn_);
-        type_ = t;
-        if (!(t->tp_flags & Py_TPFLAGS_IMMUTABLETYPE) || t->tp_dictoffset != 0) return;
-        PyObject* fn = PyObject_GetAttr(reinterpret_cast<PyObject*>(t), *name_);
-        if (fn && PyObject_TypeCheck(fn, &PyMethodDescr_Type)) {
-            fn_ = fn;  // an unbound method of `t`: called with self first
-            return;
-        }
-        Py_XDECREF(fn);
-        PyErr_Clear();
-    }
-    PyObject** name_;
-    PyTypeObject* type_ = nullptr;  // compared by identity only (a type kept alive by fn_)
-    PyObject* fn_ = nullptr;
-};
-
-Method create_future{&hooks.s_create_future};
-Method set_result{&hooks.s_set_result};
-
 PyObject* raise_from(PyObject* exc) {  // steals exc; always returns nullptr
     if (!exc) return nullptr;
     PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc)), exc);
@@ -170,8 +131,7 @@ public:
     PyObject* wait(PyObject* loop, CpuStream* cpu, uintptr_t handle, int kind = kStream,
                    int device = -1, PyObject* keep = nullptr, cuda::Mark** mark = nullptr) {
         if (!q_) return raise_refused(kRefused, "the completion queue of this loop is closed");
-        PyObject* args[2] = {nullptr, loop};
-        PyObject* fut = create_future.call(loop, args + 1, 1);
+        PyObject* fut = PyObject_CallMethodNoArgs(loop, hooks.s_create_future);
         if (!fut) return nullptr;
         uint64_t token = put(fut, keep);
         Node* n = q_->make(token);
@@ -182,33 +142,24 @@ public:
             code = why.empty() ? 0 : kRefused;
             if (code) discard(n);
         } else {
-            cuda::Known known;
-            bool joined = false;
-            code = 0;
+            // Every driver call with the GIL let go, the queries too: a Python host function
+            // (numba-cuda's async_done, CuPy's callbacks) runs holding the driver's lock and waits
+            // for the GIL, so a driver call made holding the GIL can deadlock against it
+            // (numba-cuda issue 317; cuda-python PR 2280: "the library never holds the GIL while
+            // entering the driver").
+            Py_BEGIN_ALLOW_THREADS
             try {
-                // Most awaits of a busy stream join its open mark, making no call that can block:
-                // that is done with the GIL held, which costs less than letting it go.
-                if (kind == kStream || kind == kRecord)
-                    joined = cuda::try_join(handle, device, n, mark, &code, &known);
-            } catch (std::exception& e) {
+                switch (kind) {  // each frees n itself on failure
+                    case kEvent: code = cuda::wait_event(handle, device, n, &why); break;
+                    case kDevice: code = cuda::wait_device(device, n, &why); break;
+                    case kRecord: code = cuda::record(handle, device, n, mark, &why); break;
+                    default: code = cuda::wait_stream(handle, device, n, &why);
+                }
+            } catch (std::exception& e) {  // no memory or no thread: say so with the GIL back
                 code = kRefused;
-                joined = true;
                 why = std::string("aiocuda could not start the wait: ") + e.what();
             }
-            if (!joined) {
-                Py_BEGIN_ALLOW_THREADS  // driver calls can block (a full stream): never with the GIL
-                try {
-                    switch (kind) {  // each frees n itself on failure
-                        case kEvent: code = cuda::wait_event(handle, device, n, &why); break;
-                        case kDevice: code = cuda::wait_device(device, n, &why); break;
-                        default: code = cuda::record_rest(handle, device, n, mark, &why, known);
-                    }
-                } catch (std::exception& e) {  // no memory or no thread: say so with the GIL back
-                    code = kRefused;
-                    why = std::string("aiocuda could not start the wait: ") + e.what();
-                }
-                Py_END_ALLOW_THREADS
-            }
+            Py_END_ALLOW_THREADS
             if (code && why.empty()) why = cuda::error_text(code);
         }
         if (code) {
@@ -222,9 +173,8 @@ public:
     py::object submit_call(CpuStream& s, py::handle loop, py::object fn, py::tuple args,
                            py::object kwargs) {
         live();
-        PyObject* cf_args[2] = {nullptr, loop.ptr()};
         py::object fut = py::reinterpret_steal<py::object>(
-            create_future.call(loop.ptr(), cf_args + 1, 1));
+            PyObject_CallMethodNoArgs(loop.ptr(), hooks.s_create_future));
         if (!fut) throw py::error_already_set();
         uint64_t token = put(fut.ptr());
         Node* n = q_->make(token);
@@ -303,9 +253,8 @@ private:
         } else if (PyErr_Occurred()) {
             r = nullptr;  // building the exception failed: that error is reported below
         } else {
-            PyObject* args[3] = {nullptr, fut,
-                                 status == kCallReturned && outcome ? outcome : Py_None};
-            r = set_result.call(fut, args + 1, 2);
+            r = PyObject_CallMethodOneArg(fut, hooks.s_set_result,
+                                          status == kCallReturned && outcome ? outcome : Py_None);
         }
         Py_XDECREF(exc);
         if (r) {
