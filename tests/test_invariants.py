@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import subprocess
 import sys
 import threading
 import time
@@ -13,7 +14,8 @@ import pytest
 import aiocuda
 from aiocuda import _core, _loop
 
-from .conftest import ALL_LOOPS, LOOPS, new_loop, settle_native, trio, wait_until
+from .conftest import (ALL_LOOPS, LOOPS, new_loop, python_subprocess, settle_native, trio,
+                       wait_until)
 from .loops import Tasks, Timeout, gather, sleep, wait_for
 
 # ctypes.PyDLL keeps the GIL held during the foreign call: a way to hold the GIL for a while.
@@ -110,6 +112,63 @@ def test_a_full_user_stream_blocks_only_with_the_gil_released(run, emu):
     # Blocked for most of the first kernel's 0.25 s (what set-up left of it), during which a
     # thread ticking every 2 ms ran many times (more than 40 on a loaded 2-core machine).
     assert blocked >= 0.1 and ticked >= 5, (blocked, ticked)
+
+
+_PY_HOST_FN_HOLDS_THE_DRIVER = """
+import asyncio, ctypes, os, sys, time, aiocuda
+lib = ctypes.CDLL(os.environ['AIOCUDA_LIBCUDA'])
+lib.cuLaunchHostFunc.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+ran = []
+@ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+def py_host_fn(_):  # a Python host function: it takes the GIL
+    ran.append(time.perf_counter())
+async def main():
+    ctx, a, b = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+    assert lib.cuInit(0) == 0
+    assert lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0) == 0
+    assert lib.cuCtxSetCurrent(ctx) == 0
+    assert lib.cuStreamCreate(ctypes.byref(a), 1) == 0
+    assert lib.cuStreamCreate(ctypes.byref(b), 1) == 0
+    assert lib.emu_enqueue_sleep(b, ctypes.c_longlong(300000)) == 0
+    first = [aiocuda.synchronize(b.value) for _ in range(8)]  # 8 marks in flight on b
+    sys.setswitchinterval(5.0)  # the loop thread keeps the GIL while it runs Python
+    assert lib.cuLaunchHostFunc(a, ctypes.cast(py_host_fn, ctypes.c_void_p), None) == 0
+    end = time.perf_counter() + 0.1
+    while time.perf_counter() < end:  # the host function now holds the driver's lock, waiting
+        pass                          # for the GIL
+    later = aiocuda.synchronize(b.value)  # joins b's open mark: driver queries, then the lock
+    sys.setswitchinterval(0.005)
+    await asyncio.wait_for(asyncio.gather(*first, later), 10)
+    print("ran", len(ran))
+asyncio.run(main())
+"""
+
+
+def test_an_await_lets_the_gil_go_while_a_python_host_function_holds_the_driver(emu):
+    # A Python host function (numba-cuda's async_done, CuPy's callbacks) runs holding the driver's
+    # lock and waits for the GIL: a driver call made holding the GIL deadlocks against it
+    # (numba-cuda issue 317; the emulator holds its S.drv so). Here the host function waits for
+    # the GIL the loop thread holds, and the loop awaits a stream aiocuda knows, past 8 marks in
+    # flight: the join path, whose two driver queries once kept the GIL. In a subprocess, with a
+    # timeout: a deadlock fails the test instead of hanging the suite. (The same script with one
+    # ctypes.PyDLL driver call, which keeps the GIL, in place of the await hangs.)
+    r = python_subprocess(_PY_HOST_FN_HOLDS_THE_DRIVER)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["ran", "1"]
+
+
+def test_the_emulator_stalls_a_driver_call_that_keeps_the_gil_from_a_python_host_function(emu):
+    # What the test above guards against, shown on the emulator: the same script with one driver
+    # call made through ctypes.PyDLL (which keeps the GIL) before the await never ends.
+    code = _PY_HOST_FN_HOLDS_THE_DRIVER.replace(
+        "    later = aiocuda.synchronize(b.value)",
+        "    held = ctypes.PyDLL(os.environ['AIOCUDA_LIBCUDA'])\n"
+        "    held.cuStreamQuery.argtypes = [ctypes.c_void_p]\n"
+        "    held.cuStreamQuery(b)\n"
+        "    later = aiocuda.synchronize(b.value)")
+    assert code != _PY_HOST_FN_HOLDS_THE_DRIVER
+    with pytest.raises(subprocess.TimeoutExpired):
+        subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=5)
 
 
 # 3. Loaded at run time; builds and imports with no CUDA -------------------------------------------

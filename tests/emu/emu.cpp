@@ -238,6 +238,13 @@ struct Ctx {
 
 struct State {
     std::mutex mu;  // registries, context stream lists, captures; never held while blocking
+    // The driver's lock as a host function sees it: held while one runs, and taken by every
+    // stateful entry point. Choice, from NVIDIA's account of numba-cuda issue 317: stream
+    // callbacks call Python "while holding the CUDA driver lock in a CUDA driver managed thread.
+    // Then if another thread, i.e. the main Python thread, is ever trying to acquire the CUDA
+    // driver lock without releasing the GIL, it leads to a potential deadlock". cuda.h says
+    // nothing of it; a Python host function waiting for the GIL then stalls every driver call.
+    std::mutex drv;
     std::atomic<bool> init{false}, forked{false};
     int ndev = 0, driver_version = 13000;
     std::vector<Ctx*> primary;  // by device
@@ -330,6 +337,7 @@ CUresult enter(Entry e, bool stateful, bool need_init) {
     // CUDA API may result in CUDA_ERROR_NOT_PERMITTED, but this is not required." Counted, and the
     // permitted error returned (never kinder than the driver).
     if (t_in_host_fn) return S.calls_from_host_fns++, kNotPermitted;
+    if (stateful) { Lock g(S.drv); }  // waits while a host function runs
     // cuInit: "If cuInit() has not been called, any function from the driver API will return
     // CUDA_ERROR_NOT_INITIALIZED."
     if (need_init && !S.init.load()) return kNotInitialized;
@@ -601,9 +609,12 @@ void host_thread(Ctx* c) {  // lives as long as its context: for ever
             continue;
         }
         int64_t t0 = now_ns();
-        t_in_host_fn = true;
-        call->fn(call->ud);
-        t_in_host_fn = false;
+        {
+            Lock drv(S.drv);  // the driver's lock, held while the function runs (S.drv)
+            t_in_host_fn = true;
+            call->fn(call->ud);
+            t_in_host_fn = false;
+        }
         uint64_t ns = static_cast<uint64_t>(now_ns() - t0), m = S.host_ns_max.load();
         S.host_calls++, S.host_ns_total += ns;
         while (ns > m && !S.host_ns_max.compare_exchange_weak(m, ns)) {
