@@ -62,6 +62,41 @@ def test_a_wait_left_by_one_of_two_tasks_still_completes_for_the_other():
     assert trio.run(main) == (["value"], False)  # the last waiter left nothing to cancel
 
 
+def test_a_cancel_that_lands_as_the_wait_completes_leaves_the_task_its_result(caplog):
+    # A future with done callbacks defers its waiters' wake-up behind them: a cancel delivered
+    # in between (here by the callback itself) found the task gone from the waiters and raised
+    # ValueError inside trio's cancellation (a nursery's first-done-wins, or a timeout landing
+    # just after the work, ended the run with TrioInternalError).
+    async def main():
+        async with aiocuda.CpuStream() as s:
+            s.delay(0.002)
+            fut = s.submit(lambda: "value")
+            with trio.CancelScope() as scope:
+                fut.add_done_callback(lambda _: scope.cancel())
+                got = await fut
+                await trio.lowlevel.checkpoint()  # where the cancellation is delivered
+            return got, scope.cancelled_caught
+
+    with caplog.at_level("ERROR", logger="aiocuda"):
+        assert trio.run(main) == ("value", True)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+def test_a_run_that_ends_with_more_completions_due_than_one_drain_ends_cleanly():
+    # The drain resolves _loop.BATCH at a time and schedules the rest; the run's end closes the
+    # queue first, and that pass used to raise on the closed queue: TrioInternalError.
+    with aiocuda.CpuStream() as s:
+        async def main():
+            s.delay(0.01)
+            futs = [aiocuda.synchronize(s) for _ in range(12 * _loop.BATCH)]
+            await futs[0]  # and return, with the others' completions landing
+
+        for _ in range(3):
+            trio.run(main)
+    settle_native()
+    assert _core.live_records() == 0
+
+
 def test_a_trio_worker_thread_is_not_the_run():
     async def main():
         with aiocuda.CpuStream() as s:

@@ -75,6 +75,8 @@ class LoopState:
 
     def _drain_again(self) -> None:
         self._again = False
+        if self.queue.closed:  # closed since (a trio run that ended with completions due)
+            return
         self.drain()
 
     def drain(self) -> None:

@@ -226,6 +226,11 @@ class TrioFuture(Generic[T]):
         self._waiters.append(task)
 
         def abort(_: Any) -> trio.lowlevel.Abort:
+            if task not in self._waiters:
+                # Settled, and its wake-up deferred behind done callbacks (_settle): that wake
+                # reschedules this task, and trio delivers the cancellation at its next
+                # checkpoint.
+                return trio.lowlevel.Abort.FAILED
             self._waiters.remove(task)
             if not shielded and not self._waiters:
                 self.cancel()  # nobody waits any more: the outcome is dropped when it lands
