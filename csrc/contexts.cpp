@@ -69,7 +69,7 @@ CUresult primary_of(int device, CUcontext* out) {
 CUresult check_device(int device, std::string* why) {
     int count = load().device_count;
     if (device >= 0 && device < count) return CUDA_SUCCESS;
-    *why = "no CUDA device " + std::to_string(device) + ": this machine has " +
+    *why = "CUDA_ERROR_INVALID_DEVICE: no CUDA device " + std::to_string(device) + ": this machine has " +
            std::to_string(count) + " (valid ordinals are 0 to " + std::to_string(count - 1) + ")";
     return CUDA_ERROR_INVALID_DEVICE;
 }

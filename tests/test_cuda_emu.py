@@ -179,13 +179,16 @@ def test_event_and_device_waits_check_the_device(run_any, emu):
     async def main():
         with pytest.raises(aiocuda.CudaError, match="no CUDA device 3: this machine has 2") as e:
             wait_cuda_event(emu.event(emu.stream()), 3)
-        assert e.value.code == 101
+        assert e.value.code == 101 and e.value.name == "CUDA_ERROR_INVALID_DEVICE"
         with pytest.raises(aiocuda.CudaError, match="no CUDA device 2"):
             aiocuda.synchronize_device(2)
         with pytest.raises(aiocuda.CudaError, match="no CUDA device 2"):
             aiocuda.synchronize(0, device=2)
-        with pytest.raises(ValueError, match=">= 0"):
-            aiocuda.synchronize_device(-1)
+        for bad in (-1, 2**31):  # as synchronize(device=) says: no internal signature dump
+            with pytest.raises(ValueError, match="CUDA device ordinal in"):
+                aiocuda.synchronize_device(bad)
+            with pytest.raises(ValueError, match="CUDA device ordinal in"):
+                aiocuda.record(0, device=bad)
         with pytest.raises(TypeError, match="int CUDA device ordinal"):
             aiocuda.synchronize_device(True)
 
@@ -247,3 +250,22 @@ def test_gpu_op_with_a_raw_cuda_stream(run_any, emu):
 
     out, took = run_any(main())
     assert out == 42 and took >= 0.045
+
+
+def test_every_api_takes_a_stream_object_with_a_cuda_stream_attribute(run_any, emu):
+    class Stream:  # torch.cuda.Stream's shape, without torch
+        def __init__(self, handle: int) -> None:
+            self.cuda_stream, self.device_index = handle, 0
+
+    s = Stream(emu.stream())
+
+    async def main():
+        emu.sleep(s.cuda_stream, 0.02)
+        await aiocuda.wait(s)  # as synchronize() and record() take it
+        assert emu.lib.cuStreamQuery(s.cuda_stream) == 0  # its work has run
+        out = await aiocuda.gpu_op(lambda n: (emu.sleep(s.cuda_stream, 0.02), n * 2)[1], 21,
+                                   stream=s)
+        assert emu.lib.cuStreamQuery(s.cuda_stream) == 0  # its work has run
+        return out
+
+    assert run_any(main()) == 42

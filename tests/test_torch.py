@@ -97,6 +97,27 @@ def test_device_tensors_may_not_be_contradicted(monkeypatch):
     assert _ops.placement(None, (on_gpu,), {}, None, "GPU:0") == Place("tf", 0)
 
 
+def test_gpu_op_finds_the_tensors_at_any_depth(monkeypatch):
+    # One level deep only, a CUDA tensor in [[t]] or {"ids": [t]} sent fn to a cpu worker: its
+    # await then ended when fn returned, before its kernels had run.
+    from collections import UserDict
+    from dataclasses import dataclass
+
+    @dataclass
+    class Batch:
+        x: object
+
+    on_gpu = object()  # stands for a tensor on GPU 0 (no GPU here)
+    monkeypatch.setattr(_ops, "place_of", lambda v: Place("tf", 0) if v is on_gpu else None)
+    loop: list[object] = [on_gpu]
+    loop.append(loop)  # a list holding itself is walked once
+    for arg in ([[on_gpu]], {"ids": [on_gpu]}, UserDict(x=on_gpu), Batch({"y": (on_gpu,)}),
+                frozenset([on_gpu]), loop):
+        assert _ops.placement(None, (1, arg), {}, None, None) == Place("tf", 0), arg
+        assert _ops.placement(None, (), {"batch": arg}, None, None) == Place("tf", 0), arg
+    assert _ops.placement(None, ([[1]], {"a": "text"}), {}, None, None) == _ops.CPU
+
+
 def test_a_device_without_an_index_names_the_tensors_device(monkeypatch):
     on_gpu1 = object()  # stands for a tensor on cuda:1 (no GPU here)
     cuda1 = Place("torch", torch.device("cuda", 1))
@@ -191,6 +212,8 @@ def test_a_cpu_event_recorded_outside_the_loop_can_be_awaited(run_any):
 
     assert run_any(main()) > 0.02 and ev.query()
     ev.synchronize()
+    with pytest.raises(TypeError, match="has no current stream"):
+        at.CpuTorchEvent().record()  # torch.cuda.Event.record()'s current stream: none here
     s.close()
 
 

@@ -124,8 +124,8 @@ synchronize = _core.synchronize
 def _device_index(device: int) -> int:
     if isinstance(device, bool) or not isinstance(device, int):
         raise TypeError(f"device must be an int CUDA device ordinal, got {type(device).__name__}")
-    if device < 0:
-        raise ValueError(f"device must be >= 0, got {device}")
+    if device < 0 or device > _MAX_DEVICE:
+        raise ValueError(f"device must be a CUDA device ordinal in [0, {_MAX_DEVICE}], got {device}")
     return device
 
 

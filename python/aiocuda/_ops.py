@@ -8,12 +8,13 @@ so aiocuda never imports a framework itself.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import re
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -86,13 +87,25 @@ def place_of(value: object) -> Place | None:
 
 
 def _values(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[object]:
-    """The arguments, one level into lists, tuples and dicts, and a torch module's parameters."""
-    for v in itertools.chain(args, kwargs.values()):
-        yield v
-        if isinstance(v, (list, tuple)):
-            yield from v
-        elif isinstance(v, dict):
-            yield from v.values()
+    """The arguments, at any depth of lists, tuples, sets, mappings (a tokenizer's
+    ``BatchEncoding`` is one) and dataclasses, each container once, and a torch module's first
+    parameter."""
+    stack: list[object] = [*reversed(kwargs.values()), *reversed(args)]
+    seen: dict[int, object] = {}  # id -> container: held, so that no id is reused meanwhile
+    while stack:
+        v = stack.pop()
+        if isinstance(v, Mapping):
+            children: Any = v.values()
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            children = v
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+            children = [getattr(v, f.name) for f in dataclasses.fields(v)]
+        else:
+            yield v
+            continue
+        if id(v) not in seen:
+            seen[id(v)] = v
+            stack.extend(reversed(list(children)))
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(fn, torch.nn.Module):
         yield next(itertools.chain(fn.parameters(), fn.buffers()), None)
@@ -126,12 +139,18 @@ def _stream_place(stream: object) -> Place:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(stream, torch.cuda.Stream):
         return Place("torch", stream.device)
-    if isinstance(stream, int) or hasattr(stream, "__cuda_stream__"):
+    if _is_cuda_stream(stream):
         return Place("stream")
     raise TypeError(
         "stream= must be an aiocuda.CpuStream, a torch.cuda.Stream, an object with "
-        f"__cuda_stream__ or an int CUstream handle; got {type(stream).__name__}"
+        f"__cuda_stream__ or cuda_stream, or an int CUstream handle; got {type(stream).__name__}"
     )
+
+
+def _is_cuda_stream(x: object) -> bool:
+    """What synchronize() takes as a CUDA stream: a handle, or an object giving one."""
+    return (isinstance(x, int) and not isinstance(x, bool) or hasattr(x, "__cuda_stream__")
+            or hasattr(x, "cuda_stream"))
 
 
 def _names(given: Place, place: Place) -> bool:
@@ -287,7 +306,7 @@ async def wait(x: Any) -> Any:
     aw = _waitable(x)
     if aw is not None:
         return await aw
-    if isinstance(x, int) and not isinstance(x, bool) or hasattr(x, "__cuda_stream__"):
+    if _is_cuda_stream(x):
         await synchronize(x)
         return None
     raise TypeError(

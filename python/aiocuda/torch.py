@@ -112,6 +112,9 @@ class CpuTorchEvent:
         self._stream: CpuTorchStream | None = None
 
     def record(self, stream: CpuTorchStream | None = None) -> None:
+        if stream is None:  # torch.cuda.Event.record()'s current stream has no cpu counterpart
+            raise TypeError("CpuTorchEvent.record() needs the CpuTorchStream to record on: the "
+                            "cpu backend has no current stream (pass it: event.record(stream))")
         if not isinstance(stream, CpuTorchStream):
             raise TypeError("a CpuTorchEvent is recorded on a CpuTorchStream; got "
                             f"{type(stream).__name__}")
