@@ -226,6 +226,13 @@ bool pass(Strategy strat, bool backstop) {
             CUresult r = cs->probe ? CUDA_SUCCESS : with_ctx(cs->ctx, [&] {
                 return api.cuStreamCreate(&cs->probe, CU_STREAM_NON_BLOCKING);
             });
+            if (r == CUDA_ERROR_OUT_OF_MEMORY) {
+                // A stream takes device memory, which a framework's caching allocator may hold
+                // all of: aiocuda's own failure, not the context's. Tried again at the next
+                // backstop; a sticky error makes the creation fail with its own code.
+                cs->probe = nullptr;
+                continue;
+            }
             if (r == CUDA_SUCCESS) r = api.cuStreamQuery(cs->probe);
             if (r != CUDA_SUCCESS && r != CUDA_ERROR_NOT_READY) {
                 Locked g;

@@ -29,6 +29,7 @@ using CUprocQueryResult = int;      // cuda.h: enum CUdriverProcAddressQueryResu
 // Constants, each with its cuda.h name (checked against the header).
 constexpr CUresult CUDA_SUCCESS = 0;
 constexpr CUresult CUDA_ERROR_INVALID_VALUE = 1;
+constexpr CUresult CUDA_ERROR_OUT_OF_MEMORY = 2;
 constexpr CUresult CUDA_ERROR_NOT_INITIALIZED = 3;
 constexpr CUresult CUDA_ERROR_INVALID_DEVICE = 101;
 constexpr CUresult CUDA_ERROR_INVALID_CONTEXT = 201;

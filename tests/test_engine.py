@@ -321,6 +321,33 @@ def test_a_stream_aiocuda_knows_is_checked_as_a_new_one(run, emu, strategy):
         emu.reset_device(0)  # clears the sticky error (and destroys s)
 
 
+def test_a_backstop_probe_that_cannot_be_made_fails_no_await(run, emu):
+    # kFlag's backstop asks a stream of aiocuda's own for sticky errors. Its making may fail for
+    # want of device memory (cuStreamCreate: CUDA_ERROR_OUT_OF_MEMORY): that is no error of the
+    # context, which was retired for it, failing every await on the device for good.
+    before = aiocuda.strategy()
+    aiocuda.set_strategy("flag")
+    emu.reset_device(0)  # a context of which aiocuda has made no probe yet
+    s = emu.stream()
+
+    async def main():
+        emu.lib.emu_fail_stream_creates(1_000_000)
+        emu.sleep(s, 0.1)  # five backstops (20 ms), each trying to make the probe
+        await asyncio.wait_for(aiocuda.synchronize(s), 5)
+        emu.lib.emu_fail_stream_creates(0)
+        emu.sleep(s, 0.05)
+        await asyncio.wait_for(aiocuda.synchronize(s), 5)  # the probe is made and asked now
+        emu.inject_error(700, device=0)  # and a sticky error is still found
+        with pytest.raises(aiocuda.CudaError, match="ILLEGAL_ADDRESS"):
+            await asyncio.wait_for(aiocuda.synchronize(s), 5)
+
+    try:
+        run(main())
+    finally:
+        aiocuda.set_strategy(before)
+        emu.reset_device(0)
+
+
 def test_a_sticky_error_fails_that_device_only(run, emu, strategy):
     a, b = emu.stream(emu.primary(0)), emu.stream(emu.primary(1))
 

@@ -90,6 +90,7 @@ SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "emu_set_hostfn_latency_us": (None, [_LL]),
     "emu_set_hostfn_cap": (None, [_I]),
     "emu_set_queue_depth": (None, [_I]),
+    "emu_fail_stream_creates": (None, [_I]),
     "emu_defaults": (None, []),
     "emu_thread_blocked_ns": (_ULL, []),
     "emu_thread_calls": (_ULL, [ctypes.c_char_p]),

@@ -68,7 +68,8 @@ using ULock = std::unique_lock<std::mutex>;
 
 // ==== 1. Result codes and flags (values from cuda.h) =============================================
 enum : CUresult {
-    kSuccess = 0, kInvalidValue = 1, kNotInitialized = 3, kNoDevice = 100, kInvalidDevice = 101,
+    kSuccess = 0, kInvalidValue = 1, kOutOfMemory = 2, kNotInitialized = 3, kNoDevice = 100,
+    kInvalidDevice = 101,
     kInvalidContext = 201, kInvalidHandle = 400, kIllegalState = 401, kNotFound = 500,
     kNotReady = 600, kPrimaryContextActive = 708, kContextIsDestroyed = 709,
     kHostMemoryAlreadyRegistered = 712, kHostMemoryNotRegistered = 713, kNotPermitted = 800,
@@ -258,6 +259,7 @@ struct State {
     std::deque<uintptr_t> freed_streams;           // handles of streams cuStreamDestroy destroyed
     unsigned long long next_stream_id = 1;
     unsigned long long next_ctx_id = 1, next_capture_id = 1;
+    std::atomic<int> failing_stream_creates{0};  // emu_fail_stream_creates: how many are left
     uintptr_t capture_before_mark = 0;  // emu_capture_before_next_mark: the stream handle
     uintptr_t pause_after_mark = 0;     // emu_pause_after_next_mark: the stream handle
     std::mutex pause_mu;                // emu_pause_after_next_mark's caller, held in the driver
@@ -1335,6 +1337,10 @@ EXPORT CUresult cuCtxRecordEvent(void* hctx, void* hev) {
 EXPORT CUresult cuStreamCreate(void** out, unsigned flags) {
     ENTER(cuStreamCreate);
     if (!out || (flags & ~kStreamNonBlocking)) return kInvalidValue;
+    // cuda.h lists CUDA_ERROR_OUT_OF_MEMORY for cuStreamCreate: a stream takes device memory,
+    // which a framework's caching allocator may hold all of (emu_fail_stream_creates).
+    for (int left = S.failing_stream_creates.load(); left > 0;)
+        if (S.failing_stream_creates.compare_exchange_weak(left, left - 1)) return kOutOfMemory;
     Lock g(S.mu);
     Ctx* c;
     TRY(need_current(c));
@@ -2077,8 +2083,12 @@ static void wake_all_waiters() {  // after a tunable changed
 EXPORT void emu_set_hostfn_latency_us(long long usec) { S.latency_us = std::max(0LL, usec); }
 EXPORT void emu_set_hostfn_cap(int cap) { S.hostfn_cap = std::max(1, cap), wake_all_waiters(); }
 EXPORT void emu_set_queue_depth(int depth) { S.depth = std::max(1, depth), wake_all_waiters(); }
+// The next `n` cuStreamCreate calls fail with CUDA_ERROR_OUT_OF_MEMORY (0: none).
+EXPORT void emu_fail_stream_creates(int n) { S.failing_stream_creates = std::max(0, n); }
+
 EXPORT void emu_defaults() {  // every control back to its default (env at load, else built in)
     S.latency_us = S.dflt_latency_us, S.hostfn_cap = S.dflt_cap, S.depth = S.dflt_depth;
+    S.failing_stream_creates = 0;
     { Lock g(S.mu); S.capture_before_mark = 0, S.pause_after_mark = 0; }
     emu_resume();
     wake_all_waiters();
