@@ -137,6 +137,11 @@ bool pass(Strategy strat, bool backstop) {
                     unwatch(m);
                     continue;
                 }
+                if (tl->cs->hostfns >= kHostFnsPerContext) {  // the backstop's queries find it
+                    unwatch(m);
+                    continue;
+                }
+                ++tl->cs->hostfns;
                 Watch w{m, m->ev, tl->lane, false, tl->cs};
                 if (!w.lane) {  // a lane of its own if one is idle or may be made; else share
                     auto& ls = tl->cs->lanes;
@@ -199,6 +204,7 @@ bool pass(Strategy strat, bool backstop) {
             // stream order, and find a sticky error behind the failure if there is one.
             Locked g;
             --w.m->tl->watching;
+            --w.cs->hostfns;
             if (!w.lane->s && !w.lane->dead) {  // never to be used again: lanes are made anew
                 w.lane->dead = true;
                 auto& ls = w.cs->lanes;
@@ -434,6 +440,7 @@ void on_host_fn(void* key) {
     if (!m) return;
     Timeline* tl = m->tl;
     --tl->watching;
+    --tl->cs->hostfns;
     m->watched = false;
     if (!tl->cs->retired && !m->done) {
         size_t behind = 0;  // passed(m) completes every earlier mark's awaits too

@@ -37,6 +37,13 @@ using Clock = std::chrono::steady_clock;
 // blocks whoever enqueues), and an open mark may over-wait, never under-wait.
 constexpr int kMarksInFlight = 8;
 constexpr size_t kLanesPerContext = 16;  // past it, timelines share lanes (and may over-wait)
+// aiocuda's host functions launched and not yet run, per context (a lane's watch of an event
+// mark: kCallback's marks, kFlag's doorbells). The driver's queue of them is finite, shared with
+// NCCL's and torch's, and cuLaunchHostFunc blocks while it is full (cuda.h gives no number; the
+// emulator's default is 256): the engine thread that launches them must never meet that, or
+// every await on the device waits with it. Past the bound a mark is left to the backstop's
+// queries, and a late timeline naps instead of ringing.
+constexpr size_t kHostFnsPerContext = 64;
 constexpr size_t kRelays = 16;           // streams per context that foreign events are read on
 constexpr size_t kRelayWaits = 256;      // waits queued on one relay at most
 constexpr size_t kPooledEvents = 64;     // idle events kept per context
@@ -160,6 +167,7 @@ struct CtxState {
     Timeline* device_tl = nullptr;
     std::vector<Timeline*> relays;  // wait_event's streams (at most kRelays)
     std::vector<Lane*> lanes;
+    size_t hostfns = 0;          // launched on its lanes, not yet run (kHostFnsPerContext)
     struct Placer* placer = nullptr;
     // kFlag: free words of registered host memory (their pages are never unregistered: a stream
     // may still write a word after its timeline has gone, and a reset forgets them anyway).

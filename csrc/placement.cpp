@@ -398,7 +398,8 @@ void want_placing(Timeline* tl) {
 // the context, which aiocuda adds only for an await; its timeline naps.
 void want_bell(Timeline* tl) {
     if (tl->bell || tl->cs->retired || current_strategy() == Strategy::kPoll ||
-        tl->kind != Timeline::kStream || is_legacy(reinterpret_cast<uintptr_t>(tl->stream)))
+        tl->kind != Timeline::kStream || is_legacy(reinterpret_cast<uintptr_t>(tl->stream)) ||
+        tl->cs->hostfns >= kHostFnsPerContext)  // (bells asked for meanwhile: pass() caps them)
         return;
     int dev = tl->cs->device;
     if (!start_placer(dev)) return;  // no thread for it: the engine naps on

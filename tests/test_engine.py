@@ -863,6 +863,43 @@ def test_a_held_stream_never_delays_other_streams_awaits(run, emu, strategy):
         emu.lib.cuStreamDestroy_v2(h)
 
 
+def test_held_streams_never_fill_the_drivers_host_function_queue(run, emu, strategy):
+    # The driver's queue of host functions is finite and cuLaunchHostFunc blocks while it is
+    # full (the emulator's cap, here 80). 100 streams held by a wait on host memory, 8 awaits
+    # each: kCallback would watch 800 marks with host functions, kFlag ring 100 doorbells. The
+    # engine thread that launches them blocked at the 81st, and with it every await of the
+    # device: aiocuda keeps at most 64 in flight per context.
+    if strategy == "poll":
+        pytest.skip("the poll strategy launches no host function")
+    streams = [emu.stream() for _ in range(100)]
+    other = emu.stream()
+    word = _host_word(emu)
+    for h in streams:
+        assert emu.lib.cuStreamWaitValue32_v2(h, word.device, 1, 0) == 0
+    emu.lib.emu_set_hostfn_cap(80)
+
+    async def main():
+        held = [aiocuda.synchronize(h) for _ in range(8) for h in streams]
+        try:
+            # Every host function aiocuda may launch is launched (on the old engine, more).
+            assert wait_until(lambda: emu.live("hostfns_pending") >= 64, 10), emu.live(
+                "hostfns_pending")
+            emu.sleep(other, 0.01)
+            await asyncio.wait_for(aiocuda.synchronize(other), 5)
+            assert not any(f.done() for f in held)
+            assert emu.live("hostfns_pending") <= 64
+        finally:
+            word.write(1)
+        done, late = await asyncio.wait(held, timeout=10)
+        assert not late, f"{len(late)} of {len(held)} awaits never completed"
+        _unregister(emu, word)
+
+    run(main())
+    assert wait_until(lambda: _core.cuda_stats()["pending"] == 0)
+    for h in [*streams, other]:
+        emu.lib.cuStreamDestroy_v2(h)
+
+
 def test_a_capture_beginning_between_the_check_and_the_mark_fails_the_await(run, emu, strategy):
     # Another thread may begin a capture on the stream between aiocuda's cuStreamIsCapturing and
     # its mark, which then lands in the capture. The check after the mark sees it: the await is
