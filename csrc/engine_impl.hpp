@@ -60,6 +60,7 @@ constexpr auto kPollMaxSleep = std::chrono::microseconds(200);
 // in the same way).
 constexpr auto kFlagLead = std::chrono::microseconds(20);
 constexpr auto kFlagSpin = std::chrono::microseconds(150);
+constexpr int kSpinReads = 64;  // reads of the due words (a pause each) per look at the clock
 constexpr auto kFlagMaxNap = std::chrono::microseconds(2000);
 // kFlag's doorbell: when the engine thread would sleep kBellSleep or more before looking at a
 // timeline's word (a long mark: its estimate may be wrong either way), or its oldest mark is
