@@ -303,6 +303,7 @@ bool pass(Strategy strat, bool backstop) {
             }
         }
         sweep_parked(Clock::now());
+        spare_placers(Clock::now());
     }
     return progress;
 }
@@ -347,6 +348,7 @@ void engine_run() {
                     now = Clock::now();
                     bool progress = false;
                     const FlagPlan& plan = read_flags(now, &progress);
+                    spare_placers(now);
                     if (let_go(g, false)) continue;  // the lock was let go: look again
                     if (eng->held || !eng->to_watch.empty() || eng->kick ||
                         now >= last_backstop + backstop_every)

@@ -177,13 +177,23 @@ struct CtxState {
     CUstream probe = nullptr;    // kFlag's backstop: cuStreamQuery of it reports sticky errors
 };
 
-// Places open marks for one device. Its own thread, because placing is an enqueue on a user's
-// stream, which blocks while that stream is full: the engine thread must never wait on that.
+// Places open marks and doorbells for one device, on threads of their own, because placing is an
+// enqueue on a user's stream, which blocks while that stream is full: the engine thread must
+// never wait on that. Each thread takes one timeline at a time. Work that waited kPlacerStuck
+// with no thread idle (each in an enqueue that blocks, on a full stream its user holds) gets
+// another thread from the engine (spare_placers(), at most kPlacersPerDevice): the other
+// streams' marks are placed meanwhile (invariant 18), for up to kPlacersPerDevice - 1 such
+// streams at once.
+constexpr int kPlacersPerDevice = 8;
+constexpr auto kPlacerStuck = std::chrono::milliseconds(1);
 struct Placer {
     std::condition_variable cv;  // under eng->mu
     bool wake = false;           // in Engine::wake_placers
     std::vector<Timeline*> queue;
     std::vector<Timeline*> bells;  // kFlag: timelines that want a doorbell mark
+    int threads = 0;             // its threads (placer_run)
+    int idle = 0;                // of those, waiting for work
+    std::chrono::steady_clock::time_point waiting_since{};  // the work queued: since when ({}: none)
 };
 
 // Whole-device waits on drivers without cuCtxRecordEvent (older than 12.5): one thread per device
@@ -357,6 +367,7 @@ CUresult place_or_join(Timeline* tl, Node* n, Mark** user, std::string* why);
 CUresult refuse_capturing(CUresult r, CUstreamCaptureStatus st, std::string* why);
 void want_placing(Timeline* tl);
 void want_bell(Timeline* tl);
+void spare_placers(Clock::time_point now);
 bool start_placer(int dev);  // false: no thread could be started
 // detection.cpp
 bool start_engine_locked();  // false: no thread could be started

@@ -361,7 +361,7 @@ CUresult mark(Timeline* tl, Node* n, Mark** user, std::string* why, bool checked
     return place_or_join(tl, n, user, why);
 }
 
-// ---- placers: open marks, one thread per device ------------------------------------------------
+// ---- placers: open marks and doorbells, threads per device --------------------------------------
 
 void placer_run(Placer* p);
 
@@ -378,6 +378,7 @@ bool start_placer(int dev) {
         return false;
     }
     ps[dev] = p;
+    p->threads = 1;
     ++eng->threads;
     return true;
 }
@@ -388,6 +389,7 @@ void want_placing(Timeline* tl) {
     Placer* p = eng->placers[tl->cs->device];  // started with the open mark
     tl->placing = true;
     ++tl->users;  // the placer's, until it is done with it (placer_run): never dropped meanwhile
+    if (p->queue.empty() && p->bells.empty()) p->waiting_since = Clock::now();
     p->queue.push_back(tl);
     wake_placer(p);
 }
@@ -406,6 +408,7 @@ void want_bell(Timeline* tl) {
     Placer* p = eng->placers[dev];
     tl->bell = true;
     ++tl->users;  // the placer's, as for an open mark
+    if (p->queue.empty() && p->bells.empty()) p->waiting_since = Clock::now();
     p->bells.push_back(tl);
     wake_placer(p);
 }
@@ -514,33 +517,61 @@ bool place_open(Timeline* tl) {
     return true;
 }
 
+// Under eng->mu, on the engine thread: another thread for each device whose queued work waited
+// kPlacerStuck with none of its placers idle.
+void spare_placers(Clock::time_point now) {
+    for (Placer* p : eng->placers) {
+        if (!p || p->idle > 0 || p->waiting_since == Clock::time_point{} ||
+            now - p->waiting_since < kPlacerStuck || p->threads >= kPlacersPerDevice)
+            continue;
+        p->waiting_since = now;  // the next one, if still stuck, a while later
+        if (!start_thread(placer_run, p)) continue;  // no thread: tried again then
+        ++p->threads;
+        ++eng->threads;
+    }
+}
+
 void placer_run(Placer* p) {
     name_this_thread("aiocuda-placer");
     CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
     api.cuThreadExchangeStreamCaptureMode(&mode);
-    std::vector<Timeline*> work, later, bells;
+    std::vector<Timeline*> later, retry;  // this thread's: open marks of capturing streams
     for (;;) {
+        Timeline* tl = nullptr;
+        bool bell = false;
         {
             std::unique_lock<std::mutex> g(eng->mu);
             auto ready = [&] { return (!p->queue.empty() || !p->bells.empty()) && !eng->held; };
+            ++p->idle;
             if (later.empty()) p->cv.wait(g, ready);
             else p->cv.wait_for(g, std::chrono::milliseconds(1), ready);  // a capture to end
             while (eng->held) eng->hold_cv.wait(g);
-            work.swap(p->queue);
-            bells.swap(p->bells);
-            for (Timeline* tl : later)  // a capture to end: kept, unless queued again meanwhile
-                if (!tl->placing) work.push_back(tl); else --tl->users;
+            --p->idle;
+            for (Timeline* t : later)  // a capture to end: kept, unless queued again meanwhile
+                if (!t->placing) retry.push_back(t); else --t->users;
             later.clear();
+            if (!p->queue.empty()) {  // one at a time, in the order asked
+                tl = p->queue.front();
+                p->queue.erase(p->queue.begin());
+            } else if (!p->bells.empty()) {
+                tl = p->bells.front();
+                p->bells.erase(p->bells.begin());
+                bell = true;
+            }
+            if (p->queue.empty() && p->bells.empty()) p->waiting_since = {};
+            else if (tl) p->waiting_since = Clock::now();  // the rest: counted from now
+            if (!p->queue.empty() || !p->bells.empty()) p->cv.notify_one();  // an idle one
             ++eng->placing;
         }
-        for (Timeline* tl : work)
-            if (!place_open(tl)) later.push_back(tl); else release_timeline(tl);
-        work.clear();
-        for (Timeline* tl : bells) {
+        for (Timeline* t : retry)
+            if (!place_open(t)) later.push_back(t); else release_timeline(t);
+        retry.clear();
+        if (tl && bell) {
             place_bell(tl);
             release_timeline(tl);
+        } else if (tl) {
+            if (!place_open(tl)) later.push_back(tl); else release_timeline(tl);
         }
-        bells.clear();
         Locked g;
         if (--eng->placing == 0) eng->hold_cv.notify_all();
     }

@@ -904,6 +904,37 @@ def test_held_streams_never_fill_the_drivers_host_function_queue(run, emu, strat
         emu.lib.cuStreamDestroy_v2(h)
 
 
+def test_a_placer_held_in_the_driver_never_delays_other_streams_marks(run, emu, strategy):
+    # A placer's enqueue on a user's stream blocks while that stream is full (a doorbell rung on
+    # a late, held stream; an open mark on a stream its user filled). The emulator holds the
+    # placer in the driver right after it put stream A's open mark, as such an enqueue would;
+    # stream B's ninth await joins B's open mark, which must be placed meanwhile. With one placer
+    # per device it waited behind A's enqueue: for as long as A stays full, and for good in a
+    # program that releases A after B's awaits.
+    a, b = emu.stream(), emu.stream()
+    word = _host_word(emu)
+    assert emu.lib.cuStreamWaitValue32_v2(ctypes.c_void_p(a), word.device, 1, 0) == 0  # held
+
+    async def main():
+        first, joined = _placer_held_putting_the_open_mark(emu, a, word, strategy)
+        try:
+            emu.sleep(b, 0.02)
+            on_b = [aiocuda.synchronize(b) for _ in range(9)]  # the ninth: B's open mark
+            await asyncio.wait_for(asyncio.gather(*on_b), 5)
+            assert emu.lib.emu_paused() == 1  # A's placer was still in the driver
+        finally:
+            emu.lib.emu_resume()
+        await asyncio.wait_for(asyncio.gather(*first, joined), 5)
+
+    try:
+        run(main())
+    finally:
+        emu.lib.emu_resume()
+        _unregister(emu, word)
+    for h in (a, b):
+        emu.lib.cuStreamDestroy_v2(h)
+
+
 def test_a_capture_beginning_between_the_check_and_the_mark_fails_the_await(run, emu, strategy):
     # Another thread may begin a capture on the stream between aiocuda's cuStreamIsCapturing and
     # its mark, which then lands in the capture. The check after the mark sees it: the await is
