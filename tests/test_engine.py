@@ -196,8 +196,10 @@ def test_many_awaits_cost_bounded_resources(run, emu, strategy):
     # kMarksInFlight per stream, whatever the awaits, and (flag) one doorbell mark per stream
     assert mid["marks"] <= 40 * 9
     assert mid["events"] - before["events"] <= 40 * 10
-    # Lanes are made per context and kept: this test's context makes at most 16.
-    assert mid["lanes"] - before["lanes"] <= 16 and mid["threads"] <= 2
+    # Lanes are made per context and kept: this test's context makes at most 16. Threads: the
+    # engine, and placers, at most 8 a device (more start only while all are blocked or slow:
+    # under TSan, several), on the emulator's two devices.
+    assert mid["lanes"] - before["lanes"] <= 16 and mid["threads"] <= 1 + 2 * 8
     # A host function per placed mark (callback) up to aiocuda's bound per context (320 marks
     # here), at most one per stream (flag: a doorbell, as the awaits are long overdue), none when
     # polling; never one per await.
