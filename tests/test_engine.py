@@ -1055,8 +1055,11 @@ def test_an_idle_stream_keeps_its_timeline_a_while(run, emu, strategy):
         assert wait_until(lambda: _core.cuda_stats()["parked"] >= 1)
         assert _core.cuda_stats()["timelines"] == before + 1
         _core.cuda_set_keep_idle_ms(0)  # the engine wakes for it: dropped now
-        assert wait_until(lambda: _core.cuda_stats()["parked"] == 0)
-        assert _core.cuda_stats()["timelines"] <= before  # (others' idle ones may go too)
+        # (A placer may still hold it a moment, for a doorbell its late mark rang: TSan's slow
+        # run. The sweep then lets it go as used, and it is parked and dropped once let go.)
+        stats = _core.cuda_stats
+        assert wait_until(lambda: stats()["parked"] == 0 and stats()["timelines"] <= before), (
+            stats())  # (others' idle ones may go too)
     finally:
         _core.cuda_set_keep_idle_ms(1000)
         emu.lib.cuStreamDestroy_v2(s)
