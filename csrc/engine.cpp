@@ -221,10 +221,14 @@ CUresult mark_event(Mark* m, bool wait_placed, CUevent* ev) {
         return m->status;
     }
     if (m->flag) {  // no event: the word tells (a plain load), or the engine finishes the mark
+        // Not while the placer puts a doorbell on the stream: the program may destroy the
+        // stream once its Event says done, as once its awaits have ended (read_flags()).
         std::unique_lock<std::mutex> g(eng->mu);
         auto passed = [&] {
-            uint32_t* w = m->tl->word;
-            return m->done || (w && static_cast<int32_t>(__atomic_load_n(w, __ATOMIC_ACQUIRE) - m->seq) >= 0);
+            Timeline* tl = m->tl;
+            return m->done || (tl->word && !tl->ringing &&
+                               static_cast<int32_t>(__atomic_load_n(tl->word, __ATOMIC_ACQUIRE) -
+                                                    m->seq) >= 0);
         };
         if (wait_placed && !passed()) {  // the backstop finishes it on a sticky error or reset
             ++eng->sync_waiters;

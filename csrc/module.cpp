@@ -430,15 +430,19 @@ int device_arg(PyObject* device) {
 
 // Resolves a stream-like into a CpuStream or a (handle, device); a Python error on failure.
 bool resolve_stream(PyObject* stream, int* device, CpuStream** cpu, uintptr_t* handle) {
-    py::detail::make_caster<CpuStream> caster;
-    // Ask pybind11 only about CpuStreams: its caster is slow on other types.
-    if (PyObject_TypeCheck(stream, cpu_stream_type) && caster.load(stream, false)) {
-        if (*device >= 0) {
-            PyErr_SetString(PyExc_TypeError, "device= names a CUDA device; a CpuStream has none");
-            return false;
+    // Ask pybind11 only about CpuStreams: its caster is slow on other types, and even making
+    // one looks the type up in pybind11's registry.
+    if (PyObject_TypeCheck(stream, cpu_stream_type)) {
+        py::detail::make_caster<CpuStream> caster;
+        if (caster.load(stream, false)) {
+            if (*device >= 0) {
+                PyErr_SetString(PyExc_TypeError,
+                                "device= names a CUDA device; a CpuStream has none");
+                return false;
+            }
+            *cpu = &py::detail::cast_op<CpuStream&>(caster);
+            return true;
         }
-        *cpu = &py::detail::cast_op<CpuStream&>(caster);
-        return true;
     }
     if (PyLong_CheckExact(stream)) {
         *handle = PyLong_AsUnsignedLongLong(stream);

@@ -451,6 +451,7 @@ void place_bell(Timeline* tl) {
     tl->ringing = false;
     want_placing(tl);  // an open mark made meanwhile
     wake_locked();     // for the marks that passed meanwhile
+    if (eng->sync_waiters) eng->placed_cv.notify_all();  // an Event's synchronize, likewise
     if (r != CUDA_SUCCESS || tl->cs->retired) {  // put() gave the event back; a reset took it
         tl->bell = false;  // asked for again at a later look, if still late
         return;

@@ -1270,6 +1270,47 @@ def test_no_await_ends_while_a_doorbell_is_put_on_its_stream(run, emu):
     emu.lib.cuStreamDestroy_v2(s)
 
 
+def test_no_event_says_done_while_a_doorbell_is_put_on_its_stream(run, emu):
+    # The same rule for an aiocuda.Event, whose done() and synchronize() read the stream's word
+    # themselves: once either says done, the program may destroy the stream, so neither may
+    # while the placer is still in the driver with it (found by review: done() said True
+    # there, the program destroyed the stream, and the emulator aborted on the placer's next
+    # call on the destroyed handle).
+    s = emu.stream()
+    word = _host_word(emu)
+    assert emu.lib.cuStreamWaitValue32_v2(ctypes.c_void_p(s), word.device, 1, 0) == 0  # held
+    with flag_strategy(backstop_ms=60_000), contextlib.ExitStack() as cleanup:
+        cleanup.callback(emu.lib.emu_resume)
+        cleanup.callback(word.write, 1)
+
+        async def main():
+            _core.cuda_hold(True)  # no doorbell before the pause is armed (after the mark)
+            try:
+                ev = aiocuda.record(s)
+                emu.lib.emu_pause_after_next_mark(ctypes.c_void_p(s))
+            finally:
+                _core.cuda_hold(False)
+            assert wait_until(lambda: emu.lib.emu_paused() == 1, 5), "no doorbell was placed"
+            word.write(1)  # the stream passes the Event's mark (and the doorbell)
+            assert wait_until(lambda: emu.lib.cuStreamQuery(ctypes.c_void_p(s)) == 0, 5)
+            synced = threading.Event()
+            waiter = threading.Thread(target=lambda: (ev.synchronize(), synced.set()))
+            waiter.start()
+            await asyncio.sleep(0.05)  # the engine has looked at the word by now
+            seen = (ev.done(), synced.is_set())
+            emu.lib.emu_resume()
+            await asyncio.wait_for(ev, 5)
+            waiter.join(5)
+            return seen, ev.done(), synced.is_set()
+
+        seen, done_after, synced_after = run(main())
+    assert seen == (False, False), "the Event said done while the placer was putting a doorbell"
+    assert done_after and synced_after
+    _unregister(emu, word)
+    emu.lib.emu_resume()
+    emu.lib.cuStreamDestroy_v2(s)
+
+
 def test_an_error_fails_a_mark_being_placed_before_later_awaits(run, emu, strategy):
     # Errors reach the awaits in stream order too. The placer has taken the open mark and is in
     # the driver putting it (held there by the emulator) when a sticky error breaks the context;
