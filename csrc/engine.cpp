@@ -86,16 +86,18 @@ CUresult record(uintptr_t stream, int device, Node* n, Mark** user, std::string*
         return r;
     }
     if (!cs) {  // no context on that device: nothing was queued, so nothing to wait for
-        Locked g;
-        Timeline* tl = new Timeline;  // a done mark for the Event, on a throwaway timeline
-        tl->kind = Timeline::kForeign;
-        static CtxState none{};
-        none.retired = true;
-        tl->cs = &none;
-        Mark* m = new_mark(tl);
-        m->done = true;
-        if (user) *user = m; else unref(m);
-        if (n) complete(n, CUDA_SUCCESS);
+        {
+            Locked g;
+            Timeline* tl = new Timeline;  // a done mark for the Event, on a throwaway timeline
+            tl->kind = Timeline::kForeign;
+            static CtxState none{};
+            none.retired = true;
+            tl->cs = &none;
+            Mark* m = new_mark(tl);
+            m->done = true;
+            if (user) *user = m; else unref(m);
+        }
+        if (n) complete(n, CUDA_SUCCESS);  // an eventfd write: never under the engine's lock
         return CUDA_SUCCESS;
     }
     Timeline* tl;

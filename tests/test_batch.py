@@ -441,6 +441,27 @@ class Model:
         return [self.scale * y // 2 for y in await doubled(items)]
 
 
+def test_the_batch_function_runs_in_its_first_callers_contextvars(go):
+    # asyncio's create_task copies the caller's context; trio's system tasks ran in the run's
+    # own, so a request id set by the caller read "unset" in the batch function under trio only.
+    import contextvars
+
+    request = contextvars.ContextVar("request", default="unset")
+    seen: list[str] = []
+
+    @aiocuda.batch(max_batch_size=8, max_wait_s=0.0)
+    async def double(items: list[int]) -> list[int]:
+        seen.append(request.get())
+        return [2 * i for i in items]
+
+    async def body() -> int:
+        request.set("request-1")
+        return await double(21)
+
+    assert go(body) == 42
+    assert seen == ["request-1"]
+
+
 def test_a_method_gets_one_batcher_per_instance(go):
     m1, m2 = Model(10), Model(100)
     assert isinstance(Model.predict, aiocuda.Batcher)

@@ -658,3 +658,16 @@ def test_merge_replaces_pairs_and_keeps_the_rest():
     assert [p["seconds"] for p in merged.parts] == [4.0, 5.0]
     assert merged.machine == "m + m2" and merged.elapsed_s == 14.0
     assert base.throughput[0]["ops_per_s"] == 1  # the base report is not changed
+
+
+@pytest.mark.parametrize("ops", [100, 300])
+def test_the_demo_runs_exactly_the_operations_asked_for(ops):
+    # --ops below the demo's 256 coroutines ran none and divided by zero; other counts were
+    # rounded down to a multiple of 256.
+    r = subprocess.run([sys.executable, "-m", "aiocuda", "demo", "--ops", str(ops)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"aiocuda demo: {ops} operations" in r.stdout
+    rates = [float(line.split()[-6]) for line in r.stdout.splitlines()
+             if line.startswith(("aiocuda (await", "run_in_executor("))]
+    assert len(rates) == 2 and min(rates) > 0, r.stdout

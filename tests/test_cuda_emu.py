@@ -252,6 +252,23 @@ def test_gpu_op_with_a_raw_cuda_stream(run_any, emu):
     assert out == 42 and took >= 0.045
 
 
+def test_gpu_op_on_a_default_stream_handle_takes_its_device(run_any, emu):
+    # gpu_op(fn, stream=0, device=0) refused device=0 as unknown, and device="cuda:0" was
+    # dropped: the await of handle 0 (the current context's default stream, none current on
+    # this thread) then failed after fn had run. A device= that cannot be the stream's is
+    # refused before fn runs.
+    async def main():
+        out = [await aiocuda.gpu_op(lambda n: n * 2, 21, stream=0, device=0)]
+        ran: list[int] = []
+        with pytest.raises(ValueError, match="names the cpu, but stream= is a CUDA stream"):
+            await aiocuda.gpu_op(ran.append, 1, stream=0, device="cpu")
+        with pytest.raises(ValueError, match="device must be a CUDA device ordinal"):
+            await aiocuda.gpu_op(ran.append, 1, stream=0, device=-1)
+        return out, ran
+
+    assert run_any(main()) == ([42], [])
+
+
 def test_every_api_takes_a_stream_object_with_a_cuda_stream_attribute(run_any, emu):
     class Stream:  # torch.cuda.Stream's shape, without torch
         def __init__(self, handle: int) -> None:

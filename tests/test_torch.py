@@ -150,6 +150,78 @@ def test_tensors_are_found_at_any_depth():
     assert sorted(id(x) for x in at._tensors(tree)) == sorted(id(x) for x in t)
 
 
+def test_a_module_among_the_arguments_or_behind_fn_decides_the_path():
+    # Only a module passed as fn itself was looked at: gpu_op(step, model, x),
+    # gpu_op(model.forward, x) and gpu_op(partial(step, model), x) sent a CUDA model's call to a
+    # cpu worker, whose await then ended before its kernels had run. A module on "meta" (a
+    # device aiocuda refuses) shows where it was looked at.
+    import functools
+
+    model = torch.nn.Linear(2, 2, device="meta")
+    x = torch.zeros(1, 2)
+
+    def step(m: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        return m(batch)
+
+    for fn, args in ((model, (x,)), (step, (model, x)), (model.forward, (x,)),
+                     (functools.partial(step, model), (x,)), (step, ([model], x))):
+        with pytest.raises(ValueError, match="a torch tensor on meta"):
+            _ops.placement(fn, args, {}, None, None)
+    assert _ops.placement(step, (torch.nn.Linear(2, 2), x), {}, None, None) == _ops.CPU
+
+
+def test_plain_values_are_not_looked_at_one_by_one(monkeypatch):
+    # Each element of every list went through place_of on the loop thread: gpu_op(sum, a list
+    # of a million ints) held the loop 1.35 s for 4 ms of work. Scalars are skipped by type, a
+    # list of them as a whole; a tensor among them is still found.
+    looked: list[object] = []
+    on_gpu = object()  # stands for a tensor on GPU 0 (no GPU here)
+
+    def place_of(v: object) -> Place | None:
+        looked.append(v)
+        return Place("tf", 0) if v is on_gpu else None
+
+    monkeypatch.setattr(_ops, "place_of", place_of)
+    ids = list(range(100_000))
+    rows = [[0.5] * 16 for _ in range(1000)]
+    assert _ops.placement(sum, (ids, rows, {"text": "a", "n": 1.5}, (None, True, b"x")), {},
+                          None, None) == _ops.CPU
+    assert looked == [sum]  # fn itself (the builtins module behind it is not walked)
+    assert _ops.placement(sum, ([1, "a", [2.0, on_gpu]],), {}, None, None) == Place("tf", 0)
+
+
+def test_gpu_op_on_a_cpu_worker_keeps_the_callers_torch_modes_and_contextvars(run_any):
+    # torch keeps grad, inference and autocast modes per thread: fn on a cpu worker ran with
+    # the worker's defaults (its output required grad under no_grad; float32 under autocast),
+    # and without the caller's contextvars, unlike the same program on a GPU (fn on the loop
+    # thread). It now runs as it would on the caller's thread.
+    import contextvars
+
+    request = contextvars.ContextVar("request", default="unset")
+
+    def probe(x: torch.Tensor) -> tuple[object, ...]:
+        y = x * 2
+        return (torch.is_grad_enabled(), y.requires_grad, y.is_inference(), (x @ x).dtype,
+                request.get())
+
+    async def main():
+        request.set("request-1")
+        x = torch.ones(2, 2, requires_grad=True)
+        out = {"plain": (probe(x), await aiocuda.gpu_op(probe, x))}
+        with torch.no_grad():
+            out["no_grad"] = (probe(x), await aiocuda.gpu_op(probe, x))
+        with torch.inference_mode():
+            out["inference_mode"] = (probe(x), await aiocuda.gpu_op(probe, x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out["autocast"] = (probe(x), await aiocuda.gpu_op(probe, x))
+        return out
+
+    out = run_any(main())
+    for name, (direct, via_worker) in out.items():
+        assert via_worker == direct, name
+    assert out["autocast"][1][3] == torch.bfloat16 and out["no_grad"][1][1] is False
+
+
 def test_an_unsupported_framework_array_is_refused(run_any):
     class Foreign:  # a DLPack-capable array from a framework aiocuda does not know
         def __dlpack__(self):  # pragma: no cover - never called
@@ -224,6 +296,11 @@ def test_wait_on_torch_objects(run_any):
         fut = torch.futures.Future()
         threading.Timer(0.01, fut.set_result, [7]).start()
         assert await aiocuda.wait(fut) == 7
+        # then() and a work handle's get_future() give torch._C.Future, the base of
+        # torch.futures.Future: refused as "cannot wait on torch.Future" before.
+        chained = fut.then(lambda f: f.value() + 1)
+        assert not isinstance(chained, torch.futures.Future)
+        assert await aiocuda.wait(chained) == 8
         failing = torch.futures.Future()
         threading.Timer(0.01, failing.set_exception, [ValueError("collective failed")]).start()
         with pytest.raises(ValueError, match="collective failed"):

@@ -47,7 +47,7 @@ async def _run(method: str, wait: Wait, ops: int, n_streams: int, work_s: float)
 
     async def worker(i: int) -> None:
         s = streams[i % n_streams]
-        for _ in range(ops // CONCURRENCY):
+        for _ in range(ops // CONCURRENCY + (i < ops % CONCURRENCY)):  # ops in all
             s.delay(work_s)  # native work that holds the stream without the GIL, like a kernel
             await wait(s.record())
 
@@ -59,9 +59,8 @@ async def _run(method: str, wait: Wait, ops: int, n_streams: int, work_s: float)
     for s in streams:
         await s.aclose()
     lag = sorted(lateness) or [0.0]
-    done = ops // CONCURRENCY * CONCURRENCY
     return Result(
-        method, done, wall, cpu,
+        method, ops, wall, cpu,
         statistics.median(lag) * 1e3, lag[int(0.99 * (len(lag) - 1))] * 1e3, lag[-1] * 1e3,
     )
 

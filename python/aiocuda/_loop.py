@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import sys
@@ -196,7 +197,10 @@ def spawn(loop: Any, fn: Callable[..., Awaitable[object]], *args: Any) -> None:
     if is_trio(loop):
         import trio
 
-        trio.lowlevel.spawn_system_task(_guarded, fn, args, name=_name(fn))
+        # In the caller's contextvars, as asyncio's create_task runs it (a system task would
+        # otherwise run in the run's own context).
+        trio.lowlevel.spawn_system_task(_guarded, fn, args, name=_name(fn),
+                                        context=contextvars.copy_context())
         return
     task = loop.create_task(_guarded(fn, args))
     _spawned.add(task)

@@ -8,12 +8,16 @@ so aiocuda never imports a framework itself.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import functools
 import itertools
 import os
 import re
 import sys
 import threading
+import types
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -21,6 +25,7 @@ from typing import Any, TypeVar
 from ._api import (
     CpuStream,
     Event,
+    _device_index,
     not_a_coroutine_function,
     not_callable,
     synchronize,
@@ -86,35 +91,65 @@ def place_of(value: object) -> Place | None:
     return None
 
 
+# Leaves that are never a tensor, skipped by their exact type: a list of a million token ids is
+# looked over in C (set(map(type, ...))), not one element at a time on the loop thread.
+_SCALARS = frozenset((int, float, complex, bool, str, bytes, type(None)))
+
+
+def _parts_of(fn: object) -> list[object]:
+    """What `fn` carries that may hold tensors: a functools.partial's arguments, a bound
+    method's object (a torch module's forward)."""
+    parts: list[object] = []
+    while isinstance(fn, functools.partial):
+        parts += [*fn.args, *fn.keywords.values()]
+        fn = fn.func
+    owner = getattr(fn, "__self__", None)
+    if owner is not None and not isinstance(owner, types.ModuleType):  # builtins' is a module
+        parts.append(owner)
+    parts.append(fn)
+    return parts
+
+
 def _values(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[object]:
     """The arguments, at any depth of lists, tuples, sets, mappings (a tokenizer's
-    ``BatchEncoding`` is one) and dataclasses, each container once, and a torch module's first
-    parameter."""
-    stack: list[object] = [*reversed(kwargs.values()), *reversed(args)]
+    ``BatchEncoding`` is one) and dataclasses, each container once; for a torch module (`fn`,
+    the object of a bound method `fn`, or an argument) its first parameter."""
+    stack: list[object] = [*reversed(kwargs.values()), *reversed(args), *_parts_of(fn)]
     seen: dict[int, object] = {}  # id -> container: held, so that no id is reused meanwhile
+    torch = sys.modules.get("torch")
     while stack:
         v = stack.pop()
-        if isinstance(v, Mapping):
-            children: Any = v.values()
-        elif isinstance(v, (list, tuple, set, frozenset)):
-            children = v
+        if type(v) in _SCALARS:
+            continue
+        if isinstance(v, (list, tuple, set, frozenset)):
+            children: Any = v
+        elif isinstance(v, Mapping):
+            children = v.values()
         elif dataclasses.is_dataclass(v) and not isinstance(v, type):
             children = [getattr(v, f.name) for f in dataclasses.fields(v)]
+        elif torch is not None and isinstance(v, torch.nn.Module):
+            yield next(itertools.chain(v.parameters(), v.buffers()), None)
+            continue
         else:
             yield v
             continue
         if id(v) not in seen:
             seen[id(v)] = v
-            stack.extend(reversed(list(children)))
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(fn, torch.nn.Module):
-        yield next(itertools.chain(fn.parameters(), fn.buffers()), None)
+            children = list(children)
+            if not set(map(type, children)) <= _SCALARS:
+                stack.extend(reversed(children))
 
 
 def _parse_device(device: object) -> Place:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(device, torch.device):
         return _torch_place(device)
+    if isinstance(device, int) and not isinstance(device, bool):
+        _device_index(device)  # an ordinal in range, else a ValueError
+        if torch is None:
+            raise ValueError(f"device={device} names a CUDA device by its ordinal, as torch does, "
+                             "but torch is not imported: import torch first, or pass stream=")
+        return _torch_place(torch.device("cuda", device))
     if isinstance(device, str):
         text = device.strip()
         if text.lower() == _CPU:
@@ -179,6 +214,9 @@ def placement(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any], stream:
             "to one device first (tensor.to(device)), then call gpu_op"
         )
     place = next(iter(found.values()), None)
+    if device is not None and stream is not None and _is_cuda_stream(stream):
+        _stream_ordinal(device)  # device= only says which device the stream is on
+        device = None
     for what, given in (("device=", None if device is None else _parse_device(device)),
                         ("stream=", None if stream is None else _stream_place(stream))):
         if given is None:
@@ -234,14 +272,19 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
     - TensorFlow GPU tensors: `fn` runs on the loop thread, then the device's queued work is
       awaited (:func:`aiocuda.synchronize_device`; TensorFlow exposes no stream).
     - torch CPU tensors, numpy arrays, plain Python: `fn` runs on a cpu-backend stream (`stream`,
-      or one of a small pool), so the loop stays free while it computes.
+      or one of a small pool), so the loop stays free while it computes, in the caller's
+      contextvars and torch grad, inference and cpu autocast modes, as on the caller's thread.
     - ``stream=`` any other CUDA stream (``__cuda_stream__`` or a handle): `fn` runs on the loop
-      thread, then that stream is awaited.
+      thread, then that stream is awaited (on ``device=``'s device: a default-stream handle,
+      0, 1 or 2, needs it when no context is current).
 
-    The path comes from where the arguments live, or from ``device=`` (``"cpu"``, ``"cuda:0"``,
-    a ``torch.device``, ``"/GPU:0"``) or ``stream=``, which may send host tensors to a device
-    (a copy) but may not contradict device tensors; ``stream`` and ``device`` are gpu_op's own
-    keywords and are not passed to `fn`. An exception from `fn` reaches the awaiting task.
+    The path comes from where the arguments live (tensors at any depth of lists, tuples, sets,
+    mappings and dataclasses; a torch module's parameters, whether the module is `fn`, an
+    argument, the object of a bound method or in a ``functools.partial``), or from ``device=``
+    (``"cpu"``, ``"cuda:0"``, a CUDA ordinal such as ``0``, a ``torch.device``, ``"/GPU:0"``) or
+    ``stream=``, which may send host tensors to a device (a copy) but may not contradict device
+    tensors; ``stream`` and ``device`` are gpu_op's own keywords and are not passed to `fn`. An
+    exception from `fn` reaches the awaiting task.
     `fn` is a plain function: an async function is a TypeError (await it directly instead).
     """
     if not callable(fn):
@@ -257,11 +300,58 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
         await synchronize_device(_tf_cuda_ordinal(place.device))
         return result
     if place.kind == "stream":
+        ordinal = None if device is None else _stream_ordinal(device)
         result = fn(*args, **kwargs)
-        await synchronize(stream)
+        await synchronize(stream, device=ordinal)
         return result
     cpu = stream if isinstance(stream, CpuStream) else _cpu_pool.get()
-    return await cpu.submit(fn, *args, **kwargs)
+    return await cpu.submit(_in_callers_state(fn, args, kwargs))
+
+
+def _stream_ordinal(device: object) -> int | None:
+    """The CUDA device ordinal `device=` names beside a CUDA ``stream=`` (a default-stream handle
+    needs one); None for "cuda" with no index."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return _device_index(device)
+    place = _parse_device(device)
+    if place.kind == "torch":
+        index: int | None = place.device.index
+        return index
+    if place.kind == "tf":
+        return _tf_cuda_ordinal(place.device)
+    raise ValueError(f"device={device!r} names the cpu, but stream= is a CUDA stream: pass the "
+                     "stream's CUDA device (0, 'cuda:0'), or a CpuStream")
+
+
+def _in_callers_state(fn: Callable[..., T], args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> Callable[[], T]:
+    """`fn(*args, **kwargs)` to run on a cpu worker as it would on the caller's thread: in the
+    caller's contextvars (as asyncio.to_thread does) and, with torch, its grad, inference and
+    cpu autocast modes, which torch keeps per thread (torch's parallel_apply carries them too)."""
+    ctx = contextvars.copy_context()
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return functools.partial(ctx.run, fn, *args, **kwargs)
+    grad = torch.is_grad_enabled()
+    inference = torch.is_inference_mode_enabled()
+    try:
+        autocast = torch.is_autocast_enabled("cpu")
+        dtype = torch.get_autocast_dtype("cpu")
+    except (TypeError, AttributeError):  # torch before 2.4
+        autocast = torch.is_autocast_cpu_enabled()
+        dtype = torch.get_autocast_cpu_dtype()
+
+    def call() -> T:
+        with contextlib.ExitStack() as modes:
+            if inference:
+                modes.enter_context(torch.inference_mode())
+            if not grad:
+                modes.enter_context(torch.no_grad())
+            if autocast:
+                modes.enter_context(torch.autocast("cpu", dtype=dtype))
+            return fn(*args, **kwargs)
+
+    return functools.partial(ctx.run, call)
 
 
 def _tf_cuda_ordinal(index: int) -> int:

@@ -414,7 +414,7 @@ def waitable(x: object) -> Awaitable[Any] | None:
         return _then(x if isinstance(x, CpuTorchEvent) else _event_future(x), None)
     if isinstance(x, torch.cuda.Stream):
         return _then(synchronize(x, device=x.device_index), None)
-    if isinstance(x, torch.futures.Future):
+    if isinstance(x, torch._C.Future):  # what get_future() and then() return, and its subclass
         return _from_torch_future(x)
     work = _work_type()
     if work is not None and isinstance(x, work):
