@@ -160,3 +160,18 @@ def test_an_event_made_directly_is_a_complete_event_never_recorded(run):
     with pytest.raises(TypeError):
         aiocuda.Event(None, 0)  # the internal form is not public
     gc.collect()  # the half-made event's finalizer stays quiet too
+
+
+@pytest.mark.parametrize("value, ok", [("bogus", False), ("Flag", False), ("callback", True),
+                                       ("", True)])
+def test_an_unknown_strategy_in_the_environment_is_refused_at_import(value, ok):
+    # It was ignored without a word: the engine ran "flag" whatever the variable said.
+    from .conftest import python_subprocess
+
+    r = python_subprocess("import aiocuda; print(aiocuda.strategy())",
+                          env={"AIOCUDA_STRATEGY": value})
+    if ok:
+        assert r.returncode == 0 and r.stdout.strip() == (value or "flag"), r.stderr
+    else:
+        assert r.returncode != 0
+        assert f"AIOCUDA_STRATEGY={value!r} is not a completion strategy" in r.stderr

@@ -14,6 +14,7 @@ import aiocuda.torch as at  # noqa: E402
 from aiocuda import _ops  # noqa: E402
 from aiocuda._ops import Place  # noqa: E402
 
+from . import loops  # noqa: E402
 from .conftest import Ticker, python_subprocess  # noqa: E402
 
 
@@ -241,6 +242,8 @@ def test_cuda_stream_without_cuda_says_what_to_do():
         pytest.skip("this machine has CUDA")
     with pytest.raises(aiocuda.AiocudaError, match=r"Stream\(device='cpu'\)"):
         at.Stream()
+    with pytest.raises(aiocuda.AiocudaError, match=r"Stream\(device='cpu'\)"):
+        at.Stream(device=5)  # a CUDA ordinal: torch's own RuntimeError before
 
 
 @pytest.mark.parametrize("device", ["mps", "meta", torch.device("xpu")])
@@ -259,9 +262,9 @@ def test_cpu_stream_has_torch_stream_methods(run_any):
         b.wait_stream(a)  # b's later work waits for a's work so far
         b.submit(order.append, "b")
         ev = b.record_event()
-        assert not ev.query()
+        assert not ev.query() and not b.query() and a.priority == 0
         await ev
-        assert ev.query() and order == ["a", "b"]
+        assert ev.query() and order == ["a", "b"] and b.query()
         a.submit(time.sleep, 0.02)
         a.synchronize()  # blocks, like torch.cuda.Stream.synchronize
         await a  # and awaiting never does
@@ -287,6 +290,26 @@ def test_a_cpu_event_recorded_outside_the_loop_can_be_awaited(run_any):
     with pytest.raises(TypeError, match="has no current stream"):
         at.CpuTorchEvent().record()  # torch.cuda.Event.record()'s current stream: none here
     s.close()
+
+
+def test_a_cpu_event_awaited_after_another_that_timed_out_does_not_wait_for_it(run_any):
+    # Events recorded outside a loop were all awaited through one shared stream: a wait that
+    # timed out on a slow event stayed queued there, and a later await of an event done long
+    # before waited for the slow one's work too (seconds).
+    a, b = at.Stream(device="cpu"), at.Stream(device="cpu")
+    a.delay(5.0)
+    slow = a.record_event()
+    fast = b.record_event()  # nothing before it: done at once
+
+    async def main():
+        with pytest.raises(TimeoutError):  # asyncio's, or trio's TooSlowError turned into it
+            await loops.wait_for(aiocuda.wait(slow), 0.05)
+        await aiocuda.wait(fast)
+        return slow.query()
+
+    assert run_any(main()) is False  # fast's await ended while slow's work still ran
+    a.close()
+    b.close()
 
 
 def test_wait_on_torch_objects(run_any):

@@ -416,6 +416,9 @@ def _close_streams() -> None:
 
 
 _STRATEGIES = ("callback", "poll", "flag")  # indexed as csrc/engine.hpp's Strategy
+if os.environ.get("AIOCUDA_STRATEGY") not in (None, "", *_STRATEGIES):  # read natively at start
+    raise ValueError(f"AIOCUDA_STRATEGY={os.environ['AIOCUDA_STRATEGY']!r} is not a completion "
+                     "strategy: set it to flag, callback or poll, or unset it (flag)")
 
 
 def set_strategy(name: str) -> None:

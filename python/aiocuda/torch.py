@@ -50,6 +50,8 @@ def _is_cpu(device: Any) -> bool:
     """Whether `device` names the cpu; a ValueError for a device aiocuda cannot await."""
     if device is None:
         return False
+    if isinstance(device, int) and not isinstance(device, bool):
+        return False  # a CUDA ordinal (torch.device(5) asks for an accelerator to name it)
     kind = torch.device(device).type
     if kind not in ("cpu", "cuda"):
         raise ValueError(
@@ -137,7 +139,7 @@ class CpuTorchEvent:
     def __await__(self) -> Generator[Any, None, None]:
         fut = self._fut
         if fut is None or fut.get_loop() is not running_loop("awaiting a CpuTorchEvent"):
-            fut = _cpu_event_waiter().wait_for(self._ev)
+            fut = _waiters.wait_for(self._ev)
         return shield(fut)
 
 
@@ -146,30 +148,31 @@ def _ok(err: str) -> None:
         raise AiocudaError(err)
 
 
-class _CpuEventWaiter:
-    """For CpuTorchEvents recorded outside a loop: a stream that waits on the event, then
-    completes (it may over-wait behind an earlier such wait)."""
+_EVENT_WAITERS = 16  # streams that wait for CpuTorchEvents recorded outside a loop, at most
+
+
+class _CpuEventWaiters:
+    """For CpuTorchEvents recorded outside a loop: a stream waits on the event, then completes.
+    Each wait takes a stream with nothing pending, so that it never sits behind another wait
+    (one that timed out on a slow event, say); past `_EVENT_WAITERS` streams, the least busy,
+    where it may over-wait behind an earlier wait."""
 
     def __init__(self) -> None:
-        self.stream = CpuStream()
+        self.streams: list[CpuStream] = []
 
     def wait_for(self, ev: _core.CpuEvent) -> asyncio.Future[None]:
-        _ok(self.stream._wait_event(ev))
-        return synchronize(self.stream)
+        with _waiter_lock:
+            self.streams = [s for s in self.streams if not s.closed]
+            stream = min(self.streams, key=lambda s: s._pending, default=None)
+            if stream is None or stream._pending and len(self.streams) < _EVENT_WAITERS:
+                stream = CpuStream()
+                self.streams.append(stream)
+            _ok(stream._wait_event(ev))
+            return synchronize(stream)
 
 
-_waiter: _CpuEventWaiter | None = None
+_waiters = _CpuEventWaiters()
 _waiter_lock = threading.Lock()
-
-
-
-
-def _cpu_event_waiter() -> _CpuEventWaiter:
-    global _waiter
-    with _waiter_lock:
-        if _waiter is None or _waiter.stream.closed:
-            _waiter = _CpuEventWaiter()
-        return _waiter
 
 
 class CpuTorchStream(CpuStream):
@@ -182,6 +185,14 @@ class CpuTorchStream(CpuStream):
     @property
     def device(self) -> torch.device:
         return torch.device("cpu")
+
+    @property
+    def priority(self) -> int:
+        return 0  # one priority: its worker runs the work in submission order
+
+    def query(self) -> bool:
+        """Whether all the work submitted so far has finished (it never blocks)."""
+        return self._pending == 0
 
     def wait_stream(self, other: CpuTorchStream) -> None:
         """Make later work on this stream wait for the work submitted to `other` so far."""
@@ -221,8 +232,8 @@ _pool_lock = threading.Lock()
 def _after_fork_in_child() -> None:
     # The parent's worker and streams are not the child's, and a lock may have been held by a
     # thread that does not exist here.
-    global _waiter, _waiter_lock, _pool_lock
-    _waiter, _waiter_lock = None, threading.Lock()
+    global _waiters, _waiter_lock, _pool_lock
+    _waiters, _waiter_lock = _CpuEventWaiters(), threading.Lock()
     _pool.clear()
     _pool_lock = threading.Lock()
 
