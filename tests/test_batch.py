@@ -484,6 +484,23 @@ def test_a_method_gets_one_batcher_per_instance(go):
     assert m1.batches == [[0, 1, 2]] and m2.batches == [[0, 1, 2]]
 
 
+def test_a_shallow_copy_of_an_instance_batches_as_itself(go):
+    # copy.copy shares the instance's __dict__ entries, the original's batcher among them: the
+    # copy's calls ran as the original's (its scale, its batches).
+    import copy
+
+    original = Model(10)
+
+    async def body() -> tuple[int, int]:
+        first = await original.predict(2)  # the original's batcher is made now
+        clone = copy.copy(original)
+        clone.scale, clone.batches = 100, []
+        return first, await clone.predict(2)
+
+    assert go(body) == (20, 200)
+    assert original.batches == [[2]]
+
+
 def test_a_method_of_a_class_without_instance_dicts_says_what_to_do():
     class Slotted:
         __slots__ = ()

@@ -173,11 +173,16 @@ class Batcher(Generic[T, R]):
                 "keeps its batcher"
             ) from None
         bound = store.get(self._attr)
-        if bound is None:
+        # A shallow copy (copy.copy) shares the original's __dict__ entries: a batcher made for
+        # another instance is replaced, or the copy's calls would run as the original's.
+        if bound is None or getattr(bound._fn, "__self__", None) is not obj:
             made: Batcher[T, R] = Batcher.__new__(Batcher)
             made._setup(self._fn.__get__(obj, type(obj)),
                         self.max_batch_size, self.max_wait_s, self.max_concurrent_batches)
-            bound = store.setdefault(self._attr, made)  # one per instance, whoever wins
+            with self._lock:  # one per instance, whoever wins
+                bound = store.get(self._attr)
+                if bound is None or getattr(bound._fn, "__self__", None) is not obj:
+                    store[self._attr] = bound = made
         return bound  # type: ignore[no-any-return]
 
     # ---- pickling (Ray ships a deployment's class by value): settings only ----------------------
