@@ -64,6 +64,11 @@ void worker_exited() {
 
 }  // namespace
 
+bool CpuEventState::wait_for(uint64_t gen, double timeout_s) {
+    std::unique_lock<std::mutex> g(mu);
+    return cv.wait_for(g, wait_time(timeout_s), [&] { return completed >= gen; });
+}
+
 int64_t cpu_workers() {
     std::lock_guard<std::mutex> g(g_workers->mu);
     return g_workers->live;
@@ -264,6 +269,7 @@ void CpuStream::run_call(Item& it, std::atomic<uint64_t>& finished) {
         Py_DECREF(it.fn);
         Py_DECREF(it.args);
         PyGILState_Release(gs);
+        finished.fetch_add(1, std::memory_order_release);  // counted as any call (pending())
         return;
     }
     int32_t status = kCallReturned;

@@ -23,9 +23,17 @@ struct CpuEventState {
     std::condition_variable cv;
     uint64_t recorded = 0;
     uint64_t completed = 0;
+    uint32_t epoch = 0;  // g_fork_epoch when last recorded: a parent's pending record never ends
     void reach(uint64_t gen);
     void wait_for(uint64_t gen);
+    bool wait_for(uint64_t gen, double timeout_s);  // false if not reached in time
     bool done();
+    // Recorded in the parent before fork() and not reached then: the parent's worker, which
+    // would reach it, does not exist in this process.
+    bool lost() {
+        std::lock_guard<std::mutex> g(mu);
+        return completed < recorded && epoch != g_fork_epoch.load(std::memory_order_relaxed);
+    }
     uint64_t last_recorded() {  // any thread
         std::lock_guard<std::mutex> g(mu);
         return recorded;

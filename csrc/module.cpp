@@ -49,6 +49,11 @@ PyObject* raise_from(PyObject* exc) {  // steals exc; always returns nullptr
     return nullptr;
 }
 
+const char* const kLostEventText =
+    "the event was recorded in the parent process before fork() and its work had not finished: "
+    "that work does not run in this process, so the event never completes here. Record events "
+    "on streams made in this process";
+
 PyObject* raise_refused(int code, const std::string& text) {
     PyObject* msg = PyUnicode_FromStringAndSize(text.data(), static_cast<Py_ssize_t>(text.size()));
     if (!msg) return nullptr;
@@ -506,8 +511,9 @@ PyMethodDef fast_methods[] = {
      "synchronize(stream, /, *, device=None)\n--\n\n"
      "Return a future done when all work enqueued on `stream` before the call has finished.\n\n"
      "`stream` is an aiocuda.CpuStream, an object with __cuda_stream__ (cuda.core, CuPy,\n"
-     "numba), a torch.cuda.Stream, or a raw CUstream handle. Handles 0, 1 and 2 name the\n"
-     "default stream of a device: `device` says which (else the current context's).\n"
+     "numba), a torch.cuda.Stream, or a raw CUstream handle. Handles 0 and 1 name the\n"
+     "legacy default stream of a device: `device` says which (else the current context's);\n"
+     "2 (per-thread) is refused: aiocuda's threads cannot mark another thread's stream.\n"
      "The future fails with aiocuda.CudaError if the GPU work failed. Needs a running loop."},
     {nullptr, nullptr, 0, nullptr},
 };
@@ -583,10 +589,12 @@ PYBIND11_MODULE(_core, m) {
             if (err.empty()) {
                 std::lock_guard<std::mutex> g(ev.mu);
                 ev.recorded = gen;
+                ev.epoch = g_fork_epoch.load(std::memory_order_relaxed);
             }
             return err;
         })
         .def("_wait_event", [](CpuStream& s, PyCpuEvent& e) {
+            if (e.state->lost()) return std::string(kLostEventText);
             return s.wait_event(e.state, e.state->last_recorded());
         });
 
@@ -596,9 +604,20 @@ PYBIND11_MODULE(_core, m) {
         .def(py::init<>())
         .def("done", [](PyCpuEvent& e) { return e.state->done(); })
         .def("wait", [](PyCpuEvent& e) {
+            if (e.state->lost()) {
+                raise_refused(kRefused, kLostEventText);
+                throw py::error_already_set();
+            }
             uint64_t gen = e.state->last_recorded();
-            py::gil_scoped_release nogil;
-            e.state->wait_for(gen);
+            for (;;) {  // in slices, as a blocking close(): a signal (Ctrl-C) is handled between two
+                bool reached;
+                {
+                    py::gil_scoped_release nogil;
+                    reached = e.state->wait_for(gen, 0.1);
+                }
+                if (reached) return;
+                if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+            }
         });
 
     py::class_<PyQueue>(m, "CompletionQueue")

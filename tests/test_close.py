@@ -217,6 +217,30 @@ print("end of main", flush=True)
     assert "terminate" not in err  # a worker stopped by the interpreter's exit unwinds cleanly
 
 
+def test_a_close_late_in_exit_does_not_wait_for_a_worker_the_interpreter_stopped():
+    # Exit gave up on a busy worker after AIOCUDA_EXIT_TIMEOUT; the worker then reached Python
+    # code during finalization, where CPython stops a thread for good, and a close() from a
+    # module global's __del__ waited for it forever (found by review).
+    p = python(PRELUDE + """
+import os
+class Holder:
+    def __init__(self, s):
+        self.s = s
+    def __del__(self):
+        self.s.close()
+        os.write(1, b"closed\\n")
+async def main():
+    s = aiocuda.CpuStream()
+    s.submit(time.sleep, 1.5)
+    s.submit(int)  # Python code again, after the exit's wait has given up
+    return s
+holder = Holder(asyncio.run(main()))
+""", env={"AIOCUDA_EXIT_TIMEOUT": "0.5"})
+    out, err = finish(p)
+    assert p.returncode == 0, err
+    assert out == "closed\n"
+
+
 @pytest.mark.parametrize("dropped", [False, True], ids=["kept", "collected"])
 def test_exit_waits_for_work_that_finishes(dropped):
     p = python(PRELUDE + f"""
@@ -233,17 +257,20 @@ asyncio.run(main())
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a process group")
-@pytest.mark.parametrize("where", ["close", "exit"])
+@pytest.mark.parametrize("where", ["close", "exit", "event"])
 def test_ctrl_c_stops_a_wait_for_work_that_never_returns(where):
-    # A close() on the main thread with no loop, and interpreter exit, wait for the work: on
-    # work that never returns, Ctrl-C (SIGINT) must end the wait.
+    # A close() on the main thread with no loop, an Event's synchronize() and interpreter exit
+    # wait for the work: on work that never returns, Ctrl-C (SIGINT) must end the wait (the
+    # Event's was one wait, which no signal ended).
+    then = {"close": "s.close()", "event": "ev.synchronize()", "exit": ""}[where]
     p = python(PRELUDE + f"""
 s = aiocuda.CpuStream()
 async def main():
     s.submit(threading.Event().wait)
-asyncio.run(main())
+    return s.record()
+ev = asyncio.run(main())
 print("waiting", flush=True)
-{"s.close()" if where == "close" else ""}
+{then}
 """, env={"AIOCUDA_EXIT_TIMEOUT": "600" if where == "exit" else "0.5"})
     assert p.stdout is not None
     assert p.stdout.readline() == "waiting\n"

@@ -319,3 +319,17 @@ def test_gpu_op_keeps_one_worker_for_calls_in_turn_and_spreads_calls_made_togeth
     in_turn, together = run_any(main())
     assert len(in_turn) == 1
     assert len(together) == 2
+
+
+def test_posted_calls_count_as_finished(run_any):
+    # A posted call (the benchmarks' Python callbacks: nobody awaits its outcome) was never
+    # counted as finished, so its stream looked busy for good to gpu_op's pool, which picks
+    # the stream with the least pending.
+    async def main():
+        with aiocuda.CpuStream() as s:
+            for _ in range(5):
+                assert s._post(lambda: None) == ""
+            await wait_for(aiocuda.synchronize(s), 10)
+            return s._pending
+
+    assert run_any(main()) == 0

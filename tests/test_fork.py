@@ -26,7 +26,7 @@ def _fork() -> int:
 
 
 def _child_checks(s: aiocuda.CpuStream, pending: asyncio.Future[None], cuda_handle: int,
-                  event: aiocuda.Event) -> int:
+                  event: aiocuda.Event, cpu_event: aiocuda.Event) -> int:
     """Runs in the forked child; returns a bitmask of failed checks (0: all passed)."""
     failed = 0
     asyncio.events._set_running_loop(None)  # the parent's loop is not running in this process
@@ -63,6 +63,16 @@ def _child_checks(s: aiocuda.CpuStream, pending: asyncio.Future[None], cuda_hand
         except aiocuda.AiocudaError as exc:
             if "fork" not in str(exc):
                 failed |= 16
+    # The parent's cpu event, recorded behind work still running at the fork: that work does
+    # not run here, so a wait on it would never end (a child stream's worker hung in it, and
+    # every later submit with it). Refused, saying why.
+    for check in (cpu_event.synchronize, lambda: aiocuda.CpuStream().wait_event(cpu_event)):
+        try:
+            check()
+            failed |= 64
+        except aiocuda.AiocudaError as exc:
+            if "before fork()" not in str(exc):
+                failed |= 64
     # The parent's loop reader, called here as the parent's loop copy calls it (uvloop polls
     # the epoll set it shares with the parent once more while an exception unwinds through the
     # copy): it neither reads the parent's fd nor raises.
@@ -103,16 +113,18 @@ def test_fork_while_work_is_pending(run, emu):
         with aiocuda.CpuStream() as s:
             s.delay(0.2)
             pending = aiocuda.synchronize(s)
+            cpu_event = aiocuda.record(s)
             pid = _fork()
             if pid == 0:  # child
                 code = 1
                 try:
-                    code = 10 + _child_checks(s, pending, h, event)
+                    code = 10 + _child_checks(s, pending, h, event, cpu_event)
                 finally:
                     os._exit(code)
             code = await _exit_code(pid, 30)
             await asyncio.wait_for(pending, 10)  # the parent's work completes as if nothing happened
             await asyncio.wait_for(event, 10)
+            await asyncio.wait_for(cpu_event, 10)
             return code
 
     assert run(main()) == 10

@@ -353,7 +353,8 @@ class CpuStream(_core.CpuStreamBase):
         if on_loop_thread():
             return  # never wait on a loop's thread
         while not self._wait_closed(_CLOSE_SLICE_S):
-            pass  # in slices: a signal (Ctrl-C) is handled between two
+            if sys.is_finalizing():  # past exit's bounded wait (AIOCUDA_EXIT_TIMEOUT): a worker
+                return  # reaching Python code now is stopped by CPython and never exits
 
     async def aclose(self) -> None:
         """Stop accepting work and wait until the work already submitted has run.

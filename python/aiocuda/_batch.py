@@ -172,7 +172,7 @@ class Batcher(Generic[T, R]):
                 "__dict__ (__slots__): add '__dict__' to its __slots__, where each instance "
                 "keeps its batcher"
             ) from None
-        bound = store.get(self._attr)
+        bound: Batcher[T, R] | None = store.get(self._attr)
         # A shallow copy (copy.copy) shares the original's __dict__ entries: a batcher made for
         # another instance is replaced, or the copy's calls would run as the original's.
         if bound is None or getattr(bound._fn, "__self__", None) is not obj:
@@ -183,7 +183,7 @@ class Batcher(Generic[T, R]):
                 bound = store.get(self._attr)
                 if bound is None or getattr(bound._fn, "__self__", None) is not obj:
                     store[self._attr] = bound = made
-        return bound  # type: ignore[no-any-return]
+        return bound
 
     # ---- pickling (Ray ships a deployment's class by value): settings only ----------------------
 

@@ -305,7 +305,7 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
         await synchronize(stream, device=ordinal)
         return result
     cpu = stream if isinstance(stream, CpuStream) else _cpu_pool.get()
-    return await cpu.submit(_in_callers_state(fn, args, kwargs))
+    return await cpu.submit(_InCallersState(fn, args, kwargs))
 
 
 def _stream_ordinal(device: object) -> int | None:
@@ -323,35 +323,48 @@ def _stream_ordinal(device: object) -> int | None:
                      "stream's CUDA device (0, 'cuda:0'), or a CpuStream")
 
 
-def _in_callers_state(fn: Callable[..., T], args: tuple[Any, ...],
-                      kwargs: dict[str, Any]) -> Callable[[], T]:
+class _InCallersState:
     """`fn(*args, **kwargs)` to run on a cpu worker as it would on the caller's thread: in the
     caller's contextvars (as asyncio.to_thread does) and, with torch, its grad, inference and
-    cpu autocast modes, which torch keeps per thread (torch's parallel_apply carries them too)."""
-    ctx = contextvars.copy_context()
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return functools.partial(ctx.run, fn, *args, **kwargs)
-    grad = torch.is_grad_enabled()
-    inference = torch.is_inference_mode_enabled()
-    try:
-        autocast = torch.is_autocast_enabled("cpu")
-        dtype = torch.get_autocast_dtype("cpu")
-    except (TypeError, AttributeError):  # torch before 2.4
-        autocast = torch.is_autocast_cpu_enabled()
-        dtype = torch.get_autocast_cpu_dtype()
+    cpu autocast modes, which torch keeps per thread (torch's parallel_apply carries them too).
+    Its repr is `fn`'s, for the messages that name the function."""
 
-    def call() -> T:
+    __slots__ = ("fn", "args", "kwargs", "ctx", "torch", "grad", "inference", "autocast", "dtype")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> None:
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+        self.ctx = contextvars.copy_context()
+        self.torch = torch = sys.modules.get("torch")
+        if torch is None:
+            return
+        self.grad = torch.is_grad_enabled()
+        self.inference = torch.is_inference_mode_enabled()
+        try:
+            self.autocast = torch.is_autocast_enabled("cpu")
+            self.dtype = torch.get_autocast_dtype("cpu")
+        except (TypeError, AttributeError):  # torch before 2.4
+            self.autocast = torch.is_autocast_cpu_enabled()
+            self.dtype = torch.get_autocast_cpu_dtype()
+
+    def __call__(self) -> Any:
+        return self.ctx.run(self._call)
+
+    def _call(self) -> Any:
+        torch = self.torch
+        if torch is None:
+            return self.fn(*self.args, **self.kwargs)
         with contextlib.ExitStack() as modes:
-            if inference:
+            if self.inference:
                 modes.enter_context(torch.inference_mode())
-            if not grad:
+            if not self.grad:
                 modes.enter_context(torch.no_grad())
-            if autocast:
-                modes.enter_context(torch.autocast("cpu", dtype=dtype))
-            return fn(*args, **kwargs)
+            if self.autocast:
+                modes.enter_context(torch.autocast("cpu", dtype=self.dtype))
+            return self.fn(*self.args, **self.kwargs)
 
-    return functools.partial(ctx.run, call)
+    def __repr__(self) -> str:
+        return repr(self.fn)
 
 
 def _tf_cuda_ordinal(index: int) -> int:

@@ -371,13 +371,13 @@ async def _then(aw: Awaitable[Any], value: T) -> T:
     return value
 
 
-def _from_torch_future(tfut: torch.futures.Future[Any]) -> asyncio.Future[Any]:
+def _from_torch_future(tfut: torch._C.Future[Any]) -> asyncio.Future[Any]:
     """An asyncio future settled from a torch Future's completion (a Python callback on the
     thread that completes it: torch futures are Python-level objects, not driver work)."""
     loop = running_loop("awaiting a torch.futures.Future")
     fut: asyncio.Future[Any] = loop.create_future()
 
-    def settle(done: torch.futures.Future[Any]) -> None:  # on the loop thread
+    def settle(done: torch._C.Future[Any]) -> None:  # on the loop thread
         if fut.done():
             return
         try:
@@ -385,7 +385,7 @@ def _from_torch_future(tfut: torch.futures.Future[Any]) -> asyncio.Future[Any]:
         except Exception as exc:  # the collective failed: the awaiting task gets the error
             fut.set_exception(exc)
 
-    def on_done(done: torch.futures.Future[Any]) -> None:
+    def on_done(done: torch._C.Future[Any]) -> None:
         try:
             loop.call_soon_threadsafe(settle, done)
         except RuntimeError:  # the loop was closed meanwhile: nobody is waiting any more
