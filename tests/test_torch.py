@@ -119,6 +119,18 @@ def test_gpu_op_finds_the_tensors_at_any_depth(monkeypatch):
     assert _ops.placement(None, ([[1]], {"a": "text"}), {}, None, None) == _ops.CPU
 
 
+def test_device_is_checked_against_a_torch_streams_device(monkeypatch):
+    # device= beside a stream that says its device (a torch.cuda.Stream) must agree with it;
+    # only beside a stream that does not (a handle, __cuda_stream__) does it name the device.
+    torch_stream = object()  # stands for a torch.cuda.Stream on cuda:0 (no GPU here)
+    own = _ops._stream_place
+    monkeypatch.setattr(_ops, "_stream_place", lambda s: Place("torch", torch.device("cuda", 0))
+                        if s is torch_stream else own(s))
+    with pytest.raises(ValueError, match="cuda:0.*cuda:1"):
+        _ops.placement(torch.neg, (torch.ones(1),), {}, torch_stream, "cuda:1")
+    assert _ops.placement(torch.neg, (torch.ones(1),), {}, 7, "cuda:1") == Place("stream")
+
+
 def test_a_device_without_an_index_names_the_tensors_device(monkeypatch):
     on_gpu1 = object()  # stands for a tensor on cuda:1 (no GPU here)
     cuda1 = Place("torch", torch.device("cuda", 1))
@@ -171,6 +183,32 @@ def test_a_module_among_the_arguments_or_behind_fn_decides_the_path():
     assert _ops.placement(step, (torch.nn.Linear(2, 2), x), {}, None, None) == _ops.CPU
 
 
+def test_only_a_module_or_tensor_behind_fn_counts(monkeypatch):
+    # Anything else behind fn is not looked into: a bound method of an array of another
+    # library (jax's x.block_until_ready), of a proxy that has every attribute, or of a large
+    # cache (walking it held the loop) runs as before.
+    class Foreign:  # a DLPack-capable array of a library aiocuda does not know
+        def __dlpack__(self):  # pragma: no cover - never called
+            raise AssertionError
+
+        def block_until_ready(self) -> None:  # pragma: no cover
+            pass
+
+    class Proxy:  # an RPC proxy: every attribute exists
+        def __getattr__(self, name: str) -> object:
+            return lambda *a: None
+
+    looked: list[object] = []
+    monkeypatch.setattr(_ops, "place_of", lambda v: looked.append(v))
+    cache = {i: [torch.zeros(1)] for i in range(1000)}
+    for fn in (Foreign().block_until_ready, Proxy().compute, cache.get):
+        assert _ops.placement(fn, (5,), {}, None, None) == _ops.CPU
+    assert looked == []
+    t = torch.zeros(2)
+    assert _ops.placement(t.add, (1,), {}, None, None) == _ops.CPU
+    assert looked == [t]  # a tensor's own method: the tensor counts
+
+
 def test_plain_values_are_not_looked_at_one_by_one(monkeypatch):
     # Each element of every list went through place_of on the loop thread: gpu_op(sum, a list
     # of a million ints) held the loop 1.35 s for 4 ms of work. Scalars are skipped by type, a
@@ -187,7 +225,7 @@ def test_plain_values_are_not_looked_at_one_by_one(monkeypatch):
     rows = [[0.5] * 16 for _ in range(1000)]
     assert _ops.placement(sum, (ids, rows, {"text": "a", "n": 1.5}, (None, True, b"x")), {},
                           None, None) == _ops.CPU
-    assert looked == [sum]  # fn itself (the builtins module behind it is not walked)
+    assert looked == []
     assert _ops.placement(sum, ([1, "a", [2.0, on_gpu]],), {}, None, None) == Place("tf", 0)
 
 
@@ -215,6 +253,12 @@ def test_gpu_op_on_a_cpu_worker_keeps_the_callers_torch_modes_and_contextvars(ru
             out["inference_mode"] = (probe(x), await aiocuda.gpu_op(probe, x))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out["autocast"] = (probe(x), await aiocuda.gpu_op(probe, x))
+        with torch.inference_mode(), torch.enable_grad():
+            out["inference_mode, enable_grad"] = (probe(x), await aiocuda.gpu_op(probe, x))
+        # A call that turns grad off on its worker leaves the next call as its caller is.
+        with aiocuda.CpuStream() as s:
+            await aiocuda.gpu_op(torch.set_grad_enabled, False, stream=s)
+            out["after a call set grad off"] = (probe(x), await aiocuda.gpu_op(probe, x, stream=s))
         return out
 
     out = run_any(main())

@@ -8,7 +8,6 @@ so aiocuda never imports a framework itself.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -17,7 +16,6 @@ import os
 import re
 import sys
 import threading
-import types
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -96,27 +94,32 @@ def place_of(value: object) -> Place | None:
 _SCALARS = frozenset((int, float, complex, bool, str, bytes, type(None)))
 
 
-def _parts_of(fn: object) -> list[object]:
-    """What `fn` carries that may hold tensors: a functools.partial's arguments, a bound
-    method's object (a torch module's forward)."""
-    parts: list[object] = []
+def _parts_of(fn: object) -> tuple[list[object], list[object]]:
+    """What `fn` carries: a functools.partial's arguments (walked as arguments are), and the
+    callables and the object of a bound method, which only a torch module or tensor counts from
+    (a module's forward, a tensor's method): any other object behind `fn` (a cache, a proxy, an
+    array of another library) is not looked into."""
+    args: list[object] = []
     while isinstance(fn, functools.partial):
-        parts += [*fn.args, *fn.keywords.values()]
+        args += [*fn.args, *fn.keywords.values()]
         fn = fn.func
-    owner = getattr(fn, "__self__", None)
-    if owner is not None and not isinstance(owner, types.ModuleType):  # builtins' is a module
-        parts.append(owner)
-    parts.append(fn)
-    return parts
+    return args, [fn, getattr(fn, "__self__", None)]
 
 
 def _values(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[object]:
     """The arguments, at any depth of lists, tuples, sets, mappings (a tokenizer's
-    ``BatchEncoding`` is one) and dataclasses, each container once; for a torch module (`fn`,
-    the object of a bound method `fn`, or an argument) its first parameter."""
-    stack: list[object] = [*reversed(kwargs.values()), *reversed(args), *_parts_of(fn)]
+    ``BatchEncoding`` is one) and dataclasses, each container once; for a torch module (an
+    argument, `fn`, or the object of a bound method `fn`) its first parameter."""
+    bound, owners = _parts_of(fn)
+    stack: list[object] = [*reversed(kwargs.values()), *reversed(args), *reversed(bound)]
     seen: dict[int, object] = {}  # id -> container: held, so that no id is reused meanwhile
     torch = sys.modules.get("torch")
+    if torch is not None:
+        for v in owners:
+            if isinstance(v, torch.nn.Module):
+                yield next(itertools.chain(v.parameters(), v.buffers()), None)
+            elif isinstance(v, torch.Tensor):
+                yield v
     while stack:
         v = stack.pop()
         if type(v) in _SCALARS:
@@ -163,8 +166,8 @@ def _parse_device(device: object) -> Place:
         if _TF_DEVICE.search(text):
             return _tf_place(text)
     raise ValueError(
-        f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or a torch.device (PyTorch), "
-        "or '/GPU:N' (TensorFlow)"
+        f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N', a CUDA ordinal N or a "
+        "torch.device (PyTorch), or '/GPU:N' (TensorFlow)"
     )
 
 
@@ -214,7 +217,7 @@ def placement(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any], stream:
             "to one device first (tensor.to(device)), then call gpu_op"
         )
     place = next(iter(found.values()), None)
-    if device is not None and stream is not None and _is_cuda_stream(stream):
+    if device is not None and stream is not None and _stream_place(stream).kind == "stream":
         _stream_ordinal(device)  # device= only says which device the stream is on
         device = None
     for what, given in (("device=", None if device is None else _parse_device(device)),
@@ -313,6 +316,9 @@ def _stream_ordinal(device: object) -> int | None:
     needs one); None for "cuda" with no index."""
     if isinstance(device, int) and not isinstance(device, bool):
         return _device_index(device)
+    if isinstance(device, str) and re.fullmatch(r"cuda(:\d+)?", device.strip()):
+        digits = device.strip()[5:]  # torch's spelling, read without torch
+        return _device_index(int(digits)) if digits else None
     place = _parse_device(device)
     if place.kind == "torch":
         index: int | None = place.device.index
@@ -326,45 +332,46 @@ def _stream_ordinal(device: object) -> int | None:
 class _InCallersState:
     """`fn(*args, **kwargs)` to run on a cpu worker as it would on the caller's thread: in the
     caller's contextvars (as asyncio.to_thread does) and, with torch, its grad, inference and
-    cpu autocast modes, which torch keeps per thread (torch's parallel_apply carries them too).
-    Its repr is `fn`'s, for the messages that name the function."""
+    cpu autocast modes, which torch keeps per thread (torch's parallel_apply carries them too),
+    set on the worker whatever an earlier call left there. Its repr is `fn`'s, for the messages
+    that name the function."""
 
-    __slots__ = ("fn", "args", "kwargs", "ctx", "torch", "grad", "inference", "autocast", "dtype")
+    __slots__ = ("fn", "args", "kwargs", "ctx", "torch", "modes")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: dict[str, Any]) -> None:
         self.fn, self.args, self.kwargs = fn, args, kwargs
         self.ctx = contextvars.copy_context()
         self.torch = torch = sys.modules.get("torch")
-        if torch is None:
-            return
-        self.grad = torch.is_grad_enabled()
-        self.inference = torch.is_inference_mode_enabled()
-        try:
-            self.autocast = torch.is_autocast_enabled("cpu")
-            self.dtype = torch.get_autocast_dtype("cpu")
-        except (TypeError, AttributeError):  # torch before 2.4
-            self.autocast = torch.is_autocast_cpu_enabled()
-            self.dtype = torch.get_autocast_cpu_dtype()
+        self.modes = None if torch is None else _torch_modes(torch)
 
     def __call__(self) -> Any:
         return self.ctx.run(self._call)
 
     def _call(self) -> Any:
         torch = self.torch
-        if torch is None:
+        if torch is None or _torch_modes(torch) == self.modes:
             return self.fn(*self.args, **self.kwargs)
-        with contextlib.ExitStack() as modes:
-            if self.inference:
-                modes.enter_context(torch.inference_mode())
-            if not self.grad:
-                modes.enter_context(torch.no_grad())
-            if self.autocast:
-                modes.enter_context(torch.autocast("cpu", dtype=self.dtype))
+        grad, inference, autocast, dtype, cache = self.modes  # type: ignore[misc]
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
+                torch.autocast("cpu", enabled=autocast, dtype=dtype, cache_enabled=cache):
             return self.fn(*self.args, **self.kwargs)
 
     def __repr__(self) -> str:
         return repr(self.fn)
+
+
+def _torch_modes(torch: Any) -> tuple[Any, ...]:
+    """This thread's torch modes that a cpu worker takes over: grad, inference, cpu autocast
+    (on, and if on its dtype and cache)."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch 2.4 and later
+        autocast = torch.is_autocast_enabled("cpu")
+        dtype = torch.get_autocast_dtype("cpu") if autocast else None
+    else:
+        autocast = torch.is_autocast_cpu_enabled()
+        dtype = torch.get_autocast_cpu_dtype() if autocast else None
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast, dtype,
+            torch.is_autocast_cache_enabled() if autocast else None)
 
 
 def _tf_cuda_ordinal(index: int) -> int:
