@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -788,12 +789,13 @@ def _doorbell_rung(strategy: str, bells_before: int) -> None:
         assert wait_until(lambda: _core.cuda_stats()["bells"] > bells_before, 5), "no doorbell"
 
 
-def _await_held_at_its_doorbell(emu, s: int) -> asyncio.Future[None]:
-    """Await `s` (flag strategy, work pending) and have the emulator hold the placer in the
-    driver right after the doorbell's record that the late mark brings; returns the await."""
+def _await_held_at_its_doorbell(emu, s: int, start: Any = aiocuda.synchronize) -> Any:
+    """Await `s` (flag strategy, work pending; `start`: synchronize, or record for an Event) and
+    have the emulator hold the placer in the driver right after the doorbell's record that the
+    late mark brings; returns the await (or the Event)."""
     _core.cuda_hold(True)  # no doorbell before the pause is armed (after the await's mark)
     try:
-        fut = aiocuda.synchronize(s)
+        fut = start(s)
         emu.lib.emu_pause_after_next_mark(ctypes.c_void_p(s))
     finally:
         _core.cuda_hold(False)
@@ -1241,13 +1243,16 @@ def test_an_await_never_joins_a_mark_while_it_is_being_placed(run, emu, strategy
     emu.lib.cuStreamDestroy_v2(s)
 
 
-def test_no_await_ends_while_a_doorbell_is_put_on_its_stream(run, emu):
+@pytest.mark.parametrize("kind", ["await", "event"])
+def test_nothing_ends_while_a_doorbell_is_put_on_its_stream(run, emu, kind):
     # A doorbell is an enqueue on the user's stream, made by the placer thread. Once an await of
     # that stream has ended, the program may destroy the stream (the test suite's churn of
     # streams does): the await must not end while the placer is still in the driver with the
-    # stream (the emulator aborted on a destroyed handle, ASan run of CI run 5). The emulator
-    # holds the placer right after the doorbell's record; the stream passes the await's mark
-    # meanwhile; the await ends only once the placer is back.
+    # stream (the emulator aborted on a destroyed handle, ASan run of CI run 5). Nor may an
+    # aiocuda.Event, whose done() and blocking synchronize() read the stream's word themselves,
+    # say done (found by review: done() did, the program destroyed the stream, the emulator
+    # aborted). The emulator holds the placer right after the doorbell's record; the stream
+    # passes the mark meanwhile; the wait ends only once the placer is back.
     s = emu.stream()
     word = _host_word(emu)
     assert emu.lib.cuStreamWaitValue32_v2(ctypes.c_void_p(s), word.device, 1, 0) == 0  # held
@@ -1256,58 +1261,23 @@ def test_no_await_ends_while_a_doorbell_is_put_on_its_stream(run, emu):
         cleanup.callback(word.write, 1)
 
         async def main():
-            fut = _await_held_at_its_doorbell(emu, s)
-            word.write(1)  # the stream passes the await's mark (and the doorbell)
-            assert wait_until(lambda: emu.lib.cuStreamQuery(ctypes.c_void_p(s)) == 0, 5)
-            await asyncio.sleep(0.05)  # the engine has looked at the word by now
-            ended_while_held = fut.done()
-            emu.lib.emu_resume()
-            await asyncio.wait_for(fut, 5)
-            return ended_while_held
-
-        assert not run(main()), "the await ended while the placer was putting a doorbell"
-    _unregister(emu, word)
-    emu.lib.cuStreamDestroy_v2(s)
-
-
-def test_no_event_says_done_while_a_doorbell_is_put_on_its_stream(run, emu):
-    # The same rule for an aiocuda.Event, whose done() and synchronize() read the stream's word
-    # themselves: once either says done, the program may destroy the stream, so neither may
-    # while the placer is still in the driver with it (found by review: done() said True
-    # there, the program destroyed the stream, and the emulator aborted on the placer's next
-    # call on the destroyed handle).
-    s = emu.stream()
-    word = _host_word(emu)
-    assert emu.lib.cuStreamWaitValue32_v2(ctypes.c_void_p(s), word.device, 1, 0) == 0  # held
-    with flag_strategy(backstop_ms=60_000), contextlib.ExitStack() as cleanup:
-        cleanup.callback(emu.lib.emu_resume)
-        cleanup.callback(word.write, 1)
-
-        async def main():
-            _core.cuda_hold(True)  # no doorbell before the pause is armed (after the mark)
-            try:
-                ev = aiocuda.record(s)
-                emu.lib.emu_pause_after_next_mark(ctypes.c_void_p(s))
-            finally:
-                _core.cuda_hold(False)
-            assert wait_until(lambda: emu.lib.emu_paused() == 1, 5), "no doorbell was placed"
-            word.write(1)  # the stream passes the Event's mark (and the doorbell)
+            waited = _await_held_at_its_doorbell(
+                emu, s, aiocuda.synchronize if kind == "await" else aiocuda.record)
+            word.write(1)  # the stream passes the mark (and the doorbell)
             assert wait_until(lambda: emu.lib.cuStreamQuery(ctypes.c_void_p(s)) == 0, 5)
             synced = threading.Event()
-            waiter = threading.Thread(target=lambda: (ev.synchronize(), synced.set()))
-            waiter.start()
+            if kind == "event":
+                threading.Thread(target=lambda: (waited.synchronize(), synced.set()),
+                                 daemon=True).start()
             await asyncio.sleep(0.05)  # the engine has looked at the word by now
-            seen = (ev.done(), synced.is_set())
+            said_done = waited.done() or synced.is_set()
             emu.lib.emu_resume()
-            await asyncio.wait_for(ev, 5)
-            waiter.join(5)
-            return seen, ev.done(), synced.is_set()
+            await asyncio.wait_for(waited, 5)
+            assert kind == "await" or wait_until(synced.is_set, 5)
+            return said_done
 
-        seen, done_after, synced_after = run(main())
-    assert seen == (False, False), "the Event said done while the placer was putting a doorbell"
-    assert done_after and synced_after
+        assert not run(main()), "it said done while the placer was putting a doorbell"
     _unregister(emu, word)
-    emu.lib.emu_resume()
     emu.lib.cuStreamDestroy_v2(s)
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 import warnings
+from collections.abc import Callable
 
 import pytest
 
@@ -56,23 +57,14 @@ def _child_checks(s: aiocuda.CpuStream, pending: asyncio.Future[None], cuda_hand
         except BaseException:
             failed |= bit
     # The parent's CUDA event: querying or waiting on it says why, without touching the driver.
-    for check in (event.done, event.synchronize):
-        try:
-            check()
-            failed |= 16
-        except aiocuda.AiocudaError as exc:
-            if "fork" not in str(exc):
-                failed |= 16
+    if not _each_refused_saying("fork", event.done, event.synchronize):
+        failed |= 16
     # The parent's cpu event, recorded behind work still running at the fork: that work does
     # not run here, so a wait on it would never end (a child stream's worker hung in it, and
     # every later submit with it). Refused, saying why.
-    for check in (cpu_event.synchronize, lambda: aiocuda.CpuStream().wait_event(cpu_event)):
-        try:
-            check()
-            failed |= 64
-        except aiocuda.AiocudaError as exc:
-            if "before fork()" not in str(exc):
-                failed |= 64
+    if not _each_refused_saying("before fork()", cpu_event.synchronize,
+                                lambda: aiocuda.CpuStream().wait_event(cpu_event)):
+        failed |= 64
     # The parent's loop reader, called here as the parent's loop copy calls it (uvloop polls
     # the epoll set it shares with the parent once more while an exception unwinds through the
     # copy): it neither reads the parent's fd nor raises.
@@ -89,6 +81,18 @@ def _child_checks(s: aiocuda.CpuStream, pending: asyncio.Future[None], cuda_hand
     if not _loop._orphans:
         failed |= 32  # the parent's loop state was not handed over as an orphan
     return failed
+
+
+def _each_refused_saying(why: str, *calls: Callable[[], object]) -> bool:
+    """Whether each call raises an AiocudaError whose message contains `why`."""
+    for call in calls:
+        try:
+            call()
+            return False
+        except aiocuda.AiocudaError as exc:
+            if why not in str(exc):
+                return False
+    return True
 
 
 async def _exit_code(pid: int, timeout: float) -> int | str:
