@@ -53,6 +53,7 @@ class Place:
 
 CPU = Place(_CPU)
 
+_TORCH_CUDA = re.compile(r"cuda(?::(\d+))?")  # torch's spelling: "cuda", "cuda:N"
 _TF_DEVICE = re.compile(r"(?:^|/|device:)(CPU|GPU):(\d+)$", re.IGNORECASE)
 
 
@@ -157,7 +158,7 @@ def _parse_device(device: object) -> Place:
         text = device.strip()
         if text.lower() == _CPU:
             return CPU
-        if re.fullmatch(r"cuda(:\d+)?", text):
+        if _TORCH_CUDA.fullmatch(text):
             if torch is None:
                 raise ValueError(f"device={device!r} names a torch device, but torch is not "
                                  "imported: import torch first, or pass a TensorFlow device "
@@ -316,9 +317,9 @@ def _stream_ordinal(device: object) -> int | None:
     needs one); None for "cuda" with no index."""
     if isinstance(device, int) and not isinstance(device, bool):
         return _device_index(device)
-    if isinstance(device, str) and re.fullmatch(r"cuda(:\d+)?", device.strip()):
-        digits = device.strip()[5:]  # torch's spelling, read without torch
-        return _device_index(int(digits)) if digits else None
+    m = _TORCH_CUDA.fullmatch(device.strip()) if isinstance(device, str) else None
+    if m:  # read without torch
+        return None if m.group(1) is None else _device_index(int(m.group(1)))
     place = _parse_device(device)
     if place.kind == "torch":
         index: int | None = place.device.index
