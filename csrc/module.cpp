@@ -35,6 +35,7 @@ struct Hooks {
     PyObject* refused = nullptr;           // (code, text) -> exception instance
     PyObject* no_loop = nullptr;           // (what) -> exception instance
     PyObject* other_loop = nullptr;        // () -> a trio run's loop adapter, or None
+    PyObject* nested_trio = nullptr;       // () -> a trio run's adapter beside asyncio's, or None
     PyObject* invalid_state = nullptr;     // asyncio.InvalidStateError
     PyObject* s_create_future = nullptr;
     PyObject* s_set_result = nullptr;
@@ -400,6 +401,30 @@ PyObject* get_running_loop() {
 PyObject* get_running_loop() { return PyObject_CallNoArgs(hooks.get_running_loop); }
 #endif
 
+// True if trio is running a tick on this thread: it says so in sniffio's thread-local name
+// (trio imports sniffio). Costs a dict lookup where trio was never imported.
+bool trio_ticking() {
+    static PyObject* s_trio = PyUnicode_InternFromString("trio");
+    static PyObject* s_name = PyUnicode_InternFromString("name");
+    static PyObject* local = nullptr;  // sniffio.thread_local, once trio is imported
+    if (!local) {
+        PyObject* mods = PyImport_GetModuleDict();
+        PyObject* sniffio = PyDict_GetItemWithError(mods, s_trio)  // borrowed
+                                ? PyDict_GetItemString(mods, "sniffio")
+                                : nullptr;
+        local = sniffio ? PyObject_GetAttrString(sniffio, "thread_local") : nullptr;
+        if (!local) {
+            PyErr_Clear();
+            return false;
+        }
+    }
+    PyObject* name = PyObject_GetAttr(local, s_name);
+    bool trio = name && PyUnicode_Check(name) && PyUnicode_Compare(name, s_trio) == 0;
+    Py_XDECREF(name);
+    PyErr_Clear();
+    return trio;
+}
+
 PyObject* running_loop(const char* what) {
     PyObject* loop = get_running_loop();
     if (loop == Py_None) {  // no asyncio loop: maybe a trio run (aiocuda._trio), else an error
@@ -408,6 +433,14 @@ PyObject* running_loop(const char* what) {
         if (loop != Py_None) return loop;
         Py_DECREF(loop);
         return raise_from(PyObject_CallFunction(hooks.no_loop, "s", what));
+    }
+    if (loop && trio_ticking()) {  // a trio run on an asyncio loop's thread, or the reverse
+        PyObject* trio_loop = PyObject_CallNoArgs(hooks.nested_trio);
+        if (!trio_loop || trio_loop != Py_None) {
+            Py_DECREF(loop);
+            return trio_loop;
+        }
+        Py_DECREF(trio_loop);
     }
     return loop;
 }
@@ -670,7 +703,8 @@ PYBIND11_MODULE(_core, m) {
 
     m.def("install_hooks", [](py::object get_running_loop, py::object state_for,
                               py::object cuda_handle, py::object refused, py::object no_loop,
-                              py::object invalid_state, py::object other_loop) {
+                              py::object invalid_state, py::object other_loop,
+                              py::object nested_trio) {
         hooks.get_running_loop = get_running_loop.release().ptr();
         hooks.state_for = state_for.release().ptr();
         hooks.cuda_handle = cuda_handle.release().ptr();
@@ -678,6 +712,7 @@ PYBIND11_MODULE(_core, m) {
         hooks.no_loop = no_loop.release().ptr();
         hooks.invalid_state = invalid_state.release().ptr();
         hooks.other_loop = other_loop.release().ptr();
+        hooks.nested_trio = nested_trio.release().ptr();
     });
     if (PyModule_AddFunctions(m.ptr(), fast_methods) != 0) throw py::error_already_set();
 

@@ -264,6 +264,123 @@ def test_a_trio_run_and_an_asyncio_loop_at_once():
     settle_native()
 
 
+@pytest.mark.parametrize("how", ["trio.run in a coroutine", "guest of asyncio",
+                                 "asyncio.run in a trio task"])
+def test_asyncio_and_trio_on_one_thread_each_call_gets_the_loop_that_runs_it(how):
+    # Jupyter's %autoawait trio calls trio.run from a coroutine; trio's guest mode runs on an
+    # asyncio host; a trio task may call asyncio.run. Each aiocuda call belongs to the loop
+    # running the calling task, the native fast path (synchronize) included.
+    import asyncio
+
+    async def in_trio() -> str:
+        with aiocuda.CpuStream() as s:
+            s.delay(0.01)
+            fut = aiocuda.synchronize(s)
+            assert not isinstance(fut, asyncio.Future)
+            await fut
+            assert await s.submit(lambda: 2) == 2
+            assert await aiocuda.gpu_op(lambda: 3) == 3
+        return "trio"
+
+    async def in_asyncio() -> str:
+        with aiocuda.CpuStream() as s:
+            s.delay(0.01)
+            fut = aiocuda.synchronize(s)
+            assert isinstance(fut, asyncio.Future)
+            await fut
+            assert await s.submit(lambda: 4) == 4
+        return "asyncio"
+
+    if how == "trio.run in a coroutine":
+        async def host() -> tuple[str, str]:
+            return trio.run(in_trio), await in_asyncio()
+
+        assert asyncio.run(host()) == ("trio", "asyncio")
+    elif how == "guest of asyncio":
+        async def host() -> tuple[str, str]:
+            loop = asyncio.get_running_loop()
+            done: asyncio.Future[object] = loop.create_future()
+            trio.lowlevel.start_guest_run(
+                in_trio, run_sync_soon_threadsafe=loop.call_soon_threadsafe,
+                done_callback=done.set_result)
+            outcome = await done
+            return outcome.unwrap(), await in_asyncio()  # type: ignore[attr-defined]
+
+        assert asyncio.run(host()) == ("trio", "asyncio")
+    else:
+        async def host() -> tuple[str, str]:
+            return asyncio.run(in_asyncio()), await in_trio()
+
+        assert trio.run(host) == ("asyncio", "trio")
+    settle_native()
+
+
+def test_awaiting_again_after_the_last_waiter_was_cancelled_raises_an_aiocuda_error():
+    # asyncio's CancelledError is a BaseException trio knows nothing of: it escaped the run.
+    async def main():
+        with aiocuda.CpuStream() as s:
+            s.delay(0.1)
+            fut = s.submit(lambda: 5)
+            with trio.move_on_after(0.005):
+                await fut
+            with pytest.raises(aiocuda.AiocudaError, match="outcome was dropped"):
+                await fut
+            await s
+
+    trio.run(main)
+    settle_native()
+
+
+def test_a_future_waits_with_ctrl_c_deferred_until_it_sleeps(monkeypatch):
+    # Ctrl-C between joining the waiters and sleeping would leave the task among them, to be
+    # rescheduled while it sleeps elsewhere ("Should never have been rescheduled"): trio delivers
+    # it through abort() instead where the code is KI-protected, as ParkingLot.park is.
+    import aiocuda._trio as trio_adapter
+
+    seen = []
+    real = trio.lowlevel.wait_task_rescheduled
+
+    async def spy(abort):
+        seen.append(trio.lowlevel.currently_ki_protected())
+        return await real(abort)
+
+    monkeypatch.setattr(trio_adapter.trio.lowlevel, "wait_task_rescheduled", spy)
+
+    async def main():
+        with aiocuda.CpuStream() as s:
+            s.delay(0.01)
+            await s.submit(lambda: 1)
+
+    trio.run(main)
+    assert seen == [True]
+
+
+def test_done_callbacks_run_in_their_callers_context_as_on_asyncio():
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="none")
+
+    async def main():
+        loop = _loop.running_loop("test")
+        seen = []
+        var.set("caller")
+        fut = loop.create_future()
+        fut.add_done_callback(lambda f: seen.append(("implicit", var.get())))
+        ctx = contextvars.copy_context()
+        ctx.run(var.set, "explicit")
+        fut.add_done_callback(lambda f: seen.append(("context=", var.get())), context=ctx)
+        var.set("later")  # the context was copied when the callback was added
+        fut.set_result(1)
+        done = loop.create_future()
+        done.set_result(2)
+        done.add_done_callback(lambda f: seen.append(("done", var.get())))
+        await trio.sleep(0.01)
+        return seen
+
+    assert trio.run(main) == [("implicit", "caller"), ("context=", "explicit"),
+                              ("done", "later")]
+
+
 def test_closing_a_stream_in_a_trio_run_never_waits_for_its_work():
     async def main():
         gate = threading.Event()

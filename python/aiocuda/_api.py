@@ -15,7 +15,8 @@ from typing import Any, Protocol, TypeVar, Union, runtime_checkable
 
 from . import _core
 from ._errors import AiocudaError, CudaError
-from ._loop import no_loop_error, on_loop_thread, other_loop, running_loop, shield, state_for
+from ._loop import (nested_trio, no_loop_error, on_loop_thread, other_loop, running_loop, shield,
+                    state_for)
 
 __all__ = [
     "CpuStream", "Event", "StreamLike", "backends", "record", "set_strategy", "strategy",
@@ -115,6 +116,7 @@ _core.install_hooks(
     no_loop_error,
     asyncio.InvalidStateError,
     other_loop,
+    nested_trio,
 )
 
 #: Native: runs once per operation. See its docstring (``help(aiocuda.synchronize)``).

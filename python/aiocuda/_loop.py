@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import threading
+import types
 import weakref
 from _weakref import _remove_dead_weakref  # type: ignore[attr-defined]
 from collections.abc import Awaitable, Callable, Generator, Iterable
@@ -17,8 +18,8 @@ from typing import Any
 from . import _core
 from ._errors import AiocudaError
 
-__all__ = ["Statistics", "statistics", "state_for", "running_loop", "other_loop", "shield",
-           "wait_all", "spawn", "is_trio"]
+__all__ = ["Statistics", "statistics", "state_for", "running_loop", "other_loop", "nested_trio",
+           "shield", "wait_all", "spawn", "is_trio"]
 
 _log = logging.getLogger("aiocuda")
 
@@ -128,7 +129,9 @@ def no_loop_error(what: str) -> AiocudaError:
     """The error for calling `what` where no event loop is running."""
     return AiocudaError(
         f"{what} needs a running event loop: call it from a coroutine or a callback "
-        "running on the loop (for example inside asyncio.run(...) or trio.run(...))"
+        "running on the loop (for example inside asyncio.run(...) or trio.run(...)); from a "
+        "worker thread (run_in_executor, to_thread), hand it back to the loop with "
+        "asyncio.run_coroutine_threadsafe, trio.from_thread.run or anyio.from_thread.run"
     )
 
 
@@ -144,6 +147,34 @@ def other_loop() -> Any:
     return _trio.current_loop()
 
 
+def nested_trio() -> Any:
+    """Where asyncio has a running loop too: the trio run's adapter if the caller runs in a trio
+    run nested in that loop's thread, else None.
+
+    Both run on one thread when trio is a guest of an asyncio host
+    (``trio.lowlevel.start_guest_run``), when a coroutine calls ``trio.run`` (Jupyter's
+    ``%autoawait trio``), or when a trio task calls ``asyncio.run``. trio marks its ticks in
+    sniffio's thread-local (which an asyncio run nested in a trio task does not undo); then the
+    nearest frame of either library's code on the caller's stack says which one runs the caller:
+    trio steps its tasks from trio._core, asyncio from its loop's callbacks (uvloop: from the
+    asyncio.runners frame that started it).
+    """
+    sniffio = sys.modules.get("sniffio")  # imported by trio
+    if "trio" not in sys.modules or sniffio is None or sniffio.thread_local.name != "trio":
+        return None
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        top = str(frame.f_globals.get("__name__", "")).partition(".")[0]
+        if top == "trio":
+            from . import _trio
+
+            return _trio.current_loop()
+        if top in ("asyncio", "uvloop"):
+            return None
+        frame = frame.f_back
+    return None
+
+
 def running_loop(what: str) -> asyncio.AbstractEventLoop:
     """Return the running loop (asyncio's, or a trio run's adapter), or raise an error saying
     where `what` must be called."""
@@ -152,6 +183,10 @@ def running_loop(what: str) -> asyncio.AbstractEventLoop:
         loop = other_loop()
         if loop is None:
             raise no_loop_error(what)
+    elif "trio" in sys.modules:
+        trio_loop = nested_trio()
+        if trio_loop is not None:
+            loop = trio_loop
     return loop
 
 
@@ -184,6 +219,13 @@ def is_trio(loop: object) -> bool:
 # Tasks spawn() started on asyncio loops, kept alive until they end (the loop keeps only weak
 # references to its tasks). A set of any thread's tasks: add and discard are atomic under the GIL.
 _spawned: set[asyncio.Task[None]] = set()
+
+
+def drop_closed_spawned() -> None:
+    """Forget the tasks of loops closed while they were pending: they will never run again, and
+    would keep their loop, and what they reference, alive."""
+    for task in [t for t in list(_spawned) if t.get_loop().is_closed()]:  # list(): atomic
+        _spawned.discard(task)
 
 
 def spawn(loop: Any, fn: Callable[..., Awaitable[object]], *args: Any) -> None:

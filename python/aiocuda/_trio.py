@@ -18,6 +18,7 @@ queue with it: futures still pending are dropped, records still in flight free t
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar
@@ -57,15 +58,20 @@ class TrioLoop:
         self._readers: dict[int, trio.CancelScope] = {}
         self._deferred = 0  # futures' done callbacks (and wake-ups behind them) not run yet
 
-    def defer(self, fn: Callable[..., object], *args: Any) -> None:
-        """Run `fn(*args)` soon on the run's thread, in order with other deferred calls; an
-        exception is logged (it must not crash the run)."""
+    def defer(self, fn: Callable[..., object], *args: Any,
+              context: contextvars.Context | None = None) -> None:
+        """Run `fn(*args)` soon on the run's thread (in `context`, if given), in order with other
+        deferred calls; an exception is logged (it must not crash the run)."""
         self._deferred += 1
-        self.call_soon(self._run_deferred, fn, args)
+        self.call_soon(self._run_deferred, fn, args, context)
 
-    def _run_deferred(self, fn: Callable[..., object], args: tuple[Any, ...]) -> None:
+    def _run_deferred(self, fn: Callable[..., object], args: tuple[Any, ...],
+                      context: contextvars.Context | None) -> None:
         try:
-            fn(*args)
+            if context is None:
+                fn(*args)
+            else:
+                context.run(fn, *args)
         except Exception:
             _log.exception("aiocuda: exception in a future's done callback %r", fn)
         finally:
@@ -138,7 +144,8 @@ class TrioFuture(Generic[T]):
         self._state = _PENDING
         self._value: Any = None
         self._exc: BaseException | None = None
-        self._callbacks: list[Callable[[TrioFuture[T]], object]] = []
+        # (callback, the context it runs in: its caller's, as asyncio.Future's)
+        self._callbacks: list[tuple[Callable[[TrioFuture[T]], object], contextvars.Context]] = []
         self._waiters: list[Any] = []  # trio tasks, each asleep in _wait
 
     def get_loop(self) -> TrioLoop:
@@ -181,15 +188,17 @@ class TrioFuture(Generic[T]):
         return True
 
     def add_done_callback(self, fn: Callable[[TrioFuture[T]], object], *,
-                          context: object = None) -> None:
+                          context: contextvars.Context | None = None) -> None:
+        if context is None:
+            context = contextvars.copy_context()
         if self._state != _PENDING:
-            self._loop.defer(fn, self)
+            self._loop.defer(fn, self, context=context)
         else:
-            self._callbacks.append(fn)
+            self._callbacks.append((fn, context))
 
     def remove_done_callback(self, fn: Callable[[TrioFuture[T]], object]) -> int:
         before = len(self._callbacks)
-        self._callbacks = [cb for cb in self._callbacks if cb != fn]
+        self._callbacks = [cb for cb in self._callbacks if cb[0] != fn]
         return before - len(self._callbacks)
 
     def _settle(self, state: int, value: Any, exc: BaseException | None) -> None:
@@ -204,11 +213,15 @@ class TrioFuture(Generic[T]):
             return
         # As on asyncio: done callbacks run soon, in completion order, and a task woken by a
         # later completion runs after the callbacks of earlier ones.
-        for fn in callbacks:
-            loop.defer(fn, self)
+        for fn, context in callbacks:
+            loop.defer(fn, self, context=context)
         if waiters:
             loop.defer(_wake, waiters)
 
+    # Ctrl-C between joining the waiters and sleeping would leave this task among them, to be
+    # rescheduled later while it sleeps elsewhere: it arrives through abort() instead, as in
+    # trio's own ParkingLot.park.
+    @trio.lowlevel.enable_ki_protection
     async def _wait(self, shielded: bool) -> T:
         try:
             here = trio.lowlevel.current_trio_token()
@@ -221,6 +234,12 @@ class TrioFuture(Generic[T]):
             )
         if self._state != _PENDING:
             await trio.lowlevel.checkpoint()  # trio's rule: every await may switch and cancel
+            if self._state == _CANCELLED:  # asyncio's CancelledError means nothing to trio
+                raise AiocudaError(
+                    "this aiocuda operation's wait was given up (its last waiter was cancelled), "
+                    "so its outcome was dropped: start it again, or await an aiocuda.Event "
+                    "recorded for it (a cancelled wait does not drop an Event)"
+                )
             return self.result()
         task = trio.lowlevel.current_task()
         self._waiters.append(task)
