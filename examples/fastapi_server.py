@@ -24,21 +24,27 @@ import socket
 import statistics
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import uvicorn
-from fastapi import FastAPI, HTTPException, Query
-from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
 
 import aiocuda
 
 FEATURES, HIDDEN, CLASSES = 32, 64, 4
+FLOAT32_MAX = 3.4028234663852886e38
+
+# Finite, and within float32 (the model's dtype: 1e308 becomes inf there): anything else is
+# refused with a 422 for its own request, instead of a row of NaN probabilities.
+Feature = Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
 
 
 class Features(BaseModel):
-    x: list[float]
+    x: list[Feature]
 
 
 def create_app() -> FastAPI:
@@ -68,8 +74,16 @@ def create_app() -> FastAPI:
     app = FastAPI(title="aiocuda example")
     app.state.batch_sizes = batch_sizes
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the input, and JSON has no inf or nan: a 500 instead.
+        detail = [{k: e[k] for k in ("type", "loc", "msg")} for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
+
     @app.post("/predict")
     async def predict(body: Features) -> dict[str, Any]:
+        # Validated before it joins a batch: a batch fails as a whole, so one malformed request
+        # would fail every request batched with it.
         if len(body.x) != FEATURES:
             raise HTTPException(422, f"x must be {FEATURES} numbers, got {len(body.x)}")
         probs = await classify(torch.tensor(body.x, device=device))
@@ -124,9 +138,10 @@ async def drive(app: FastAPI, requests: int) -> None:
             latencies = await asyncio.gather(*(one(i) for i in range(requests)))
             wall = time.perf_counter() - t0
             sizes = app.state.batch_sizes
-            print(f"POST /predict: {requests} concurrent requests in {wall * 1e3:.0f} ms, "
-                  f"p50 {statistics.median(latencies) * 1e3:.1f} ms, "
-                  f"{len(sizes)} batches (largest {max(sizes)})")
+            if latencies:  # --requests 0: nothing measured
+                print(f"POST /predict: {requests} concurrent requests in {wall * 1e3:.0f} ms, "
+                      f"p50 {statistics.median(latencies) * 1e3:.1f} ms, "
+                      f"{len(sizes)} batches (largest {max(sizes)})")
             bad = await client.post("/predict", json={"x": [1.0]})
             assert bad.status_code == 422, bad.text
 

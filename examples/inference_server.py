@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import statistics
 import sys
 import time
@@ -90,22 +91,45 @@ def torch_predictors() -> tuple[Infer, Infer, str]:
     return with_aiocuda, with_executor, f"PyTorch {torch.__version__} on {device}"
 
 
+def valid_features(body: object) -> list[float] | None:
+    """The body's "x", if it is FEATURES finite numbers; else None."""
+    x = body.get("x") if isinstance(body, dict) else None
+    if not isinstance(x, list) or len(x) != FEATURES:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+               for v in x):
+        return None
+    return x
+
+
+def make_app(batcher: Batcher) -> Any:
+    """The server: ``POST /predict`` ``{"x": [FEATURES numbers]}`` -> ``{"y": label}``."""
+    from aiohttp import web
+
+    async def predict(request: web.Request) -> web.Response:
+        # Validated before it joins a batch: a batch fails as a whole, so one malformed request
+        # would fail every request batched with it.
+        try:
+            body = await request.json()
+        except ValueError:  # not JSON
+            body = None
+        x = valid_features(body)
+        if x is None:
+            return web.json_response({"error": f"x must be {FEATURES} finite numbers"},
+                                     status=400)
+        return web.json_response({"y": await batcher.predict(x)})
+
+    app = web.Application()
+    app.router.add_post("/predict", predict)
+    return app
+
+
 async def serve(infer: Infer, seconds: float, clients: int) -> dict[str, Any]:
     """Start the server on a free loopback port, run the load generator against it, stop."""
     from aiohttp import web
 
     batcher = Batcher(infer)
-
-    async def predict(request: web.Request) -> web.Response:
-        body = await request.json()
-        x = body.get("x")
-        if not isinstance(x, list) or len(x) != FEATURES:
-            return web.json_response({"error": f"x must be {FEATURES} numbers"}, status=400)
-        return web.json_response({"y": await batcher.predict(x)})
-
-    app = web.Application()
-    app.router.add_post("/predict", predict)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(make_app(batcher), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -16,6 +16,7 @@ go through a deployment handle. Then ``serve.shutdown()`` and ``ray.shutdown()``
 
 import argparse
 import logging
+import math
 import time
 from typing import Any
 
@@ -47,6 +48,12 @@ class Classifier:
         return [(label, len(xs)) for label in labels.tolist()]
 
     async def __call__(self, x: list[float]) -> dict[str, Any]:
+        # Validated before it joins a batch: a batch fails as a whole, so one malformed request
+        # would fail every request batched with it. This error reaches this caller only.
+        if not (isinstance(x, list) and len(x) == FEATURES and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in x)):
+            raise ValueError(f"x must be a list of {FEATURES} finite numbers")
         label, batch = await self.classify(torch.tensor(x, device=self.device))
         return {"label": label, "batch": batch, "device": self.device, "backends": aiocuda_backends()}
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import statistics
 import time
 from typing import Any
@@ -100,7 +101,9 @@ async def run_engine(engine_name: str, streams: int, tokens: int, step_ms: float
         "device": device, "wall": wall, "sequences": [r["tokens"] for r in results],
         "tok_s": sum(len(r["tokens"]) for r in results) / wall,
         "ttft_ms": statistics.median(r["ttft"] for r in results) * 1e3,
-        "itl_p50_ms": gaps[len(gaps) // 2] * 1e3, "itl_max_ms": gaps[-1] * 1e3,
+        # --tokens 1: one token per stream, no gap between tokens to measure
+        "itl_p50_ms": gaps[len(gaps) // 2] * 1e3 if gaps else math.nan,
+        "itl_max_ms": gaps[-1] * 1e3 if gaps else math.nan,
         "steps": stats["steps"], "max_active": stats["max_active"],
     }
 

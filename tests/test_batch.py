@@ -8,8 +8,12 @@ never be reached.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import math
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -279,6 +283,11 @@ def test_an_exception_reaches_every_caller_of_its_batch_and_no_other(go):
     (lambda items: items[:-1], ValueError, "got 3 items and returned 2 results"),
     (lambda items: items + [0], ValueError, "got 3 items and returned 4 results"),
     (lambda items: None, TypeError, "returned NoneType, not a sequence"),
+    # list() takes these, but their elements are not one result per item in order
+    (lambda items: "abc", TypeError, "returned str, not a sequence of results"),
+    (lambda items: b"abc", TypeError, "returned bytes, not a sequence of results"),
+    (lambda items: {i: i for i in items}, TypeError, "returned dict, not a sequence of results"),
+    (lambda items: set(items), TypeError, "returned set, not a sequence of results"),
 ])
 def test_a_wrong_number_of_results_fails_every_caller(go, returns, error, match):
     async def body() -> None:
@@ -303,6 +312,65 @@ def test_a_wrong_number_of_results_fails_every_caller(go, returns, error, match)
             assert isinstance(e, error) and match in str(e), e
 
     go(body)
+
+
+@pytest.mark.parametrize("has_cancelling", [True, False], ids=["cancelling", "py310"])
+def test_a_cancelled_error_from_the_batch_function_is_an_error_for_its_callers(
+        go, monkeypatch, has_cancelling):
+    # Something the function awaited was cancelled, not its batch: the callers looked cancelled
+    # (a TaskGroup even took that for no error at all).
+    monkeypatch.setattr("aiocuda._batch._HAS_CANCELLING", has_cancelling, raising=False)
+
+    async def body() -> None:
+        @aiocuda.batch(max_batch_size=2, max_wait_s=HOUR)
+        async def f(items: list[int]) -> list[int]:
+            out = await doubled(items)
+            if 0 in items:
+                raise asyncio.CancelledError()  # as awaiting a task that was cancelled does
+            return out
+
+        got: dict[int, Any] = {}
+
+        async def call(i: int) -> None:
+            try:
+                got[i] = await f(i)
+            except BaseException as exc:  # noqa: BLE001 -- what each caller sees
+                got[i] = exc
+
+        async with anyio.create_task_group() as tg:
+            for i in range(4):
+                tg.start_soon(call, i)
+        for i in (0, 1):
+            assert isinstance(got[i], RuntimeError), got
+            assert "the batch function raised CancelledError" in str(got[i])
+            assert isinstance(got[i].__cause__, asyncio.CancelledError)
+        assert (got[2], got[3]) == (4, 6)  # the batcher goes on
+
+    go(body)
+
+
+@pytest.mark.parametrize("has_cancelling", [True, False], ids=["cancelling", "py310"])
+def test_a_batch_task_that_is_cancelled_cancels_its_callers(monkeypatch, has_cancelling):
+    # The other side of the test above: a cancelled batch (its task's cancel(), as asyncio.run
+    # ends) is a cancellation for its callers, not an error; Python 3.10 has no cancelling().
+    monkeypatch.setattr("aiocuda._batch._HAS_CANCELLING", has_cancelling, raising=False)
+    batch_tasks: list[asyncio.Task[Any]] = []
+
+    @aiocuda.batch(max_batch_size=1, max_wait_s=HOUR)
+    async def f(items: list[int]) -> list[int]:
+        batch_tasks.append(asyncio.current_task())  # type: ignore[arg-type]
+        await asyncio.sleep(HOUR)
+        return items
+
+    async def run() -> None:
+        caller = asyncio.ensure_future(f(1))
+        await until(lambda: bool(batch_tasks))
+        batch_tasks[0].cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert batch_tasks[0].cancel.__name__ == "cancel"  # py310: the task's own cancel() again
+
+    asyncio.run(run())
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -332,6 +400,75 @@ def test_a_function_that_is_not_async_is_refused():
         aiocuda.batch(max_batch_size=4)(plain)
     with pytest.raises(TypeError, match="pass the settings as keywords"):
         aiocuda.batch(32)  # type: ignore[call-overload]
+
+
+def test_an_async_callable_object_or_partial_is_an_async_function(go):
+    import functools
+
+    class Scaled:  # a model wrapper
+        def __init__(self, k: int) -> None:
+            self.k = k
+
+        async def __call__(self, items: list[int]) -> list[int]:
+            return [self.k * y for y in await doubled(items)]
+
+    async def scaled(k: int, items: list[int]) -> list[int]:
+        return [k * y for y in await doubled(items)]
+
+    class Holder:  # as a class attribute, neither is bound to the instance (as without batch)
+        by_object = aiocuda.batch(Scaled(3))
+        by_partial = aiocuda.batch(functools.partial(scaled, 5))
+
+    with pytest.raises(TypeError, match="needs an async function"):
+        aiocuda.batch(Scaled)  # the class: calling it makes an instance, not a coroutine
+
+    async def body() -> tuple[int, int]:
+        h = Holder()
+        return await h.by_object(1), await h.by_partial(1)
+
+    assert go(body) == (6, 10)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="mypy is not installed")
+def test_mypy_strict_takes_a_function_returning_a_tensor_like_or_an_async_callable(tmp_path):
+    # A tensor's rows are a valid return ("anything list() takes"), and a tensor is Iterable,
+    # not a Sequence: mypy --strict refused the decorated function.
+    (tmp_path / "typed.py").write_text(textwrap.dedent("""
+        from __future__ import annotations
+        from collections.abc import Iterator
+        import aiocuda
+
+        class Rows:  # a tensor: iterable over its rows, not a Sequence
+            def __iter__(self) -> Iterator[float]:
+                return iter([1.0])
+
+        @aiocuda.batch(max_batch_size=8)
+        async def rows(items: list[int]) -> Rows:
+            return Rows()
+
+        @aiocuda.batch
+        async def strs(items: list[int]) -> tuple[str, ...]:
+            return tuple(str(i) for i in items)
+
+        class Scaled:
+            async def __call__(self, items: list[int]) -> list[int]:
+                return items
+
+        class Model:
+            @aiocuda.batch(max_batch_size=4)
+            async def predict(self, items: list[int]) -> Rows:
+                return Rows()
+
+        async def main() -> None:
+            a: float = await rows(1)
+            b: str = await strs(1)
+            c: int = await aiocuda.batch(Scaled())(1)
+            d: float = await Model().predict(1)
+            print(a, b, c, d)
+    """))
+    r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", "typed.py"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_calling_it_outside_a_loop_says_where():
@@ -439,6 +576,82 @@ class Model:
     async def predict(self, items: list[int]) -> list[int]:
         self.batches.append(sorted(items))
         return [self.scale * y // 2 for y in await doubled(items)]
+
+
+def test_each_batch_runs_in_its_own_first_callers_contextvars(go):
+    # The dispatcher ran in the first caller's copied context, and every batch it started in
+    # that one: under steady load, later batches read a finished request's contextvars, which
+    # stayed alive as long as the dispatcher did.
+    import contextvars
+
+    request = contextvars.ContextVar("request", default="unset")
+    seen: list[tuple[str, list[int]]] = []
+
+    async def body() -> None:
+        gate = anyio.Event()
+
+        @aiocuda.batch(max_batch_size=2, max_wait_s=HOUR)
+        async def f(items: list[int]) -> list[int]:
+            seen.append((request.get(), sorted(items)))
+            if len(seen) == 1:
+                await gate.wait()  # 2 to 5 arrive while this batch runs: one dispatcher
+            return await doubled(items)
+
+        async def call(i: int) -> None:
+            request.set(f"request-{i}")
+            assert await f(i) == 2 * i
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, 0)
+            await until(lambda: bool(queues(f)) and len(queues(f)[0].waiting) == 1)
+            tg.start_soon(call, 1)
+            await until(lambda: len(seen) == 1)
+            for i in range(2, 6):
+                tg.start_soon(call, i)
+                await until(lambda: len(queues(f)[0].waiting) == i - 1)
+            gate.set()
+
+    go(body)
+    assert seen == [("request-0", [0, 1]), ("request-2", [2, 3]), ("request-4", [4, 5])]
+
+
+def test_a_loop_closed_with_callers_waiting_is_freed_when_another_loop_comes():
+    # run_until_complete, then close(), as a loop of a thread of its own ends: its callers'
+    # futures, in the batcher's queue, kept the loop (the queue's weak key) and their items
+    # alive forever, and aiocuda kept its dispatcher task.
+    import gc
+    import weakref
+
+    class Big:  # a request's tensor
+        pass
+
+    @aiocuda.batch(max_batch_size=64, max_wait_s=HOUR)
+    async def f(items: list[Big]) -> list[Big]:
+        return items
+
+    async def start_callers(items: list[Big]) -> None:
+        for it in items:
+            asyncio.ensure_future(f(it))
+        for _ in range(5):
+            await asyncio.sleep(0)  # queued; the dispatcher sleeps
+
+    loop = asyncio.new_event_loop()
+    items = [Big() for _ in range(3)]
+    refs = [weakref.ref(x) for x in items]
+    loop.run_until_complete(start_callers(items))
+    loop.close()
+    loop_ref = weakref.ref(loop)
+    del loop, items
+
+    async def later() -> None:  # another loop uses the batcher
+        task = asyncio.ensure_future(f(Big()))
+        await asyncio.sleep(0)
+        task.cancel()
+
+    asyncio.run(later())
+    gc.collect()
+    assert loop_ref() is None
+    assert [r() for r in refs] == [None, None, None]
 
 
 def test_the_batch_function_runs_in_its_first_callers_contextvars(go):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -22,12 +26,13 @@ def missing(path: Path) -> list[str]:
     return [n for n in needs if importlib.util.find_spec(n) is None]
 
 
-def run_example(path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_example(path: Path, env: dict[str, str] | None = None,
+                args: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     absent = missing(path)
     if absent:
         pytest.skip(f"examples/{path.name} needs {', '.join(absent)}, which is not installed")
-    r = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120,
-                       env=env)
+    r = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True,
+                       timeout=120, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     return r
 
@@ -93,6 +98,97 @@ def test_distributed_training_prints_each_ranks_totals_and_leaves_no_thread(tmp_
     exits = re.findall(r"^EXIT-THREADS (\d+) \[(.*)\]$", r.stderr, re.MULTILINE)
     assert len(exits) == 3, r.stderr  # the launcher and two ranks
     assert all(left == "" for _, left in exits), r.stderr
+
+
+def example(name: str) -> ModuleType:
+    """Import examples/<name>.py (skipped where what it needs is not installed)."""
+    path = next(p for p in EXAMPLES if p.name == f"{name}.py")
+    absent = missing(path)
+    if absent:
+        pytest.skip(f"examples/{path.name} needs {', '.join(absent)}, which is not installed")
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name, args", [
+    ("fastapi_server", ("--requests", "0")),  # max() of no batch sizes
+    ("token_server", ("--tokens", "1", "--streams", "2", "--engine", "aiocuda")),  # no gaps
+])
+def test_an_example_runs_with_the_least_work(name: str, args: tuple[str, ...]) -> None:
+    r = run_example(next(p for p in EXAMPLES if p.name == f"{name}.py"), args=args)
+    assert "done" in r.stdout, r.stdout + r.stderr
+
+
+def test_fastapi_server_refuses_features_that_are_not_finite_float32() -> None:
+    # They got a 200 with null probabilities (1e308 is inf in float32); inf and nan, once
+    # refused, made FastAPI's own error response fail (it echoes the input: no inf in JSON).
+    ex = example("fastapi_server")
+    import httpx
+
+    async def main() -> list[tuple[int, str]]:
+        transport = httpx.ASGITransport(app=ex.create_app(), raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            out = []
+            for value in ("1e308", "-1e39", "Infinity", "-Infinity", "NaN", "0.5"):
+                body = '{"x": [%s]}' % ", ".join([value] * ex.FEATURES)
+                r = await client.post("/predict", content=body,
+                                      headers={"content-type": "application/json"})
+                out.append((r.status_code, r.text))
+            return out
+
+    replies = asyncio.run(main())
+    assert [code for code, _ in replies] == [422] * 5 + [200], replies
+    assert "finite" in replies[2][1] and "null" not in replies[-1][1]
+
+
+def test_inference_server_refuses_a_malformed_request_alone() -> None:
+    # Checked after batching (the length only), one request of strings failed the whole batch
+    # (500 for all); a body that was not JSON, or not an object, was a 500.
+    ex = example("inference_server")
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async def main() -> tuple[list[int], list[int]]:
+        batcher = ex.Batcher(ex.torch_predictors()[0])
+        worker = asyncio.ensure_future(batcher.run())
+        try:
+            async with TestClient(TestServer(ex.make_app(batcher))) as client:
+                async def post(**kw: Any) -> int:
+                    async with client.post("/predict", **kw) as r:
+                        return r.status
+
+                good = [post(json={"x": [0.1] * ex.FEATURES}) for _ in range(15)]
+                bad = [post(json={"x": ["a"] * ex.FEATURES}),
+                       post(json={"x": [float("nan")] * ex.FEATURES}),
+                       post(json={"x": [True] * ex.FEATURES}),
+                       post(json=[1, 2]), post(data="{not json")]
+                codes = await asyncio.gather(*good, *bad)
+                return codes[:15], codes[15:]
+        finally:
+            worker.cancel()
+
+    good, bad = asyncio.run(main())
+    assert good == [200] * 15 and bad == [400] * 5, (good, bad)
+
+
+def test_ray_serve_deployment_refuses_a_malformed_request_alone() -> None:
+    # The deployment's class itself, without Ray: a request one feature short, sent with good
+    # ones, failed them all (torch.stack of the batch).
+    with warnings.catch_warnings():  # ray's own deprecation warnings, at import
+        warnings.simplefilter("ignore")
+        ex = example("ray_serve")
+    replica = ex.Classifier.func_or_class()
+
+    async def main() -> list[Any]:
+        good = [replica([0.1] * ex.FEATURES) for _ in range(7)]
+        bad = [replica([0.1] * (ex.FEATURES - 1)), replica(["a"] * ex.FEATURES)]
+        return await asyncio.gather(*good, *bad, return_exceptions=True)
+
+    replies = asyncio.run(main())
+    assert all(isinstance(r, dict) for r in replies[:7]), replies
+    assert all(isinstance(r, ValueError) and "finite numbers" in str(r) for r in replies[7:])
 
 
 def test_there_are_examples() -> None:

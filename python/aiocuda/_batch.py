@@ -9,32 +9,39 @@ nothing waits, and the callers' futures made by the loop they run on.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import math
+import sys
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any, Generic, TypeVar, overload
 
-from ._loop import is_trio, running_loop, shield, spawn
+from ._loop import drop_closed_spawned, is_trio, running_loop, shield, spawn
 
 __all__ = ["Batcher", "batch"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-BatchFn = Callable[[list[T]], Awaitable[Sequence[R]]]
-MethodFn = Callable[[Any, list[T]], Awaitable[Sequence[R]]]
+# Iterable, not Sequence: a tensor (its rows) is a valid return, and is not a Sequence.
+BatchFn = Callable[[list[T]], Awaitable[Iterable[R]]]
+MethodFn = Callable[[Any, list[T]], Awaitable[Iterable[R]]]
+
+# Python 3.10's tasks have no cancelling(): there, a batch task records its own cancel() calls.
+_HAS_CANCELLING = sys.version_info >= (3, 11)
 
 
 class _Entry:
-    """One caller's item and the future its caller awaits."""
+    """One caller's item, the future its caller awaits, and the caller's contextvars."""
 
-    __slots__ = ("item", "fut", "arrived")
+    __slots__ = ("item", "fut", "arrived", "ctx")
 
-    def __init__(self, item: Any, fut: Any, arrived: float) -> None:
-        self.item, self.fut, self.arrived = item, fut, arrived
+    def __init__(self, item: Any, fut: Any, arrived: float, ctx: contextvars.Context) -> None:
+        self.item, self.fut, self.arrived, self.ctx = item, fut, arrived, ctx
 
 
 class _Queue:
@@ -93,6 +100,51 @@ async def _sleep_until_woken(loop: Any, q: _Queue, timeout: float | None) -> Non
             fut.cancel()
 
 
+def _is_cancellation(exc: BaseException) -> bool:
+    if isinstance(exc, asyncio.CancelledError):
+        return True
+    trio = sys.modules.get("trio")
+    return trio is not None and isinstance(exc, trio.Cancelled)
+
+
+class _CancelCalls:
+    """Whether the running batch task itself is being cancelled (not something it awaited)."""
+
+    __slots__ = ("_loop", "_task", "_called")
+
+    def __init__(self, loop: Any) -> None:
+        self._loop, self._task, self._called = loop, None, False
+        if is_trio(loop) or _HAS_CANCELLING:
+            return
+        task: Any = asyncio.current_task()
+        cancel = task.cancel
+
+        def tracked(msg: Any = None) -> bool:
+            self._called = True
+            return cancel(msg)  # type: ignore[no-any-return]
+
+        try:
+            task.cancel = tracked  # asyncio.run and others cancel a task by its cancel()
+            self._task = task
+        except AttributeError:  # a task class that takes no attributes: as if cancelled
+            self._called = True
+
+    def cancelled(self) -> bool:
+        if is_trio(self._loop):
+            import trio
+
+            return trio.current_effective_deadline() == -math.inf
+        if _HAS_CANCELLING:
+            cancelling = getattr(asyncio.current_task(), "cancelling", None)
+            return cancelling is None or cancelling() > 0
+        return self._called
+
+    def close(self) -> None:
+        if self._task is not None:
+            del self._task.cancel  # the task's own method again (and no reference cycle)
+            self._task = None
+
+
 def _check_settings(max_batch_size: object, max_wait_s: object,
                     max_concurrent_batches: object) -> None:
     for name, value in (("max_batch_size", max_batch_size),
@@ -113,7 +165,10 @@ def _check_function(fn: object) -> None:
     if not callable(fn):
         raise TypeError(f"aiocuda.batch decorates an async function, got {type(fn).__name__}: "
                         "pass the settings as keywords, @aiocuda.batch(max_batch_size=32)")
-    if not inspect.iscoroutinefunction(fn):
+    # An object with an `async def __call__` (a model wrapper) is an async function too; its
+    # type's __call__, not its own attribute: a class's __call__ would make an instance.
+    if not (inspect.iscoroutinefunction(fn)
+            or inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))):
         raise TypeError(
             f"aiocuda.batch needs an async function (async def f(items: list) -> list), got "
             f"{fn!r}: make it an async def and await its GPU work in it (aiocuda.gpu_op)"
@@ -133,7 +188,10 @@ class Batcher(Generic[T, R]):
       function gets the items in arrival order and must return one result per item, in
       that order (a list, a tuple, a tensor's rows: anything ``list()`` takes).
     - An exception from the function reaches every caller of that batch; a wrong number of
-      results fails them all with a ``ValueError``. Other batches are not affected.
+      results fails them all with a ``ValueError``. Other batches are not affected. A
+      ``CancelledError`` from the function (something it awaited was cancelled) reaches them
+      as a ``RuntimeError``: only a batch cancelled itself (its loop ending) cancels them.
+    - The function runs in its batch's first caller's contextvars (a copy).
     - A caller cancelled before its batch starts is left out of it; cancelled after, its
       result is dropped and the batch goes on (the GPU work runs to its end anyway).
     - Each event loop (asyncio, uvloop, or a trio run) has its own queue: callers on
@@ -142,13 +200,13 @@ class Batcher(Generic[T, R]):
     - On a method, each instance gets its own batcher (its own queues), as a bound method.
     """
 
-    def __init__(self, fn: Callable[..., Awaitable[Sequence[R]]], *, max_batch_size: int = 32,
+    def __init__(self, fn: Callable[..., Awaitable[Iterable[R]]], *, max_batch_size: int = 32,
                  max_wait_s: float = 0.002, max_concurrent_batches: int = 1) -> None:
         _check_function(fn)
         _check_settings(max_batch_size, max_wait_s, max_concurrent_batches)
         self._setup(fn, max_batch_size, float(max_wait_s), max_concurrent_batches)
 
-    def _setup(self, fn: Callable[..., Awaitable[Sequence[R]]], max_batch_size: int,
+    def _setup(self, fn: Callable[..., Awaitable[Iterable[R]]], max_batch_size: int,
                max_wait_s: float, max_concurrent_batches: int) -> None:
         self._fn = fn
         self.max_batch_size = max_batch_size
@@ -162,8 +220,8 @@ class Batcher(Generic[T, R]):
     # ---- methods: one batcher per instance ----------------------------------------------------
 
     def __get__(self, obj: object, objtype: type | None = None) -> Batcher[T, R]:
-        if obj is None:
-            return self
+        if obj is None or not hasattr(self._fn, "__get__"):
+            return self  # an async callable object or a partial: not a method, as without us
         try:
             store: dict[str, Any] = obj.__dict__
         except AttributeError:
@@ -203,12 +261,14 @@ class Batcher(Generic[T, R]):
         loop = running_loop(f"{self._name()}(item)")
         q = self._queue(loop)
         fut = loop.create_future()
-        entry = _Entry(item, fut, _now(loop))
+        entry = _Entry(item, fut, _now(loop), contextvars.copy_context())
         q.waiting[entry] = None
         if not q.dispatching:
             q.dispatching = True
             try:
-                spawn(loop, self._dispatch, loop, q)
+                # In an empty context: the dispatcher outlives this caller, and would keep its
+                # contextvars alive and hand them to every later batch.
+                contextvars.Context().run(spawn, loop, self._dispatch, loop, q)
             except BaseException:  # the loop is closing: nothing will run this batch
                 q.dispatching = False
                 del q.waiting[entry]
@@ -231,8 +291,21 @@ class Batcher(Generic[T, R]):
     def _queue(self, loop: Any) -> _Queue:
         q = self._queues.get(loop)
         if q is None:
+            stale: list[_Queue] = []
             with self._lock:
-                q = self._queues.setdefault(loop, _Queue())
+                q = self._queues.get(loop)
+                if q is None:
+                    # A loop closed with callers waiting (run_until_complete, then close()) is
+                    # never collected: its queue's futures reference it. Drop such queues now.
+                    for old, old_q in list(self._queues.items()):
+                        if old.is_closed():
+                            stale.append(old_q)
+                            del self._queues[old]
+                    q = self._queues[loop] = _Queue()
+            for old_q in stale:  # outside the lock: this may drop a loop's last reference
+                old_q.waiting.clear()
+            if stale:
+                drop_closed_spawned()  # their dispatchers, which will never run again
         return q
 
     # ---- the loop's dispatcher and batches ----------------------------------------------------
@@ -254,14 +327,17 @@ class Batcher(Generic[T, R]):
                     for entry in entries:
                         del q.waiting[entry]
                     q.running += 1
-                    spawn(loop, self._run_batch, q, entries)
+                    # In its first caller's contextvars (a request id, a trace span), as if
+                    # that caller had called the function.
+                    entries[0].ctx.run(spawn, loop, self._run_batch, loop, q, entries)
                     continue
                 await _sleep_until_woken(loop, q, None if not free else deadline - now)
         finally:
             q.dispatching = False
 
-    async def _run_batch(self, q: _Queue, entries: list[_Entry]) -> None:
+    async def _run_batch(self, loop: Any, q: _Queue, entries: list[_Entry]) -> None:
         """Call the function on the entries' items; give each caller its result or the error."""
+        cancels = _CancelCalls(loop)
         try:
             live = [e for e in entries if not e.fut.done()]  # not cancelled since it was taken
             if not live:
@@ -270,12 +346,21 @@ class Batcher(Generic[T, R]):
                 out = await self._fn([e.item for e in live])
                 results = self._results(out, len(live))
             except Exception as exc:
-                for e in live:
-                    if not e.fut.done():
-                        e.fut.set_exception(exc)
+                self._fail(live, exc)
                 return
-            except BaseException:  # cancelled (the loop is shutting down) or interrupted
-                for e in live:
+            except BaseException as exc:
+                if _is_cancellation(exc) and not cancels.cancelled():
+                    # The function's own (a future or task it awaited was cancelled by something
+                    # else): its callers were not cancelled, they get an error.
+                    err = RuntimeError(
+                        f"{self._name()}: the batch function raised CancelledError, but its "
+                        "batch was not cancelled (something it awaited was): catch it in the "
+                        "function, or raise another exception"
+                    )
+                    err.__cause__ = exc
+                    self._fail(live, err)
+                    return
+                for e in live:  # cancelled (the loop is shutting down) or interrupted
                     if not e.fut.done():
                         e.fut.cancel()
                 raise
@@ -283,10 +368,24 @@ class Batcher(Generic[T, R]):
                 if not e.fut.done():  # a caller cancelled after the start: its result is dropped
                     e.fut.set_result(r)
         finally:
+            cancels.close()
             q.running -= 1
             q.wake()
 
+    @staticmethod
+    def _fail(live: list[_Entry], exc: BaseException) -> None:
+        for e in live:
+            if not e.fut.done():
+                e.fut.set_exception(exc)
+
     def _results(self, out: object, n: int) -> list[R]:
+        if isinstance(out, (str, bytes, bytearray, Mapping, AbstractSet)):
+            # list() takes them, but their elements are not one result per item, in order.
+            raise TypeError(
+                f"{self._name()} returned {type(out).__name__}, not a sequence of results: "
+                "return one result per item, in the items' order (a list, a tuple, a tensor's "
+                "rows)"
+            )
         try:
             results: list[R] = list(out)  # type: ignore[call-overload]
         except TypeError:
@@ -319,7 +418,7 @@ def batch(*, max_batch_size: int = 32, max_wait_s: float = 0.002,
 
 def batch(fn: Any = None, /, *, max_batch_size: int = 32, max_wait_s: float = 0.002,
           max_concurrent_batches: int = 1) -> Any:
-    """Turn ``async def f(items: list[T]) -> Sequence[R]`` into a :class:`Batcher` whose
+    """Turn ``async def f(items: list[T]) -> Iterable[R]`` into a :class:`Batcher` whose
     ``await b(item)`` returns that item's result, computed in a batch with other callers' items.
 
     Use it bare (``@aiocuda.batch``) or with settings
