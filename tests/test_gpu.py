@@ -534,13 +534,17 @@ def test_gpu_op_on_cuda_tensors(run, torch_cuda):
 
 
 def test_gpu_op_refuses_mixed_devices(run, torch_cuda):
-    """Tensors on two devices, or a stream of another device, are refused with what to do."""
+    """Tensors on two devices, or a stream of another device, are refused with what to do; CPU
+    tensors beside CUDA ones are torch's business (a 0-dim CPU scalar is fine there)."""
     torch = torch_cuda
 
     async def main():
-        with pytest.raises(ValueError, match="different devices: cpu, cuda:0"):
-            await aiocuda.gpu_op(torch.add, torch.ones(1, device="cuda"), torch.ones(1))
+        got = await aiocuda.gpu_op(torch.add, torch.ones(1, device="cuda"), torch.tensor(2.0))
+        assert got.device.type == "cuda" and got.item() == 3.0
         if torch.cuda.device_count() > 1:
+            with pytest.raises(ValueError, match="different devices: cuda:0, cuda:1"):
+                await aiocuda.gpu_op(torch.add, torch.ones(1, device="cuda:0"),
+                                     torch.ones(1, device="cuda:1"))
             s1 = torch.cuda.Stream(device=1)
             with pytest.raises(ValueError, match="stream= says cuda:1"):
                 await aiocuda.gpu_op(torch.neg, torch.ones(1, device="cuda:0"), stream=s1)

@@ -50,6 +50,30 @@ def test_a_keras_model_as_the_function(run):
     assert tuple(run(main()).shape) == (2, 3)
 
 
+def test_gpu_op_under_a_gradient_tape_gives_gradients_and_keeps_the_device_scope(run):
+    # TensorFlow keeps tapes and device scopes per thread: fn on a cpu worker recorded nothing
+    # (every gradient None, silently) and ran outside the caller's tf.device.
+    from tensorflow.python.eager import context
+
+    w = tf.Variable([[1.0], [2.0]])
+    x = tf.constant([[3.0, 4.0]])
+
+    def model(a):
+        return tf.matmul(a, w), context.context().device_name
+
+    async def main():
+        with tf.GradientTape() as tape:
+            y, _ = await aiocuda.gpu_op(model, x)
+            loss = tf.reduce_sum(y)
+        with tf.device("/CPU:0"):
+            _, scope = await aiocuda.gpu_op(model, x)
+        return tape.gradient(loss, w), scope
+
+    grad, scope = run(main())
+    assert grad is not None and grad.numpy().tolist() == [[3.0], [4.0]]
+    assert scope.endswith("device:CPU:0")
+
+
 def test_wait_returns_a_host_tensor_at_once(run):
     t = tf.constant([1, 2, 3])
 

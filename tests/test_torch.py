@@ -58,12 +58,13 @@ def test_gpu_op_with_a_module_and_kwargs(run_any):
 
 def test_an_exception_reaches_the_awaiter_and_the_stream_stays_usable(run_any):
     async def main():
-        with at.Stream(device="cpu") as s:
-            with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
-                await aiocuda.gpu_op(torch.mm, torch.ones(2, 3), torch.ones(2, 3), stream=s)
-            out = await aiocuda.gpu_op(torch.mm, torch.ones(2, 3), torch.ones(3, 2), stream=s)
-            assert out.sum().item() == 12
-            assert aiocuda.statistics().pending == 0
+        s = at.Stream(device="cpu")
+        with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+            await aiocuda.gpu_op(torch.mm, torch.ones(2, 3), torch.ones(2, 3), stream=s)
+        out = await aiocuda.gpu_op(torch.mm, torch.ones(2, 3), torch.ones(3, 2), stream=s)
+        assert out.sum().item() == 12
+        assert aiocuda.statistics().pending == 0
+        s.close()
 
     run_any(main())
 
@@ -96,6 +97,24 @@ def test_device_tensors_may_not_be_contradicted(monkeypatch):
     with pytest.raises(ValueError, match="stream= says cpu, but the tensors are on /GPU:0"):
         _ops.placement(None, (), {"x": on_gpu}, aiocuda.CpuStream(), None)
     assert _ops.placement(None, (on_gpu,), {}, None, "GPU:0") == Place("tf", 0)
+
+
+def test_host_tensors_beside_device_tensors_run_on_the_device(monkeypatch):
+    # torch allows CPU tensors beside CUDA ones (0-dim scalars; pack_padded_sequence's lengths
+    # must be on the CPU): they were refused as "different devices", with advice that could not
+    # be followed. Two devices still conflict.
+    cuda0, cuda1 = (Place("torch", torch.device("cuda", i)) for i in (0, 1))
+    on0, on1 = object(), object()  # stand for tensors on cuda:0 and cuda:1 (no GPU here)
+    real = _ops.place_of
+    monkeypatch.setattr(_ops, "place_of",
+                        lambda v: cuda0 if v is on0 else cuda1 if v is on1 else real(v))
+    lengths = torch.tensor([3])
+    assert real(lengths) == _ops.CPU
+    for device in (None, "cuda:0", "cuda"):
+        assert _ops.placement(None, (on0, lengths), {}, None, device) == cuda0
+    assert _ops.placement(None, (torch.tensor(2.0), [on0]), {}, None, None) == cuda0
+    with pytest.raises(ValueError, match="different devices: cuda:0, cuda:1; move them"):
+        _ops.placement(None, (on0, lengths, on1), {}, None, None)
 
 
 def test_gpu_op_finds_the_tensors_at_any_depth(monkeypatch):
@@ -255,6 +274,16 @@ def test_gpu_op_on_a_cpu_worker_keeps_the_callers_torch_modes_and_contextvars(ru
             out["autocast"] = (probe(x), await aiocuda.gpu_op(probe, x))
         with torch.inference_mode(), torch.enable_grad():
             out["inference_mode, enable_grad"] = (probe(x), await aiocuda.gpu_op(probe, x))
+        # The default device, per thread too (on a GPU machine, "cuda" gave CPU tensors).
+        with torch.device("meta"):
+            out["default device"] = (torch.zeros(1).device,
+                                     (await aiocuda.gpu_op(torch.zeros, 1)).device)
+        try:
+            torch.set_default_device("meta")
+            out["set_default_device"] = (torch.ones(1).device,
+                                         (await aiocuda.gpu_op(torch.ones, 1)).device)
+        finally:
+            torch.set_default_device(None)
         # A call that turns grad off on its worker leaves the next call as its caller is.
         with aiocuda.CpuStream() as s:
             await aiocuda.gpu_op(torch.set_grad_enabled, False, stream=s)
@@ -265,6 +294,7 @@ def test_gpu_op_on_a_cpu_worker_keeps_the_callers_torch_modes_and_contextvars(ru
     for name, (direct, via_worker) in out.items():
         assert via_worker == direct, name
     assert out["autocast"][1][3] == torch.bfloat16 and out["no_grad"][1][1] is False
+    assert out["default device"][1].type == "meta"
 
 
 def test_an_unsupported_framework_array_is_refused(run_any):
@@ -288,6 +318,15 @@ def test_cuda_stream_without_cuda_says_what_to_do():
         at.Stream()
     with pytest.raises(aiocuda.AiocudaError, match=r"Stream\(device='cpu'\)"):
         at.Stream(device=5)  # a CUDA ordinal: torch's own RuntimeError before
+
+
+def test_an_event_without_cuda_says_what_to_do():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    # torch's own error was "Tried to instantiate dummy base class Event"
+    with pytest.raises(aiocuda.AiocudaError, match=r"aiocuda.torch.Event is a CUDA event.*"
+                                                   r"Stream\(device='cpu'\).record_event\(\)"):
+        at.Event()
 
 
 @pytest.mark.parametrize("device", ["mps", "meta", torch.device("xpu")])
@@ -316,6 +355,22 @@ def test_cpu_stream_has_torch_stream_methods(run_any):
         a.close()
 
     run_any(main())
+
+
+def test_with_on_a_cpu_torch_stream_keeps_it_open(run):
+    # For a torch stream `with s:` makes s current; it closed the CpuTorchStream, whose next use
+    # then failed with "the CpuStream is closed".
+    async def main():
+        s = at.Stream(device="cpu")
+        with s as entered:
+            assert entered is s
+        assert not s.closed
+        assert (await aiocuda.gpu_op(torch.ones, 2, stream=s)).tolist() == [1.0, 1.0]
+        async with s:  # aiocuda's: closes once the work has run
+            s.submit(time.sleep, 0.01)
+        assert s.closed
+
+    run(main())
 
 
 def test_a_cpu_event_recorded_outside_the_loop_can_be_awaited(run_any):
@@ -376,6 +431,73 @@ def test_wait_on_torch_objects(run_any):
             await aiocuda.wait(object())
 
     run_any(main())
+
+
+def test_wait_on_device_generic_torch_streams_and_events(run_any):
+    # torch.Stream and torch.Event: refused as "cannot wait on torch.Stream", while the message
+    # said aiocuda.wait takes a torch Stream and Event.
+    async def main():
+        assert await aiocuda.wait(torch.Stream("cpu")) is None  # cpu work is done on return
+        if hasattr(torch, "Event"):
+            assert await aiocuda.wait(torch.Event("cpu")) is None
+
+    run_any(main())
+
+    class OnCuda(torch.Stream):  # device-generic, of an accelerator (torch.accelerator's)
+        device = property(lambda self: torch.device("cuda", 0))
+
+    async def other():
+        with pytest.raises(TypeError, match=r"torch.Stream on the cpu only.*on 'cuda': pass a "
+                                            r"torch.cuda.Stream"):
+            await aiocuda.wait(OnCuda("cpu"))
+
+    run_any(other())
+
+
+def test_a_work_handle_without_a_future_is_waited_for_off_the_loop(run_any, monkeypatch):
+    # gloo's send, recv and reduce_scatter handles: aiocuda.wait raised "Work::getFuture not
+    # implemented." after the operation had started.
+    class Work:
+        def __init__(self, error: Exception | None = None) -> None:
+            self.error, self.waits, self.release = error, 0, threading.Event()
+
+        def get_future(self) -> torch.futures.Future:
+            raise RuntimeError("Work::getFuture not implemented.")
+
+        def wait(self) -> bool:  # blocks without the GIL, as torch's does
+            self.waits += 1
+            assert self.release.wait(10)
+            if self.error is not None:
+                raise self.error
+            return True
+
+    monkeypatch.setattr(at, "_work_type", lambda: Work)
+
+    async def main():
+        async with Ticker(period=0.001) as ticker:
+            work = Work()
+            with pytest.raises(TimeoutError):  # cancelled: the wait goes on on its worker
+                await loops.wait_for(aiocuda.wait(work), 0.05)
+            threading.Timer(0.1, work.release.set).start()
+            before = ticker.ticks
+            assert await aiocuda.wait(work) is None  # the first wait's outcome
+            assert ticker.ticks - before >= 5  # the loop ran meanwhile
+        assert work.waits == 1  # a second wait() of a send or recv waits for another transfer
+        failing = Work(RuntimeError("Timed out waiting 1800000ms for recv operation"))
+        failing.release.set()
+        with pytest.raises(RuntimeError, match="Timed out waiting"):
+            await aiocuda.wait(failing)
+
+    run_any(main())
+
+
+def test_waiting_on_torch_objects_imports_no_functional_collectives():
+    r = python_subprocess(
+        "import asyncio, sys, torch, aiocuda, aiocuda.torch\n"
+        "assert asyncio.run(aiocuda.wait(torch.ones(1))).tolist() == [1.0]\n"
+        "assert 'torch.distributed._functional_collectives' not in sys.modules\n"
+    )
+    assert r.returncode == 0, r.stderr
 
 
 def test_replay_needs_a_graph(run_any):

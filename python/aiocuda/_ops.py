@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import functools
+import importlib
 import itertools
 import os
 import re
@@ -212,12 +213,15 @@ def placement(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any], stream:
             continue  # an array aiocuda does not know: the caller said where fn runs
         if p is not None:
             found.setdefault(str(p), p)
-    if len(found) > 1:
+    # Host tensors beside device ones are the function's business, as torch allows (0-dim CPU
+    # scalars; pack_padded_sequence's lengths must be on the CPU): two devices are a conflict.
+    devices = [p for p in found.values() if p != CPU]
+    if len(devices) > 1:
         raise ValueError(
-            f"gpu_op() got tensors on different devices: {', '.join(sorted(found))}; move them "
-            "to one device first (tensor.to(device)), then call gpu_op"
+            f"gpu_op() got tensors on different devices: {', '.join(sorted(map(str, devices)))}; "
+            "move them to one device first (tensor.to(device)), then call gpu_op"
         )
-    place = next(iter(found.values()), None)
+    place = devices[0] if devices else CPU if found else None
     if device is not None and stream is not None and _stream_place(stream).kind == "stream":
         _stream_ordinal(device)  # device= only says which device the stream is on
         device = None
@@ -277,7 +281,10 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
       awaited (:func:`aiocuda.synchronize_device`; TensorFlow exposes no stream).
     - torch CPU tensors, numpy arrays, plain Python: `fn` runs on a cpu-backend stream (`stream`,
       or one of a small pool), so the loop stays free while it computes, in the caller's
-      contextvars and torch grad, inference and cpu autocast modes, as on the caller's thread.
+      contextvars, torch grad, inference and cpu autocast modes and default device, and
+      TensorFlow device scope, as on the caller's thread. Other per-thread state stays behind
+      (torch's saved-tensor hooks and function modes, its thread count). Under a recording
+      ``tf.GradientTape``, which belongs to its thread, `fn` runs on the loop thread instead.
     - ``stream=`` any other CUDA stream (``__cuda_stream__`` or a handle): `fn` runs on the loop
       thread, then that stream is awaited (on ``device=``'s device: a default-stream handle,
       0, 1 or 2, needs it when no context is current).
@@ -308,8 +315,19 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
         result = fn(*args, **kwargs)
         await synchronize(stream, device=ordinal)
         return result
+    if "tensorflow" in sys.modules and _tf_tape_recording():
+        return fn(*args, **kwargs)  # the tape records on this thread only: here, or no gradients
     cpu = stream if isinstance(stream, CpuStream) else _cpu_pool.get()
     return await cpu.submit(_InCallersState(fn, args, kwargs))
+
+
+def _tf_tape_recording() -> bool:
+    """Whether a ``tf.GradientTape`` records on this thread (TensorFlow keeps tapes per thread)."""
+    try:
+        record: Any = importlib.import_module("tensorflow.python.eager.record")
+    except ImportError:  # TensorFlow before 2.13 named it tape
+        record = importlib.import_module("tensorflow.python.eager.tape")
+    return bool(record.could_possibly_record())
 
 
 def _stream_ordinal(device: object) -> int | None:
@@ -332,12 +350,12 @@ def _stream_ordinal(device: object) -> int | None:
 
 class _InCallersState:
     """`fn(*args, **kwargs)` to run on a cpu worker as it would on the caller's thread: in the
-    caller's contextvars (as asyncio.to_thread does) and, with torch, its grad, inference and
-    cpu autocast modes, which torch keeps per thread (torch's parallel_apply carries them too),
-    set on the worker whatever an earlier call left there. Its repr is `fn`'s, for the messages
-    that name the function."""
+    caller's contextvars (as asyncio.to_thread does), with torch its grad, inference and cpu
+    autocast modes and default device, and with TensorFlow its device scope, which both keep
+    per thread (torch's parallel_apply carries its modes too), set on the worker whatever an
+    earlier call left there. Its repr is `fn`'s, for the messages that name the function."""
 
-    __slots__ = ("fn", "args", "kwargs", "ctx", "torch", "modes")
+    __slots__ = ("fn", "args", "kwargs", "ctx", "torch", "modes", "tf_device")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: dict[str, Any]) -> None:
@@ -345,34 +363,51 @@ class _InCallersState:
         self.ctx = contextvars.copy_context()
         self.torch = torch = sys.modules.get("torch")
         self.modes = None if torch is None else _torch_modes(torch)
+        self.tf_device = _tf_device() if "tensorflow" in sys.modules else ""
 
     def __call__(self) -> Any:
         return self.ctx.run(self._call)
 
     def _call(self) -> Any:
+        if self.tf_device:  # (a worker is in no scope: every call leaves its own)
+            with sys.modules["tensorflow"].device(self.tf_device):
+                return self._in_torch_modes()
+        return self._in_torch_modes()
+
+    def _in_torch_modes(self) -> Any:
         torch = self.torch
         if torch is None or _torch_modes(torch) == self.modes:
             return self.fn(*self.args, **self.kwargs)
-        grad, inference, autocast, dtype, cache = self.modes  # type: ignore[misc]
+        grad, inference, autocast, dtype, cache, device = self.modes  # type: ignore[misc]
         with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
-                torch.autocast("cpu", enabled=autocast, dtype=dtype, cache_enabled=cache):
+                torch.autocast("cpu", enabled=autocast, dtype=dtype, cache_enabled=cache), \
+                torch.device(device or "cpu"):
             return self.fn(*self.args, **self.kwargs)
 
     def __repr__(self) -> str:
         return repr(self.fn)
 
 
+def _tf_device() -> str:
+    """This thread's TensorFlow device scope (``tf.device``), or "" outside one."""
+    context: Any = importlib.import_module("tensorflow.python.eager.context")
+    return str(context.context().device_name or "")
+
+
 def _torch_modes(torch: Any) -> tuple[Any, ...]:
     """This thread's torch modes that a cpu worker takes over: grad, inference, cpu autocast
-    (on, and if on its dtype and cache)."""
+    (on, and if on its dtype and cache), default device (None: the cpu; looked up, which is
+    slow, only where a torch function mode, which a default device is, is set)."""
     if hasattr(torch, "get_autocast_dtype"):  # torch 2.4 and later
         autocast = torch.is_autocast_enabled("cpu")
         dtype = torch.get_autocast_dtype("cpu") if autocast else None
     else:
         autocast = torch.is_autocast_cpu_enabled()
         dtype = torch.get_autocast_cpu_dtype() if autocast else None
+    device = torch.get_default_device() if torch._C._len_torch_function_stack() else None
     return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast, dtype,
-            torch.is_autocast_cache_enabled() if autocast else None)
+            torch.is_autocast_cache_enabled() if autocast else None,
+            None if device is None or device.type == "cpu" else device)
 
 
 def _tf_cuda_ordinal(index: int) -> int:

@@ -15,7 +15,9 @@ import asyncio
 import dataclasses
 import itertools
 import os
+import sys
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -64,7 +66,20 @@ def _is_cpu(device: Any) -> bool:
 
 class Event(torch.cuda.Event):
     """A ``torch.cuda.Event`` that is also awaitable: ``await event`` waits for the work before
-    its last ``record()``, on whatever stream that was, without blocking the loop."""
+    its last ``record()``, on whatever stream that was, without blocking the loop.
+
+    Without CUDA it cannot be made: the cpu backend's event is a :class:`CpuTorchEvent`, which
+    ``record_event()`` of a ``Stream(device="cpu")`` returns.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if not torch.cuda.is_available():  # torch's own error names a "dummy base class"
+            raise AiocudaError(
+                "PyTorch sees no CUDA device (torch.cuda.is_available() is False): "
+                "aiocuda.torch.Event is a CUDA event; on the cpu backend, "
+                "aiocuda.torch.Stream(device='cpu').record_event() returns a CpuTorchEvent"
+            )
+        return super().__new__(cls, *args, **kwargs)  # type: ignore[no-untyped-call]
 
     def __await__(self) -> Generator[Any, None, None]:
         return _event_future(self).__await__()
@@ -98,7 +113,7 @@ class Stream(torch.cuda.Stream):
     def record_event(self, event: Any = None) -> Any:
         """Record an event (an awaitable :class:`Event` unless one is given) and return it."""
         if event is None:
-            event = Event()  # type: ignore[no-untyped-call]
+            event = Event()
         event.record(self)
         return event
 
@@ -152,23 +167,35 @@ _EVENT_WAITERS = 16  # streams that wait for CpuTorchEvents recorded outside a l
 
 
 class _CpuEventWaiters:
-    """For CpuTorchEvents recorded outside a loop: a stream waits on the event, then completes.
-    Each wait takes a stream with nothing pending, so that it never sits behind another wait
-    (one that timed out on a slow event, say); past `_EVENT_WAITERS` streams, the least busy,
-    where it may over-wait behind an earlier wait."""
+    """Blocking waits, off the loop: for CpuTorchEvents recorded outside a loop, a stream waits
+    on the event, then completes; for torch's blocking waits (a work handle without a future, a
+    functional collective's tensor), a stream's worker makes the call. Each wait takes a stream
+    with nothing pending, so that it never sits behind another wait (one that timed out on a
+    slow event, or whose await was cancelled, say); past `_EVENT_WAITERS` streams, the least
+    busy, where it may over-wait behind an earlier wait."""
 
     def __init__(self) -> None:
         self.streams: list[CpuStream] = []
 
+    def _idle(self) -> CpuStream:  # under _waiter_lock
+        self.streams = [s for s in self.streams if not s.closed]
+        stream = min(self.streams, key=lambda s: s._pending, default=None)
+        if stream is None or stream._pending and len(self.streams) < _EVENT_WAITERS:
+            stream = CpuStream()
+            self.streams.append(stream)
+        return stream
+
     def wait_for(self, ev: _core.CpuEvent) -> asyncio.Future[None]:
         with _waiter_lock:
-            self.streams = [s for s in self.streams if not s.closed]
-            stream = min(self.streams, key=lambda s: s._pending, default=None)
-            if stream is None or stream._pending and len(self.streams) < _EVENT_WAITERS:
-                stream = CpuStream()
-                self.streams.append(stream)
+            stream = self._idle()
             _ok(stream._wait_event(ev))
             return synchronize(stream)
+
+    def call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run ``fn(*args)``, a wait that releases the GIL, on a worker. A cancelled await
+        leaves it running to its end there, as a submitted call does."""
+        with _waiter_lock:
+            return self._idle().submit(fn, *args)
 
 
 _waiters = _CpuEventWaiters()
@@ -219,6 +246,16 @@ class CpuTorchStream(CpuStream):
         _ok(self._record(ev))
         ev.wait()
 
+    def __enter__(self) -> CpuTorchStream:
+        """``with s:`` means what it means for a torch stream, "make s current", and the cpu
+        backend has no current stream: nothing changes (as with ``torch.cuda.stream(s)``), and
+        unlike a plain ``CpuStream``'s ``with``, the stream is not closed when the block ends.
+        Close it with ``close()``, ``await s.aclose()`` or ``async with s:``."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None  # not closed: the stream is used after the block, as a torch stream is
+
     def __repr__(self) -> str:
         return f"<aiocuda.torch.CpuTorchStream {'closed' if self.closed else 'open'}>"
 
@@ -234,6 +271,8 @@ def _after_fork_in_child() -> None:
     # thread that does not exist here.
     global _waiters, _waiter_lock, _pool_lock
     _waiters, _waiter_lock = _CpuEventWaiters(), threading.Lock()
+    _collective_locks.clear()
+    _work_waits.clear()
     _pool.clear()
     _pool_lock = threading.Lock()
 
@@ -398,8 +437,14 @@ def _from_torch_future(tfut: torch._C.Future[Any]) -> asyncio.Future[Any]:
 async def _work(work: Any) -> Any:
     """A torch.distributed work handle: gloo completes its future when the collective is done;
     NCCL when it is enqueued, after which the current stream waits for the collective's stream
-    and that stream is awaited (no blocking wait)."""
-    value = await _from_torch_future(work.get_future())
+    and that stream is awaited (no blocking wait). A handle without a future (gloo's
+    reduce_scatter, send, recv) is waited for by a cpu worker; its result is None."""
+    try:
+        tfut = work.get_future()
+    except RuntimeError:  # "Work::getFuture not implemented."; the operation has started
+        await _waiters.call(_wait_once, work)  # raises the operation's error
+        return None
+    value = await _from_torch_future(tfut)
     cuda = next((t for t in _tensors(value) if t.is_cuda), None)
     if cuda is not None:
         await _on_current_stream(cuda.device)
@@ -409,14 +454,101 @@ async def _work(work: Any) -> Any:
     return value
 
 
+# work handle -> its one blocking wait: [lock, None until it ran, then (its error or None,)]
+_work_waits: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
+
+
+def _wait_once(work: Any) -> None:
+    """On a worker: ``work.wait()`` (it releases the GIL), once per handle. gloo's send and recv
+    handles wait for one more transfer at each wait(): an await again, after a cancelled one or
+    beside another, shares the first wait's outcome."""
+    with _waiter_lock:
+        state = _work_waits.setdefault(work, [threading.Lock(), None])
+    with state[0]:
+        if state[1] is None:
+            try:
+                work.wait()
+                state[1] = (None,)
+            except Exception as exc:
+                state[1] = (exc,)
+    if state[1][0] is not None:
+        raise state[1][0]
+
+
 def _work_type() -> type | None:
     if not torch.distributed.is_available():
         return None
     return torch.distributed.Work
 
 
+def _collective_tensor_type() -> type | None:
+    # Such a tensor exists only once torch imported its functional collectives (DTensor and
+    # FSDP2 do): never imported here, which would load torch.distributed.
+    funcol = sys.modules.get("torch.distributed._functional_collectives")
+    return getattr(funcol, "AsyncCollectiveTensor", None)
+
+
+# id of an AsyncCollectiveTensor a worker waits for -> (its lock, how many workers use it)
+_collective_locks: dict[int, tuple[threading.Lock, int]] = {}
+
+
+def _trigger_wait(x: Any) -> torch.Tensor:
+    """On a worker: wait for the collective behind `x`. One wait at a time per tensor: torch
+    hands the collective to the first wait only, and a second one at the same time (an await
+    again after a cancelled one) would return before the collective is done."""
+    key = id(x)  # `x` is alive throughout: the id is not reused meanwhile
+    with _waiter_lock:
+        lock, users = _collective_locks.get(key, (threading.Lock(), 0))
+        _collective_locks[key] = (lock, users + 1)
+    try:
+        with lock:
+            return x.trigger_wait()  # type: ignore[no-any-return]
+    finally:
+        with _waiter_lock:
+            lock, users = _collective_locks[key]
+            if users == 1:
+                del _collective_locks[key]
+            else:
+                _collective_locks[key] = (lock, users - 1)
+
+
+async def _collective_tensor(x: Any) -> torch.Tensor:
+    """A functional collective's result (AsyncCollectiveTensor): the collective is waited for,
+    and the waited tensor returned. gloo's wait blocks, so a cpu worker makes it; NCCL's makes
+    the current stream wait for the collective (it does not block), and that stream is awaited."""
+    if x.is_cuda:
+        out: torch.Tensor = x.trigger_wait()  # once waited, it returns the tensor at once
+        await _on_current_stream(out.device)
+        return out
+    if x.completed:
+        return x.elem  # type: ignore[no-any-return]
+    return await _waiters.call(_trigger_wait, x)
+
+
+# torch.Event is newer than the oldest torch aiocuda supports (2.1)
+_GENERIC = tuple(t for t in (getattr(torch, "Stream", None), getattr(torch, "Event", None))
+                 if isinstance(t, type))
+
+
+def _generic(x: Any) -> Awaitable[Any] | None:
+    """torch's device-generic torch.Stream and torch.Event (not the CUDA ones)."""
+    generic_stream = getattr(torch, "Stream", None)
+    kind = "Stream" if generic_stream is not None and isinstance(x, generic_stream) else "Event"
+    device = x.device.type
+    if device == "cpu":
+        return _done(None)  # the cpu's work is done when its call returns; it records no events
+    raise TypeError(
+        f"aiocuda.wait() takes a device-generic torch.{kind} on the cpu only (nothing to wait "
+        f"for there), and this one is on '{device}': pass a torch.cuda.{kind} (or an "
+        f"aiocuda.torch.{kind}) for CUDA work"
+    )
+
+
 def waitable(x: object) -> Awaitable[Any] | None:
     """aiocuda.wait's torch cases; None if `x` is not a torch object."""
+    collective = _collective_tensor_type()
+    if collective is not None and isinstance(x, collective):  # a CPU tensor still being computed
+        return _collective_tensor(x)
     if isinstance(x, torch.Tensor):
         if x.is_cuda:
             return _then(_on_current_stream(x.device), x)
@@ -425,6 +557,8 @@ def waitable(x: object) -> Awaitable[Any] | None:
         return _then(x if isinstance(x, CpuTorchEvent) else _event_future(x), None)
     if isinstance(x, torch.cuda.Stream):
         return _then(synchronize(x, device=x.device_index), None)
+    if isinstance(x, _GENERIC):  # after torch.cuda's, which derive from them
+        return _generic(x)
     if isinstance(x, torch._C.Future):  # what get_future() and then() return, and its subclass
         return _from_torch_future(x)
     work = _work_type()
