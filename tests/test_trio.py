@@ -381,6 +381,32 @@ def test_done_callbacks_run_in_their_callers_context_as_on_asyncio():
                               ("done", "later")]
 
 
+def test_a_generator_finalized_at_the_runs_end_closes_its_stream_and_says_why(caplog):
+    # An async generator left suspended (a client went away) is finalized by trio after the
+    # run's tasks: its `async with CpuStream()` then failed inside trio ("Nursery is closed to
+    # new arrivals") and left the stream open.
+    streams = []
+
+    async def tokens():
+        async with aiocuda.CpuStream() as s:
+            streams.append(s)
+            for i in range(10):
+                yield await s.submit(lambda i=i: i)
+
+    async def main():
+        agen = tokens()
+        assert await agen.__anext__() == 0
+        main.agen = agen  # type: ignore[attr-defined]  # kept past the run's tasks
+
+    fds = _fds()
+    trio.run(main)
+    del main.agen  # type: ignore[attr-defined]
+    assert streams[0].closed
+    assert "this trio run is ending" in caplog.text
+    settle_native()
+    assert _core.live_records() == 0 and _fds() <= fds
+
+
 def test_closing_a_stream_in_a_trio_run_never_waits_for_its_work():
     async def main():
         gate = threading.Event()

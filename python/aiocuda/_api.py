@@ -364,8 +364,13 @@ class CpuStream(_core.CpuStreamBase):
         The loop keeps running meanwhile. Cancelling the wait leaves the stream closed and
         its work running in the background. Idempotent.
         """
-        loop = running_loop("CpuStream.aclose()")
-        await state_for(loop).queue.wait_closed(loop, self)
+        try:
+            loop = running_loop("CpuStream.aclose()")
+            queue = state_for(loop).queue
+        except BaseException:  # no loop to wait on (a trio run that is ending): closed anyway
+            self.close()
+            raise
+        await queue.wait_closed(loop, self)
 
     def __enter__(self) -> CpuStream:
         return self

@@ -64,6 +64,9 @@ class LoopState:
                 f"{type(loop).__name__} does not support add_reader(), which aiocuda needs: use "
                 "the default selector event loop, uvloop or trio"
             ) from None
+        except BaseException:  # a trio run that is ending, say: nothing will read the fd
+            self.queue.close()
+            raise
 
     def _on_readable(self) -> None:
         if self.queue.closed or self.queue.stale:

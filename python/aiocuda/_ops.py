@@ -67,7 +67,8 @@ def _tf_place(device: str) -> Place:
 
 def _torch_place(device: Any) -> Place:
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"a torch tensor on {device}: aiocuda runs torch's cpu and cuda devices")
+        raise ValueError(f"a torch tensor on {device}: aiocuda runs torch's cpu and cuda devices; "
+                         "call the function directly (or move the tensor: tensor.to('cpu'))")
     return CPU if device.type == "cpu" else Place("torch", device)
 
 

@@ -94,8 +94,16 @@ class TrioLoop:
 
     def add_reader(self, fd: int, callback: Callable[[], object]) -> None:
         scope = trio.CancelScope()
+        try:
+            trio.lowlevel.spawn_system_task(self._watch, fd, callback, scope,
+                                            name="aiocuda queue")
+        except RuntimeError:  # "Nursery is closed to new arrivals"
+            raise AiocudaError(
+                "this trio run is ending (its tasks are done), so aiocuda can start no wait in "
+                "it: an async generator that trio finalizes at the run's end does this; close it "
+                "inside the run (async with contextlib.aclosing(gen))"
+            ) from None
         self._readers[fd] = scope
-        trio.lowlevel.spawn_system_task(self._watch, fd, callback, scope, name="aiocuda queue")
 
     def remove_reader(self, fd: int) -> None:
         scope = self._readers.pop(fd, None)
