@@ -18,9 +18,9 @@
 //
 // Nothing aiocuda puts on a user's stream holds it up (an event record or a memory write never
 // blocks later work); host functions, stream waits, queries and synchronizes happen only on
-// aiocuda's own threads and streams, which run in thread-local capture mode, so a user's
-// global-mode capture elsewhere stays valid. What aiocuda holds is bounded by the streams it
-// watches, not by the awaits. The other parts are in the files engine_impl.hpp lists.
+// aiocuda's own threads and streams, which run in thread-local capture mode (its calls on the
+// loop thread in relaxed mode), so a user's capture, elsewhere or on the loop thread, stays
+// valid. What aiocuda holds is bounded by the streams it watches, not by the awaits. The other parts are in the files engine_impl.hpp lists.
 #include "engine_impl.hpp"
 
 namespace aiocuda::cuda {
@@ -143,7 +143,7 @@ CUresult take_relay(CtxState* cs, int device, Timeline** out, std::string* why) 
         }
     }
     CUstream st = nullptr;
-    CUresult r = thread_local_mode([&] {
+    CUresult r = relaxed_mode([&] {
         return with_ctx(cs->ctx, [&] { return api.cuStreamCreate(&st, CU_STREAM_NON_BLOCKING); });
     });
     if (r != CUDA_SUCCESS) return r;
@@ -177,13 +177,13 @@ CUresult wait_event(uintptr_t event, int device, Node* n, std::string* why) {
     }
     // Read the event now, on this thread: cuEventRecord's other APIs "use the most recently
     // captured state at the time of the API call", and its owner may record it again or destroy it
-    // (torch does both) once this await has ended or was cancelled. A query (thread-local capture
+    // (torch does both) once this await has ended or was cancelled. A query (relaxed capture
     // mode) says whether it has passed, or was last recorded inside a capture, which aiocuda must
     // never wait on ("CUDA_ERROR_CAPTURED_EVENT: the operation is not permitted on an event which
     // was last recorded in a capturing stream"); otherwise one of aiocuda's relay streams waits on
     // it (an enqueue, which reads it now) and is marked like any stream.
     CUevent ev = reinterpret_cast<CUevent>(event);
-    r = thread_local_mode([&] { return api.cuEventQuery(ev); });
+    r = relaxed_mode([&] { return api.cuEventQuery(ev); });
     if (r == CUDA_SUCCESS) {
         complete(n, CUDA_SUCCESS);
         return CUDA_SUCCESS;
@@ -246,7 +246,7 @@ CUresult mark_query(Mark* m, std::string* why) {
     CUresult r = check_ready(why);
     if (r == CUDA_SUCCESS) r = mark_event(m, false, &ev);
     if (r != CUDA_SUCCESS || !ev) return r;
-    return thread_local_mode([&] { return api.cuEventQuery(ev); });
+    return relaxed_mode([&] { return api.cuEventQuery(ev); });
 }
 
 CUresult mark_synchronize(Mark* m, std::string* why) {
@@ -255,7 +255,7 @@ CUresult mark_synchronize(Mark* m, std::string* why) {
     if (r == CUDA_SUCCESS) r = mark_event(m, true, &ev);
     if (r != CUDA_SUCCESS || !ev) return r;
     // A blocking-sync event: the thread sleeps instead of spinning.
-    return thread_local_mode([&] { return api.cuEventSynchronize(ev); });
+    return relaxed_mode([&] { return api.cuEventSynchronize(ev); });
 }
 
 void mark_release(Mark* m) {

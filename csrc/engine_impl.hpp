@@ -39,11 +39,12 @@ constexpr int kMarksInFlight = 8;
 constexpr size_t kLanesPerContext = 16;  // past it, timelines share lanes (and may over-wait)
 // aiocuda's host functions launched and not yet run, per context (a lane's watch of an event
 // mark: kCallback's marks, kFlag's doorbells). The driver's queue of them is finite, shared with
-// NCCL's and torch's, and cuLaunchHostFunc blocks while it is full (cuda.h gives no number; the
-// emulator's default is 256): the engine thread that launches them must never meet that, or
-// every await on the device waits with it. Past the bound a mark is left to the backstop's
-// queries, and a late timeline naps instead of ringing.
-constexpr size_t kHostFnsPerContext = 64;
+// NCCL's and torch's, and while it is full every launch of the context waits, on any stream,
+// from any thread (cuda.h gives no number; a measurement found 57: NVIDIA developer forums,
+// topic 220629; the emulator's default is 56): aiocuda must never fill it, or the user's own
+// launches and every await on the device wait. So it takes at most a little over half. Past
+// the bound a mark is left to the backstop's queries, and a late timeline naps instead of ringing.
+constexpr size_t kHostFnsPerContext = 32;
 constexpr size_t kRelays = 16;           // streams per context that foreign events are read on
 constexpr size_t kRelayWaits = 256;      // waits queued on one relay at most
 constexpr size_t kPooledEvents = 64;     // idle events kept per context
@@ -320,11 +321,17 @@ CUresult with_ctx(CUcontext ctx, F fn) {
     return r;
 }
 
-// Runs `fn` in thread-local capture mode: a query made while another thread captures in global
-// mode would otherwise be a prohibited call that invalidates that capture (pytorch#104555).
+// Runs `fn`, a call of the caller's thread (the loop's), in relaxed capture mode
+// (cuThreadExchangeStreamCaptureMode: "CU_STREAM_CAPTURE_MODE_RELAXED: The local thread is not
+// prohibited from potentially unsafe API calls"). In the default global mode, a query or a host
+// registration made while another thread captures (pytorch#104555), or while this thread does (a
+// task holding a capture open across an await: "If the local thread has an ongoing capture
+// sequence not initiated with CU_STREAM_CAPTURE_MODE_RELAXED, it is prohibited", which
+// thread-local mode keeps), would be prohibited and invalidate that capture. What such calls
+// touch is never part of a capture: aiocuda checks (CUDA_ERROR_CAPTURED_EVENT stays an error).
 template <class F>
-CUresult thread_local_mode(F fn) {
-    CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+CUresult relaxed_mode(F fn) {
+    CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
     CUresult r = api.cuThreadExchangeStreamCaptureMode(&mode);
     if (r != CUDA_SUCCESS) return r;
     r = fn();

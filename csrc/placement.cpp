@@ -94,8 +94,8 @@ Clock::time_point sweep_parked(Clock::time_point now) {
     return next;
 }
 
-// A pooled event of `cs`, or a new one. Created in thread-local capture mode: event creation
-// is no part of anyone's capture.
+// A pooled event of `cs`, or a new one. Created in relaxed capture mode: event creation is no
+// part of anyone's capture.
 CUresult take_event(CtxState* cs, CUevent* ev) {
     {
         Locked g;
@@ -105,7 +105,7 @@ CUresult take_event(CtxState* cs, CUevent* ev) {
             return CUDA_SUCCESS;
         }
     }
-    CUresult r = thread_local_mode([&] {
+    CUresult r = relaxed_mode([&] {
         return with_ctx(cs->ctx, [&] { return api.cuEventCreate(ev, kEventFlags); });
     });
     if (r == CUDA_SUCCESS) {
@@ -179,8 +179,10 @@ bool flag_word(Timeline* tl) {
     bool registered = false;
     // cuMemHostRegister: "Page-locks the memory range [...] and maps it for the device(s)";
     // cuStreamWriteValue32: "If the memory was registered via cuMemHostRegister(), the device
-    // pointer should be obtained with cuMemHostGetDevicePointer()."
-    CUresult r = thread_local_mode([&] {
+    // pointer should be obtained with cuMemHostGetDevicePointer()." In relaxed mode: a host
+    // registration during a capture is refused otherwise (vllm#46933: cudaHostRegister returned
+    // cudaErrorStreamCaptureUnsupported), and this may run on a loop thread that captures.
+    CUresult r = relaxed_mode([&] {
         return with_ctx(cs->ctx, [&] {
             CUresult rr = api.cuMemHostRegister(page, kFlagPage, kMemHostRegisterDeviceMap);
             registered = rr == CUDA_SUCCESS;

@@ -482,6 +482,31 @@ def test_capture_modes_thread_local_and_relaxed():
                    "itself": CAPTURE_UNSUPPORTED, "end_relaxed": [CAPTURE_INVALIDATED, None]}
 
 
+def test_host_registration_is_a_potentially_unsafe_call_during_a_capture():
+    # vllm#46933: cudaHostRegister during a capture returned cudaErrorStreamCaptureUnsupported and
+    # broke the capture. Relaxed mode on the capturing thread allows it (cuda.h: "The local
+    # thread is not prohibited from potentially unsafe API calls").
+    res = emu_run(
+        """
+        c = retain(0); s = stream(c); ok(lib.cuCtxSetCurrent(c))
+        page = ctypes.create_string_buffer(8192)
+        base = (ctypes.addressof(page) + 4095) // 4096 * 4096
+        ok(lib.cuStreamBeginCapture_v2(s, 0))
+        r = {"global": lib.cuMemHostRegister_v2(ctypes.c_void_p(base), 4096, 2),
+             "end": end_capture(s)[0]}
+        ok(lib.cuStreamBeginCapture_v2(s, 0))
+        m = ctypes.c_int(2); ok(lib.cuThreadExchangeStreamCaptureMode(byref(m)))
+        r["relaxed"] = lib.cuMemHostRegister_v2(ctypes.c_void_p(base), 4096, 2)
+        r["unregister"] = lib.cuMemHostUnregister(ctypes.c_void_p(base))
+        ok(lib.cuThreadExchangeStreamCaptureMode(byref(m)))
+        r["end_relaxed"] = end_capture(s)[0]
+        out(**r)
+        """
+    )
+    assert res == {"global": CAPTURE_UNSUPPORTED, "end": CAPTURE_INVALIDATED, "relaxed": 0,
+                   "unregister": 0, "end_relaxed": 0}
+
+
 def test_the_legacy_stream_while_a_blocking_stream_captures():
     res = emu_run(
         """

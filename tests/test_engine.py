@@ -147,7 +147,7 @@ def test_awaits_behind_a_long_kernel_never_block_the_loop(run, emu, strategy):
     assert late < 1.0, f"a heartbeat was {late * 1e3:.0f} ms late: the loop was held up"
 
 
-HOSTFNS_PER_CONTEXT = 64  # kHostFnsPerContext: aiocuda's host functions in flight per context
+HOSTFNS_PER_CONTEXT = 32  # kHostFnsPerContext: aiocuda's host functions in flight per context
 
 
 def test_many_awaits_cost_bounded_resources(run, emu, strategy):
@@ -241,6 +241,37 @@ def test_a_global_capture_elsewhere_stays_valid(run, emu, strategy):
     assert result["begin"] == 0
     assert not [r for r in results if isinstance(r, BaseException)]
     assert result["end"] == 0, f"the capture was invalidated: cuStreamEndCapture -> {result['end']}"
+
+
+def test_a_capture_held_open_on_the_loop_thread_stays_valid(run, emu, strategy):
+    # A task may hold a capture open across an await (torch.cuda.graph in async code) while
+    # other tasks await other streams. aiocuda's calls on the loop thread then ran on a thread
+    # with its own global capture, where thread-local mode still prohibits "potentially unsafe"
+    # calls: the first await of a context registers host memory for its flag words (refused
+    # during a capture on a GPU, vllm#46933), and awaiting a foreign event queries it; either
+    # invalidated the user's capture.
+    emu.reset_device(0)  # a new context life: its first flag timeline registers a page
+    other, elsewhere, cap = emu.stream(), emu.stream(), emu.stream()
+
+    async def main():
+        assert emu.lib.cuCtxSetCurrent(emu.primary()) == 0
+        assert emu.lib.cuStreamBeginCapture_v2(ctypes.c_void_p(cap), MODE_GLOBAL) == 0
+        emu.sleep(cap, 0.001)  # recorded into the graph, not run
+        emu.sleep(other, 0.02)
+        await asyncio.wait_for(aiocuda.synchronize(other), 5)
+        ev = aiocuda.record(other)
+        ev.done()
+        emu.sleep(elsewhere, 0.02)
+        foreign = emu.event(elsewhere)
+        await asyncio.wait_for(aiocuda._api.wait_cuda_event(foreign, 0), 5)
+        await asyncio.wait_for(ev, 5)
+        end = end_capture(emu, cap)
+        emu.lib.cuEventDestroy_v2(foreign)
+        return end
+
+    assert run(main()) == 0, "the loop thread's capture was invalidated"
+    for h in (other, elsewhere, cap):
+        emu.lib.cuStreamDestroy_v2(h)
 
 
 @pytest.mark.parametrize("mode", [MODE_GLOBAL, MODE_RELAXED])
@@ -872,11 +903,12 @@ def test_a_held_stream_never_delays_other_streams_awaits(run, emu, strategy):
 
 
 def test_held_streams_never_fill_the_drivers_host_function_queue(run, emu, strategy):
-    # The driver's queue of host functions is finite and cuLaunchHostFunc blocks while it is
-    # full (the emulator's cap, here 80). 100 streams held by a wait on host memory, 8 awaits
-    # each: kCallback would watch 800 marks with host functions, kFlag ring 100 doorbells. The
-    # engine thread that launches them blocked at the 81st, and with it every await of the
-    # device: aiocuda keeps at most 64 in flight per context.
+    # The driver's queue of host functions is finite and every launch of the context blocks
+    # while it is full (the emulator's cap, here 40). 100 streams held by a wait on host memory,
+    # 8 awaits each: kCallback would watch 800 marks with host functions, kFlag ring 100
+    # doorbells. The engine thread that launches them blocked at the 41st, and with it every
+    # await of the device and the user's launches: aiocuda keeps at most 32 in flight per
+    # context.
     if strategy == "poll":
         pytest.skip("the poll strategy launches no host function")
     streams = [emu.stream() for _ in range(100)]
@@ -884,7 +916,7 @@ def test_held_streams_never_fill_the_drivers_host_function_queue(run, emu, strat
     word = _host_word(emu)
     for h in streams:
         assert emu.lib.cuStreamWaitValue32_v2(h, word.device, 1, 0) == 0
-    emu.lib.emu_set_hostfn_cap(80)
+    emu.lib.emu_set_hostfn_cap(40)
 
     async def main():
         held = [aiocuda.synchronize(h) for _ in range(8) for h in streams]

@@ -17,7 +17,7 @@
 //   AIOCUDA_EMU_INIT_ERROR (unset)     cuInit returns this code and leaves the driver uninitialised
 //   AIOCUDA_EMU_DRIVER_VERSION (13000) cuDriverGetVersion; cuGetProcAddress hides newer variants
 //   AIOCUDA_EMU_QUEUE_DEPTH (1024)     pending (queued + running) items per stream
-//   AIOCUDA_EMU_HOSTFN_CAP (256)       pending host functions per context
+//   AIOCUDA_EMU_HOSTFN_CAP (56)        pending host functions per context (then enqueues block)
 //   AIOCUDA_EMU_QUERY_NS (400)         how long cuEventQuery holds the driver's lock
 //   (the two costs default to tests/emu/costs.json's, a GPU's figures once gpu-check measured them)
 //   AIOCUDA_EMU_HOSTFN_LATENCY_US (26) dispatch latency before each host function: a host function
@@ -269,7 +269,7 @@ struct State {
     long long dflt_latency_us = 26;
     int dflt_cap = 256, dflt_depth = 1024;
     std::atomic<long long> latency_us{26};
-    std::atomic<int> hostfn_cap{256}, depth{1024};
+    std::atomic<int> hostfn_cap{56}, depth{1024};
     std::atomic<long long> hostfn_pending{0}, live_threads{0}, emu_threads{0};
     std::atomic<uint64_t> calls_from_host_fns{0}, host_calls{0}, host_ns_total{0}, host_ns_max{0};
     std::mutex pmu, amu;  // progress: each finished item bumps `epoch` and wakes pcv's waiters
@@ -385,7 +385,7 @@ State::State() {  // runs when the library is loaded
     driver_version = static_cast<int>(env_ll("AIOCUDA_EMU_DRIVER_VERSION", 13000));
     latency_us = dflt_latency_us = cost("AIOCUDA_EMU_HOSTFN_LATENCY_US", "hostfn_latency_us", 26);
     query_ns = cost("AIOCUDA_EMU_QUERY_NS", "query_ns", 400);
-    hostfn_cap = dflt_cap = static_cast<int>(env_ll("AIOCUDA_EMU_HOSTFN_CAP", 256));
+    hostfn_cap = dflt_cap = static_cast<int>(env_ll("AIOCUDA_EMU_HOSTFN_CAP", 56));
     depth = dflt_depth = static_cast<int>(env_ll("AIOCUDA_EMU_QUEUE_DEPTH", 1024));
     pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
 }
@@ -640,7 +640,22 @@ void hand_to_host_thread(const std::shared_ptr<HostCall>& call) {
 }
 
 // Rule: pending host functions per context are capped (AIOCUDA_EMU_HOSTFN_CAP); cuLaunchHostFunc
-// blocks while the cap is reached. cuda.h gives no number; the real driver's queues are finite.
+// blocks while the cap is reached, and so does every other enqueue of the context (admit_work).
+// cuda.h gives no number; a measurement does: launches "issued to another stream and hosted by
+// another thread" blocked once 57 host functions were pending (NVIDIA developer forums, "Do
+// asynchronous activities issued to different streams share the same queue?", topic 220629;
+// "hangs if THIS >= 57"), hence the default of 56 pending.
+CUresult admit_work(Ctx* c) {
+    ULock g(c->hmu);
+    uint64_t epoch = c->epoch.load();
+    blocking_wait(c->cap_cv, g, [&] {
+        return c->hpending < S.hostfn_cap.load() || c->sticky.load() || c->epoch.load() != epoch;
+    });
+    if (c->epoch.load() != epoch) return kContextIsDestroyed;
+    if (int e = c->sticky.load()) return e;
+    return kSuccess;
+}
+
 CUresult admit_call(HostCall& h) {
     Ctx* c = h.ctx;
     ULock g(c->hmu);
@@ -832,7 +847,9 @@ void worker(std::shared_ptr<Stream> sp) {
 // calls."
 // Choice (cuda.h lists none): the potentially unsafe calls are cuEventQuery, cuEventSynchronize,
 // cuStreamQuery, cuStreamSynchronize and cuCtxSynchronize (PyTorch's NCCL watchdog broke captures
-// with cudaEventQuery from another thread, pytorch#104555). cuStreamCreate and cuEventCreate are
+// with cudaEventQuery from another thread, pytorch#104555), and cuMemHostRegister and
+// cuMemHostUnregister (vllm#46933: cudaHostRegister during a capture returned
+// cudaErrorStreamCaptureUnsupported). cuStreamCreate and cuEventCreate are
 // not (capture does not observe them and a replay does not depend on them). A prohibited call
 // returns CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and invalidates the conflicting captures.
 void invalidate(Capture& cap) { if (cap.status == kCapActive) cap.status = kCapInvalidated; }
@@ -1052,8 +1069,11 @@ CUresult submit(const char* fn, void* hs, OpKind kind, B build) {
         implicit_deps(*s, it.deps);
         if (it.call) it.call->epoch = s->ctx->epoch.load();
     }
-    if (it.call)
+    if (it.call) {
         TRY(admit_call(*it.call));
+    } else {
+        TRY(admit_work(s->ctx));
+    }
     return push(*s, std::move(it));
 }
 
@@ -1751,6 +1771,7 @@ EXPORT CUresult cuMemHostRegister_v2(void* p, size_t bytesize, unsigned flags) {
     Lock g(S.mu);
     Ctx* c;
     TRY(need_current(c));
+    TRY(unsafe_call());
     auto next = S.host_regs.lower_bound(base);
     if (next != S.host_regs.end() && next->first < base + bytesize) return kHostMemoryAlreadyRegistered;
     if (next != S.host_regs.begin()) {
@@ -1778,6 +1799,7 @@ EXPORT CUresult cuMemHostUnregister(void* p) {
     Lock g(S.mu);
     Ctx* c;
     TRY(need_current(c));
+    TRY(unsafe_call());
     auto it = S.host_regs.find(reinterpret_cast<uintptr_t>(p));
     if (!p || it == S.host_regs.end()) return kHostMemoryNotRegistered;
     if (it->second.use_count() > 1)

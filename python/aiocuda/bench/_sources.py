@@ -178,10 +178,11 @@ _PROTOTYPES: dict[str, list[Any]] = {
     "cuStreamWaitValue32_v2": [ctypes.c_void_p, ctypes.c_ulonglong, ctypes.c_uint32, ctypes.c_uint],
 }
 # Python host functions in flight on the cuda source at most: each is one pending operation of a
-# bounded stream queue and of the context's host-function queue (the emulator admits 1024 and 256;
-# a real driver's are finite too), and on a gated stream none of them finishes, so more would
-# block the launching loop thread for ever. aiocuda's own lanes need a few of those slots.
-PY_HOSTFN_CAP = 200
+# bounded stream queue and of the context's host-function queue (the emulator admits 1024 and 56;
+# a real driver's are finite too: 57 in a measurement), and while that queue is full every launch
+# of the context waits; on a gated stream none of them finishes, so more would block the
+# launching loop thread for ever. aiocuda's own host functions need up to 32 of those slots.
+PY_HOSTFN_CAP = 16
 
 
 class DriverEvent:
