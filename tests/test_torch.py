@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -431,6 +432,30 @@ def test_wait_on_torch_objects(run_any):
             await aiocuda.wait(object())
 
     run_any(main())
+
+
+def test_waits_given_up_on_a_torch_future_share_one_callback(run_any):
+    # A torch future cannot drop a done callback: each wait given up (a timeout in a retry loop)
+    # left one behind, with its future, until the torch future completed (0.9 KB a retry).
+    import gc
+
+    def futures_alive() -> int:
+        gc.collect()
+        return sum(type(o).__name__ in ("Future", "TrioFuture") for o in gc.get_objects())
+
+    async def main():
+        fut = torch.futures.Future()
+        before = futures_alive()
+        for _ in range(50):
+            with pytest.raises((TimeoutError, asyncio.TimeoutError)):
+                await loops.wait_for(aiocuda.wait(fut), 0.001)
+        kept = futures_alive() - before
+        threading.Timer(0.01, fut.set_result, [5]).start()
+        assert await loops.wait_for(aiocuda.wait(fut), 5) == 5
+        assert await aiocuda.wait(fut) == 5
+        return kept
+
+    assert run_any(main()) <= 2
 
 
 def test_wait_on_device_generic_torch_streams_and_events(run_any):

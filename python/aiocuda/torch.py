@@ -410,11 +410,35 @@ async def _then(aw: Awaitable[Any], value: T) -> T:
     return value
 
 
-def _from_torch_future(tfut: torch._C.Future[Any]) -> asyncio.Future[Any]:
-    """An asyncio future settled from a torch Future's completion (a Python callback on the
-    thread that completes it: torch futures are Python-level objects, not driver work)."""
+# torch future -> the futures settled from it, one per loop. A torch future cannot drop a done
+# callback, so each wait given up (a timeout in a retry loop) left one behind, and its future,
+# until the torch future completed: a later wait on that loop shares the first one's instead.
+_torch_waits: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
+
+
+class _Shielded:
+    """Awaits `fut` without cancelling it: it is shared by every wait on one torch future."""
+
+    __slots__ = ("fut",)
+
+    def __init__(self, fut: Any) -> None:
+        self.fut = fut
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return shield(self.fut)
+
+
+def _from_torch_future(tfut: torch._C.Future[Any]) -> Awaitable[Any]:
+    """An awaitable settled from a torch Future's completion (a Python callback on the thread
+    that completes it: torch futures are Python-level objects, not driver work)."""
     loop = running_loop("awaiting a torch.futures.Future")
+    waits = _torch_waits.setdefault(tfut, [])
+    for shared in waits:
+        if shared.get_loop() is loop:
+            return _Shielded(shared)
+    waits[:] = [f for f in waits if not f.get_loop().is_closed()]
     fut: asyncio.Future[Any] = loop.create_future()
+    waits.append(fut)
 
     def settle(done: torch._C.Future[Any]) -> None:  # on the loop thread
         if fut.done():
@@ -431,7 +455,7 @@ def _from_torch_future(tfut: torch._C.Future[Any]) -> asyncio.Future[Any]:
             pass
 
     tfut.add_done_callback(on_done)
-    return fut
+    return _Shielded(fut)
 
 
 async def _work(work: Any) -> Any:
