@@ -321,7 +321,8 @@ CUresult with_ctx(CUcontext ctx, F fn) {
     return r;
 }
 
-// Runs `fn`, a call of the caller's thread (the loop's), in relaxed capture mode
+// Runs `fn`, a call made on a thread that may capture (the loop's, or a user thread asking an
+// Event; placers too, which never capture), in relaxed capture mode
 // (cuThreadExchangeStreamCaptureMode: "CU_STREAM_CAPTURE_MODE_RELAXED: The local thread is not
 // prohibited from potentially unsafe API calls"). In the default global mode, a query or a host
 // registration made while another thread captures (pytorch#104555), or while this thread does (a

@@ -516,6 +516,55 @@ def test_a_work_handle_without_a_future_is_waited_for_off_the_loop(run_any, monk
     run_any(main())
 
 
+def test_failed_waits_are_not_kept_and_a_work_handles_waits_share_a_future(run_any, monkeypatch):
+    # A failed torch future, or a failed handle without one, was kept for ever by aiocuda's own
+    # maps (the exception's traceback held the key); and get_future() makes a new wrapper at each
+    # call, so waits given up on one work handle shared nothing.
+    import gc
+    import weakref
+
+    class Work:
+        def __init__(self, future: bool = True) -> None:
+            self.futures, self.done = 0, torch.futures.Future()
+            self.has_future = future
+
+        def get_future(self) -> torch.futures.Future:
+            if not self.has_future:
+                raise RuntimeError("Work::getFuture not implemented.")
+            self.futures += 1
+            return self.done.then(lambda f: f.value())  # a new future at each call
+
+        def wait(self) -> bool:  # done by then where there is a future
+            if not self.has_future:
+                raise RuntimeError("recv failed")
+            return True
+
+    monkeypatch.setattr(at, "_work_type", lambda: Work)
+
+    async def main():
+        failed = torch.futures.Future()
+        failed.set_exception(ValueError("collective failed"))
+        with pytest.raises(ValueError, match="collective failed"):
+            await aiocuda.wait(failed)
+        no_future = Work(future=False)
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="recv failed"):
+                await aiocuda.wait(no_future)
+        kept = [weakref.ref(failed), weakref.ref(no_future)]
+        work = Work()
+        for _ in range(5):
+            with pytest.raises((TimeoutError, asyncio.TimeoutError)):
+                await loops.wait_for(aiocuda.wait(work), 0.001)
+        work.done.set_result(3)
+        assert await loops.wait_for(aiocuda.wait(work), 5) == 3
+        return kept, work.futures
+
+    kept, futures = run_any(main())
+    gc.collect()
+    assert [ref() for ref in kept] == [None, None]
+    assert futures == 1
+
+
 def test_waiting_on_torch_objects_imports_no_functional_collectives():
     r = python_subprocess(
         "import asyncio, sys, torch, aiocuda, aiocuda.torch\n"

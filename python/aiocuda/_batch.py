@@ -220,8 +220,10 @@ class Batcher(Generic[T, R]):
     # ---- methods: one batcher per instance ----------------------------------------------------
 
     def __get__(self, obj: object, objtype: type | None = None) -> Batcher[T, R]:
-        if obj is None or not hasattr(self._fn, "__get__"):
-            return self  # an async callable object or a partial: not a method, as without us
+        if obj is None or not inspect.isfunction(self._fn):
+            # An async callable object or a partial (which has a __get__ from Python 3.13 that
+            # binds nothing): not a method, as without us.
+            return self
         try:
             store: dict[str, Any] = obj.__dict__
         except AttributeError:

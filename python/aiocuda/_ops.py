@@ -8,6 +8,7 @@ so aiocuda never imports a framework itself.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -285,7 +286,8 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
       contextvars, torch grad, inference and cpu autocast modes and default device, and
       TensorFlow device scope, as on the caller's thread. Other per-thread state stays behind
       (torch's saved-tensor hooks and function modes, its thread count). Under a recording
-      ``tf.GradientTape``, which belongs to its thread, `fn` runs on the loop thread instead.
+      ``tf.GradientTape``, which belongs to its thread, `fn` runs on the loop thread instead
+      (unless ``stream=`` names a CpuStream), holding up the loop's other tasks meanwhile.
     - ``stream=`` any other CUDA stream (``__cuda_stream__`` or a handle): `fn` runs on the loop
       thread, then that stream is awaited (on ``device=``'s device: a default-stream handle,
       0, 1 or 2, needs it when no context is current).
@@ -316,19 +318,25 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
         result = fn(*args, **kwargs)
         await synchronize(stream, device=ordinal)
         return result
-    if "tensorflow" in sys.modules and _tf_tape_recording():
+    if stream is None and "tensorflow" in sys.modules and _tf_tape_recording():
         return fn(*args, **kwargs)  # the tape records on this thread only: here, or no gradients
     cpu = stream if isinstance(stream, CpuStream) else _cpu_pool.get()
     return await cpu.submit(_InCallersState(fn, args, kwargs))
 
 
+_tf_eager: list[Any] = []  # TensorFlow's record and context modules, once imported
+
+
+def _tf_modules() -> list[Any]:
+    if not _tf_eager:
+        _tf_eager[:] = [importlib.import_module(f"tensorflow.python.eager.{name}")
+                        for name in ("record", "context")]
+    return _tf_eager
+
+
 def _tf_tape_recording() -> bool:
     """Whether a ``tf.GradientTape`` records on this thread (TensorFlow keeps tapes per thread)."""
-    try:
-        record: Any = importlib.import_module("tensorflow.python.eager.record")
-    except ImportError:  # TensorFlow before 2.13 named it tape
-        record = importlib.import_module("tensorflow.python.eager.tape")
-    return bool(record.could_possibly_record())
+    return bool(_tf_modules()[0].could_possibly_record())
 
 
 def _stream_ordinal(device: object) -> int | None:
@@ -380,9 +388,11 @@ class _InCallersState:
         if torch is None or _torch_modes(torch) == self.modes:
             return self.fn(*self.args, **self.kwargs)
         grad, inference, autocast, dtype, cache, device = self.modes  # type: ignore[misc]
+        # (a default device is a torch function mode, which every op inside then goes through:
+        # only where the caller has one)
         with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
                 torch.autocast("cpu", enabled=autocast, dtype=dtype, cache_enabled=cache), \
-                torch.device(device or "cpu"):
+                torch.device(device) if device is not None else contextlib.nullcontext():
             return self.fn(*self.args, **self.kwargs)
 
     def __repr__(self) -> str:
@@ -391,8 +401,7 @@ class _InCallersState:
 
 def _tf_device() -> str:
     """This thread's TensorFlow device scope (``tf.device``), or "" outside one."""
-    context: Any = importlib.import_module("tensorflow.python.eager.context")
-    return str(context.context().device_name or "")
+    return str(_tf_modules()[1].context().device_name or "")
 
 
 def _torch_modes(torch: Any) -> tuple[Any, ...]:
@@ -405,7 +414,9 @@ def _torch_modes(torch: Any) -> tuple[Any, ...]:
     else:
         autocast = torch.is_autocast_cpu_enabled()
         dtype = torch.get_autocast_cpu_dtype() if autocast else None
-    device = torch.get_default_device() if torch._C._len_torch_function_stack() else None
+    device = None
+    if torch._C._len_torch_function_stack() and hasattr(torch, "get_default_device"):  # 2.3+
+        device = torch.get_default_device()
     return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast, dtype,
             torch.is_autocast_cache_enabled() if autocast else None,
             None if device is None or device.type == "cpu" else device)

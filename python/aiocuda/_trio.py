@@ -244,9 +244,10 @@ class TrioFuture(Generic[T]):
             await trio.lowlevel.checkpoint()  # trio's rule: every await may switch and cancel
             if self._state == _CANCELLED:  # asyncio's CancelledError means nothing to trio
                 raise AiocudaError(
-                    "this aiocuda operation's wait was given up (its last waiter was cancelled), "
-                    "so its outcome was dropped: start it again, or await an aiocuda.Event "
-                    "recorded for it (a cancelled wait does not drop an Event)"
+                    "this aiocuda operation's wait was given up (its last waiter was cancelled, "
+                    "or cancel() was called), so its outcome was dropped: start it again, or "
+                    "await an aiocuda.Event recorded for it (a cancelled wait does not drop an "
+                    "Event)"
                 )
             return self.result()
         task = trio.lowlevel.current_task()

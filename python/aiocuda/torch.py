@@ -12,6 +12,7 @@ cpu backend (:class:`CpuTorchStream`), so the same loop runs in tests and on lap
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import itertools
 import os
@@ -410,6 +411,20 @@ async def _then(aw: Awaitable[Any], value: T) -> T:
     return value
 
 
+def _raisable(exc: BaseException) -> BaseException:
+    """A copy of `exc`, kept by torch (its future's error) or by aiocuda (a handle's outcome), to
+    raise: raising `exc` itself would give it a traceback whose frames hold the future or the
+    handle, a cycle through torch's C++ that the collector cannot see (each failure kept its
+    frames and tensors for ever). `exc` loses the traceback it has."""
+    exc.__traceback__ = None
+    try:
+        dup = copy.copy(exc)
+    except Exception:  # an exception class that cannot be copied: the original, as before
+        return exc
+    dup.__cause__, dup.__traceback__ = exc.__cause__, None
+    return dup
+
+
 # torch future -> the futures settled from it, one per loop. A torch future cannot drop a done
 # callback, so each wait given up (a timeout in a retry loop) left one behind, and its future,
 # until the torch future completed: a later wait on that loop shares the first one's instead.
@@ -441,12 +456,17 @@ def _from_torch_future(tfut: torch._C.Future[Any]) -> Awaitable[Any]:
     waits.append(fut)
 
     def settle(done: torch._C.Future[Any]) -> None:  # on the loop thread
+        # Settled now: a later wait gets a callback that runs at once, and the map must not keep
+        # this future, whose exception's traceback holds the torch future it is keyed by.
+        waits = _torch_waits.get(done)
+        if waits is not None and fut in waits:
+            waits.remove(fut)
         if fut.done():
             return
         try:
             fut.set_result(done.wait())  # CUDA futures: the current stream now waits for it
         except Exception as exc:  # the collective failed: the awaiting task gets the error
-            fut.set_exception(exc)
+            fut.set_exception(_raisable(exc))
 
     def on_done(done: torch._C.Future[Any]) -> None:
         try:
@@ -463,11 +483,14 @@ async def _work(work: Any) -> Any:
     NCCL when it is enqueued, after which the current stream waits for the collective's stream
     and that stream is awaited (no blocking wait). A handle without a future (gloo's
     reduce_scatter, send, recv) is waited for by a cpu worker; its result is None."""
-    try:
-        tfut = work.get_future()
-    except RuntimeError:  # "Work::getFuture not implemented."; the operation has started
-        await _waiters.call(_wait_once, work)  # raises the operation's error
-        return None
+    tfut = _work_futures.get(work)
+    if tfut is None:
+        try:
+            tfut = work.get_future()  # a new wrapper at each call: kept, so that waits share it
+        except RuntimeError:  # "Work::getFuture not implemented."; the operation has started
+            await _waiters.call(_wait_once, work)  # raises the operation's error
+            return None
+        _work_futures[work] = tfut
     value = await _from_torch_future(tfut)
     cuda = next((t for t in _tensors(value) if t.is_cuda), None)
     if cuda is not None:
@@ -480,6 +503,8 @@ async def _work(work: Any) -> Any:
 
 # work handle -> its one blocking wait: [lock, None until it ran, then (its error or None,)]
 _work_waits: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
+# work handle -> its future (get_future() makes a new wrapper each time, which holds no handle)
+_work_futures: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def _wait_once(work: Any) -> None:
@@ -496,7 +521,7 @@ def _wait_once(work: Any) -> None:
             except Exception as exc:
                 state[1] = (exc,)
     if state[1][0] is not None:
-        raise state[1][0]
+        raise _raisable(state[1][0])
 
 
 def _work_type() -> type | None:
