@@ -13,6 +13,16 @@ torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip insta
 if not torch.distributed.is_available():  # pragma: no cover
     pytest.skip("this PyTorch build has no torch.distributed", allow_module_level=True)
 
+# Every rank script's main() counts the loop's turns meanwhile (1 ms apart): the loop must go on.
+TICKER = """    ticks = 0
+    async def ticker():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.001)
+    beat = asyncio.ensure_future(ticker())
+"""
+
 RANK = r"""
 import asyncio, sys
 import torch, torch.distributed as dist
@@ -22,13 +32,7 @@ rank, port = int(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 
 async def main():
-    ticks = 0
-    async def ticker():
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0.001)
-    beat = asyncio.ensure_future(ticker())
+    #TICKER
     t = torch.full((4,), float(rank + 1))
     out = await aiocuda.wait(dist.all_reduce(t, async_op=True))
     assert torch.equal(t, torch.full((4,), 3.0)) and torch.equal(out[0], t), (t, out)
@@ -55,7 +59,7 @@ def free_port() -> int:
 def run_two_ranks(tmp_path, source: str) -> list[str]:
     """Run `source` as ranks 0 and 1 on a free port; each must exit 0. Their outputs."""
     script = tmp_path / "rank.py"
-    script.write_text(source)
+    script.write_text(source.replace("    #TICKER\n", TICKER))
     port = str(free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, str(script), str(r), port], env=env,
@@ -92,13 +96,7 @@ dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank
                         timeout=datetime.timedelta(seconds=3))
 
 async def main():
-    ticks = 0
-    async def ticker():
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0.001)
-    beat = asyncio.ensure_future(ticker())
+    #TICKER
     if rank == 0:
         await asyncio.sleep(0.5)  # rank 1 waits for this send meanwhile
         assert await aiocuda.wait(dist.isend(torch.arange(2.0), 1)) is None
@@ -162,13 +160,7 @@ funcol.all_reduce(torch.ones(1), "sum", dist.group.WORLD).tolist()  # connection
 async def main():
     if rank == 1:
         time.sleep(1.0)  # joins the collective 1 s late: rank 0's wait takes that long
-    ticks = 0
-    async def ticker():
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0.001)
-    beat = asyncio.ensure_future(ticker())
+    #TICKER
     await asyncio.sleep(0)
     y = funcol.all_reduce(torch.ones(2), "sum", dist.group.WORLD)
     assert type(y).__name__ == "AsyncCollectiveTensor"
