@@ -16,11 +16,11 @@ import math
 import sys
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any, Generic, TypeVar, overload
 
-from ._loop import drop_closed_spawned, is_trio, running_loop, shield, spawn
+from ._loop import Shielded, drop_closed_spawned, is_trio, running_loop, spawn
 
 __all__ = ["Batcher", "batch"]
 
@@ -61,18 +61,6 @@ class _Queue:
             fut.set_result(None)
 
 
-class _Awaiting:
-    """Awaits a future without ever cancelling it (asyncio's or trio's)."""
-
-    __slots__ = ("_fut",)
-
-    def __init__(self, fut: Any) -> None:
-        self._fut = fut
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        return shield(self._fut)
-
-
 def _now(loop: Any) -> float:
     if is_trio(loop):
         import trio
@@ -90,7 +78,7 @@ async def _sleep_until_woken(loop: Any, q: _Queue, timeout: float | None) -> Non
             import trio
 
             with trio.move_on_after(math.inf if timeout is None else max(timeout, 0.0)):
-                await _Awaiting(fut)
+                await Shielded(fut)
         else:
             await asyncio.wait((fut,), timeout=timeout)
     finally:

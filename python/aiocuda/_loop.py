@@ -19,7 +19,7 @@ from . import _core
 from ._errors import AiocudaError
 
 __all__ = ["Statistics", "statistics", "state_for", "running_loop", "other_loop", "nested_trio",
-           "shield", "wait_all", "spawn", "is_trio"]
+           "shield", "Shielded", "wait_all", "spawn", "is_trio"]
 
 _log = logging.getLogger("aiocuda")
 
@@ -208,6 +208,19 @@ def shield(fut: Any) -> Generator[Any, None, Any]:
             )
         return asyncio.shield(fut).__await__()
     return fut.shielded()  # type: ignore[no-any-return]
+
+
+class Shielded:
+    """Awaits a future without ever cancelling it (asyncio's or trio's): one shared by several
+    waits, which may each be given up."""
+
+    __slots__ = ("_fut",)
+
+    def __init__(self, fut: Any) -> None:
+        self._fut = fut
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return shield(self._fut)
 
 
 def is_trio(loop: object) -> bool:

@@ -34,7 +34,7 @@ import torch.utils._pytree as pytree
 from . import _core
 from ._api import CpuStream, synchronize, wait_cuda_event
 from ._errors import AiocudaError
-from ._loop import running_loop, shield, wait_all
+from ._loop import Shielded, running_loop, shield, wait_all
 
 __all__ = ["CpuTorchEvent", "CpuTorchStream", "Event", "Stream", "replay"]
 
@@ -431,18 +431,6 @@ def _raisable(exc: BaseException) -> BaseException:
 _torch_waits: weakref.WeakKeyDictionary[Any, list[Any]] = weakref.WeakKeyDictionary()
 
 
-class _Shielded:
-    """Awaits `fut` without cancelling it: it is shared by every wait on one torch future."""
-
-    __slots__ = ("fut",)
-
-    def __init__(self, fut: Any) -> None:
-        self.fut = fut
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        return shield(self.fut)
-
-
 def _from_torch_future(tfut: torch._C.Future[Any]) -> Awaitable[Any]:
     """An awaitable settled from a torch Future's completion (a Python callback on the thread
     that completes it: torch futures are Python-level objects, not driver work)."""
@@ -450,7 +438,7 @@ def _from_torch_future(tfut: torch._C.Future[Any]) -> Awaitable[Any]:
     waits = _torch_waits.setdefault(tfut, [])
     for shared in waits:
         if shared.get_loop() is loop:
-            return _Shielded(shared)
+            return Shielded(shared)
     waits[:] = [f for f in waits if not f.get_loop().is_closed()]
     fut: asyncio.Future[Any] = loop.create_future()
     waits.append(fut)
@@ -475,7 +463,7 @@ def _from_torch_future(tfut: torch._C.Future[Any]) -> Awaitable[Any]:
             pass
 
     tfut.add_done_callback(on_done)
-    return _Shielded(fut)
+    return Shielded(fut)
 
 
 async def _work(work: Any) -> Any:
