@@ -212,7 +212,14 @@ CUresult mark_event(Mark* m, bool wait_placed, CUevent* ev) {
     CtxState* cs;
     {
         std::unique_lock<std::mutex> g(eng->mu);
-        if (wait_placed) eng->placed_cv.wait(g, [&] { return m->done || m->placed; });
+        if (wait_placed && !m->done && !m->placed) {
+            // Counted as the word's waiters below are: finish() wakes only counted waiters, and
+            // an open mark whose placing failed may be finished by a later mark of its stream
+            // passing, with no placement or failure notice after (the thread slept for good).
+            ++eng->sync_waiters;
+            eng->placed_cv.wait(g, [&] { return m->done || m->placed; });
+            --eng->sync_waiters;
+        }
         if (m->done) return m->status;
         if (!m->placed) return CUDA_ERROR_NOT_READY;
         cs = m->tl->cs;

@@ -614,6 +614,69 @@ def test_events_past_the_bound_share_a_mark(run, emu, strategy):
     assert all(done) and records <= 9
 
 
+@pytest.mark.parametrize("strategy", ["poll", "callback"], indirect=True)
+def test_an_events_synchronize_ends_with_its_failed_open_mark(run, emu, strategy):
+    # aiocuda.Event.synchronize() on an open mark (past kMarksInFlight) first waits for it to be
+    # placed or finished. Here a capture begins between the placer's check and its record: the
+    # mark fails, in stream order, and a mark placed after it passes first (the poll strategy
+    # queries the newest mark first; under callback the backstop's query finds it before the
+    # host functions run), which finishes it. Nothing is placed after that: the waiter, not
+    # counted among those finish() wakes, slept for good.
+    s = emu.stream()
+    w1, w2 = _host_word(emu), _host_word(emu)
+    assert emu.lib.cuStreamWaitValue32_v2(ctypes.c_void_p(s), w1.device, 1, 0) == 0
+    if strategy == "callback":
+        _core.cuda_set_backstop_period_ms(2)
+        emu.lib.emu_set_hostfn_latency_us(200_000)
+    outcome: list[object] = []
+
+    def synchronize(ev: aiocuda.Event) -> None:
+        try:
+            ev.synchronize()
+            outcome.append(None)
+        except aiocuda.CudaError as e:
+            outcome.append(e.code)
+
+    async def main():
+        _core.cuda_hold(True)
+        try:
+            first = aiocuda.synchronize(s)  # behind w1
+            assert emu.lib.cuStreamWaitValue32_v2(ctypes.c_void_p(s), w2.device, 1, 0) == 0
+            rest = [aiocuda.synchronize(s) for _ in range(7)]  # behind w2
+            ev = aiocuda.record(s)  # no room: the open mark
+        finally:
+            _core.cuda_hold(False)
+        waiter = threading.Thread(target=synchronize, args=(ev,), daemon=True)
+        waiter.start()
+        await asyncio.sleep(0.02)
+        emu.lib.emu_capture_before_next_mark(ctypes.c_void_p(s))  # the open mark's record
+        w1.write(1)
+        await asyncio.wait_for(first, 5)  # room: the placer puts the open mark, into a capture
+        assert wait_until(lambda: emu.capture_status(s) == 1, 5)
+        await asyncio.sleep(0.02)
+        assert end_capture(emu, s) == 0
+        after = aiocuda.synchronize(s)  # placed after the failed open mark
+        w2.write(1)
+        await asyncio.wait_for(asyncio.gather(*rest, after), 5)
+        with pytest.raises(aiocuda.CudaError, match="CAPTURE_UNSUPPORTED"):
+            await asyncio.wait_for(ev, 5)
+        waiter.join(2)
+        ended = not waiter.is_alive()
+        if not ended:  # any later placement wakes it: free the thread
+            await asyncio.wait_for(aiocuda.synchronize(s), 5)
+            waiter.join(5)
+        return ended
+
+    try:
+        assert run(main()), "Event.synchronize() never returned"
+        assert outcome == [900]  # CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
+    finally:
+        _core.cuda_set_backstop_period_ms(20)
+        _unregister(emu, w1)
+        _unregister(emu, w2)
+    emu.lib.cuStreamDestroy_v2(s)
+
+
 def test_switching_strategy_keeps_pending_awaits(run, emu):
     s = emu.stream()
     before = aiocuda.strategy()
