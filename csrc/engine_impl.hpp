@@ -187,11 +187,17 @@ struct CtxState {
 // streams at once.
 constexpr int kPlacersPerDevice = 8;
 constexpr auto kPlacerStuck = std::chrono::milliseconds(1);
+constexpr auto kCaptureRetry = std::chrono::milliseconds(1);
 struct Placer {
     std::condition_variable cv;  // under eng->mu
     bool wake = false;           // in Engine::wake_placers
     std::vector<Timeline*> queue;
     std::vector<Timeline*> bells;  // kFlag: timelines that want a doorbell mark
+    // Timelines whose open mark waits for a capture on their stream to end, each with the
+    // placer's reference: retried every kCaptureRetry by whichever of the device's threads is
+    // free (not by the thread that found the capture, which may be held in an enqueue on another
+    // stream meanwhile), and counted as waiting work by spare_placers().
+    std::vector<Timeline*> capturing;
     int threads = 0;             // its threads (placer_run)
     int idle = 0;                // of those, waiting for work
     std::chrono::steady_clock::time_point waiting_since{};  // the work queued: since when ({}: none)

@@ -534,11 +534,22 @@ void spare_placers(Clock::time_point now) {
     }
 }
 
+// Timelines whose open mark waits for a capture to end, for any of the device's threads to
+// retry (Placer::capturing): the thread that found the capture may next block in an enqueue on a
+// full stream, and their awaits then waited for as long as it did.
+void keep_capturing(Placer* p, std::vector<Timeline*>& later) {
+    Locked g;
+    if (p->waiting_since == Clock::time_point{}) p->waiting_since = Clock::now();
+    p->capturing.insert(p->capturing.end(), later.begin(), later.end());
+    later.clear();
+    wake_placer(p);  // an idle thread retries them after kCaptureRetry
+}
+
 void placer_run(Placer* p) {
     name_this_thread("aiocuda-placer");
     CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
     api.cuThreadExchangeStreamCaptureMode(&mode);
-    std::vector<Timeline*> later, retry;  // this thread's: open marks of capturing streams
+    std::vector<Timeline*> later, retry;  // open marks of capturing streams (Placer::capturing)
     for (;;) {
         Timeline* tl = nullptr;
         bool bell = false;
@@ -546,13 +557,13 @@ void placer_run(Placer* p) {
             std::unique_lock<std::mutex> g(eng->mu);
             auto ready = [&] { return (!p->queue.empty() || !p->bells.empty()) && !eng->held; };
             ++p->idle;
-            if (later.empty()) p->cv.wait(g, ready);
-            else p->cv.wait_for(g, std::chrono::milliseconds(1), ready);  // a capture to end
+            if (p->capturing.empty()) p->cv.wait(g, [&] { return ready() || !p->capturing.empty(); });
+            if (!ready()) p->cv.wait_for(g, kCaptureRetry, ready);  // a capture to end
             while (eng->held) eng->hold_cv.wait(g);
             --p->idle;
-            for (Timeline* t : later)  // a capture to end: kept, unless queued again meanwhile
+            for (Timeline* t : p->capturing)  // kept, unless queued again meanwhile
                 if (!t->placing) retry.push_back(t); else --t->users;
-            later.clear();
+            p->capturing.clear();
             if (!p->queue.empty()) {  // one at a time, in the order asked
                 tl = p->queue.front();
                 p->queue.erase(p->queue.begin());
@@ -569,12 +580,14 @@ void placer_run(Placer* p) {
         for (Timeline* t : retry)
             if (!place_open(t)) later.push_back(t); else release_timeline(t);
         retry.clear();
+        if (!later.empty()) keep_capturing(p, later);  // before an enqueue that may block
         if (tl && bell) {
             place_bell(tl);
             release_timeline(tl);
         } else if (tl) {
             if (!place_open(tl)) later.push_back(tl); else release_timeline(tl);
         }
+        if (!later.empty()) keep_capturing(p, later);
         Locked g;
         if (--eng->placing == 0) eng->hold_cv.notify_all();
     }

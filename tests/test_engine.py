@@ -1034,6 +1034,75 @@ def test_a_placer_held_in_the_driver_never_delays_other_streams_marks(run, emu, 
         emu.lib.cuStreamDestroy_v2(h)
 
 
+_CAPTURING_BEHIND_A_HELD_PLACER = """
+import asyncio, ctypes, os, time
+import aiocuda
+from aiocuda import _core
+from aiocuda.bench._sources import HostWord
+from tests.emu.build import load_emulator
+
+lib = load_emulator(os.environ["AIOCUDA_LIBCUDA"])
+aiocuda.set_strategy("{strategy}")
+
+
+def wait_until(pred, timeout=5):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and not pred():
+        time.sleep(0.005)
+    return pred()
+
+
+async def main():
+    ctx, a, b = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+    assert lib.cuInit(0) == 0
+    assert lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0) == 0
+    assert lib.cuCtxPushCurrent_v2(ctx) == 0
+    assert lib.cuStreamCreate(ctypes.byref(a), 1) == 0
+    assert lib.cuStreamCreate(ctypes.byref(b), 1) == 0
+    wa, wb = HostWord(lib), HostWord(lib)
+    lib.cuCtxPopCurrent_v2(None)
+    assert lib.cuStreamWaitValue32_v2(a, wa.device, 1, 0) == 0
+    assert lib.cuStreamWaitValue32_v2(b, wb.device, 1, 0) == 0
+    _core.cuda_hold(True)  # each of the first eight awaits places its own mark
+    first_b = [aiocuda.synchronize(b.value) for _ in range(8)]
+    joined_b = aiocuda.synchronize(b.value)  # no room: B's open mark
+    first_a = [aiocuda.synchronize(a.value) for _ in range(8)]
+    joined_a = aiocuda.synchronize(a.value)  # no room: A's open mark
+    _core.cuda_hold(False)
+    assert lib.cuStreamBeginCapture_v2(b, 2) == 0  # relaxed, as another thread's would be
+    wb.write(1)
+    await asyncio.wait_for(asyncio.gather(*first_b), 5)
+    await asyncio.sleep(0.05)  # the placer found B capturing: its open mark waits
+    lib.emu_pause_after_next_mark(a)
+    wa.write(1)  # A's marks pass; the placer puts A's open mark and is held in the driver
+    assert wait_until(lambda: lib.emu_paused() == 1), "the placer never marked A"
+    graph = ctypes.c_void_p()
+    assert lib.cuStreamEndCapture(b, ctypes.byref(graph)) == 0
+    lib.cuGraphDestroy(graph)
+    try:
+        await asyncio.wait_for(asyncio.shield(joined_b), 2)
+        print("placed")
+    except asyncio.TimeoutError:
+        print("held")
+    finally:
+        lib.emu_resume()
+    await asyncio.wait_for(asyncio.gather(joined_b, *first_a, joined_a), 5)
+
+
+asyncio.run(main())
+"""
+
+
+def test_a_placer_held_in_the_driver_never_delays_an_open_mark_after_a_capture(strategy):
+    # The placer keeps the open mark of a capturing stream B until the capture ends. It was kept
+    # by the thread that found the capture, which then put stream A's open mark and was held in
+    # the driver (an enqueue on a full stream): B's capture ended, B's await waited for A. A
+    # process of its own, with one placer thread (an earlier test's spare thread could hold it).
+    r = python_subprocess(_CAPTURING_BEHIND_A_HELD_PLACER.replace("{strategy}", strategy))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["placed"], "B's open mark waited for the held placer"
+
+
 def test_a_capture_beginning_between_the_check_and_the_mark_fails_the_await(run, emu, strategy):
     # Another thread may begin a capture on the stream between aiocuda's cuStreamIsCapturing and
     # its mark, which then lands in the capture. The check after the mark sees it: the await is
