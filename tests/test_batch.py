@@ -387,6 +387,8 @@ def test_a_batch_task_that_is_cancelled_cancels_its_callers(monkeypatch, has_can
     ({"max_wait_s": -0.1}, ValueError, "max_wait_s must be a finite number of seconds >= 0"),
     ({"max_wait_s": math.nan}, ValueError, "max_wait_s must be a finite number"),
     ({"max_wait_s": math.inf}, ValueError, "max_wait_s must be a finite number"),
+    # an int beyond any float passed the check, then float() raised OverflowError
+    ({"max_wait_s": 10**400}, ValueError, "max_wait_s must be a finite number"),
     ({"max_wait_s": "1"}, TypeError, "max_wait_s must be a number of seconds, got str"),
 ])
 def test_bad_settings_raise_at_decoration_time(kwargs, error, match):

@@ -144,7 +144,11 @@ def _check_settings(max_batch_size: object, max_wait_s: object,
     if not isinstance(max_wait_s, (int, float)) or isinstance(max_wait_s, bool):
         raise TypeError("aiocuda.batch: max_wait_s must be a number of seconds, got "
                         f"{type(max_wait_s).__name__}")
-    if not (0 <= max_wait_s < math.inf):
+    try:
+        seconds = float(max_wait_s)
+    except OverflowError:  # an int beyond any float
+        seconds = math.inf
+    if not (0 <= seconds < math.inf):
         raise ValueError("aiocuda.batch: max_wait_s must be a finite number of seconds >= 0, "
                          f"got {max_wait_s}")
 
