@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import gc
 import warnings
@@ -86,6 +87,31 @@ def test_a_cpu_stream_cannot_wait_on_a_cuda_event(run, emu):
             with pytest.raises(TypeError, match="recorded on a CpuStream"):
                 s.wait_event(ev)
         await ev
+
+    run(main())
+
+
+def test_a_copy_of_an_event_is_the_event(run, emu):
+    # copy.copy gave a second Event holding the same native mark, and each released it when
+    # collected: the second release freed it again (the process died); deepcopy raised
+    # "cannot pickle '_asyncio.Future' object", so a structure holding an event could not be
+    # deep-copied.
+    async def main():
+        h = emu.stream()
+        ev = aiocuda.record(h)
+        assert copy.copy(ev) is ev
+        assert copy.deepcopy({"ev": ev})["ev"] is ev
+        await ev
+        with aiocuda.CpuStream() as s:
+            cpu = s.record()
+            assert copy.copy(cpu) is cpu and copy.deepcopy(cpu) is cpu
+            await cpu
+        del ev
+        gc.collect()
+        for _ in range(3):  # the pool's events are reused as before
+            e = aiocuda.record(h)
+            await e
+            assert e.done()
 
     run(main())
 

@@ -255,6 +255,14 @@ class Event:
             return _complete().__await__()  # never recorded
         return shield(self._fut)
 
+    # A copy would hold the same native mark and release it again when collected (a use after
+    # free in the engine, which killed the process): an event is a handle, its copy is itself.
+    def __copy__(self) -> Event:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Event:
+        return self
+
     def __del__(self) -> None:
         mark = getattr(self, "_cuda", 0)  # unset when __init__ was called wrongly
         if mark and _core is not None:  # _core is None late in interpreter shutdown
