@@ -127,6 +127,35 @@ def test_a_cancelled_aclose_leaves_the_stream_closed_and_its_work_running(run):
     run(main())
 
 
+def test_a_cancelled_async_with_block_does_not_wait_for_the_work(run):
+    # A task cancelled inside `async with CpuStream()` (a timeout, a client gone) went on to
+    # await all the stream's work in __aexit__ (asyncio delivers a cancellation once): the
+    # cancellation, and a timeout around the block, waited as long as the work ran.
+    async def main():
+        work = Gated()
+        streams = []
+
+        async def block():
+            async with aiocuda.CpuStream() as s:
+                streams.append(s)
+                fut = s.submit(work)
+                await asyncio.sleep(GATE_S)  # cancelled meanwhile
+            return fut
+
+        task = asyncio.ensure_future(block())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not work.finished.is_set()  # it did not wait for the work
+        assert streams[0].closed  # but the stream is closed, as a cancelled aclose() leaves it
+        work.gate.set()
+        await streams[0].aclose()  # the work runs to its end in the background
+        assert work.finished.is_set()
+
+    run(main())
+
+
 def test_close_on_a_thread_without_a_loop_waits_for_the_work(run):
     async def main():
         work = Gated()

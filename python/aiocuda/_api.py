@@ -15,8 +15,8 @@ from typing import Any, Protocol, TypeVar, Union, runtime_checkable
 
 from . import _core
 from ._errors import AiocudaError, CudaError
-from ._loop import (nested_trio, no_loop_error, on_loop_thread, other_loop, running_loop, shield,
-                    state_for)
+from ._loop import (is_cancellation, nested_trio, no_loop_error, on_loop_thread, other_loop,
+                    running_loop, shield, state_for)
 
 __all__ = [
     "CpuStream", "Event", "StreamLike", "backends", "record", "set_strategy", "strategy",
@@ -389,7 +389,13 @@ class CpuStream(_core.CpuStreamBase):
     async def __aenter__(self) -> CpuStream:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if exc is not None and is_cancellation(exc):
+            # Cancelled (a timeout, a client gone): stop waiting, as a cancelled aclose() does.
+            # asyncio delivers a cancellation once, so awaiting the work here would hold the
+            # cancellation up for as long as the work runs.
+            self.close()
+            return
         await self.aclose()
 
     def __await__(self) -> Generator[Any, None, None]:

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any, Generic, TypeVar, overload
 
-from ._loop import Shielded, drop_closed_spawned, is_trio, running_loop, spawn
+from ._loop import Shielded, drop_closed_spawned, is_cancellation, is_trio, running_loop, spawn
 
 __all__ = ["Batcher", "batch"]
 
@@ -86,13 +86,6 @@ async def _sleep_until_woken(loop: Any, q: _Queue, timeout: float | None) -> Non
             q.wakeup = None
         if not fut.done():
             fut.cancel()
-
-
-def _is_cancellation(exc: BaseException) -> bool:
-    if isinstance(exc, asyncio.CancelledError):
-        return True
-    trio = sys.modules.get("trio")
-    return trio is not None and isinstance(exc, trio.Cancelled)
 
 
 class _CancelCalls:
@@ -343,7 +336,7 @@ class Batcher(Generic[T, R]):
                 self._fail(live, exc)
                 return
             except BaseException as exc:
-                if _is_cancellation(exc) and not cancels.cancelled():
+                if is_cancellation(exc) and not cancels.cancelled():
                     # The function's own (a future or task it awaited was cancelled by something
                     # else): its callers were not cancelled, they get an error.
                     err = RuntimeError(

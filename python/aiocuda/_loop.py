@@ -19,7 +19,7 @@ from . import _core
 from ._errors import AiocudaError
 
 __all__ = ["Statistics", "statistics", "state_for", "running_loop", "other_loop", "nested_trio",
-           "shield", "Shielded", "wait_all", "spawn", "is_trio"]
+           "shield", "Shielded", "wait_all", "spawn", "is_trio", "is_cancellation"]
 
 _log = logging.getLogger("aiocuda")
 
@@ -221,6 +221,14 @@ class Shielded:
 
     def __await__(self) -> Generator[Any, None, Any]:
         return shield(self._fut)
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """True if `exc` cancels its task: asyncio's CancelledError or trio's Cancelled."""
+    if isinstance(exc, asyncio.CancelledError):
+        return True
+    trio = sys.modules.get("trio")
+    return trio is not None and isinstance(exc, trio.Cancelled)
 
 
 def is_trio(loop: object) -> bool:
