@@ -293,11 +293,12 @@ class CpuStream(_core.CpuStreamBase):
     In a coroutine, close it with ``async with aiocuda.CpuStream() as s:`` or
     ``await s.aclose()``, which wait for the submitted work without blocking the loop. Like
     ``cuStreamDestroy``, closing never cancels work: whatever was submitted runs. ``close()``
-    on a loop's thread, leaving a plain ``with`` block there, and dropping the last reference
-    anywhere return at once and let that work finish in the background (its futures still
-    complete); ``close()`` on a thread with no running loop waits for it. At interpreter exit,
-    work still running is waited for, at most ``AIOCUDA_EXIT_TIMEOUT`` seconds (10 by default;
-    Ctrl-C stops the wait), and then left to the process's end.
+    on a loop's thread, leaving a plain ``with`` block there, leaving an ``async with`` block
+    by a cancellation (a timeout), and dropping the last reference anywhere return at once and
+    let that work finish in the background (its futures still complete); ``close()`` on a
+    thread with no running loop waits for it. At interpreter exit, work still running is waited
+    for, at most ``AIOCUDA_EXIT_TIMEOUT`` seconds (10 by default; Ctrl-C stops the wait), and
+    then left to the process's end.
     """
 
     def __init__(self) -> None:
