@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,43 @@ def test_mypy_strict_passes_on_the_package(tmp_path, part):
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Success" in r.stdout, r.stdout
+
+
+USER_PROGRAM = """
+import aiocuda
+
+
+class ProtocolStream:
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, 0)
+
+
+class AttributeStream:  # torch.cuda.Stream's way
+    cuda_stream: int = 0
+
+
+async def good(s: aiocuda.CpuStream) -> None:
+    for stream in (s, ProtocolStream(), AttributeStream(), 0):
+        await aiocuda.synchronize(stream, device=None)
+        await aiocuda.record(stream)
+
+
+async def bad() -> None:
+    await aiocuda.synchronize("stream")  # wrong: 1
+    await aiocuda.synchronize(None)  # wrong: 2
+    await aiocuda.record(1.5)  # wrong: 3
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="mypy is not installed")
+def test_mypy_strict_refuses_what_is_not_a_stream(tmp_path):
+    # StreamLike was a Union with Any in it: mypy took anything as a stream.
+    (tmp_path / "user.py").write_text(USER_PROGRAM)
+    r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", "user.py"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    lines = [n for n, line in enumerate(USER_PROGRAM.splitlines(), 1) if "# wrong" in line]
+    errors = sorted({int(m) for m in re.findall(r"user\.py:(\d+): error", r.stdout)})
+    assert errors == lines, r.stdout + r.stderr
 
 
 def test_py_typed_is_shipped():

@@ -33,10 +33,18 @@ class CudaStreamProtocol(Protocol):
     def __cuda_stream__(self) -> tuple[int, int]: ...
 
 
+class CudaStreamAttribute(Protocol):
+    """A stream that gives its handle as a ``cuda_stream`` attribute (``torch.cuda.Stream``)."""
+
+    @property
+    def cuda_stream(self) -> int: ...
+
+
 #: What a stream argument may be: a CpuStream, an object with ``__cuda_stream__`` (cuda.core,
 #: CuPy, numba), an object with a ``cuda_stream`` attribute (``torch.cuda.Stream``), or a raw
-#: ``CUstream`` handle as an int (0 is the legacy default stream).
-StreamLike = Union["CpuStream", CudaStreamProtocol, int, Any]
+#: ``CUstream`` handle as an int (0 is the legacy default stream). Objects of untyped libraries
+#: (CuPy, numba) are ``Any`` to a type checker, and pass.
+StreamLike = Union["CpuStream", CudaStreamProtocol, CudaStreamAttribute, int]
 
 _U64 = 1 << 64
 _MAX_DEVICE = 1 << 20  # as the native core: far past any machine's device count
