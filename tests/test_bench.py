@@ -671,3 +671,22 @@ def test_the_demo_runs_exactly_the_operations_asked_for(ops):
     rates = [float(line.split()[-6]) for line in r.stdout.splitlines()
              if line.startswith(("aiocuda (await", "run_in_executor("))]
     assert len(rates) == 2 and min(rates) > 0, r.stdout
+
+
+@pytest.mark.parametrize("args", [["--work-ms", "nan"], ["--work-ms", "inf"], ["--work-ms", "-1"],
+                                  ["--ops", "0"], ["--streams", "0"]])
+def test_the_demo_refuses_arguments_out_of_range_with_a_message(args):
+    # --work-ms nan or inf passed the check (work_s < 0 is False for both) and ended in a
+    # ValueError traceback from CpuStream.delay inside the demo's tasks.
+    r = subprocess.run([sys.executable, "-m", "aiocuda", "demo", "--ops", "10", *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and "--work-ms from 0 to 1000" in r.stderr, r.stderr
+
+
+def test_the_benchmarks_help_names_the_serving_benchmark():
+    # `python -m aiocuda.bench --help`, which the docs point to, did not mention `serving`.
+    r = subprocess.run([sys.executable, "-m", "aiocuda.bench", "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "python -m aiocuda.bench serving --help" in " ".join(r.stdout.split()), r.stdout

@@ -62,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo.add_argument("--uvloop", action="store_true", help="run on uvloop")
     p_demo.add_argument("--ops", type=int, default=20000, help="operations per method")
     p_demo.add_argument("--streams", type=int, default=8, help="cpu-backend streams")
-    p_demo.add_argument("--work-ms", type=float, default=0.1, help="native work per operation")
+    p_demo.add_argument("--work-ms", type=float, default=0.1,
+                        help="native work per operation (0 to 1000 ms)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info(args.uvloop)

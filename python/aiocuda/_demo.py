@@ -83,8 +83,8 @@ async def _main(ops: int, n_streams: int, work_s: float) -> list[Result]:
 
 
 def run_demo(ops: int, n_streams: int, work_s: float, use_uvloop: bool) -> int:
-    if ops <= 0 or n_streams <= 0 or work_s < 0:
-        raise SystemExit("--ops and --streams must be positive, --work-ms >= 0")
+    if ops <= 0 or n_streams <= 0 or not 0 <= work_s <= 1:  # (nan compares False)
+        raise SystemExit("--ops and --streams must be positive, --work-ms from 0 to 1000")
     print(f"aiocuda demo: {ops} operations, each {work_s * 1e3:g} ms of native work, "
           f"on {n_streams} cpu-backend streams, {CONCURRENCY} coroutines each awaiting one at "
           f"a time; backends here: {', '.join(backends())}")

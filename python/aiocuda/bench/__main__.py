@@ -38,7 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m aiocuda.bench",
         description="Measure aiocuda against the alternatives (same process, same run) and "
         "write report.txt, report.json and PNG plots. With AIOCUDA_LIBCUDA naming the test "
-        "driver emulator (scripts/bench does this), the cuda path is measured without a GPU.",
+        "driver emulator (scripts/bench does this), the cuda path is measured without a GPU. "
+        "The serving benchmark (FastAPI under HTTP load) is a command of its own: "
+        "python -m aiocuda.bench serving --help.",
         epilog=steps_doc.split("\n\n", 1)[1] if steps_doc else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
