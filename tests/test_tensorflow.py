@@ -121,6 +121,20 @@ def test_tensorflow_gpu_numbers_are_mapped_to_cuda_ordinals(monkeypatch):
     assert atf.cuda_ordinal(1) == 1
 
 
+def test_bad_gpu_numbers_and_tensors_are_refused():
+    # cuda_ordinal() handed back whatever it got where TensorFlow sees no GPU (-1, "x", None,
+    # 1.5, True), and gpu_index() of anything but a tensor was an AttributeError.
+    for bad in ("x", None, 1.5, True):
+        with pytest.raises(TypeError, match=r"cuda_ordinal\(\) takes TensorFlow's GPU index"):
+            atf.cuda_ordinal(bad)
+    with pytest.raises(ValueError, match=r"GPU index \(N in /GPU:N\) must be >= 0, got -1"):
+        atf.cuda_ordinal(-1)
+    for bad in (5, None, "x"):
+        with pytest.raises(TypeError, match=r"gpu_index\(\) needs a TensorFlow tensor"):
+            atf.gpu_index(bad)
+    assert atf.gpu_index(tf.ones((1,))) is None  # a host tensor
+
+
 def test_a_tensorflow_gpu_wait_uses_the_cuda_ordinal(run, monkeypatch):
     waited: list[int] = []
 

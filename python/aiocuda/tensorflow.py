@@ -31,6 +31,9 @@ __all__ = ["cuda_ordinal", "gpu_index", "wait"]
 
 def gpu_index(x: tf.Tensor | tf.Variable) -> int | None:
     """TensorFlow's GPU index of a tensor (N in "/GPU:N"), or None for the host."""
+    if not isinstance(x, (tf.Tensor, tf.Variable)):
+        raise TypeError(f"aiocuda.tensorflow.gpu_index() needs a TensorFlow tensor, got "
+                        f"{type(x).__name__}")
     place = _tf_place(x.device)
     return None if place == CPU else int(place.device)
 
@@ -43,6 +46,11 @@ def cuda_ordinal(index: int) -> int:
     order; its physical devices ("/physical_device:GPU:N") carry the CUDA ordinal N. When
     TensorFlow sees no GPU at all, `index` is taken as the CUDA ordinal.
     """
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise TypeError(f"aiocuda.tensorflow.cuda_ordinal() takes TensorFlow's GPU index (N in "
+                        f"/GPU:N), an int, got {type(index).__name__}")
+    if index < 0:
+        raise ValueError(f"TensorFlow's GPU index (N in /GPU:N) must be >= 0, got {index}")
     logical: list[Any] = []
     for gpu in tf.config.get_visible_devices("GPU"):
         split = tf.config.get_logical_device_configuration(gpu)
