@@ -358,6 +358,19 @@ def test_cpu_stream_has_torch_stream_methods(run_any):
     run_any(main())
 
 
+def test_a_cpu_torch_event_says_which_stream_it_makes_wait():
+    # event.wait() with no stream (torch's current stream) or None was an AttributeError
+    # ('NoneType' object has no attribute 'wait_event'), not the message record() gives.
+    ev, s = at.CpuTorchEvent(), at.Stream(device="cpu")
+    for call in (lambda: ev.wait(), lambda: ev.wait(None)):
+        with pytest.raises(TypeError, match=r"needs the CpuTorchStream to make wait"):
+            call()
+    with pytest.raises(TypeError, match=r"wait\(\) needs a CpuTorchStream, got CpuStream"):
+        ev.wait(aiocuda.CpuStream())
+    ev.wait(s)  # never recorded: nothing to wait for
+    s.close()
+
+
 def test_with_on_a_cpu_torch_stream_keeps_it_open(run):
     # For a torch stream `with s:` makes s current; it closed the CpuTorchStream, whose next use
     # then failed with "the CpuStream is closed".

@@ -149,7 +149,13 @@ class CpuTorchEvent:
     def synchronize(self) -> None:
         self._ev.wait()
 
-    def wait(self, stream: CpuTorchStream) -> None:
+    def wait(self, stream: CpuTorchStream | None = None) -> None:
+        if stream is None:  # torch.cuda.Event.wait()'s current stream has no cpu counterpart
+            raise TypeError("CpuTorchEvent.wait() needs the CpuTorchStream to make wait: the "
+                            "cpu backend has no current stream (pass it: event.wait(stream))")
+        if not isinstance(stream, CpuTorchStream):
+            raise TypeError(f"CpuTorchEvent.wait() needs a CpuTorchStream, got "
+                            f"{type(stream).__name__}")
         stream.wait_event(self)
 
     def __await__(self) -> Generator[Any, None, None]:
