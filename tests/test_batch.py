@@ -398,6 +398,21 @@ def test_bad_settings_raise_at_decoration_time(kwargs, error, match):
         aiocuda.Batcher(doubled, **kwargs)
 
 
+@pytest.mark.skipif(sys.version_info >= (3, 13),
+                    reason="classmethod binds no descriptor since 3.13")
+def test_a_batcher_under_classmethod_says_so():
+    # It raised "'mappingproxy' object does not support item assignment".
+    class Model:
+        @classmethod
+        @aiocuda.batch
+        async def classify(cls, items: list[int]) -> list[int]:
+            return items
+
+    for owner in (Model, Model()):
+        with pytest.raises(TypeError, match=r"bound to the class Model \(@classmethod\)"):
+            owner.classify
+
+
 def test_a_function_that_is_not_async_is_refused():
     def plain(items: list[int]) -> list[int]:
         return items

@@ -209,6 +209,11 @@ class Batcher(Generic[T, R]):
             # An async callable object or a partial (which has a __get__ from Python 3.13 that
             # binds nothing): not a method, as without us.
             return self
+        if isinstance(obj, type):  # classmethod(batch(f)) binds it to the class (Python < 3.13)
+            raise TypeError(
+                f"{self._name()} is bound to the class {obj.__name__} (@classmethod): a batcher "
+                "belongs to an instance or to a function; decorate a method or a function"
+            )
         try:
             store: dict[str, Any] = obj.__dict__
         except AttributeError:
