@@ -122,6 +122,22 @@ def test_an_example_runs_with_the_least_work(name: str, args: tuple[str, ...]) -
     assert "done" in r.stdout, r.stdout + r.stderr
 
 
+def test_training_overlap_measures_after_a_warm_up_and_refuses_no_steps() -> None:
+    # The load-then-train run went first and paid torch's first calls: `--steps 1` printed a
+    # 37x gain from overlapping; `--steps 0` printed a ratio of nothing and a "Task exception
+    # was never retrieved" (the first batch, loaded after its stream was closed).
+    path = next(p for p in EXAMPLES if p.name == "training_overlap.py")
+    absent = missing(path)
+    if absent:
+        pytest.skip(f"examples/{path.name} needs {', '.join(absent)}, which is not installed")
+    r = run_example(path, args=("--steps", "1"))
+    gain = float(re.search(r"\(([\d.]+)x\)", r.stdout).group(1))  # type: ignore[union-attr]
+    assert gain < 5, r.stdout  # one step cannot overlap much: the load of the next has no step
+    r = subprocess.run([sys.executable, str(path), "--steps", "0"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "--steps must be at least 1" in r.stderr, r.stderr
+
+
 def test_fastapi_server_refuses_features_that_are_not_finite_float32() -> None:
     # They got a 200 with null probabilities (1e308 is inf in float32); inf and nan, once
     # refused, made FastAPI's own error response fail (it echoes the input: no inf in JSON).
