@@ -176,6 +176,8 @@ async def loadgen(url: str, seconds: float, clients: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         await asyncio.gather(*[client(session, random.Random(i)) for i in range(clients)])
         wall = time.perf_counter() - t0
+    if len(latencies) < 2:  # quantiles() needs two points (a very short run)
+        latencies = (latencies or [0.0]) * 2
     q = statistics.quantiles(latencies, n=100)
     return {"requests": len(latencies), "errors": errors, "rps": len(latencies) / wall,
             "p50_ms": q[49] * 1e3, "p99_ms": q[98] * 1e3}
@@ -199,6 +201,8 @@ def main(predictors: Callable[[], tuple[Infer, Infer, str]] = torch_predictors) 
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--loadgen", metavar="URL", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.clients < 1 or not args.seconds > 0:
+        ap.error("--clients must be at least 1 and --seconds above 0")
     if args.loadgen:  # the load generator's own process
         print(json.dumps(asyncio.run(loadgen(args.loadgen, args.seconds, args.clients))))
         return

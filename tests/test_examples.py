@@ -138,6 +138,20 @@ def test_training_overlap_measures_after_a_warm_up_and_refuses_no_steps() -> Non
     assert r.returncode == 2 and "--steps must be at least 1" in r.stderr, r.stderr
 
 
+def test_inference_server_refuses_no_clients_and_takes_a_short_run() -> None:
+    # --clients 0 (or --seconds 0) and a run short enough for one request ended in a
+    # StatisticsError traceback from the load generator ("must have at least two data points").
+    path = next(p for p in EXAMPLES if p.name == "inference_server.py")
+    if missing(path):
+        pytest.skip(f"examples/{path.name} needs {', '.join(missing(path))}")
+    for args in (["--clients", "0"], ["--seconds", "0"]):
+        r = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2 and "--clients must be at least 1" in r.stderr, r.stderr
+    r = run_example(path, args=("--seconds", "0.001", "--clients", "1"))
+    assert "done" in r.stdout, r.stdout + r.stderr
+
+
 def test_fastapi_server_refuses_features_that_are_not_finite_float32() -> None:
     # They got a 200 with null probabilities (1e308 is inf in float32); inf and nan, once
     # refused, made FastAPI's own error response fail (it echoes the input: no inf in JSON).
