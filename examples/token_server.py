@@ -118,6 +118,8 @@ def main() -> None:
                     help="on the CPU, simulated device time per decode step (a sleep)")
     ap.add_argument("--serve", action="store_true", help="keep serving (one engine)")
     args = ap.parse_args()
+    if args.streams < 1 or args.tokens < 1 or not args.step_ms >= 0:
+        ap.error("--streams and --tokens must be at least 1, --step-ms 0 or more")
     if args.serve:
         if args.engine == "both":
             ap.error("--serve runs one engine: --engine aiocuda or --engine thread")

@@ -152,6 +152,19 @@ def test_inference_server_refuses_no_clients_and_takes_a_short_run() -> None:
     assert "done" in r.stdout, r.stdout + r.stderr
 
 
+@pytest.mark.parametrize("args", [["--streams", "0"], ["--tokens", "0"], ["--step-ms", "-1"],
+                                  ["--step-ms", "nan"]])
+def test_token_server_refuses_arguments_out_of_range(args: list[str]) -> None:
+    # Each ended in a traceback: StatisticsError (no streams), an HTTP 400 raised by the
+    # client (no tokens), the engine's ValueError (a negative step).
+    path = next(p for p in EXAMPLES if p.name == "token_server.py")
+    if missing(path):
+        pytest.skip(f"examples/{path.name} needs {', '.join(missing(path))}")
+    r = subprocess.run([sys.executable, str(path), "--engine", "aiocuda", *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "must be at least 1" in r.stderr, r.stderr
+
+
 def test_fastapi_server_refuses_features_that_are_not_finite_float32() -> None:
     # They got a 200 with null probabilities (1e308 is inf in float32); inf and nan, once
     # refused, made FastAPI's own error response fail (it echoes the input: no inf in JSON).
