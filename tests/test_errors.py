@@ -80,6 +80,31 @@ def test_bad_arguments_to_cpu_streams(run):
     run(main())
 
 
+def test_numbers_of_other_types_are_numbers(run):
+    # numpy's float32 and int64 and a Fraction were refused with "seconds must be a number,
+    # got float32" (they are numbers; only int and float were taken).
+    np = pytest.importorskip("numpy")
+    from fractions import Fraction
+
+    async def main():
+        async with aiocuda.CpuStream() as s:
+            for seconds in (np.float32(0.001), np.int64(0), Fraction(1, 1000)):
+                s.delay(seconds)
+            with pytest.raises(ValueError, match=">= 0 and at most 1e"):
+                s.delay(np.float32("nan"))
+            await s
+
+    run(main())
+    b = aiocuda.batch(max_batch_size=np.int64(4), max_wait_s=np.float32(0.001),
+                      max_concurrent_batches=np.int32(2))(_double_all)
+    assert (b.max_batch_size, b.max_concurrent_batches) == (4, 2)
+    assert type(b.max_batch_size) is int and type(b.max_wait_s) is float
+
+
+async def _double_all(items):
+    return [2 * x for x in items]
+
+
 def test_a_cpu_stream_cannot_wait_on_a_cuda_event(run, emu):
     async def main():
         ev = aiocuda.record(emu.stream())

@@ -6,6 +6,7 @@ import asyncio
 import atexit
 import inspect
 import math
+import numbers
 import os
 import sys
 import time
@@ -350,7 +351,7 @@ class CpuStream(_core.CpuStreamBase):
 
     def delay(self, seconds: float) -> None:
         """Hold the stream for `seconds` without the GIL (the cpu analogue of a sleep kernel)."""
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):  # numpy's too
             raise TypeError(f"seconds must be a number, got {type(seconds).__name__}")
         try:
             value = float(seconds)

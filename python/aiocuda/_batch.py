@@ -13,6 +13,7 @@ import contextvars
 import functools
 import inspect
 import math
+import numbers
 import sys
 import threading
 import weakref
@@ -130,11 +131,11 @@ def _check_settings(max_batch_size: object, max_wait_s: object,
                     max_concurrent_batches: object) -> None:
     for name, value in (("max_batch_size", max_batch_size),
                         ("max_concurrent_batches", max_concurrent_batches)):
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):  # numpy's too
             raise TypeError(f"aiocuda.batch: {name} must be an int, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"aiocuda.batch: {name} must be at least 1, got {value}")
-    if not isinstance(max_wait_s, (int, float)) or isinstance(max_wait_s, bool):
+    if not isinstance(max_wait_s, numbers.Real) or isinstance(max_wait_s, bool):
         raise TypeError("aiocuda.batch: max_wait_s must be a number of seconds, got "
                         f"{type(max_wait_s).__name__}")
     try:
@@ -189,7 +190,7 @@ class Batcher(Generic[T, R]):
                  max_wait_s: float = 0.002, max_concurrent_batches: int = 1) -> None:
         _check_function(fn)
         _check_settings(max_batch_size, max_wait_s, max_concurrent_batches)
-        self._setup(fn, max_batch_size, float(max_wait_s), max_concurrent_batches)
+        self._setup(fn, int(max_batch_size), float(max_wait_s), int(max_concurrent_batches))
 
     def _setup(self, fn: Callable[..., Awaitable[Iterable[R]]], max_batch_size: int,
                max_wait_s: float, max_concurrent_batches: int) -> None:
