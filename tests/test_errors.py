@@ -213,6 +213,16 @@ def test_an_event_made_directly_is_a_complete_event_never_recorded(run):
     gc.collect()  # the half-made event's finalizer stays quiet too
 
 
+def test_a_strategy_that_is_not_a_str_is_a_type_error():
+    # set_strategy(None) or (3) was a ValueError; the API's rule is TypeError for a wrong type.
+    for bad in (None, 3, ["flag"], b"flag"):
+        with pytest.raises(TypeError, match=r"strategy must be a str, one of \('callback'"):
+            aiocuda.set_strategy(bad)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        aiocuda.set_strategy("Flag")
+    assert aiocuda.strategy() == "flag"
+
+
 @pytest.mark.parametrize("value, ok", [("bogus", False), ("Flag", False), ("callback", True),
                                        ("", True)])
 def test_an_unknown_strategy_in_the_environment_is_refused_at_import(value, ok):

@@ -466,6 +466,8 @@ def set_strategy(name: str) -> None:
     completion and then sleeping at most 200 us at a time. ``AIOCUDA_STRATEGY`` sets it at
     start. Pending awaits are kept either way.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"strategy must be a str, one of {_STRATEGIES}, got {type(name).__name__}")
     if name not in _STRATEGIES:
         raise ValueError(f"strategy must be one of {_STRATEGIES}, got {name!r}")
     _core.cuda_set_strategy(_STRATEGIES.index(name))
