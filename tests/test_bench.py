@@ -690,3 +690,15 @@ def test_the_benchmarks_help_names_the_serving_benchmark():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "python -m aiocuda.bench serving --help" in " ".join(r.stdout.split()), r.stdout
+
+
+@pytest.mark.parametrize("command", ["info", "demo"])
+def test_uvloop_asked_for_where_it_is_not_installed_says_so(command):
+    # `python -m aiocuda info --uvloop` ended in a PackageNotFoundError traceback, and
+    # `demo --uvloop` in a ModuleNotFoundError one, where uvloop is not installed.
+    code = ("import sys; sys.modules['uvloop'] = None; from aiocuda.__main__ import main; "
+            f"sys.exit(main([{command!r}, '--uvloop']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "uvloop is not installed: pip install 'aiocuda[uvloop]'" in r.stderr, r.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import platform
 import sys
 from collections.abc import Sequence
@@ -65,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo.add_argument("--work-ms", type=float, default=0.1,
                         help="native work per operation (0 to 1000 ms)")
     args = parser.parse_args(argv)
+    if args.uvloop and importlib.util.find_spec("uvloop") is None:
+        parser.error("--uvloop: uvloop is not installed: pip install 'aiocuda[uvloop]'")
     if args.command == "info":
         return info(args.uvloop)
     from ._demo import run_demo
