@@ -188,6 +188,24 @@ def test_an_async_function_is_refused_with_what_to_do(run):
     s.close()
 
 
+def test_wait_on_an_awaitable_it_does_not_know_says_to_await_it(run):
+    async def main():
+        loop = asyncio.get_running_loop()
+        coro = _double(1)
+        fut = loop.create_future()
+        for x in (coro, fut):
+            with pytest.raises(TypeError, match=r"cannot wait on .*: it is awaitable, so await "
+                                                r"it directly"):
+                await aiocuda.wait(x)
+        assert await coro == 2  # refused, not consumed
+        fut.set_result(3)
+        assert await fut == 3
+        with pytest.raises(TypeError, match=r"TensorFlow tensor$"):  # not awaitable: no hint
+            await aiocuda.wait(object())
+
+    run(main())
+
+
 def test_an_event_made_directly_is_a_complete_event_never_recorded(run):
     ev = aiocuda.Event()
     assert repr(ev) == "<aiocuda.Event never recorded>"

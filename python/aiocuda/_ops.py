@@ -13,6 +13,7 @@ import contextvars
 import dataclasses
 import functools
 import importlib
+import inspect
 import itertools
 import os
 import re
@@ -467,8 +468,9 @@ async def wait(x: Any) -> Any:
     if _is_cuda_stream(x):
         await synchronize(x)
         return None
+    hint = (": it is awaitable, so await it directly" if inspect.isawaitable(x) else "")
     raise TypeError(
         f"aiocuda.wait() cannot wait on {type(x).__module__}.{type(x).__qualname__}: it takes an "
         "aiocuda Event or CpuStream, a CUDA stream, a torch tensor, Event, Stream, Future or "
-        "distributed work handle, or a TensorFlow tensor"
+        f"distributed work handle, or a TensorFlow tensor{hint}"
     )
