@@ -101,6 +101,17 @@ def test_numbers_of_other_types_are_numbers(run):
     assert type(b.max_batch_size) is int and type(b.max_wait_s) is float
 
 
+def test_a_numpy_int_device_is_an_ordinal():
+    # gpu_op(device=np.int64(0)) said "unknown device np.int64(0)".
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("torch")
+    from aiocuda._ops import _parse_device
+
+    assert _parse_device(np.int64(0)) == _parse_device(0)
+    with pytest.raises(ValueError, match="ordinal"):
+        _parse_device(np.int64(-1))
+
+
 async def _double_all(items):
     return [2 * x for x in items]
 

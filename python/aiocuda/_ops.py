@@ -15,6 +15,7 @@ import functools
 import importlib
 import inspect
 import itertools
+import numbers
 import os
 import re
 import sys
@@ -152,7 +153,8 @@ def _parse_device(device: object) -> Place:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(device, torch.device):
         return _torch_place(device)
-    if isinstance(device, int) and not isinstance(device, bool):
+    if isinstance(device, numbers.Integral) and not isinstance(device, bool):  # numpy's too
+        device = int(device)
         _device_index(device)  # an ordinal in range, else a ValueError
         if torch is None:
             raise ValueError(f"device={device} names a CUDA device by its ordinal, as torch does, "
