@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import traceback
 
 import pytest
 
@@ -231,6 +232,36 @@ def test_the_future_api_under_trio():
             assert other.cancel()  # another task's future: trio cannot cancel that task
 
     trio.run(main)
+
+
+def test_each_wait_on_a_failed_future_raises_it_with_its_own_traceback():
+    # As asyncio.Future (3.11+): the exception is raised with the traceback it was set with.
+    # Raised as it was, each wait chained its frames onto the previous one's: a failed future
+    # awaited again and again (a shielded Event in a retry loop, several tasks on one future)
+    # kept every earlier waiter's frames, and their locals, for as long as the future.
+    def boom() -> None:
+        raise ValueError("boom")
+
+    def depth(exc: BaseException) -> int:
+        n, tb = 0, exc.__traceback__
+        while tb is not None:
+            n, tb = n + 1, tb.tb_next
+        return n
+
+    async def main():
+        with aiocuda.CpuStream() as s:
+            fut = s.submit(boom)
+            depths = []
+            for _ in range(20):
+                with pytest.raises(ValueError, match="boom") as info:
+                    await fut
+                depths.append(depth(info.value))
+            frames = [f.name for f in traceback.extract_tb(info.value.__traceback__)]
+        return depths, frames
+
+    depths, frames = trio.run(main)
+    assert depths == [depths[0]] * 20
+    assert "boom" in frames  # the worker's frames are still there
 
 
 def test_a_trio_run_and_an_asyncio_loop_at_once():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import types
 from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar
 
@@ -145,13 +146,14 @@ class TrioFuture(Generic[T]):
     it (see the module's docstring).
     """
 
-    __slots__ = ("_loop", "_state", "_value", "_exc", "_callbacks", "_waiters")
+    __slots__ = ("_loop", "_state", "_value", "_exc", "_tb", "_callbacks", "_waiters")
 
     def __init__(self, loop: TrioLoop) -> None:
         self._loop = loop
         self._state = _PENDING
         self._value: Any = None
         self._exc: BaseException | None = None
+        self._tb: types.TracebackType | None = None  # _exc's traceback when it was set
         # (callback, the context it runs in: its caller's, as asyncio.Future's)
         self._callbacks: list[tuple[Callable[[TrioFuture[T]], object], contextvars.Context]] = []
         self._waiters: list[Any] = []  # trio tasks, each asleep in _wait
@@ -171,7 +173,12 @@ class TrioFuture(Generic[T]):
         if self._state == _PENDING:
             raise asyncio.InvalidStateError("result is not set")
         if self._exc is not None:
-            raise self._exc
+            # With the traceback it came with, as asyncio.Future.result() (3.11+): each raise
+            # of the one exception object would chain its frames onto the last one's, so that
+            # every wait on a failed future (a shielded Event awaited in a loop, several tasks
+            # on one future) kept all the earlier waiters' frames, and their locals, for as
+            # long as the future.
+            raise self._exc.with_traceback(self._tb)
         return self._value  # type: ignore[no-any-return]
 
     def exception(self) -> BaseException | None:
@@ -213,6 +220,7 @@ class TrioFuture(Generic[T]):
         if self._state != _PENDING:
             raise asyncio.InvalidStateError(f"invalid state: {self!r}")
         self._state, self._value, self._exc = state, value, exc
+        self._tb = None if exc is None else exc.__traceback__
         waiters, self._waiters = self._waiters, []
         callbacks, self._callbacks = self._callbacks, []
         loop = self._loop
