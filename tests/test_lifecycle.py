@@ -242,3 +242,60 @@ settle()
 print(last[0]() is None, fds() - before, _core.live_records())
 """, timeout=240)
     assert out.split() == ["True", "0", "0"]
+
+
+@pytest.mark.parametrize("kind", [*LOOPS, "trio"])
+def test_exit_leaves_a_daemon_threads_running_loop_alone(kind):
+    # At exit, the loop-collected finalizer ran for every loop still alive, and closed its
+    # state from the exiting thread: on a loop running in a daemon thread, remove_reader from a
+    # foreign thread (not thread-safe: uvloop's changes libuv's watchers under the polling
+    # thread; trio's cancelled a scope from a foreign thread and raised a traceback at exit).
+    if kind == "trio":
+        pytest.importorskip("trio", reason="trio is a test dependency: pip install aiocuda[test]")
+        make = """
+import trio
+from aiocuda import _trio
+plain_remove = _trio.TrioLoop.remove_reader
+def remove_reader(self, fd):
+    check_thread()
+    return plain_remove(self, fd)
+_trio.TrioLoop.remove_reader = remove_reader
+def run(main):
+    trio.run(main)
+"""
+    else:
+        new_loop_code(kind)  # skips without uvloop
+        make = ("import uvloop; cls = uvloop.Loop" if kind == "uvloop" else
+                "import asyncio; cls = asyncio.SelectorEventLoop") + """
+class Loop(cls):
+    def remove_reader(self, fd):
+        check_thread()
+        return super().remove_reader(fd)
+def run(main):
+    Loop().run_until_complete(main())
+"""
+    out = run_script("""
+import os, threading, time, aiocuda
+owner = []
+def check_thread():
+    if threading.get_ident() != owner[0]:
+        os.write(1, b"remove_reader from another thread\\n")
+""" + make + """
+s = aiocuda.CpuStream()
+started = threading.Event()
+async def main():
+    owner.append(threading.get_ident())
+    await s.submit(int, 1)
+    started.set()
+    while True:
+        await s.submit(time.sleep, 0.01)
+def daemon():
+    try:
+        run(main)
+    except BaseException:
+        pass  # exit closes the stream under it: that is not the point here
+threading.Thread(target=daemon, daemon=True).start()
+started.wait(10)
+print("end of main")
+""")
+    assert out == "end of main\n"

@@ -326,6 +326,11 @@ def _new_state(loop: asyncio.AbstractEventLoop) -> LoopState:
     # Should anything keep the state after its loop is collected, its queue must still close
     # then (a running-loop cache is keyed by the loop's address). Holds neither of them.
     st.finalizer = weakref.finalize(loop, _forget, weakref.ref(st))
+    # Only then, never at exit: a loop alive at exit may be running, in a daemon thread, and
+    # closing its state from the exiting thread would unregister its reader from under it
+    # (remove_reader is not thread-safe: uvloop's changes libuv's watchers while that thread
+    # polls them; a trio run's cancels its task from a foreign thread) and drop its futures.
+    st.finalizer.atexit = False
     return st
 
 
@@ -380,7 +385,7 @@ def _after_fork_in_child() -> None:
     )
     for st in states:
         if st.finalizer is not None:
-            st.finalizer.detach()  # at exit it would unregister the parent's reader
+            st.finalizer.detach()  # collecting the loop would unregister the parent's reader
         loop = st.loop_ref()
         st.queue.abandon(err, loop is not None and not loop.is_closed())
         _orphans.append(st)
