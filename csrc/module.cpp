@@ -205,6 +205,7 @@ public:
         if (buf_.size() < max) buf_.resize(max);
         bool more = false;
         size_t k = q->drain(max, buf_.data(), &more);
+        Raised interrupt;  // a KeyboardInterrupt or SystemExit met on the way, raised at the end
         for (size_t i = 0; i < k; ++i) {
             Node* n = buf_[i];
             uint64_t token = n->token;
@@ -222,9 +223,17 @@ public:
                 }
                 PyErr_Clear();  // no memory for the key: the waiter still completes (None)
             }
-            if (fut) resolve(fut, status, outcome);  // no fut: refused after the fact
+            if (fut) resolve(fut, status, outcome, &interrupt);  // no fut: refused after the fact
             Py_XDECREF(outcome);
             Py_XDECREF(fut);
+        }
+        if (interrupt.type) {
+            // Raised once every record taken from the queue is delivered (nobody else would
+            // deliver them). The pass the caller schedules for records left is not scheduled
+            // now: the fd wakes the loop for them when it runs again.
+            if (more && q_) q_->rearm();
+            PyErr_Restore(interrupt.type, interrupt.value, interrupt.tb);
+            throw py::error_already_set();
         }
         return py::make_tuple(k, more);
     }
@@ -232,9 +241,29 @@ public:
     void clear_outcomes() { PyDict_Clear(outcomes_.ptr()); }
 
 private:
+    struct Raised { PyObject* type = nullptr; PyObject* value = nullptr; PyObject* tb = nullptr; };
+
+    // If the error set is a KeyboardInterrupt or SystemExit (not an Exception), moves it to
+    // `*out` (the first one; a later one is dropped) and returns true.
+    static bool take_interrupt(Raised* out) {
+        if (PyErr_ExceptionMatches(PyExc_Exception)) return false;
+        if (out->type) {
+            PyErr_Clear();
+        } else {
+            PyErr_Fetch(&out->type, &out->value, &out->tb);
+        }
+        return true;
+    }
+
     // Settles `fut` from a record's status. Never raises: what cannot be delivered as asked is
     // delivered as a RuntimeError, and what cannot be delivered at all is reported unraisable.
-    static void resolve(PyObject* fut, int32_t status, PyObject* outcome) {
+    // A KeyboardInterrupt or SystemExit raised meanwhile goes to `*interrupt`: Ctrl-C's handler
+    // runs in whatever Python code runs, here the loop's call_soon that an asyncio future's
+    // set_result calls, and it is the loop's to raise, not this future's failure to report (it
+    // was swallowed as unraisable). That future is settled all the same, and asyncio's drops
+    // its done callbacks when call_soon fails: its waiter is not woken, as anywhere in asyncio
+    // where Ctrl-C lands in a call_soon.
+    static void resolve(PyObject* fut, int32_t status, PyObject* outcome, Raised* interrupt) {
         PyObject* exc = nullptr;  // new reference, or null for a result
         if (status == kCallRaised && outcome) {
             if (PyErr_GivenExceptionMatches(outcome, PyExc_StopIteration)) {
@@ -271,7 +300,9 @@ private:
             PyErr_Clear();  // cancelled while waiting: never resurrect it
             return;
         }
-        PyErr_WriteUnraisable(fut);  // a future that refused its outcome: tell it so instead
+        // A future that refused its outcome: tell it so instead (one that an interrupt met
+        // before it was settled too; one settled already refuses that in turn).
+        if (!take_interrupt(interrupt)) PyErr_WriteUnraisable(fut);
         PyObject* again = PyObject_CallFunction(
             PyExc_RuntimeError, "s", "aiocuda could not deliver this operation's outcome");
         if (again) {
@@ -279,7 +310,7 @@ private:
             Py_XDECREF(r);
             Py_DECREF(again);
         }
-        PyErr_Clear();
+        if (PyErr_Occurred() && !take_interrupt(interrupt)) PyErr_Clear();
     }
 
     struct Slot { PyObject* fut; PyObject* keep; uint32_t gen; };

@@ -65,6 +65,9 @@ public:
 
     // Loop thread only.
     int fd() const noexcept { return rfd_; }
+    // Makes the fd readable again, so that records left for another pass are drained at the
+    // loop's next poll when the caller cannot schedule that pass itself.
+    void rearm() noexcept { signal(); }
     // Pops up to `max` records in completion order into `out`; returns how many; `more` says
     // whether records are left for another pass.
     size_t drain(size_t max, Node** out, bool* more) noexcept;

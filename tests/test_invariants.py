@@ -470,6 +470,45 @@ def test_a_flood_runs_at_most_two_passes_per_loop_iteration(run):
     assert run(main()) <= 2 * _loop.BATCH
 
 
+def test_ctrl_c_while_a_drain_resolves_a_future_stops_the_loop(monkeypatch):
+    # Ctrl-C's handler runs in whatever Python code runs: in a drain, the loop's call_soon that
+    # an asyncio future's set_result calls. The KeyboardInterrupt was reported unraisable and
+    # swallowed; the loop ran on, with that future's waiter never woken (asyncio drops a
+    # future's callbacks when call_soon fails). It stops the loop now, after the rest of the
+    # batch is delivered, and the completions left for later passes still arrive.
+    unraisable: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(u.exc_type))
+
+    class Loop(asyncio.SelectorEventLoop):
+        target: object = None
+
+        def call_soon(self, callback, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if args and args[0] is self.target:  # Ctrl-C lands in this future's set_result
+                self.target = None
+                raise KeyboardInterrupt
+            return super().call_soon(callback, *args, **kwargs)
+
+    loop = Loop()
+    s = aiocuda.CpuStream()
+    try:
+        async def start() -> list[asyncio.Future[None]]:
+            s.delay(0.05)  # all of them finish together: several drain passes
+            return [aiocuda.synchronize(s) for _ in range(3 * _loop.BATCH)]
+
+        futs = loop.run_until_complete(start())
+        for f in futs:
+            f.add_done_callback(lambda f: None)
+        loop.target = futs[1]
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(asyncio.wait_for(asyncio.gather(*futs[2:]), 10))
+        assert unraisable == []
+        assert all(f.done() for f in futs[:_loop.BATCH])  # its batch was delivered
+        loop.run_until_complete(asyncio.wait_for(asyncio.gather(*futs[2:]), 10))  # then the rest
+    finally:
+        s.close()
+        loop.close()
+
+
 def test_massive_queue_fifo_per_stream_with_coalesced_wakeups(run_any):
     n = 100_000
 
