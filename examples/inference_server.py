@@ -176,10 +176,11 @@ async def loadgen(url: str, seconds: float, clients: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         await asyncio.gather(*[client(session, random.Random(i)) for i in range(clients)])
         wall = time.perf_counter() - t0
-    if len(latencies) < 2:  # quantiles() needs two points (a very short run)
+    requests = len(latencies)  # counted before the padding below
+    if requests < 2:  # quantiles() needs two points (a very short run)
         latencies = (latencies or [0.0]) * 2
     q = statistics.quantiles(latencies, n=100)
-    return {"requests": len(latencies), "errors": errors, "rps": len(latencies) / wall,
+    return {"requests": requests, "errors": errors, "rps": requests / wall if wall > 0 else 0.0,
             "p50_ms": q[49] * 1e3, "p99_ms": q[98] * 1e3}
 
 

@@ -152,6 +152,14 @@ def test_inference_server_refuses_no_clients_and_takes_a_short_run() -> None:
     assert "done" in r.stdout, r.stdout + r.stderr
 
 
+def test_inference_server_load_generator_counts_only_the_requests_it_made() -> None:
+    # A run too short for two requests was padded for statistics.quantiles(), and the padded
+    # list was what it counted: no request was reported as 2 (and one as 2), at a rate to match.
+    mod = example("inference_server")
+    r = asyncio.run(mod.loadgen("http://127.0.0.1:9/predict", 0.0, 1))  # over before a request
+    assert r["requests"] == 0 and r["rps"] == 0, r
+
+
 @pytest.mark.parametrize("args", [["--streams", "0"], ["--tokens", "0"], ["--step-ms", "-1"],
                                   ["--step-ms", "nan"]])
 def test_token_server_refuses_arguments_out_of_range(args: list[str]) -> None:
