@@ -135,6 +135,13 @@ def test_bad_gpu_numbers_and_tensors_are_refused():
     assert atf.gpu_index(tf.ones((1,))) is None  # a host tensor
 
 
+def test_a_numpy_gpu_number_is_a_gpu_number():
+    # An int check refused numpy's integers, which the other device arguments take.
+    np = pytest.importorskip("numpy")
+    result = atf.cuda_ordinal(np.int64(0))
+    assert result == atf.cuda_ordinal(0) and type(result) is int
+
+
 def test_a_tensorflow_gpu_wait_uses_the_cuda_ordinal(run, monkeypatch):
     waited: list[int] = []
 

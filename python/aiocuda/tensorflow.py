@@ -11,6 +11,7 @@ tensors on the CPU are already computed.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Awaitable
 from typing import Any
 
@@ -46,9 +47,10 @@ def cuda_ordinal(index: int) -> int:
     order; its physical devices ("/physical_device:GPU:N") carry the CUDA ordinal N. When
     TensorFlow sees no GPU at all, `index` is taken as the CUDA ordinal.
     """
-    if isinstance(index, bool) or not isinstance(index, int):
+    if isinstance(index, bool) or not isinstance(index, numbers.Integral):  # numpy's too
         raise TypeError(f"aiocuda.tensorflow.cuda_ordinal() takes TensorFlow's GPU index (N in "
                         f"/GPU:N), an int, got {type(index).__name__}")
+    index = int(index)
     if index < 0:
         raise ValueError(f"TensorFlow's GPU index (N in /GPU:N) must be >= 0, got {index}")
     logical: list[Any] = []
