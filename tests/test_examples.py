@@ -132,7 +132,9 @@ def test_training_overlap_measures_after_a_warm_up_and_refuses_no_steps() -> Non
         pytest.skip(f"examples/{path.name} needs {', '.join(absent)}, which is not installed")
     r = run_example(path, args=("--steps", "1"))
     gain = float(re.search(r"\(([\d.]+)x\)", r.stdout).group(1))  # type: ignore[union-attr]
-    assert gain < 5, r.stdout  # one step cannot overlap much: the load of the next has no step
+    # One step cannot overlap much (about 1x; the bug gave 26-53x). Each timed run takes only
+    # 20-60 ms, so a stall on a busy machine can multiply one of them: a loose bound.
+    assert gain < 12, r.stdout
     r = subprocess.run([sys.executable, str(path), "--steps", "0"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "--steps must be at least 1" in r.stderr, r.stderr
