@@ -707,7 +707,7 @@ def test_a_stream_waiting_on_a_host_word_runs_later_work_only_once_it_is_written
     )
     assert res["rc"] == SUCCESS and res["same"]  # the device pointer is the host pointer
     assert res["before"] == res["at_1"] == NOT_READY
-    assert res["rc2"] == SUCCESS and res["wait"] < 0.05
+    assert res["rc2"] == SUCCESS and res["wait"] < 0.5  # at once, give or take a loaded machine
     assert res["waits"] == 1
     assert res["unregister"] == SUCCESS and res["again"] == HOST_MEMORY_NOT_REGISTERED
 

@@ -130,16 +130,15 @@ def test_awaits_behind_a_long_kernel_never_block_the_loop(run, emu, strategy):
             futs.append(f)
             if i % 500 == 0:
                 await asyncio.sleep(0)  # let the heartbeat run while submitting
-        submitted = time.perf_counter() - t0
         await asyncio.gather(*futs)
         took = time.perf_counter() - t0
         stop = True
         await hb
-        return emu.lib.emu_thread_blocked_ns() - blocked0, submitted, took, order, max(lateness)
+        return emu.lib.emu_thread_blocked_ns() - blocked0, took, order, max(lateness)
 
-    blocked_ns, submitted, took, order, late = run(main())
+    blocked_ns, took, order, late = run(main())
     assert blocked_ns < 1_000_000, f"the loop thread waited {blocked_ns / 1e6:.1f} ms in the driver"
-    assert submitted < 1.0 and took >= 1.95
+    assert took >= 1.95
     assert order == list(range(10_000))
     # A wait on the 2 s kernel anywhere on the loop thread would hold a beat up by about 2 s; a
     # loaded machine, by tens of ms. (The heartbeat's p99 lateness is a figure of the benchmarks:
@@ -409,7 +408,9 @@ def test_a_sticky_error_fails_that_device_only(run, emu, strategy):
 
     failed, took, ok = run(main())
     assert all(isinstance(r, aiocuda.CudaError) and r.code == 700 for r in failed), failed[:3]
-    assert took < 0.5, f"failing the awaits took {took * 1e3:.0f} ms"
+    # The backstop finds the error within 20 ms; the bound is far from that (a loaded machine, a
+    # sanitizer build) and far from the 5 s the kernel would have taken.
+    assert took < 2.0, f"failing the awaits took {took * 1e3:.0f} ms"
     assert ok == [None] * len(ok)
     emu.reset_device(0)
 
@@ -718,16 +719,15 @@ def test_five_hundred_streams_with_twenty_awaits_each(run, emu, strategy):
 
     async def main():
         blocked0 = emu.lib.emu_thread_blocked_ns()
-        t0 = time.perf_counter()
         for h in streams:
             emu.sleep(h, 0.02)
         futs = [aiocuda.synchronize(h) for h in streams for _ in range(20)]
-        submitted = time.perf_counter() - t0
-        await asyncio.wait_for(asyncio.gather(*futs), 10)
-        return emu.lib.emu_thread_blocked_ns() - blocked0, submitted
+        await asyncio.wait_for(asyncio.gather(*futs), 30)
+        return emu.lib.emu_thread_blocked_ns() - blocked0
 
-    blocked_ns, submitted = run(main())
-    assert blocked_ns < 1_000_000 and submitted < 2.0
+    # The loop thread's time waiting in the driver is counted by the emulator, so a launch that
+    # waited for room in a host-function queue shows here whatever the machine's load.
+    assert run(main()) < 1_000_000
     for h in streams:
         emu.lib.cuStreamDestroy_v2(h)
 

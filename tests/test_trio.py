@@ -139,8 +139,9 @@ def test_no_cpu_on_the_runs_thread_while_the_work_runs():
                 return time.thread_time() - before
 
     # A thread that polled would use the whole 0.3 s; asleep in wait_readable it uses next to
-    # nothing (thread CPU time, so a loaded machine does not make it larger).
-    assert trio.run(main) < 0.05
+    # nothing (thread CPU time, so a loaded machine does not make it larger; the bound leaves room
+    # for a sanitizer build's slower bookkeeping).
+    assert trio.run(main) < 0.1
 
 
 def test_several_trio_runs_in_several_threads_keep_their_own_queues():
