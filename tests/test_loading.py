@@ -22,6 +22,11 @@ async def main():
         aiocuda.synchronize(0)
     except aiocuda.AiocudaError as exc:
         print("ERR", exc)
+    ran = []
+    try:  # refused before the function runs: its work would have nothing to await it
+        await aiocuda.gpu_op(ran.append, 1, stream=5)
+    except aiocuda.AiocudaError as exc:
+        print("GPU_OP", exc, ran)
 asyncio.run(main())
 """
 
@@ -31,6 +36,8 @@ def test_import_and_cpu_backend_without_a_driver():
     assert r.returncode == 0, r.stderr
     assert "ERR no CUDA driver: could not load /nonexistent/libcuda.so.1" in r.stdout
     assert "AIOCUDA_LIBCUDA" in r.stdout  # says what to do
+    assert "GPU_OP no CUDA driver: could not load /nonexistent/libcuda.so.1" in r.stdout
+    assert r.stdout.rstrip().endswith("[]")  # the function never ran
 
 
 @pytest.mark.skipif(EMU_PATH is None, reason="needs the driver emulator")

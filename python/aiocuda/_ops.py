@@ -24,15 +24,18 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from . import _core
 from ._api import (
     CpuStream,
     Event,
+    _cuda_handle,
     _device_index,
     not_a_coroutine_function,
     not_callable,
     synchronize,
     synchronize_device,
 )
+from ._errors import AiocudaError
 
 __all__ = ["gpu_op", "wait"]
 
@@ -318,6 +321,10 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
         return result
     if place.kind == "stream":
         ordinal = None if device is None else _stream_ordinal(device)
+        _cuda_handle(stream)  # a bad stream, or no driver, is refused before fn enqueues work
+        cuda = _core.cuda_info()
+        if not cuda["available"]:
+            raise AiocudaError(cuda["reason"])
         result = fn(*args, **kwargs)
         await synchronize(stream, device=ordinal)
         return result
