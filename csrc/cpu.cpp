@@ -39,6 +39,7 @@ struct Workers {
     int64_t live = 0;
 };
 Workers* g_workers = new Workers;
+thread_local bool t_on_worker = false;
 
 // Longest single wait, so that a huge timeout cannot overflow the clock.
 constexpr double kMaxWaitS = 3600;
@@ -69,6 +70,8 @@ bool CpuEventState::wait_for(uint64_t gen, double timeout_s) {
     return cv.wait_for(g, wait_time(timeout_s), [&] { return completed >= gen; });
 }
 
+bool on_cpu_worker() { return t_on_worker; }
+
 int64_t cpu_workers() {
     std::lock_guard<std::mutex> g(g_workers->mu);
     return g_workers->live;
@@ -92,6 +95,7 @@ CpuStream::CpuStream()
     try {
         t = std::thread([sh = sh_] {
             name_this_thread("aiocuda-cpu");
+            t_on_worker = true;
             run(*sh);
             worker_exited();
         });

@@ -24,6 +24,9 @@ struct CpuEventState {
     uint64_t recorded = 0;
     uint64_t completed = 0;
     uint32_t epoch = 0;  // g_fork_epoch when last recorded: a parent's pending record never ends
+    // The worker of the stream that took the last record. A wait on that worker for a record not
+    // reached would wait for itself: the worker runs in order and the record is behind the wait.
+    std::thread::id recorder;
     void reach(uint64_t gen);
     void wait_for(uint64_t gen);
     bool wait_for(uint64_t gen, double timeout_s);  // false if not reached in time
@@ -40,6 +43,8 @@ struct CpuEventState {
     }
 };
 
+// Whether the calling thread is a cpu-backend stream's worker.
+bool on_cpu_worker();
 // Worker threads that have not exited yet, of every stream (closed or not, collected or not).
 int64_t cpu_workers();
 // Waits up to `timeout_s` for every worker to exit; true if none is left. Call without the GIL.
@@ -72,6 +77,7 @@ public:
     // and in a forked child (the worker does not exist there). Call without the GIL.
     bool wait_closed(double timeout_s);
     bool closed();
+    std::thread::id worker() const { return worker_id_; }
     // Work submitted and not run yet (lock-free; a snapshot). A stream whose worker has just
     // finished its work is still awake for a few microseconds: the cheapest one to give more.
     uint64_t pending() const;

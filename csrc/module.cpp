@@ -55,6 +55,11 @@ const char* const kLostEventText =
     "that work does not run in this process, so the event never completes here. Record events "
     "on streams made in this process";
 
+const char* const kSelfWaitText =
+    "Event.synchronize() was called by a function running on the CpuStream the event was "
+    "recorded on, before the record: the stream runs in order, so it would wait for itself "
+    "forever. Record the event before submitting the function, or await it from a coroutine";
+
 PyObject* raise_refused(int code, const std::string& text) {
     PyObject* msg = PyUnicode_FromStringAndSize(text.data(), static_cast<Py_ssize_t>(text.size()));
     if (!msg) return nullptr;
@@ -654,6 +659,7 @@ PYBIND11_MODULE(_core, m) {
                 std::lock_guard<std::mutex> g(ev.mu);
                 ev.recorded = gen;
                 ev.epoch = g_fork_epoch.load(std::memory_order_relaxed);
+                ev.recorder = s.worker();
             }
             return err;
         })
@@ -672,7 +678,18 @@ PYBIND11_MODULE(_core, m) {
                 raise_refused(kRefused, kLostEventText);
                 throw py::error_already_set();
             }
-            uint64_t gen = e.state->last_recorded();
+            uint64_t gen;
+            bool self_wait;
+            {
+                CpuEventState& ev = *e.state;
+                std::lock_guard<std::mutex> g(ev.mu);
+                gen = ev.recorded;
+                self_wait = ev.completed < gen && ev.recorder == std::this_thread::get_id();
+            }
+            if (self_wait) {
+                raise_refused(kRefused, kSelfWaitText);
+                throw py::error_already_set();
+            }
             for (;;) {  // in slices, as a blocking close(): a signal (Ctrl-C) is handled between two
                 bool reached;
                 {
@@ -749,6 +766,7 @@ PYBIND11_MODULE(_core, m) {
 
     m.def("live_records", [] { return live_nodes(); });
     m.def("cpu_workers", &cpu_workers);
+    m.def("on_cpu_worker", &on_cpu_worker);
     m.def("cpu_wait_workers", &cpu_wait_workers, py::arg("timeout"),
           py::call_guard<py::gil_scoped_release>());
     m.def("cuda_info", [] {

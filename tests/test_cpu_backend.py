@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -189,6 +190,41 @@ def test_a_call_may_close_its_own_stream(run_any):
         s.close()
 
     run_any(main())
+
+
+def test_a_call_waiting_for_a_later_record_on_its_own_stream_is_refused(run_any):
+    # The worker runs in order: the record is behind the call, so the wait could never end.
+    async def main():
+        with aiocuda.CpuStream() as s:
+            recorded = threading.Event()
+            events: list[aiocuda.Event] = []
+
+            def waits_for_itself() -> None:
+                assert recorded.wait(10)
+                events[0].synchronize()
+
+            call = s.submit(waits_for_itself)
+            events.append(s.record())
+            recorded.set()
+            with pytest.raises(aiocuda.AiocudaError, match="wait for itself"):
+                await wait_for(call, 10)
+            before = s.record()  # an event its stream already passed: no wait at all
+            await s
+            assert await wait_for(s.submit(lambda: before.synchronize() or "ok"), 10) == "ok"
+
+    run_any(main())
+
+
+def test_gpu_op_called_by_gpu_op_work_never_waits_for_itself(run_any):
+    # A function run by gpu_op may run a loop of its own that calls gpu_op again. Each pool
+    # stream may be the one running the caller, or busy with a caller waiting for its callee.
+    def outer(i: int) -> int:
+        return asyncio.run(aiocuda.gpu_op(lambda: i * 10)) + 1
+
+    async def main():
+        return await wait_for(gather(*[aiocuda.gpu_op(outer, i) for i in range(8)]), 20)
+
+    assert run_any(main()) == [i * 10 + 1 for i in range(8)]
 
 
 def test_the_last_reference_may_go_away_on_the_worker(run_any):

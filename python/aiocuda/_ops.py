@@ -288,7 +288,8 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
     - TensorFlow GPU tensors: `fn` runs on the loop thread, then the device's queued work is
       awaited (:func:`aiocuda.synchronize_device`; TensorFlow exposes no stream).
     - torch CPU tensors, numpy arrays, plain Python: `fn` runs on a cpu-backend stream (`stream`,
-      or one of a small pool), so the loop stays free while it computes, in the caller's
+      or one of a small pool; a gpu_op called by such a function, on a loop it runs, gets a stream
+      of its own), so the loop stays free while it computes, in the caller's
       contextvars, torch grad, inference and cpu autocast modes and default device, and
       TensorFlow device scope, as on the caller's thread. Other per-thread state stays behind
       (torch's saved-tensor hooks and function modes, its thread count). Under a recording
@@ -330,8 +331,18 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
         return result
     if stream is None and "tensorflow" in sys.modules and _tf_tape_recording():
         return fn(*args, **kwargs)  # the tape records on this thread only: here, or no gradients
-    cpu = stream if isinstance(stream, CpuStream) else _cpu_pool.get()
-    return await cpu.submit(_InCallersState(fn, args, kwargs))
+    call = _InCallersState(fn, args, kwargs)
+    if isinstance(stream, CpuStream):
+        return await stream.submit(call)
+    if _core.on_cpu_worker():
+        # Called by a function running on a cpu-backend stream (a loop run there): each pool
+        # stream may be that one, or busy with a function waiting for this one to finish.
+        own = CpuStream()
+        try:
+            return await own.submit(call)
+        finally:
+            own.close()  # never waits on a loop's thread; its worker exits when idle
+    return await _cpu_pool.get().submit(call)
 
 
 _tf_eager: list[Any] = []  # TensorFlow's record and context modules, once imported
