@@ -19,7 +19,7 @@ import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
-from typing import Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from ._loop import Shielded, drop_closed_spawned, is_cancellation, is_trio, running_loop, spawn
 
@@ -211,10 +211,7 @@ class Batcher(Generic[T, R]):
             # binds nothing): not a method, as without us.
             return self
         if isinstance(obj, type):  # classmethod(batch(f)) binds it to the class (Python < 3.13)
-            raise TypeError(
-                f"{self._name()} is bound to the class {obj.__name__} (@classmethod): a batcher "
-                "belongs to an instance or to a function; decorate a method or a function"
-            )
+            raise self._on_a_class(obj)
         try:
             store: dict[str, Any] = obj.__dict__
         except AttributeError:
@@ -249,8 +246,29 @@ class Batcher(Generic[T, R]):
 
     # ---- callers ------------------------------------------------------------------------------
 
-    async def __call__(self, item: T) -> R:
-        """Add `item` to the next batch of this loop; return its result once the batch is done."""
+    def _on_a_class(self, cls: type) -> TypeError:
+        return TypeError(
+            f"{self._name()} is bound to the class {cls.__name__} (@classmethod): a batcher "
+            "belongs to an instance or to a function; decorate a method or a function"
+        )
+
+    if TYPE_CHECKING:
+        async def __call__(self, item: T) -> R:
+            """Add `item` to the next batch of this loop; return its result once the batch is
+            done."""
+    else:
+        async def __call__(self, item, *extra):
+            """Add `item` to the next batch of this loop; return its result once the batch is
+            done."""
+            if extra:  # one item, as type checkers see it; this says why when it is not
+                if len(extra) == 1 and isinstance(item, type):
+                    # Python 3.13's classmethod binds without __get__: (cls, item) arrive here.
+                    raise self._on_a_class(item)
+                raise TypeError(
+                    f"{self._name()}(item) takes one item, got {1 + len(extra)} arguments")
+            return await self._submit(item)
+
+    async def _submit(self, item: T) -> R:
         loop = running_loop(f"{self._name()}(item)")
         q = self._queue(loop)
         fut = loop.create_future()
