@@ -78,6 +78,7 @@ public:
     bool wait_closed(double timeout_s);
     bool closed();
     std::thread::id worker() const { return worker_id_; }
+    bool on_worker() const { return std::this_thread::get_id() == worker_id_; }
     // Work submitted and not run yet (lock-free; a snapshot). A stream whose worker has just
     // finished its work is still awake for a few microseconds: the cheapest one to give more.
     uint64_t pending() const;

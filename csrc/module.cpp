@@ -55,10 +55,11 @@ const char* const kLostEventText =
     "that work does not run in this process, so the event never completes here. Record events "
     "on streams made in this process";
 
+// A wait by a stream's own worker for that stream's later work (the worker runs in order).
 const char* const kSelfWaitText =
-    "Event.synchronize() was called by a function running on the CpuStream the event was "
-    "recorded on, before the record: the stream runs in order, so it would wait for itself "
-    "forever. Record the event before submitting the function, or await it from a coroutine";
+    "a function running on a CpuStream waited for work submitted to that stream after it (an "
+    "event recorded there, synchronize(), aclose()): the stream runs in order, so it would wait "
+    "for itself forever. Wait in the coroutine that submitted the function instead";
 
 PyObject* raise_refused(int code, const std::string& text) {
     PyObject* msg = PyUnicode_FromStringAndSize(text.data(), static_cast<Py_ssize_t>(text.size()));
@@ -142,6 +143,7 @@ public:
     PyObject* wait(PyObject* loop, CpuStream* cpu, uintptr_t handle, int kind = kStream,
                    int device = -1, PyObject* keep = nullptr, cuda::Mark** mark = nullptr) {
         if (!q_) return raise_refused(kRefused, "the completion queue of this loop is closed");
+        if (cpu && cpu->on_worker()) return raise_refused(kRefused, kSelfWaitText);
         PyObject* fut = PyObject_CallMethodNoArgs(loop, hooks.s_create_future);
         if (!fut) return nullptr;
         uint64_t token = put(fut, keep);
@@ -639,6 +641,7 @@ PYBIND11_MODULE(_core, m) {
              py::call_guard<py::gil_scoped_release>())
         .def_property_readonly("closed", &CpuStream::closed)
         .def_property_readonly("_pending", &CpuStream::pending)
+        .def_property_readonly("_on_worker", &CpuStream::on_worker)
         .def("_delay", &CpuStream::delay)
         // A Python call on the worker that nothing awaits: the benchmarks' stand-in for a
         // Python-level stream callback (the design aiocuda replaces). Not public API.

@@ -215,16 +215,45 @@ def test_a_call_waiting_for_a_later_record_on_its_own_stream_is_refused(run_any)
     run_any(main())
 
 
-def test_gpu_op_called_by_gpu_op_work_never_waits_for_itself(run_any):
-    # A function run by gpu_op may run a loop of its own that calls gpu_op again. Each pool
-    # stream may be the one running the caller, or busy with a caller waiting for its callee.
-    def outer(i: int) -> int:
-        return asyncio.run(aiocuda.gpu_op(lambda: i * 10)) + 1
+def test_a_call_awaiting_its_own_stream_on_a_loop_of_its_own_is_refused(run_any):
+    def awaits_its_stream(s: aiocuda.CpuStream) -> str:
+        async def inner() -> None:
+            await s  # the call itself is the stream's current work
+
+        with pytest.raises(aiocuda.AiocudaError, match="wait for itself"):
+            asyncio.run(inner())
+        with pytest.raises(aiocuda.AiocudaError, match="called by a function running on s"):
+            asyncio.run(aiocuda.gpu_op(len, "abc", stream=s))
+        return "refused"
 
     async def main():
-        return await wait_for(gather(*[aiocuda.gpu_op(outer, i) for i in range(8)]), 20)
+        with aiocuda.CpuStream() as s:
+            return await wait_for(s.submit(awaits_its_stream, s), 10)
 
-    assert run_any(main()) == [i * 10 + 1 for i in range(8)]
+    assert run_any(main()) == "refused"
+
+
+def test_gpu_op_called_by_gpu_op_work_never_waits_for_itself(run_any):
+    # A function run by gpu_op may run a loop of its own that calls gpu_op again (here two
+    # levels deep). Each pool stream may be the one running the caller, or busy with a caller
+    # waiting for its callee; the nested calls use pools of their own, a few threads each.
+    def inner(i: int) -> int:
+        return asyncio.run(aiocuda.gpu_op(lambda: i * 10)) + 1
+
+    def outer(i: int) -> int:
+        async def both() -> list[int]:
+            return list(await asyncio.gather(*[aiocuda.gpu_op(inner, i) for _ in range(3)]))
+
+        return sum(asyncio.run(both()))
+
+    async def main():
+        workers0 = aiocuda._core.cpu_workers()
+        got = await wait_for(gather(*[aiocuda.gpu_op(outer, i) for i in range(8)]), 30)
+        return got, aiocuda._core.cpu_workers() - workers0
+
+    got, new_workers = run_any(main())
+    assert got == [3 * (i * 10 + 1) for i in range(8)]
+    assert new_workers <= 3 * min(4, os.cpu_count() or 1)  # not a thread per nested call
 
 
 def test_the_last_reference_may_go_away_on_the_worker(run_any):

@@ -389,7 +389,7 @@ def test_a_sticky_error_fails_that_device_only(run, emu, strategy):
     a, b = emu.stream(emu.primary(0)), emu.stream(emu.primary(1))
 
     async def main():
-        emu.sleep(a, 5.0)
+        emu.sleep(a, 10.0)
         emu.sleep(b, 0.3)
         on_a = [aiocuda.synchronize(a) for _ in range(200)] + [aiocuda.synchronize_device(0)]
         on_b = [aiocuda.synchronize(b) for _ in range(200)] + [aiocuda.synchronize_device(1)]
@@ -397,7 +397,7 @@ def test_a_sticky_error_fails_that_device_only(run, emu, strategy):
         await asyncio.sleep(0.05)
         t0 = time.perf_counter()
         emu.inject_error(700, device=0)  # CUDA_ERROR_ILLEGAL_ADDRESS on device 0
-        failed = await asyncio.wait_for(asyncio.gather(*on_a, return_exceptions=True), 2)
+        failed = await asyncio.wait_for(asyncio.gather(*on_a, return_exceptions=True), 8)
         took = time.perf_counter() - t0
         ok = await asyncio.wait_for(asyncio.gather(*on_b, return_exceptions=True), 2)
         with pytest.raises(aiocuda.CudaError, match="ILLEGAL_ADDRESS"):
@@ -409,8 +409,8 @@ def test_a_sticky_error_fails_that_device_only(run, emu, strategy):
     failed, took, ok = run(main())
     assert all(isinstance(r, aiocuda.CudaError) and r.code == 700 for r in failed), failed[:3]
     # The backstop finds the error within 20 ms; the bound is far from that (a loaded machine, a
-    # sanitizer build) and far from the 5 s the kernel would have taken.
-    assert took < 2.0, f"failing the awaits took {took * 1e3:.0f} ms"
+    # sanitizer build) and far from the 10 s the kernel would have taken.
+    assert took < 1.0, f"failing the awaits took {took * 1e3:.0f} ms"
     assert ok == [None] * len(ok)
     emu.reset_device(0)
 
@@ -549,11 +549,14 @@ def test_a_device_wait_does_not_spin(run, emu, strategy):
             c1 = thread_cpu_ns()
             n1 = thread_sleeps()
             c1[me] = mine
+        wall = t1 - t0
         used, tid = max((c1[t] - c0.get(t, 0), t) for t in c1)
-        naps = n1.get(tid, 0) - n0.get(tid, 0)
-        return used / 1e9 / (t1 - t0), t1 - start, thread_name(tid), naps
+        # Every thread that used a tenth of a core or more, and how often it slept.
+        busy = {thread_name(t): n1.get(t, 0) - n0.get(t, 0)
+                for t in c1 if (c1[t] - c0.get(t, 0)) / 1e9 / wall >= 0.1}
+        return used / 1e9 / wall, t1 - start, thread_name(tid), busy
 
-    share, took, busiest, naps = run(main())
+    share, took, busiest, busy = run(main())
     assert took >= 0.5  # it waited for the sleep queued before it
     # The share of a core the busiest thread of the process used while the device wait was
     # pending (each thread's own CPU time: another process, or another thread, does not count).
@@ -568,7 +571,8 @@ def test_a_device_wait_does_not_spin(run, emu, strategy):
     # quiet 2-core machine, 25 % beside a heavy process (each wake-up costs more), which is as
     # much as a spinning thread may get of a loaded core. What tells them apart is that a napping
     # thread sleeps hundreds of times in 0.5 s, and a spinning (or yielding) one never.
-    assert naps >= 25, f"{busiest} slept {naps} times while the device wait was pending: it spun"
+    spun = {name: naps for name, naps in busy.items() if naps < 25}
+    assert not spun, f"threads that used CPU without sleeping while the device wait was pending: {spun}"
     assert share < 0.6, f"{busiest} used {share:.1%} of a core while the device wait was pending"
 
 

@@ -268,6 +268,12 @@ class Batcher(Generic[T, R]):
                     f"{self._name()}(item) takes one item, got {1 + len(extra)} arguments")
             return await self._submit(item)
 
+        # What the documentation (and inspect.signature) shows: one item, as type checkers see.
+        __call__.__signature__ = inspect.Signature(
+            [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+             inspect.Parameter("item", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="T")],
+            return_annotation="R")
+
     async def _submit(self, item: T) -> R:
         loop = running_loop(f"{self._name()}(item)")
         q = self._queue(loop)

@@ -268,14 +268,36 @@ class _CpuPool:
                 self._last = last
             return last
 
-    def reset(self) -> None:  # a forked child must not use the parent's workers
-        self._lock = threading.Lock()
-        self._streams = []
-        self._last = None
+    def runs_this_thread(self) -> bool:
+        """Whether the calling thread is the worker of one of this pool's streams."""
+        return any(s._on_worker for s in self._streams)
 
 
-_cpu_pool = _CpuPool()
-os.register_at_fork(after_in_child=_cpu_pool.reset)
+# gpu_op's pools, by depth: a function run by pool d (or by a CpuStream of the user's, for d = 0)
+# that runs a loop of its own and calls gpu_op there gets pool d + 1. Its caller's pool could be
+# busy, every stream of it, with functions waiting for such calls; the next pool's streams only
+# run work of callers that wait on them. Threads: a few per depth of nesting used.
+_pools = [_CpuPool()]
+_pools_lock = threading.Lock()
+
+
+def _pool_for_caller() -> _CpuPool:
+    if not _core.on_cpu_worker():
+        return _pools[0]
+    with _pools_lock:
+        depth = next((d for d, p in enumerate(_pools) if p.runs_this_thread()), 0) + 1
+        while len(_pools) <= depth:
+            _pools.append(_CpuPool())
+        return _pools[depth]
+
+
+def _reset_pools() -> None:  # a forked child must not use the parent's workers
+    global _pools_lock
+    _pools_lock = threading.Lock()
+    _pools[:] = [_CpuPool()]
+
+
+os.register_at_fork(after_in_child=_reset_pools)
 
 
 async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device: Any = None,
@@ -288,8 +310,8 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
     - TensorFlow GPU tensors: `fn` runs on the loop thread, then the device's queued work is
       awaited (:func:`aiocuda.synchronize_device`; TensorFlow exposes no stream).
     - torch CPU tensors, numpy arrays, plain Python: `fn` runs on a cpu-backend stream (`stream`,
-      or one of a small pool; a gpu_op called by such a function, on a loop it runs, gets a stream
-      of its own), so the loop stays free while it computes, in the caller's
+      or one of a small pool; a gpu_op called by such a function, on a loop it runs, uses another
+      pool), so the loop stays free while it computes, in the caller's
       contextvars, torch grad, inference and cpu autocast modes and default device, and
       TensorFlow device scope, as on the caller's thread. Other per-thread state stays behind
       (torch's saved-tensor hooks and function modes, its thread count). Under a recording
@@ -331,18 +353,13 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
         return result
     if stream is None and "tensorflow" in sys.modules and _tf_tape_recording():
         return fn(*args, **kwargs)  # the tape records on this thread only: here, or no gradients
-    call = _InCallersState(fn, args, kwargs)
-    if isinstance(stream, CpuStream):
-        return await stream.submit(call)
-    if _core.on_cpu_worker():
-        # Called by a function running on a cpu-backend stream (a loop run there): each pool
-        # stream may be that one, or busy with a function waiting for this one to finish.
-        own = CpuStream()
-        try:
-            return await own.submit(call)
-        finally:
-            own.close()  # never waits on a loop's thread; its worker exits when idle
-    return await _cpu_pool.get().submit(call)
+    cpu = stream if isinstance(stream, CpuStream) else _pool_for_caller().get()
+    if cpu._on_worker:  # fn would queue behind the function that waits for it
+        raise AiocudaError(
+            "gpu_op(stream=s) was called by a function running on s: fn would run after that "
+            "function, which waits for it. Pass another stream, or none"
+        )
+    return await cpu.submit(_InCallersState(fn, args, kwargs))
 
 
 _tf_eager: list[Any] = []  # TensorFlow's record and context modules, once imported
