@@ -58,7 +58,7 @@ const char* const kLostEventText =
 // A wait by a stream's own worker for that stream's later work (the worker runs in order).
 const char* const kSelfWaitText =
     "a function running on a CpuStream waited for work submitted to that stream after it (an "
-    "event recorded there, synchronize(), aclose()): the stream runs in order, so it would wait "
+    "event recorded there, or synchronize()): the stream runs in order, so it would wait "
     "for itself forever. Wait in the coroutine that submitted the function instead";
 
 PyObject* raise_refused(int code, const std::string& text) {

@@ -224,6 +224,8 @@ def test_a_call_awaiting_its_own_stream_on_a_loop_of_its_own_is_refused(run_any)
             asyncio.run(inner())
         with pytest.raises(aiocuda.AiocudaError, match="called by a function running on s"):
             asyncio.run(aiocuda.gpu_op(len, "abc", stream=s))
+        asyncio.run(s.aclose())  # as close(): it cannot wait for itself, and returns
+        assert s.closed
         return "refused"
 
     async def main():

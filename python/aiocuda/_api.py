@@ -380,8 +380,12 @@ class CpuStream(_core.CpuStreamBase):
         """Stop accepting work and wait until the work already submitted has run.
 
         The loop keeps running meanwhile. Cancelling the wait leaves the stream closed and
-        its work running in the background. Idempotent.
+        its work running in the background. Called by the stream's own work (on a loop of its
+        own), it cannot wait for itself and returns, as close() does. Idempotent.
         """
+        if self._on_worker:
+            self.close()
+            return
         try:
             loop = running_loop("CpuStream.aclose()")
             queue = state_for(loop).queue
