@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import time
 
 import pytest
@@ -276,13 +277,19 @@ def test_every_api_takes_a_stream_object_with_a_cuda_stream_attribute(run_any, e
 
     s = Stream(emu.stream())
 
-    async def main():
+    # Each wait is checked by an event recorded after the work: aiocuda's own mark on the stream
+    # may still be finishing when the await returns (a stream query may say not ready).
+    def work() -> int:
         emu.sleep(s.cuda_stream, 0.02)
+        return emu.event(s.cuda_stream)
+
+    async def main():
+        done = [work()]
         await aiocuda.wait(s)  # as synchronize() and record() take it
-        assert emu.lib.cuStreamQuery(s.cuda_stream) == 0  # its work has run
-        out = await aiocuda.gpu_op(lambda n: (emu.sleep(s.cuda_stream, 0.02), n * 2)[1], 21,
-                                   stream=s)
-        assert emu.lib.cuStreamQuery(s.cuda_stream) == 0  # its work has run
+        out = await aiocuda.gpu_op(lambda n: (done.append(work()), n * 2)[1], 21, stream=s)
+        assert [emu.lib.cuEventQuery(ctypes.c_void_p(e)) for e in done] == [0, 0]  # it has run
+        for e in done:
+            emu.lib.cuEventDestroy_v2(ctypes.c_void_p(e))
         return out
 
     assert run_any(main()) == 42
