@@ -811,7 +811,7 @@ def run_chaos(ops: int, seed: int, backend: str, loop_kind: str, emu: Any = None
     if deadline is None:
         deadline = 60 + ops / 2_000
     fig = Figures(backend=backend, loop=loop_kind, seed=seed, debug=debug)
-    _ops._cpu_pool.get()  # gpu_op's shared cpu streams live as long as the process: make them now
+    _ops._pools[0].get()  # gpu_op's shared cpu streams live as long as the process: make them now
     warm = new_loop(loop_kind)  # uvloop opens a pipe of its own once per process
     warm.run_until_complete(asyncio.sleep(0))
     warm.close()
