@@ -252,6 +252,11 @@ class Batcher(Generic[T, R]):
             "belongs to an instance or to a function; decorate a method or a function"
         )
 
+    def _is_classmethod_of(self, cls: type) -> bool:
+        """Whether a classmethod over this batcher is an attribute of `cls` (or a base)."""
+        return any(isinstance(v, classmethod) and v.__func__ is self
+                   for k in cls.__mro__ for v in vars(k).values())
+
     if TYPE_CHECKING:
         async def __call__(self, item: T) -> R:
             """Add `item` to the next batch of this loop; return its result once the batch is
@@ -266,6 +271,8 @@ class Batcher(Generic[T, R]):
                     raise self._on_a_class(item)
                 raise TypeError(
                     f"{self._name()}(item) takes one item, got {1 + len(extra)} arguments")
+            if isinstance(item, type) and self._is_classmethod_of(item):
+                raise self._on_a_class(item)  # Python 3.13: Model.classify() passes Model alone
             return await self._submit(item)
 
         # What the documentation (and inspect.signature) shows: one item, as type checkers see.
