@@ -203,6 +203,10 @@ bool flag_word(Timeline* tl) {
     eng->words += kFlagPage / kFlagWordStride;
     std::tie(tl->word, tl->dword) = cs->words.back();
     cs->words.pop_back();
+    // A fresh word reads 0: marks count on from there. A timeline whose word a capture took
+    // (put()) comes here with its old count, which the new word's 0 would otherwise pass at once
+    // from 2^31 marks on (sequence numbers compare cyclically).
+    tl->issued = 0;
     return true;
 }
 

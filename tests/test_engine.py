@@ -1175,15 +1175,22 @@ def test_flag_marks_need_no_driver_call_to_complete(run, emu):
     # awaits complete, one memory write per mark.
     s = emu.stream()
     with flag_strategy():
+        slow = 0  # awaits that took twice the work or more: a loaded machine's hiccups
+
         async def main():
+            nonlocal slow
             for _ in range(50):
+                t0 = time.perf_counter()
                 emu.sleep(s, 0.0005)
                 await aiocuda.synchronize(s)
+                slow += time.perf_counter() - t0 >= 0.001
 
         calls0, bells0 = emu.host_fn_stats()[0], _core.cuda_stats()["bells"]
         run(main())
         # Host functions and records only as doorbells: for the first marks, while the
-        # timeline learns how long they take (or a mark late by a hiccup), never one per await.
+        # timeline learns how long they take, and for a mark late by a hiccup (kBellLate: 500 us
+        # overdue; the estimate it inflates rings a few more), never one per await. A loaded
+        # machine's hiccups are counted: beside a heavy process 33 of 50 rang.
         # A doorbell's host function may run after the word told of the await (so, may the
         # placer's count and the record, just after the word was checked): they settle.
         def settled() -> tuple[int, int, int]:
@@ -1191,7 +1198,7 @@ def test_flag_marks_need_no_driver_call_to_complete(run, emu):
             return bells, emu.host_fn_stats()[0] - calls0, emu.stream_ops(s, "record")
 
         assert wait_until(lambda: len(set(settled())) == 1), settled()
-        assert settled()[0] <= 25
+        assert settled()[0] <= 25 + 4 * slow, (settled(), slow)
         assert emu.stream_ops(s, "writevalue") == 50
         assert _core.cuda_stats()["flag_words"] >= 1
     emu.lib.cuStreamDestroy_v2(s)
