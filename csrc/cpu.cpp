@@ -1,5 +1,7 @@
 #include "cpu.hpp"
 
+#include <unistd.h>
+
 #include <chrono>
 
 #include "spin.hpp"
@@ -254,7 +256,19 @@ void drop_thread_state() {  // as the worker exits, without the GIL
 void CpuStream::run_call(Item& it, std::atomic<uint64_t>& finished) {
     PyGILState_STATE gs = PyGILState_Ensure();
     keep_thread_state();
+    uint32_t epoch = g_fork_epoch.load(std::memory_order_relaxed);
     PyObject* result = PyObject_Call(it.fn, it.args, it.kwargs);
+    if (g_fork_epoch.load(std::memory_order_relaxed) != epoch) {
+        // The function forked, and this is the child, back in a copy of the parent's worker:
+        // it would run the parent's later work a second time and complete records into the
+        // parent's queue, then sleep for ever. The child ends here, as one whose thread returns
+        // does (a child of a fork from a thread should end itself: os._exit() or an exec()).
+        PyObject* out = PySys_GetObject("stdout");  // borrowed; what the child printed
+        PyObject* r = out ? PyObject_CallMethod(out, "flush", nullptr) : nullptr;
+        Py_XDECREF(r);
+        PyErr_Clear();
+        _exit(0);
+    }
     if (result && PyCoro_CheckExact(result)) {
         // An async function (or one that calls one) ran: the coroutine it made would never run.
         PyObject* r = PyObject_CallMethod(result, "close", nullptr);  // no "never awaited"

@@ -132,3 +132,39 @@ def test_fork_while_work_is_pending(run, emu):
             return code
 
     assert run(main()) == 10
+
+
+def test_a_fork_inside_stream_work_ends_the_child_there(run):
+    # A function on a CpuStream that forks and returns in the child: the child was a copy of the
+    # worker, which ran the parent's next item a second time (here, a second write) and then slept
+    # for ever. The child now ends as the function returns.
+    r, w = os.pipe()
+
+    def forks() -> int:
+        pid = _fork()
+        if pid == 0:
+            print("from the child")
+            return 0  # back into the worker, in the child
+        return pid
+
+    def after() -> None:
+        os.write(w, b"x")
+
+    async def main():
+        with aiocuda.CpuStream() as s:
+            s.delay(0.05)  # both calls are queued when the worker takes its next batch
+            forked = s.submit(forks)
+            later = s.submit(after)
+            pid = await asyncio.wait_for(forked, 10)
+            await asyncio.wait_for(later, 10)
+            return await _exit_code(pid, 10)
+
+    try:
+        assert run(main()) == 0
+        os.close(w)
+        w = -1
+        assert os.read(r, 16) == b"x"  # the parent's write alone
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
