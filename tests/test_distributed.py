@@ -158,6 +158,9 @@ dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank
 funcol.all_reduce(torch.ones(1), "sum", dist.group.WORLD).tolist()  # connections made
 
 async def main():
+    # Both ranks leave the barrier together, whatever their start-up took (an ASan run started
+    # rank 0 half a second after rank 1, and its wait took 0.49 s): then rank 1 joins 1 s late.
+    dist.barrier()
     if rank == 1:
         time.sleep(1.0)  # joins the collective 1 s late: rank 0's wait takes that long
     #TICKER
