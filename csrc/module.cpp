@@ -27,20 +27,6 @@ namespace {
 constexpr size_t kMaxBatch = 65536;
 constexpr int kRefused = -100;  // a cpu-backend submission was refused (closed stream, fork)
 
-// The GIL let go for a blocking call, as py::gil_scoped_release does, with one difference: a
-// daemon thread that takes the GIL back while the interpreter finalizes is ended there by
-// pthread_exit() (Python 3.10-3.13, PyEval_RestoreThread), which unwinds the thread's stack. From
-// gil_scoped_release's destructor (noexcept, as every destructor is by default) that unwinding
-// calls std::terminate: a daemon thread in Event.synchronize() at exit aborted the process.
-// This destructor lets it through, as CPython's own Py_END_ALLOW_THREADS does.
-struct NoGil {
-    PyThreadState* ts = PyEval_SaveThread();
-    NoGil() = default;
-    NoGil(const NoGil&) = delete;
-    NoGil& operator=(const NoGil&) = delete;
-    ~NoGil() noexcept(false) { PyEval_RestoreThread(ts); }
-};
-
 // Python callables installed by aiocuda._api (see install_hooks).
 struct Hooks {
     PyObject* get_running_loop = nullptr;  // asyncio._get_running_loop
@@ -623,7 +609,7 @@ py::tuple mark_call(uintptr_t m) {
     std::string why;
     int r;
     {
-        NoGil nogil;
+        py::gil_scoped_release nogil;
         r = Fn(reinterpret_cast<cuda::Mark*>(m), &why);
     }
     if (r != 0 && why.empty()) why = cuda::error_text(r);
@@ -652,7 +638,7 @@ PYBIND11_MODULE(_core, m) {
         .def(py::init<>())
         .def("_close", &CpuStream::close)
         .def("_wait_closed", &CpuStream::wait_closed, py::arg("timeout"),
-             py::call_guard<NoGil>())
+             py::call_guard<py::gil_scoped_release>())
         .def_property_readonly("closed", &CpuStream::closed)
         .def_property_readonly("_pending", &CpuStream::pending)
         .def_property_readonly("_on_worker", &CpuStream::on_worker)
@@ -710,7 +696,7 @@ PYBIND11_MODULE(_core, m) {
             for (;;) {  // in slices, as a blocking close(): a signal (Ctrl-C) is handled between two
                 bool reached;
                 {
-                    NoGil nogil;
+                    py::gil_scoped_release nogil;
                     reached = e.state->wait_for(gen, 0.1);
                 }
                 if (reached) return;
@@ -785,11 +771,11 @@ PYBIND11_MODULE(_core, m) {
     m.def("cpu_workers", &cpu_workers);
     m.def("on_cpu_worker", &on_cpu_worker);
     m.def("cpu_wait_workers", &cpu_wait_workers, py::arg("timeout"),
-          py::call_guard<NoGil>());
+          py::call_guard<py::gil_scoped_release>());
     m.def("cuda_info", [] {
         const cuda::DriverInfo* info;
         {
-            NoGil nogil;  // the first call loads the driver and runs cuInit
+            py::gil_scoped_release nogil;  // the first call loads the driver and runs cuInit
             info = &cuda::load();
         }
         py::dict out;
@@ -800,7 +786,7 @@ PYBIND11_MODULE(_core, m) {
         out["device_count"] = info->device_count;
         return out;
     });
-    m.def("cuda_device_name", &cuda::device_name, py::call_guard<NoGil>());
+    m.def("cuda_device_name", &cuda::device_name, py::call_guard<py::gil_scoped_release>());
     m.def("cuda_error_text", &cuda::error_text);
     m.def("cuda_stats", [] {
         cuda::Stats st = cuda::stats();
@@ -820,15 +806,15 @@ PYBIND11_MODULE(_core, m) {
     });
     m.def("cuda_pending", [] { return cuda::stats().pending; });
     m.def("cuda_set_backstop_period_ms", &cuda::set_backstop_period_ms);
-    m.def("cuda_set_keep_idle_ms", &cuda::set_keep_idle_ms, py::call_guard<NoGil>());
+    m.def("cuda_set_keep_idle_ms", &cuda::set_keep_idle_ms, py::call_guard<py::gil_scoped_release>());
     m.def("cuda_set_strategy", [](int s) { cuda::set_strategy(static_cast<cuda::Strategy>(s)); });
     m.def("cuda_strategy", [] { return static_cast<int>(cuda::strategy()); });
-    m.def("cuda_hold", &cuda::hold, py::call_guard<NoGil>());
+    m.def("cuda_hold", &cuda::hold, py::call_guard<py::gil_scoped_release>());
     m.def("cuda_fail_thread_starts", &cuda::fail_thread_starts);
     // Marks behind aiocuda.Event, passed to Python as integers (a reference each).
     m.def("cuda_mark_query", mark_call<cuda::mark_query>);
     m.def("cuda_mark_synchronize", mark_call<cuda::mark_synchronize>);
     m.def("cuda_mark_release", [](uintptr_t m) {
         cuda::mark_release(reinterpret_cast<cuda::Mark*>(m));
-    }, py::call_guard<NoGil>());
+    }, py::call_guard<py::gil_scoped_release>());
 }
