@@ -9,9 +9,11 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cpu.hpp"
@@ -26,6 +28,49 @@ namespace {
 
 constexpr size_t kMaxBatch = 65536;
 constexpr int kRefused = -100;  // a cpu-backend submission was refused (closed stream, fork)
+
+// Interpreter exit, as the GIL guard below sees it: set by aiocuda's atexit hook (stop_waits).
+std::atomic<bool> g_exiting{false};
+std::atomic<unsigned long> g_exit_thread{0};  // the thread that runs the exit
+std::atomic<int> g_regaining{0};  // threads past the check below, taking the GIL back
+
+// The GIL let go for a blocking call, as py::gil_scoped_release does, with one difference. A
+// daemon thread that takes the GIL back while the interpreter finalizes is ended there by
+// pthread_exit() (Python 3.10-3.13, PyEval_RestoreThread), which unwinds the thread's stack:
+// out of a noexcept destructor that calls std::terminate (a daemon thread in
+// Event.synchronize() at exit aborted the process), and pybind11's frames above would swallow
+// it. Such a thread is stopped here instead, for good, as Python 3.14 stops it itself.
+// Finalization begins with no hook of its own, and a thread waiting for the GIL when it begins
+// is ended, so the line is drawn earlier: aiocuda's atexit hook (after the non-daemon threads
+// have been joined) sets g_exiting and lets the GIL go until every thread already past the
+// check holds it again; from then on, a daemon thread whose native wait ends stays there.
+struct NoGil {
+    PyThreadState* ts = PyEval_SaveThread();
+    NoGil() = default;
+    NoGil(const NoGil&) = delete;
+    NoGil& operator=(const NoGil&) = delete;
+    ~NoGil() {
+        g_regaining.fetch_add(1);  // seq_cst, against stop_waits' store then load
+        if (g_exiting.load() && PyThread_get_thread_ident() != g_exit_thread.load()) {
+            g_regaining.fetch_sub(1);
+            for (;;) pause();  // no Python code runs here again, and the process is ending
+        }
+        PyEval_RestoreThread(ts);
+        g_regaining.fetch_sub(1);
+    }
+};
+
+// aiocuda's atexit hook, with the GIL: see NoGil. Waits at most timeout_s for the threads
+// already taking the GIL back (they get it while this waits without it).
+void stop_waits(double timeout_s) {
+    g_exit_thread.store(PyThread_get_thread_ident());
+    g_exiting.store(true);
+    PyThreadState* ts = PyEval_SaveThread();
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+    while (g_regaining.load() != 0 && std::chrono::steady_clock::now() < deadline)
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
+    PyEval_RestoreThread(ts);
+}
 
 // Python callables installed by aiocuda._api (see install_hooks).
 struct Hooks {
@@ -609,7 +654,7 @@ py::tuple mark_call(uintptr_t m) {
     std::string why;
     int r;
     {
-        py::gil_scoped_release nogil;
+        NoGil nogil;
         r = Fn(reinterpret_cast<cuda::Mark*>(m), &why);
     }
     if (r != 0 && why.empty()) why = cuda::error_text(r);
@@ -638,7 +683,7 @@ PYBIND11_MODULE(_core, m) {
         .def(py::init<>())
         .def("_close", &CpuStream::close)
         .def("_wait_closed", &CpuStream::wait_closed, py::arg("timeout"),
-             py::call_guard<py::gil_scoped_release>())
+             py::call_guard<NoGil>())
         .def_property_readonly("closed", &CpuStream::closed)
         .def_property_readonly("_pending", &CpuStream::pending)
         .def_property_readonly("_on_worker", &CpuStream::on_worker)
@@ -696,7 +741,7 @@ PYBIND11_MODULE(_core, m) {
             for (;;) {  // in slices, as a blocking close(): a signal (Ctrl-C) is handled between two
                 bool reached;
                 {
-                    py::gil_scoped_release nogil;
+                    NoGil nogil;
                     reached = e.state->wait_for(gen, 0.1);
                 }
                 if (reached) return;
@@ -769,13 +814,14 @@ PYBIND11_MODULE(_core, m) {
 
     m.def("live_records", [] { return live_nodes(); });
     m.def("cpu_workers", &cpu_workers);
+    m.def("stop_waits", &stop_waits, py::arg("timeout"));
     m.def("on_cpu_worker", &on_cpu_worker);
     m.def("cpu_wait_workers", &cpu_wait_workers, py::arg("timeout"),
-          py::call_guard<py::gil_scoped_release>());
+          py::call_guard<NoGil>());
     m.def("cuda_info", [] {
         const cuda::DriverInfo* info;
         {
-            py::gil_scoped_release nogil;  // the first call loads the driver and runs cuInit
+            NoGil nogil;  // the first call loads the driver and runs cuInit
             info = &cuda::load();
         }
         py::dict out;
@@ -786,7 +832,7 @@ PYBIND11_MODULE(_core, m) {
         out["device_count"] = info->device_count;
         return out;
     });
-    m.def("cuda_device_name", &cuda::device_name, py::call_guard<py::gil_scoped_release>());
+    m.def("cuda_device_name", &cuda::device_name, py::call_guard<NoGil>());
     m.def("cuda_error_text", &cuda::error_text);
     m.def("cuda_stats", [] {
         cuda::Stats st = cuda::stats();
@@ -806,15 +852,15 @@ PYBIND11_MODULE(_core, m) {
     });
     m.def("cuda_pending", [] { return cuda::stats().pending; });
     m.def("cuda_set_backstop_period_ms", &cuda::set_backstop_period_ms);
-    m.def("cuda_set_keep_idle_ms", &cuda::set_keep_idle_ms, py::call_guard<py::gil_scoped_release>());
+    m.def("cuda_set_keep_idle_ms", &cuda::set_keep_idle_ms, py::call_guard<NoGil>());
     m.def("cuda_set_strategy", [](int s) { cuda::set_strategy(static_cast<cuda::Strategy>(s)); });
     m.def("cuda_strategy", [] { return static_cast<int>(cuda::strategy()); });
-    m.def("cuda_hold", &cuda::hold, py::call_guard<py::gil_scoped_release>());
+    m.def("cuda_hold", &cuda::hold, py::call_guard<NoGil>());
     m.def("cuda_fail_thread_starts", &cuda::fail_thread_starts);
     // Marks behind aiocuda.Event, passed to Python as integers (a reference each).
     m.def("cuda_mark_query", mark_call<cuda::mark_query>);
     m.def("cuda_mark_synchronize", mark_call<cuda::mark_synchronize>);
     m.def("cuda_mark_release", [](uintptr_t m) {
         cuda::mark_release(reinterpret_cast<cuda::Mark*>(m));
-    }, py::call_guard<py::gil_scoped_release>());
+    }, py::call_guard<NoGil>());
 }

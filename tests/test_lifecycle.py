@@ -299,3 +299,46 @@ started.wait(10)
 print("end of main")
 """)
     assert out == "end of main\n"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_exit_with_a_daemon_thread_blocked_in_an_event_wait(backend):
+    # A daemon thread in Event.synchronize() whose wait ended while the interpreter finalized
+    # (a cpu event's 0.1 s slice; a cuda event's work ending) took the GIL back there, which
+    # ends such a thread with pthread_exit(); the unwinding left the GIL guard's destructor, a
+    # noexcept one: std::terminate, and the process aborted ("terminate called without an
+    # active exception", exit code 134) at the end of a program that had done nothing wrong.
+    if backend == "cuda" and "AIOCUDA_LIBCUDA" not in os.environ:
+        pytest.skip("the cuda case enqueues its work with the driver emulator's controls")
+    work = """
+s = aiocuda.CpuStream()
+s.delay(30)
+blocked(asyncio.run(record(s)).synchronize)  # it waits in slices of 0.1 s
+""" if backend == "cpu" else """
+lib = ctypes.CDLL(os.environ["AIOCUDA_LIBCUDA"])
+ctx, h = ctypes.c_void_p(), ctypes.c_void_p()
+assert lib.cuInit(0) == 0
+assert lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0) == 0
+assert lib.cuCtxPushCurrent_v2(ctx) == 0
+assert lib.cuStreamCreate(ctypes.byref(h), 0) == 0
+lib.emu_enqueue_sleep.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+assert lib.emu_enqueue_sleep(h, 750_000) == 0  # it ends while the interpreter finalizes
+blocked(asyncio.run(record(h.value)).synchronize)
+"""
+    out = run_script("""
+import asyncio, ctypes, os, threading, time
+import aiocuda
+os.environ["AIOCUDA_EXIT_TIMEOUT"] = "0.2"
+async def record(stream):
+    return aiocuda.record(stream)
+def blocked(fn):
+    threading.Thread(target=fn, daemon=True).start()
+class SlowToCollect:  # collected while the interpreter finalizes: the wait wakes meanwhile
+    def __del__(self):
+        time.sleep(0.5)
+""" + work + """
+slow = SlowToCollect()
+time.sleep(0.3)
+print("exiting")
+""")
+    assert out.split() == ["exiting"]

@@ -421,6 +421,7 @@ class CpuStream(_core.CpuStreamBase):
 
 _CLOSE_SLICE_S = 0.1  # a blocking close waits in slices this long, handling signals between
 _EXIT_TIMEOUT_S = 10.0  # default of AIOCUDA_EXIT_TIMEOUT
+_STOP_WAITS_S = 1.0  # at exit, the longest wait for threads already taking the GIL back
 
 
 def _exit_timeout() -> float:
@@ -437,18 +438,25 @@ def _close_streams() -> None:
     # Let the workers finish while the interpreter can still run the calls they hold, those of
     # collected streams too; but never hang the exit on work that does not return. A worker
     # left running is then a daemon thread: one that tries to run Python code again exits.
-    for s in list(_live_streams):
-        s._close()
-    timeout = _exit_timeout()
-    deadline = time.monotonic() + timeout
-    while not _core.cpu_wait_workers(min(_CLOSE_SLICE_S, max(0.0, deadline - time.monotonic()))):
-        if time.monotonic() >= deadline:  # slices: Ctrl-C (a signal) is handled between two
-            sys.stderr.write(
-                f"aiocuda: {_core.cpu_workers()} CpuStream worker(s) still running work "
-                f"{timeout:g} s into interpreter exit; leaving them (AIOCUDA_EXIT_TIMEOUT sets "
-                "how long exit waits)\n"
-            )
-            return
+    # Then a daemon thread whose native wait (Event.synchronize(), a blocking close()) ends
+    # stays in it rather than take the GIL back, which CPython 3.10-3.13 answers with
+    # pthread_exit() once the interpreter finalizes (csrc/module.cpp, NoGil).
+    try:
+        for s in list(_live_streams):
+            s._close()
+        timeout = _exit_timeout()
+        deadline = time.monotonic() + timeout
+        while not _core.cpu_wait_workers(
+                min(_CLOSE_SLICE_S, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:  # slices: Ctrl-C (a signal) is handled between two
+                sys.stderr.write(
+                    f"aiocuda: {_core.cpu_workers()} CpuStream worker(s) still running work "
+                    f"{timeout:g} s into interpreter exit; leaving them (AIOCUDA_EXIT_TIMEOUT "
+                    "sets how long exit waits)\n"
+                )
+                return
+    finally:
+        _core.stop_waits(_STOP_WAITS_S)
 
 
 _STRATEGIES = ("callback", "poll", "flag")  # indexed as csrc/engine.hpp's Strategy
