@@ -258,6 +258,23 @@ def test_gpu_op_called_by_gpu_op_work_never_waits_for_itself(run_any):
     assert new_workers <= 3 * min(4, os.cpu_count() or 1)  # not a thread per nested call
 
 
+def test_gpu_op_work_that_hands_gpu_op_back_to_the_loop_never_waits_for_itself(run):
+    # A function run by gpu_op may hand a gpu_op call to its caller's loop and wait for it
+    # (run_coroutine_threadsafe(...).result()), on every pool stream at once. The handed-back
+    # calls run on the loop's thread, not on a worker, and went to the same pool, whose every
+    # stream was busy with a function waiting for them: each waited until its timeout (review).
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        def hands_back(i: int) -> int:
+            call = asyncio.run_coroutine_threadsafe(aiocuda.gpu_op(lambda: i * 10), loop)
+            return call.result(timeout=10) + 1
+
+        return await wait_for(gather(*[aiocuda.gpu_op(hands_back, i) for i in range(8)]), 30)
+
+    assert run(main()) == [i * 10 + 1 for i in range(8)]
+
+
 def test_the_last_reference_may_go_away_on_the_worker(run_any):
     async def main():
         s = aiocuda.CpuStream()

@@ -297,7 +297,7 @@ def test_a_trio_run_and_an_asyncio_loop_at_once():
 
 
 @pytest.mark.parametrize("how", ["trio.run in a coroutine", "guest of asyncio",
-                                 "asyncio.run in a trio task"])
+                                 "asyncio.run in a trio task", "uvloop in a trio task"])
 def test_asyncio_and_trio_on_one_thread_each_call_gets_the_loop_that_runs_it(how):
     # Jupyter's %autoawait trio calls trio.run from a coroutine; trio's guest mode runs on an
     # asyncio host; a trio task may call asyncio.run. Each aiocuda call belongs to the loop
@@ -339,9 +339,20 @@ def test_asyncio_and_trio_on_one_thread_each_call_gets_the_loop_that_runs_it(how
             return outcome.unwrap(), await in_asyncio()  # type: ignore[attr-defined]
 
         assert asyncio.run(host()) == ("trio", "asyncio")
-    else:
+    elif how == "asyncio.run in a trio task":
         async def host() -> tuple[str, str]:
             return asyncio.run(in_asyncio()), await in_trio()
+
+        assert trio.run(host) == ("asyncio", "trio")
+    else:  # uvloop steps its tasks with no Python frame of its own on the stack (review)
+        uvloop = pytest.importorskip("uvloop", reason="the uvloop case needs uvloop")
+
+        async def host() -> tuple[str, str]:
+            loop = uvloop.new_event_loop()
+            try:
+                return loop.run_until_complete(in_asyncio()), await in_trio()
+            finally:
+                loop.close()
 
         assert trio.run(host) == ("asyncio", "trio")
     settle_native()

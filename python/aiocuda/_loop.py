@@ -159,14 +159,18 @@ def nested_trio() -> Any:
     ``%autoawait trio``), or when a trio task calls ``asyncio.run``. trio marks its ticks in
     sniffio's thread-local (which an asyncio run nested in a trio task does not undo); then the
     nearest frame of either library's code on the caller's stack says which one runs the caller:
-    trio steps its tasks from trio._core, asyncio from its loop's callbacks (uvloop: from the
-    asyncio.runners frame that started it).
+    trio steps its tasks from trio._core, asyncio from its loop's callbacks, or the frame of the
+    asyncio task being stepped (uvloop steps tasks with no Python frame of its own).
     """
     sniffio = sys.modules.get("sniffio")  # imported by trio
     if "trio" not in sys.modules or sniffio is None or sniffio.thread_local.name != "trio":
         return None
+    task = asyncio.current_task()
+    task_frame = getattr(task.get_coro(), "cr_frame", None) if task is not None else None
     frame: types.FrameType | None = sys._getframe(1)
     while frame is not None:
+        if frame is task_frame:
+            return None
         top = str(frame.f_globals.get("__name__", "")).partition(".")[0]
         if top == "trio":
             from . import _trio

@@ -268,24 +268,29 @@ class _CpuPool:
                 self._last = last
             return last
 
-    def runs_this_thread(self) -> bool:
-        """Whether the calling thread is the worker of one of this pool's streams."""
-        return any(s._on_worker for s in self._streams)
 
-
-# gpu_op's pools, by depth: a function run by pool d (or by a CpuStream of the user's, for d = 0)
-# that runs a loop of its own and calls gpu_op there gets pool d + 1. Its caller's pool could be
-# busy, every stream of it, with functions waiting for such calls; the next pool's streams only
-# run work of callers that wait on them. Threads: a few per depth of nesting used.
+# gpu_op's pools, by depth. A function run by gpu_op at depth d (pool d, or a CpuStream of the
+# user's) runs with _depth set to d + 1, and its gpu_op calls use pool d + 1: on a loop of its
+# own, or on its caller's loop if it hands them there (run_coroutine_threadsafe(...).result()
+# copies its context, and with it _depth). Its caller's pool could be busy, every stream of it,
+# with functions waiting for such calls; the next pool's streams only run work of callers that
+# wait on them. Threads: a few per depth of nesting used.
 _pools = [_CpuPool()]
 _pools_lock = threading.Lock()
+_depth: contextvars.ContextVar[int] = contextvars.ContextVar("aiocuda_gpu_op_depth", default=0)
 
 
-def _pool_for_caller() -> _CpuPool:
-    if not _core.on_cpu_worker():
+def _caller_depth() -> int:
+    depth = _depth.get()
+    if depth == 0 and _core.on_cpu_worker():
+        return 1  # a function on a CpuStream, submitted there by other means than gpu_op
+    return depth
+
+
+def _pool_at(depth: int) -> _CpuPool:
+    if depth == 0:
         return _pools[0]
     with _pools_lock:
-        depth = next((d for d, p in enumerate(_pools) if p.runs_this_thread()), 0) + 1
         while len(_pools) <= depth:
             _pools.append(_CpuPool())
         return _pools[depth]
@@ -353,13 +358,14 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
         return result
     if stream is None and "tensorflow" in sys.modules and _tf_tape_recording():
         return fn(*args, **kwargs)  # the tape records on this thread only: here, or no gradients
-    cpu = stream if isinstance(stream, CpuStream) else _pool_for_caller().get()
+    depth = _caller_depth()
+    cpu = stream if isinstance(stream, CpuStream) else _pool_at(depth).get()
     if cpu._on_worker:  # fn would queue behind the function that waits for it
         raise AiocudaError(
             "gpu_op(stream=s) was called by a function running on s: fn would run after that "
             "function, which waits for it. Pass another stream, or none"
         )
-    return await cpu.submit(_InCallersState(fn, args, kwargs))
+    return await cpu.submit(_InCallersState(fn, args, kwargs, depth + 1))
 
 
 _tf_eager: list[Any] = []  # TensorFlow's record and context modules, once imported
@@ -402,11 +408,11 @@ class _InCallersState:
     per thread (torch's parallel_apply carries its modes too), set on the worker whatever an
     earlier call left there. Its repr is `fn`'s, for the messages that name the function."""
 
-    __slots__ = ("fn", "args", "kwargs", "ctx", "torch", "modes", "tf_device")
+    __slots__ = ("fn", "args", "kwargs", "ctx", "torch", "modes", "tf_device", "depth")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> None:
-        self.fn, self.args, self.kwargs = fn, args, kwargs
+                 kwargs: dict[str, Any], depth: int) -> None:
+        self.fn, self.args, self.kwargs, self.depth = fn, args, kwargs, depth
         self.ctx = contextvars.copy_context()
         self.torch = torch = sys.modules.get("torch")
         self.modes = None if torch is None else _torch_modes(torch)
@@ -416,6 +422,7 @@ class _InCallersState:
         return self.ctx.run(self._call)
 
     def _call(self) -> Any:
+        _depth.set(self.depth)  # in the copy: the pool of fn's own gpu_op calls
         if self.tf_device:  # (a worker is in no scope: every call leaves its own)
             with sys.modules["tensorflow"].device(self.tf_device):
                 return self._in_torch_modes()
