@@ -308,3 +308,26 @@ print("waiting", flush=True)
     out, err = finish(p, timeout=60)
     assert "KeyboardInterrupt" in err
 
+
+def test_gpu_op_after_the_exit_hook_says_the_interpreter_is_exiting():
+    # An atexit handler registered before aiocuda was imported runs after aiocuda's, which has
+    # closed gpu_op's pool: the error said "the CpuStream is closed: create a new one", of a
+    # stream the caller never made (review).
+    p = python("""
+import asyncio, atexit
+def late():
+    import aiocuda
+    try:
+        asyncio.run(aiocuda.gpu_op(int, "3"))
+    except aiocuda.AiocudaError as e:
+        print(e, flush=True)
+atexit.register(late)
+import aiocuda
+print(asyncio.run(aiocuda.gpu_op(int, "2")), flush=True)
+""")
+    out, err = finish(p)
+    assert p.returncode == 0, err
+    assert out.splitlines() == [
+        "2", "gpu_op() was called after aiocuda's exit hook closed its worker pool: the "
+        "interpreter is exiting. Await GPU work before the program ends, not in an atexit "
+        "handler or a __del__ that runs at exit"]

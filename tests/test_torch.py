@@ -149,6 +149,18 @@ def test_device_is_checked_against_a_torch_streams_device(monkeypatch):
     with pytest.raises(ValueError, match="cuda:0.*cuda:1"):
         _ops.placement(torch.neg, (torch.ones(1),), {}, torch_stream, "cuda:1")
     assert _ops.placement(torch.neg, (torch.ones(1),), {}, 7, "cuda:1") == Place("stream")
+    # With no device tensor, the conflict is between the two arguments (the message said "the
+    # tensors are on cuda:1" for a call with none: review).
+    with pytest.raises(ValueError, match="stream= says cuda:0, but device= says cuda:1"):
+        _ops.placement(int, (), {}, torch_stream, 1)
+    with pytest.raises(ValueError, match="stream= says cuda:0, but device= says cpu"):
+        _ops.placement(int, (torch.ones(1),), {}, torch_stream, "cpu")
+    with pytest.raises(ValueError, match="stream= says cpu, but device= says cuda:1"):
+        _ops.placement(int, (), {}, aiocuda.CpuStream(), "cuda:1")
+    cuda0 = Place("torch", torch.device("cuda", 0))
+    assert _ops.placement(int, (), {}, torch_stream, "cuda") == cuda0  # "cuda": any device
+    assert _ops.placement(int, (), {}, torch_stream, "cuda:0") == cuda0
+    assert _ops.placement(int, (torch.ones(1),), {}, torch_stream, None) == cuda0
 
 
 def test_a_device_without_an_index_names_the_tensors_device(monkeypatch):

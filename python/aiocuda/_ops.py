@@ -233,15 +233,20 @@ def placement(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any], stream:
     if device is not None and stream is not None and _stream_place(stream).kind == "stream":
         _stream_ordinal(device)  # device= only says which device the stream is on
         device = None
+    placed_by = "the tensors are on"
     for what, given in (("device=", None if device is None else _parse_device(device)),
                         ("stream=", None if stream is None else _stream_place(stream))):
         if given is None:
             continue
-        # Host tensors may feed a device (copies to it); device tensors must stay where they are.
-        if place not in (None, CPU) and given.kind != "stream" and not _names(given, place):
-            raise ValueError(f"{what} says {given}, but the tensors are on {place}")
-        if place in (None, CPU) or given.kind == "stream":
-            place = given
+        # Host tensors may feed a device (copies to it); device tensors must stay where they
+        # are; device= and stream= must agree ("cuda" names any CUDA device).
+        by_tensors = placed_by == "the tensors are on"
+        if place is not None and given.kind != "stream" and not _names(given, place) and \
+                not (by_tensors and place == CPU) and (by_tensors or not _names(place, given)):
+            raise ValueError(f"{what} says {given}, but {placed_by} {place}")
+        if place is None or (by_tensors and place == CPU) or given.kind == "stream" or \
+                not by_tensors:
+            place, placed_by = given, f"{what} says"
     return place if place is not None else CPU
 
 
@@ -266,6 +271,12 @@ class _CpuPool:
             if last is None or last._pending:
                 last = min(self._streams, key=lambda s: s._pending)
                 self._last = last
+            if last.closed:  # only aiocuda's exit hook closes them
+                raise AiocudaError(
+                    "gpu_op() was called after aiocuda's exit hook closed its worker pool: the "
+                    "interpreter is exiting. Await GPU work before the program ends, not in an "
+                    "atexit handler or a __del__ that runs at exit"
+                )
             return last
 
 
