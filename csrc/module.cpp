@@ -33,6 +33,7 @@ constexpr int kRefused = -100;  // a cpu-backend submission was refused (closed 
 std::atomic<bool> g_exiting{false};
 std::atomic<unsigned long> g_exit_thread{0};  // the thread that runs the exit
 std::atomic<int> g_regaining{0};  // threads past the check below, taking the GIL back
+std::atomic<int> g_parked{0};     // threads stopped for good by that check
 
 // The GIL let go for a blocking call, as py::gil_scoped_release does, with one difference. A
 // daemon thread that takes the GIL back while the interpreter finalizes is ended there by
@@ -53,6 +54,7 @@ struct NoGil {
         g_regaining.fetch_add(1);  // seq_cst, against stop_waits' store then load
         if (g_exiting.load() && PyThread_get_thread_ident() != g_exit_thread.load()) {
             g_regaining.fetch_sub(1);
+            g_parked.fetch_add(1);
             for (;;) pause();  // no Python code runs here again, and the process is ending
         }
         PyEval_RestoreThread(ts);
@@ -60,9 +62,16 @@ struct NoGil {
     }
 };
 
+void reset_exit() {  // at import (an embedder may initialize Python again) and in a forked child
+    g_exiting.store(false);
+    g_regaining.store(0);
+    g_parked.store(0);
+}
+
 // aiocuda's atexit hook, with the GIL: see NoGil. Waits at most timeout_s for the threads
 // already taking the GIL back (they get it while this waits without it).
 void stop_waits(double timeout_s) {
+    if (PyInterpreterState_Get() != PyInterpreterState_Main()) return;  // not the process's exit
     g_exit_thread.store(PyThread_get_thread_ident());
     g_exiting.store(true);
     PyThreadState* ts = PyEval_SaveThread();
@@ -640,6 +649,7 @@ struct PyCpuEvent {
 
 void on_fork_child() {
     g_pid = getpid();
+    reset_exit();  // a child forked by an atexit handler is not exiting (yet)
     g_fork_epoch.fetch_add(1, std::memory_order_relaxed);
     queue_after_fork_in_child();
     cpu_after_fork_in_child();
@@ -666,6 +676,7 @@ py::tuple mark_call(uintptr_t m) {
 PYBIND11_MODULE(_core, m) {
     m.doc() = "aiocuda's native core: completion queues, the cpu backend and the CUDA driver.";
     g_pid = getpid();
+    reset_exit();
     pthread_atfork(nullptr, nullptr, on_fork_child);
     hooks.s_create_future = intern("create_future");
     hooks.s_set_result = intern("set_result");
@@ -815,6 +826,7 @@ PYBIND11_MODULE(_core, m) {
     m.def("live_records", [] { return live_nodes(); });
     m.def("cpu_workers", &cpu_workers);
     m.def("stop_waits", &stop_waits, py::arg("timeout"));
+    m.def("parked_threads", [] { return g_parked.load(); });
     m.def("on_cpu_worker", &on_cpu_worker);
     m.def("cpu_wait_workers", &cpu_wait_workers, py::arg("timeout"),
           py::call_guard<NoGil>());

@@ -331,3 +331,29 @@ print(asyncio.run(aiocuda.gpu_op(int, "2")), flush=True)
         "2", "gpu_op() was called after aiocuda's exit hook closed its worker pool: the "
         "interpreter is exiting. Await GPU work before the program ends, not in an atexit "
         "handler or a __del__ that runs at exit"]
+
+
+def test_a_close_in_a_late_atexit_handler_gives_up_on_a_worker_stopped_at_exit():
+    # A worker waiting natively (an Event's synchronize()) when exit gave up on it is stopped
+    # for good when that wait ends (it would be ended by CPython as the interpreter finalizes);
+    # a close() from an atexit handler that runs after aiocuda's (registered before the import)
+    # waited for it for ever (review).
+    p = python("""
+import asyncio, atexit, os
+held = []
+def late():
+    held[0].close()
+    os.write(1, b"closed\\n")
+atexit.register(late)
+import aiocuda
+async def main():
+    other = aiocuda.CpuStream()
+    other.delay(30)
+    s = aiocuda.CpuStream()
+    s.submit(other.record().synchronize)  # its worker waits natively, in slices of 0.1 s
+    return [s, other]
+held[:] = asyncio.run(main())
+""", env={"AIOCUDA_EXIT_TIMEOUT": "0.3"})
+    out, err = finish(p)
+    assert p.returncode == 0, err
+    assert out == "closed\n"

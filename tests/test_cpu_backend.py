@@ -275,6 +275,36 @@ def test_gpu_op_work_that_hands_gpu_op_back_to_the_loop_never_waits_for_itself(r
     assert run(main()) == [i * 10 + 1 for i in range(8)]
 
 
+def test_tasks_that_gpu_op_work_leaves_running_do_not_nest_deeper(run):
+    # A function run by gpu_op that starts the next stage on its caller's loop and returns
+    # (a pipeline): the stage's task copies the function's context, but once the function has
+    # returned its gpu_op calls count at the caller's depth, not one pool deeper per hop
+    # (each pool is a few threads kept for the life of the process: review).
+    async def main():
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        finished = []
+
+        async def stage(i: int) -> None:
+            if i < 12:
+                await aiocuda.gpu_op(starts_next, i)
+            finished.append(i)
+            if len(finished) == 13:  # every stage's task has ended
+                done.set_result(len(finished))
+
+        def starts_next(i: int) -> None:
+            asyncio.run_coroutine_threadsafe(stage(i + 1), loop)
+
+        await stage(0)
+        return await wait_for(done, 30)
+
+    pools = len(aiocuda._ops._pools)  # made by earlier tests, for the life of the process
+    assert run(main()) == 13
+    # pool 0, and pool 1 for a stage begun while its starter had not yet returned
+    assert len(aiocuda._ops._pools) <= max(pools, 2)
+
+
 def test_the_last_reference_may_go_away_on_the_worker(run_any):
     async def main():
         s = aiocuda.CpuStream()

@@ -373,8 +373,10 @@ class CpuStream(_core.CpuStreamBase):
         if on_loop_thread():
             return  # never wait on a loop's thread
         while not self._wait_closed(_CLOSE_SLICE_S):
-            if sys.is_finalizing():  # past exit's bounded wait (AIOCUDA_EXIT_TIMEOUT): a worker
-                return  # reaching Python code now is stopped by CPython and never exits
+            # Past exit's bounded wait (AIOCUDA_EXIT_TIMEOUT): a worker reaching Python code now
+            # is stopped by CPython, or one whose wait ended by aiocuda (stop_waits), for good.
+            if sys.is_finalizing() or _core.parked_threads():
+                return
 
     async def aclose(self) -> None:
         """Stop accepting work and wait until the work already submitted has run.
@@ -421,6 +423,7 @@ class CpuStream(_core.CpuStreamBase):
 
 _CLOSE_SLICE_S = 0.1  # a blocking close waits in slices this long, handling signals between
 _EXIT_TIMEOUT_S = 10.0  # default of AIOCUDA_EXIT_TIMEOUT
+exit_began = [False]  # set by the exit hook below: gpu_op's pool is closed from then on
 _STOP_WAITS_S = 1.0  # at exit, the longest wait for threads already taking the GIL back
 
 
@@ -441,6 +444,7 @@ def _close_streams() -> None:
     # Then a daemon thread whose native wait (Event.synchronize(), a blocking close()) ends
     # stays in it rather than take the GIL back, which CPython 3.10-3.13 answers with
     # pthread_exit() once the interpreter finalizes (csrc/module.cpp, NoGil).
+    exit_began[0] = True
     try:
         for s in list(_live_streams):
             s._close()

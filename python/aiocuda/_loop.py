@@ -165,8 +165,8 @@ def nested_trio() -> Any:
     sniffio = sys.modules.get("sniffio")  # imported by trio
     if "trio" not in sys.modules or sniffio is None or sniffio.thread_local.name != "trio":
         return None
-    task = asyncio.current_task()
-    task_frame = getattr(task.get_coro(), "cr_frame", None) if task is not None else None
+    get_coro = getattr(asyncio.current_task(), "get_coro", None)
+    task_frame = getattr(get_coro(), "cr_frame", None) if get_coro is not None else None
     frame: types.FrameType | None = sys._getframe(1)
     while frame is not None:
         if frame is task_frame:

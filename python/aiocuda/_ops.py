@@ -30,6 +30,7 @@ from ._api import (
     Event,
     _cuda_handle,
     _device_index,
+    exit_began,
     not_a_coroutine_function,
     not_callable,
     synchronize,
@@ -264,6 +265,12 @@ class _CpuPool:
         self._last: CpuStream | None = None
 
     def get(self) -> CpuStream:
+        if exit_began[0]:
+            raise AiocudaError(
+                "gpu_op() was called after aiocuda's exit hook closed its worker pool: the "
+                "interpreter is exiting. Await GPU work before the program ends, not in an "
+                "atexit handler or a __del__ that runs at exit"
+            )
         with self._lock:
             if not self._streams:
                 self._streams = [CpuStream() for _ in range(min(4, os.cpu_count() or 1))]
@@ -271,31 +278,38 @@ class _CpuPool:
             if last is None or last._pending:
                 last = min(self._streams, key=lambda s: s._pending)
                 self._last = last
-            if last.closed:  # only aiocuda's exit hook closes them
-                raise AiocudaError(
-                    "gpu_op() was called after aiocuda's exit hook closed its worker pool: the "
-                    "interpreter is exiting. Await GPU work before the program ends, not in an "
-                    "atexit handler or a __del__ that runs at exit"
-                )
             return last
 
 
 # gpu_op's pools, by depth. A function run by gpu_op at depth d (pool d, or a CpuStream of the
-# user's) runs with _depth set to d + 1, and its gpu_op calls use pool d + 1: on a loop of its
-# own, or on its caller's loop if it hands them there (run_coroutine_threadsafe(...).result()
-# copies its context, and with it _depth). Its caller's pool could be busy, every stream of it,
-# with functions waiting for such calls; the next pool's streams only run work of callers that
-# wait on them. Threads: a few per depth of nesting used.
+# user's) runs with _nesting at depth d + 1, and while it runs its gpu_op calls use pool d + 1:
+# on a loop of its own, or on its caller's loop if it hands them there (run_coroutine_threadsafe
+# (...).result() copies its context, and with it _nesting). Its caller's pool could be busy,
+# every stream of it, with functions waiting for such calls; the next pool's streams only run
+# work of callers that wait on them. A task it started and left to run on counts, once the
+# function has returned, at the depth of the function's caller. Threads: a few per depth used.
 _pools = [_CpuPool()]
 _pools_lock = threading.Lock()
-_depth: contextvars.ContextVar[int] = contextvars.ContextVar("aiocuda_gpu_op_depth", default=0)
+
+
+class _Nesting:
+    __slots__ = ("depth", "parent", "running")
+
+    def __init__(self, depth: int, parent: _Nesting | None) -> None:
+        self.depth, self.parent, self.running = depth, parent, True
+
+
+_nesting: contextvars.ContextVar[_Nesting | None] = contextvars.ContextVar(
+    "aiocuda_gpu_op_nesting", default=None)
 
 
 def _caller_depth() -> int:
-    depth = _depth.get()
-    if depth == 0 and _core.on_cpu_worker():
-        return 1  # a function on a CpuStream, submitted there by other means than gpu_op
-    return depth
+    n = _nesting.get()
+    while n is not None and not n.running:
+        n = n.parent
+    if n is not None:
+        return n.depth
+    return 1 if _core.on_cpu_worker() else 0  # 1: a function on a CpuStream, not from gpu_op
 
 
 def _pool_at(depth: int) -> _CpuPool:
@@ -433,11 +447,15 @@ class _InCallersState:
         return self.ctx.run(self._call)
 
     def _call(self) -> Any:
-        _depth.set(self.depth)  # in the copy: the pool of fn's own gpu_op calls
-        if self.tf_device:  # (a worker is in no scope: every call leaves its own)
-            with sys.modules["tensorflow"].device(self.tf_device):
-                return self._in_torch_modes()
-        return self._in_torch_modes()
+        nesting = _Nesting(self.depth, _nesting.get())  # the pool of fn's own gpu_op calls
+        _nesting.set(nesting)  # (in the copy of the caller's context)
+        try:
+            if self.tf_device:  # (a worker is in no scope: every call leaves its own)
+                with sys.modules["tensorflow"].device(self.tf_device):
+                    return self._in_torch_modes()
+            return self._in_torch_modes()
+        finally:
+            nesting.running = False
 
     def _in_torch_modes(self) -> Any:
         torch = self.torch
