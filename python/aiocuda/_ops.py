@@ -303,10 +303,16 @@ _nesting: contextvars.ContextVar[_Nesting | None] = contextvars.ContextVar(
     "aiocuda_gpu_op_nesting", default=None)
 
 
-def _caller_depth() -> int:
+def _live_nesting() -> _Nesting | None:
+    """The innermost gpu_op function still running in this context, if any."""
     n = _nesting.get()
     while n is not None and not n.running:
         n = n.parent
+    return n
+
+
+def _caller_depth() -> int:
+    n = _live_nesting()
     if n is not None:
         return n.depth
     return 1 if _core.on_cpu_worker() else 0  # 1: a function on a CpuStream, not from gpu_op
@@ -447,7 +453,9 @@ class _InCallersState:
         return self.ctx.run(self._call)
 
     def _call(self) -> Any:
-        nesting = _Nesting(self.depth, _nesting.get())  # the pool of fn's own gpu_op calls
+        # The pool of fn's own gpu_op calls. (Linked to live callers only: a pipeline of
+        # tasks that each start the next keeps no chain of ended ones.)
+        nesting = _Nesting(self.depth, _live_nesting())
         _nesting.set(nesting)  # (in the copy of the caller's context)
         try:
             if self.tf_device:  # (a worker is in no scope: every call leaves its own)
