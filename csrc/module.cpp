@@ -5,6 +5,7 @@
 // through a few hooks installed at import.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <cxxabi.h>
 #include <pthread.h>
 #include <unistd.h>
 
@@ -61,6 +62,38 @@ struct NoGil {
         g_regaining.fetch_sub(1);
     }
 };
+
+// A bound function that runs Python code (a loop's create_future, the callbacks set_result
+// schedules, a __del__) is another place where a daemon thread meets interpreter exit: when that
+// code lets the GIL go (the eval loop's switch interval), CPython 3.10-3.13 ends the thread with
+// pthread_exit() as it takes the GIL back, and glibc unwinds the stack with a forced unwind.
+// pybind11's dispatcher catches everything (`catch (...)`) and lets the forced unwind through
+// only under libstdc++ (abi::__forced_unwind); the wheels link libc++, whose `catch (...)` ends
+// it without a rethrow, and glibc aborts the process ("FATAL: exception not rethrown"). Such a
+// function's body runs through this: the forced unwind goes on where pybind11 rethrows it, and
+// elsewhere the thread stops here for good, as in NoGil. Every C++ exception of ours and of
+// pybind11's is a std::exception: what else is caught is a foreign exception, and glibc's
+// forced unwind is the only one that reaches this code.
+template <typename F>
+decltype(auto) exit_safe(F&& body) {
+    try {
+        return body();
+    } catch (std::exception&) {
+        throw;
+#if defined(__GLIBCXX__)
+    } catch (abi::__forced_unwind&) {
+        throw;  // pybind11 rethrows it too: the thread ends as CPython asked
+#endif
+    } catch (...) {
+        g_parked.fetch_add(1);
+        for (;;) pause();  // without the GIL (the thread was denied it), and the process is ending
+    }
+}
+
+py::object steal_or_throw(PyObject* o) {  // a new reference, or nullptr with an error set
+    if (!o) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(o);
+}
 
 void reset_exit() {  // at import (an embedder may initialize Python again) and in a forked child
     g_exiting.store(false);
@@ -749,15 +782,17 @@ PYBIND11_MODULE(_core, m) {
                 raise_refused(kRefused, kSelfWaitText);
                 throw py::error_already_set();
             }
-            for (;;) {  // in slices, as a blocking close(): a signal (Ctrl-C) is handled between two
-                bool reached;
-                {
-                    NoGil nogil;
-                    reached = e.state->wait_for(gen, 0.1);
+            exit_safe([&] {  // the signal handlers run Python code
+                for (;;) {  // in slices, as a blocking close(): a signal (Ctrl-C) is handled
+                    bool reached;  // between two
+                    {
+                        NoGil nogil;
+                        reached = e.state->wait_for(gen, 0.1);
+                    }
+                    if (reached) return;
+                    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
                 }
-                if (reached) return;
-                if (PyErr_CheckSignals() != 0) throw py::error_already_set();
-            }
+            });
         });
 
     py::class_<PyQueue>(m, "CompletionQueue")
@@ -768,45 +803,50 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("pending", &PyQueue::pending)
         .def_property_readonly("pushed", &PyQueue::pushed)
         .def_property_readonly("signals", &PyQueue::signals)
-        .def("close", [](PyQueue& q) { q.close(); })
+        .def("close", [](PyQueue& q) { exit_safe([&] { q.close(); }); })  // futures' __del__
         .def("abandon", &PyQueue::abandon)
         .def("wait", [](PyQueue& q, py::handle loop, py::object stream, int device) {
             py::detail::make_caster<CpuStream> caster;
             CpuStream* cpu = caster.load(stream, false)
                                  ? &py::detail::cast_op<CpuStream&>(caster) : nullptr;
             uintptr_t handle = cpu ? 0 : stream.cast<uintptr_t>();
-            PyObject* fut = q.wait(loop.ptr(), cpu, handle, PyQueue::kStream, device);
-            if (!fut) throw py::error_already_set();
-            return py::reinterpret_steal<py::object>(fut);
+            return exit_safe([&] {
+                return steal_or_throw(q.wait(loop.ptr(), cpu, handle, PyQueue::kStream, device));
+            });
         }, py::arg("loop"), py::arg("stream"), py::arg("device") = -1)
         .def("record_cuda", [](PyQueue& q, py::handle loop, uintptr_t handle, int device,
                                py::handle keep) {
             cuda::Mark* mark = nullptr;
-            PyObject* fut = q.wait(loop.ptr(), nullptr, handle, PyQueue::kRecord, device,
-                                   keep.ptr(), &mark);
-            if (!fut) throw py::error_already_set();
-            return py::make_tuple(py::reinterpret_steal<py::object>(fut),
-                                  reinterpret_cast<uintptr_t>(mark));
+            py::object fut = exit_safe([&] {
+                return steal_or_throw(q.wait(loop.ptr(), nullptr, handle, PyQueue::kRecord,
+                                             device, keep.ptr(), &mark));
+            });
+            return py::make_tuple(fut, reinterpret_cast<uintptr_t>(mark));
         })
         .def("wait_cuda_event", [](PyQueue& q, py::handle loop, uintptr_t event, int device,
                                    py::handle keep) {
-            PyObject* fut = q.wait(loop.ptr(), nullptr, event, PyQueue::kEvent, device,
-                                   keep.ptr());
-            if (!fut) throw py::error_already_set();
-            return py::reinterpret_steal<py::object>(fut);
+            return exit_safe([&] {
+                return steal_or_throw(
+                    q.wait(loop.ptr(), nullptr, event, PyQueue::kEvent, device, keep.ptr()));
+            });
         })
         .def("wait_device", [](PyQueue& q, py::handle loop, int device) {
-            PyObject* fut = q.wait(loop.ptr(), nullptr, 0, PyQueue::kDevice, device);
-            if (!fut) throw py::error_already_set();
-            return py::reinterpret_steal<py::object>(fut);
+            return exit_safe([&] {
+                return steal_or_throw(q.wait(loop.ptr(), nullptr, 0, PyQueue::kDevice, device));
+            });
         })
         .def("wait_closed", [](PyQueue& q, py::handle loop, CpuStream& s) {
-            PyObject* fut = q.wait(loop.ptr(), &s, 0, PyQueue::kCpuExit);
-            if (!fut) throw py::error_already_set();
-            return py::reinterpret_steal<py::object>(fut);
+            return exit_safe([&] {
+                return steal_or_throw(q.wait(loop.ptr(), &s, 0, PyQueue::kCpuExit));
+            });
         })
-        .def("submit_call", &PyQueue::submit_call)
-        .def("drain", &PyQueue::drain);
+        .def("submit_call", [](PyQueue& q, CpuStream& s, py::handle loop, py::object fn,
+                               py::tuple args, py::object kwargs) {
+            return exit_safe([&] { return q.submit_call(s, loop, fn, args, kwargs); });
+        })
+        .def("drain", [](PyQueue& q, size_t max) {
+            return exit_safe([&] { return q.drain(max); });  // set_result runs callbacks
+        });
 
     m.def("install_hooks", [](py::object get_running_loop, py::object state_for,
                               py::object cuda_handle, py::object refused, py::object no_loop,

@@ -342,3 +342,44 @@ time.sleep(0.3)
 print("exiting")
 """)
     assert out.split() == ["exiting"]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_exit_while_daemon_threads_loops_resolve_aiocuda_futures(backend):
+    # Daemon threads whose asyncio loops resolve aiocuda futures without pause while the main
+    # thread exits: a drain runs Python code for each future (the callbacks set_result schedules)
+    # and lets the GIL go at the switch interval; taking it back during finalization ends the
+    # thread with pthread_exit(). pybind11 caught that forced unwind and, in the wheels (libc++),
+    # ended the catch without rethrowing it: "FATAL: exception not rethrown", exit code 134, in
+    # about half of the runs of one thread (the source build, libstdc++, always passed).
+    if backend == "cuda" and "AIOCUDA_LIBCUDA" not in os.environ:
+        pytest.skip("the cuda case needs a CUDA driver: the emulator (AIOCUDA_LIBCUDA)")
+    stream = "aiocuda.CpuStream()" if backend == "cpu" else "cuda_stream()"
+    out = run_script("""
+import asyncio, ctypes, os, sys, threading, time
+import aiocuda
+def cuda_stream():
+    lib = ctypes.CDLL(os.environ["AIOCUDA_LIBCUDA"])
+    ctx, h = ctypes.c_void_p(), ctypes.c_void_p()
+    assert lib.cuInit(0) == 0
+    assert lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0) == 0
+    assert lib.cuCtxPushCurrent_v2(ctx) == 0
+    assert lib.cuStreamCreate(ctypes.byref(h), 1) == 0
+    return h.value
+def drain_for_ever(started):
+    async def main():
+        s = """ + stream + """
+        while True:
+            await asyncio.gather(*[aiocuda.synchronize(s) for _ in range(5000)])
+            started.set()
+    asyncio.run(main())
+events = [threading.Event() for _ in range(4)]
+for started in events:
+    threading.Thread(target=drain_for_ever, args=(started,), daemon=True).start()
+for started in events:
+    assert started.wait(60)
+sys.setswitchinterval(1e-5)  # the GIL changes hands often: every thread meets the exit somewhere
+time.sleep(0.3)
+print("exiting")
+""")
+    assert out.split() == ["exiting"]
