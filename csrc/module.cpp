@@ -34,7 +34,13 @@ constexpr int kRefused = -100;  // a cpu-backend submission was refused (closed 
 std::atomic<bool> g_exiting{false};
 std::atomic<unsigned long> g_exit_thread{0};  // the thread that runs the exit
 std::atomic<int> g_regaining{0};  // threads past the check below, taking the GIL back
-std::atomic<int> g_parked{0};     // threads stopped for good by that check
+std::atomic<int> g_parked{0};     // threads stopped for good at exit (park_for_good)
+
+// Stops the calling thread for good (at interpreter exit, where CPython would end it).
+[[noreturn]] void park_for_good() {
+    g_parked.fetch_add(1);
+    for (;;) pause();  // no Python code runs here again, and the process is ending
+}
 
 // The GIL let go for a blocking call, as py::gil_scoped_release does, with one difference. A
 // daemon thread that takes the GIL back while the interpreter finalizes is ended there by
@@ -55,8 +61,7 @@ struct NoGil {
         g_regaining.fetch_add(1);  // seq_cst, against stop_waits' store then load
         if (g_exiting.load() && PyThread_get_thread_ident() != g_exit_thread.load()) {
             g_regaining.fetch_sub(1);
-            g_parked.fetch_add(1);
-            for (;;) pause();  // no Python code runs here again, and the process is ending
+            park_for_good();
         }
         PyEval_RestoreThread(ts);
         g_regaining.fetch_sub(1);
@@ -85,8 +90,7 @@ decltype(auto) exit_safe(F&& body) {
         throw;  // pybind11 rethrows it too: the thread ends as CPython asked
 #endif
     } catch (...) {
-        g_parked.fetch_add(1);
-        for (;;) pause();  // without the GIL (the thread was denied it), and the process is ending
+        park_for_good();  // without the GIL: the thread was denied it
     }
 }
 
@@ -164,7 +168,17 @@ std::atomic<uint64_t> g_queue_epoch{1};
 class PyQueue {
 public:
     PyQueue() : q_(Queue::create()) {}
-    ~PyQueue() { close(true); }
+    // Collected with futures still held, their release may run Python code (a __del__, a
+    // weakref callback), and with it the forced unwind of a daemon thread met by interpreter
+    // exit (see exit_safe): a destructor cannot let it through (noexcept: std::terminate).
+    // close() itself throws no C++ exception.
+    ~PyQueue() {
+        try {
+            close(true);
+        } catch (...) {
+            park_for_good();
+        }
+    }
     PyQueue(const PyQueue&) = delete;
     PyQueue& operator=(const PyQueue&) = delete;
 

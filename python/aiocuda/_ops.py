@@ -234,20 +234,21 @@ def placement(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any], stream:
     if device is not None and stream is not None and _stream_place(stream).kind == "stream":
         _stream_ordinal(device)  # device= only says which device the stream is on
         device = None
-    placed_by = "the tensors are on"
+    said_by: str | None = None  # the argument that set `place`; None: the tensors did
     for what, given in (("device=", None if device is None else _parse_device(device)),
                         ("stream=", None if stream is None else _stream_place(stream))):
         if given is None:
             continue
         # Host tensors may feed a device (copies to it); device tensors must stay where they
         # are; device= and stream= must agree ("cuda" names any CUDA device).
-        by_tensors = placed_by == "the tensors are on"
+        by_tensors = said_by is None
         if place is not None and given.kind != "stream" and not _names(given, place) and \
                 not (by_tensors and place == CPU) and (by_tensors or not _names(place, given)):
-            raise ValueError(f"{what} says {given}, but {placed_by} {place}")
+            source = "the tensors are on" if said_by is None else f"{said_by} says"
+            raise ValueError(f"{what} says {given}, but {source} {place}")
         if place is None or (by_tensors and place == CPU) or given.kind == "stream" or \
                 not by_tensors:
-            place, placed_by = given, f"{what} says"
+            place, said_by = given, what
     return place if place is not None else CPU
 
 
