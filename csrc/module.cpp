@@ -5,7 +5,6 @@
 // through a few hooks installed at import.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
-#include <cxxabi.h>
 #include <pthread.h>
 #include <unistd.h>
 
@@ -75,9 +74,9 @@ struct NoGil {
 // pybind11's dispatcher catches everything (`catch (...)`) and lets the forced unwind through
 // only under libstdc++ (abi::__forced_unwind); the wheels link libc++, whose `catch (...)` ends
 // it without a rethrow, and glibc aborts the process ("FATAL: exception not rethrown"). Such a
-// function's body runs through this: the forced unwind goes on where pybind11 rethrows it, and
-// elsewhere the thread stops here for good, as in NoGil. Every C++ exception of ours and of
-// pybind11's is a std::exception: what else is caught is a foreign exception, and glibc's
+// function's body runs through this, and the thread stops here for good, as in NoGil, in every
+// build (the same at exit whichever C++ library the build has). Every C++ exception of ours and
+// of pybind11's is a std::exception: what else is caught is a foreign exception, and glibc's
 // forced unwind is the only one that reaches this code.
 template <typename F>
 decltype(auto) exit_safe(F&& body) {
@@ -85,10 +84,6 @@ decltype(auto) exit_safe(F&& body) {
         return body();
     } catch (std::exception&) {
         throw;
-#if defined(__GLIBCXX__)
-    } catch (abi::__forced_unwind&) {
-        throw;  // pybind11 rethrows it too: the thread ends as CPython asked
-#endif
     } catch (...) {
         park_for_good();  // without the GIL: the thread was denied it
     }

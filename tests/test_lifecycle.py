@@ -351,9 +351,15 @@ def test_exit_while_daemon_threads_loops_resolve_aiocuda_futures(backend):
     # and lets the GIL go at the switch interval; taking it back during finalization ends the
     # thread with pthread_exit(). pybind11 caught that forced unwind and, in the wheels (libc++),
     # ended the catch without rethrowing it: "FATAL: exception not rethrown", exit code 134, in
-    # about half of the runs of one thread (the source build, libstdc++, always passed).
+    # about half of the runs of one thread (the source build, libstdc++, let it through). Such a
+    # thread now stops for good, in every build.
     if backend == "cuda" and "AIOCUDA_LIBCUDA" not in os.environ:
         pytest.skip("the cuda case needs a CUDA driver: the emulator (AIOCUDA_LIBCUDA)")
+    if under_asan():
+        # AddressSanitizer reports the forced unwind (up to where aiocuda stops the thread) as a
+        # stack-buffer-overflow of 24 bytes in 2 or 3 of 10 runs, as it does for test_close.py's
+        # spinning worker at exit (its report is cut short by the exit).
+        pytest.skip("a forced unwind at interpreter exit is reported by AddressSanitizer")
     stream = "aiocuda.CpuStream()" if backend == "cpu" else "cuda_stream()"
     out = run_script("""
 import asyncio, ctypes, os, sys, threading, time
