@@ -73,6 +73,14 @@ async def spin(n: int = 20) -> None:
         await aiocuda.synchronize(s)
 
 
+def an_asyncio_future() -> asyncio.Future[None]:
+    """A pending asyncio future (on a loop of its own: trio runs the batch functions too)."""
+    loop = asyncio.new_event_loop()
+    fut = loop.create_future()
+    loop.close()
+    return fut
+
+
 def queues(b: aiocuda.Batcher[Any, Any]) -> list[Any]:
     return list(b._queues.values())
 
@@ -288,6 +296,12 @@ def test_an_exception_reaches_every_caller_of_its_batch_and_no_other(go):
     (lambda items: b"abc", TypeError, "returned bytes, not a sequence of results"),
     (lambda items: {i: i for i in items}, TypeError, "returned dict, not a sequence of results"),
     (lambda items: set(items), TypeError, "returned set, not a sequence of results"),
+    # an unawaited future is iterable (it yields itself): list() failed with "await wasn't used
+    # with future"; an unawaited coroutine said it was "not a sequence"
+    (lambda items: an_asyncio_future(), TypeError,
+     "returned the awaitable Future, not its results: await it"),
+    (lambda items: doubled(items), TypeError,
+     "returned the awaitable coroutine, not its results: await it"),
 ])
 def test_a_wrong_number_of_results_fails_every_caller(go, returns, error, match):
     async def body() -> None:
@@ -741,6 +755,52 @@ def test_a_method_gets_one_batcher_per_instance(go):
 
     assert go(body) == {(s, i): s * i for s in (10, 100) for i in range(3)}
     assert m1.batches == [[0, 1, 2]] and m2.batches == [[0, 1, 2]]
+
+
+def _traced(fn: Callable[..., Any]) -> Callable[..., Any]:
+    async def wrapper(*args: Any) -> Any:  # no functools.wraps: every method is "wrapper"
+        return await fn(*args)
+
+    return wrapper
+
+
+class TwoMethods:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[int]]] = []
+
+    @aiocuda.batch(max_batch_size=4, max_wait_s=0.01)
+    @_traced
+    async def embed(self, items: list[int]) -> list[str]:
+        self.calls.append(("embed", items))
+        return [f"e{i}" for i in items]
+
+    @aiocuda.batch(max_batch_size=4, max_wait_s=0.01)
+    @_traced
+    async def classify(self, items: list[int]) -> list[str]:
+        self.calls.append(("classify", items))
+        return [f"c{i}" for i in items]
+
+    async def _impl(self, items: list[int]) -> list[int]:
+        self.calls.append(("impl", items))
+        return items
+
+    small = aiocuda.batch(max_batch_size=1, max_wait_s=0.01)(_impl)
+    big = aiocuda.batch(max_batch_size=8, max_wait_s=0.01)(_impl)
+
+
+def test_batched_methods_of_one_qualname_keep_their_own_batchers(go):
+    # Both methods of TwoMethods are "TwoMethods.<locals>..._traced.<locals>.wrapper" by name:
+    # an instance kept one batcher per name, so m.classify ran embed's function; and one
+    # function batched twice shared the first batcher's settings.
+    m = TwoMethods()
+    assert m.embed is not m.classify and m.small is not m.big
+    assert m.big.max_batch_size == 8 and m.small.max_batch_size == 1
+
+    async def body() -> list[str]:
+        return [await m.embed(1), await m.classify(2)]
+
+    assert go(body) == ["e1", "c2"]
+    assert m.calls == [("embed", [1]), ("classify", [2])]
 
 
 def test_a_shallow_copy_of_an_instance_batches_as_itself(go):

@@ -438,10 +438,21 @@ def test_a_primary_context_reset_fails_pending_awaits_and_is_forgotten(run, emu,
     run(main())
 
 
-def test_the_default_stream_is_named_with_its_device(run, emu):
-    class TorchDefaultStream:  # what torch reports for the default stream of cuda:1
-        cuda_stream = 0
-        device_index = 1
+class _DefaultStreamOf1:  # what torch reports for the default stream of cuda:1
+    cuda_stream = 0
+    device_index = 1
+
+
+class _DefaultStreamOf1WithProtocol(_DefaultStreamOf1):
+    # torch.cuda.Stream has __cuda_stream__ too (a method, as in torch 2.13): the device was
+    # lost that way, and the await marked device 0's default stream instead
+    def __cuda_stream__(self):
+        return (0, self.cuda_stream)
+
+
+@pytest.mark.parametrize("TorchDefaultStream", [_DefaultStreamOf1, _DefaultStreamOf1WithProtocol],
+                         ids=["cuda_stream", "__cuda_stream__"])
+def test_the_default_stream_is_named_with_its_device(run, emu, TorchDefaultStream):
 
     async def main():
         emu.lib.cuCtxSetCurrent(emu.primary(1))

@@ -55,8 +55,9 @@ _MAX_DELAY_S = 1e9  # the worker sleeps in nanoseconds of a 64-bit clock: about 
 def _cuda_handle(stream: object) -> tuple[int, int]:
     """Return the raw CUstream handle of a CUDA stream-like object and its device (-1: unknown).
 
-    A ``torch.cuda.Stream`` carries its device, which matters for its default stream: torch
-    reports handle 0 for the default stream of every device.
+    A ``torch.cuda.Stream`` carries its device (``device_index``), which matters for its default
+    stream: torch reports handle 0 for the default stream of every device. It has
+    ``__cuda_stream__`` too, so the device is read whichever way the handle was.
     """
     device = -1
     if isinstance(stream, bool):
@@ -75,9 +76,6 @@ def _cuda_handle(stream: object) -> tuple[int, int]:
             handle = value[1]
         elif hasattr(stream, "cuda_stream"):
             handle = stream.cuda_stream
-            index = getattr(stream, "device_index", None)
-            if isinstance(index, int) and not isinstance(index, bool) and 0 <= index <= _MAX_DEVICE:
-                device = index
         else:
             raise TypeError(
                 "expected a stream: an aiocuda.CpuStream, an object with __cuda_stream__ "
@@ -89,6 +87,9 @@ def _cuda_handle(stream: object) -> tuple[int, int]:
                 f"the CUDA stream handle of {type(stream).__name__} is "
                 f"{type(handle).__name__}, not int"
             )
+        index = getattr(stream, "device_index", None)  # a torch stream's device
+        if isinstance(index, int) and not isinstance(index, bool) and 0 <= index <= _MAX_DEVICE:
+            device = index
     if handle < 0 or handle >= _U64:
         raise ValueError(f"CUstream handle {handle} is out of range: handles are in [0, 2**64)")
     return handle, device

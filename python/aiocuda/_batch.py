@@ -200,7 +200,10 @@ class Batcher(Generic[T, R]):
         self.max_concurrent_batches = max_concurrent_batches
         self._queues: weakref.WeakKeyDictionary[Any, _Queue] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
-        self._attr = "_aiocuda_batcher_" + str(getattr(fn, "__qualname__", id(fn)))
+        # Where an instance keeps its batcher: one name per class-level batcher, since two of
+        # them may wrap functions of one __qualname__ (a decorator without functools.wraps, one
+        # function batched twice with other settings), and each must run its own.
+        self._attr = f"_aiocuda_batcher_{getattr(fn, '__qualname__', '')}_{id(self):x}"
         functools.update_wrapper(self, fn)
 
     # ---- methods: one batcher per instance ----------------------------------------------------
@@ -403,6 +406,14 @@ class Batcher(Generic[T, R]):
                 e.fut.set_exception(exc)
 
     def _results(self, out: object, n: int) -> list[R]:
+        if inspect.isawaitable(out):
+            # An asyncio future is iterable (it yields itself): list() would fail obscurely.
+            if inspect.iscoroutine(out):
+                out.close()  # never to be awaited: no "never awaited" warning besides the error
+            raise TypeError(
+                f"{self._name()} returned the awaitable {type(out).__name__}, not its results: "
+                "await it in the batch function and return what it gives"
+            )
         if isinstance(out, (str, bytes, bytearray, Mapping, AbstractSet)):
             # list() takes them, but their elements are not one result per item, in order.
             raise TypeError(
