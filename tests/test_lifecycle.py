@@ -27,6 +27,19 @@ def run_script(code: str, timeout: float = 60) -> str:
     return r.stdout
 
 
+# For a script: a stream of the driver emulator (AIOCUDA_LIBCUDA), with its controls (lib.emu_*).
+EMU_STREAM = """
+def emu_stream(flags=0):
+    lib = ctypes.CDLL(os.environ["AIOCUDA_LIBCUDA"])
+    ctx, h = ctypes.c_void_p(), ctypes.c_void_p()
+    assert lib.cuInit(0) == 0
+    assert lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0) == 0
+    assert lib.cuCtxPushCurrent_v2(ctx) == 0
+    assert lib.cuStreamCreate(ctypes.byref(h), flags) == 0
+    return lib, h.value
+"""
+
+
 def new_loop_code(kind: str) -> str:
     if kind == "uvloop":
         pytest.importorskip("uvloop", reason="uvloop is not installed (pip install aiocuda[test])")
@@ -315,19 +328,15 @@ s = aiocuda.CpuStream()
 s.delay(30)
 blocked(asyncio.run(record(s)).synchronize)  # it waits in slices of 0.1 s
 """ if backend == "cpu" else """
-lib = ctypes.CDLL(os.environ["AIOCUDA_LIBCUDA"])
-ctx, h = ctypes.c_void_p(), ctypes.c_void_p()
-assert lib.cuInit(0) == 0
-assert lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0) == 0
-assert lib.cuCtxPushCurrent_v2(ctx) == 0
-assert lib.cuStreamCreate(ctypes.byref(h), 0) == 0
+lib, h = emu_stream()
 lib.emu_enqueue_sleep.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
 assert lib.emu_enqueue_sleep(h, 750_000) == 0  # it ends while the interpreter finalizes
-blocked(asyncio.run(record(h.value)).synchronize)
+blocked(asyncio.run(record(h)).synchronize)
 """
     out = run_script("""
 import asyncio, ctypes, os, threading, time
 import aiocuda
+""" + EMU_STREAM + """
 os.environ["AIOCUDA_EXIT_TIMEOUT"] = "0.2"
 async def record(stream):
     return aiocuda.record(stream)
@@ -360,18 +369,11 @@ def test_exit_while_daemon_threads_loops_resolve_aiocuda_futures(backend):
         # stack-buffer-overflow of 24 bytes in 2 or 3 of 10 runs, as it does for test_close.py's
         # spinning worker at exit (its report is cut short by the exit).
         pytest.skip("a forced unwind at interpreter exit is reported by AddressSanitizer")
-    stream = "aiocuda.CpuStream()" if backend == "cpu" else "cuda_stream()"
+    stream = "aiocuda.CpuStream()" if backend == "cpu" else "emu_stream(1)[1]"
     out = run_script("""
 import asyncio, ctypes, os, sys, threading, time
 import aiocuda
-def cuda_stream():
-    lib = ctypes.CDLL(os.environ["AIOCUDA_LIBCUDA"])
-    ctx, h = ctypes.c_void_p(), ctypes.c_void_p()
-    assert lib.cuInit(0) == 0
-    assert lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0) == 0
-    assert lib.cuCtxPushCurrent_v2(ctx) == 0
-    assert lib.cuStreamCreate(ctypes.byref(h), 1) == 0
-    return h.value
+""" + EMU_STREAM + """
 def drain_for_ever(started):
     async def main():
         s = """ + stream + """
