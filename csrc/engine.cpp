@@ -45,6 +45,12 @@ CUresult wait_stream(uintptr_t stream, int device, Node* n, std::string* why) {
     return record(stream, device, n, nullptr, why);
 }
 
+CUresult check_stream(uintptr_t stream, int device, std::string* why) {
+    CtxState* cs = nullptr;
+    CUresult r = check_ready(why);
+    return r != CUDA_SUCCESS ? r : stream_ctx(stream, device, &cs, why);
+}
+
 // An await on a stream aiocuda already has a timeline of (by cuStreamGetId: a new stream that
 // reuses a destroyed one's handle has a new id), on a live context of the device asked for: no
 // context lookup, and one lock round trip when it joins the open mark. False: the caller takes

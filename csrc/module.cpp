@@ -700,17 +700,23 @@ void on_fork_child() {
 
 PyObject* intern(const char* s) { return PyUnicode_InternFromString(s); }
 
-// A query or wait on the mark behind an aiocuda.Event, made without the GIL: (code, why).
-template <int (*Fn)(cuda::Mark*, std::string*)>
-py::tuple mark_call(uintptr_t m) {
+// `call(&why)`, a driver-facing call made without the GIL: (code, why).
+template <class Call>
+py::tuple code_and_why(Call&& call) {
     std::string why;
     int r;
     {
         NoGil nogil;
-        r = Fn(reinterpret_cast<cuda::Mark*>(m), &why);
+        r = call(&why);
     }
     if (r != 0 && why.empty()) why = cuda::error_text(r);
     return py::make_tuple(r, why);
+}
+
+// A query or wait on the mark behind an aiocuda.Event.
+template <int (*Fn)(cuda::Mark*, std::string*)>
+py::tuple mark_call(uintptr_t m) {
+    return code_and_why([m](std::string* why) { return Fn(reinterpret_cast<cuda::Mark*>(m), why); });
 }
 
 }  // namespace
@@ -921,6 +927,9 @@ PYBIND11_MODULE(_core, m) {
     // Marks behind aiocuda.Event, passed to Python as integers (a reference each).
     m.def("cuda_mark_query", mark_call<cuda::mark_query>);
     m.def("cuda_mark_synchronize", mark_call<cuda::mark_synchronize>);
+    m.def("cuda_check_stream", [](uintptr_t stream, int device) {
+        return code_and_why([=](std::string* why) { return cuda::check_stream(stream, device, why); });
+    });
     m.def("cuda_mark_release", [](uintptr_t m) {
         cuda::mark_release(reinterpret_cast<cuda::Mark*>(m));
     }, py::call_guard<NoGil>());

@@ -393,6 +393,107 @@ def test_a_batch_task_that_is_cancelled_cancels_its_callers(monkeypatch, has_can
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("task", ["dispatcher", "batch"])
+def test_a_batcher_whose_task_is_cancelled_before_it_ran_fails_its_callers_and_recovers(
+        run, task):
+    # A shutdown helper that cancels every task but its own, and then the program goes on. A task
+    # cancelled before its first step never runs its coroutine, nor its finally clauses: the
+    # dispatcher stayed "dispatching" (or the batch "running") for good, and every later call of
+    # the batcher on that loop waited forever.
+    @aiocuda.batch(max_batch_size=1, max_wait_s=HOUR)
+    async def f(items: list[int]) -> list[int]:
+        return await doubled(items)
+
+    def background(loop: asyncio.AbstractEventLoop) -> list[asyncio.Task[Any]]:
+        from aiocuda import _loop
+
+        return [t for t in _loop._spawned if t.get_loop() is loop and not t.done()]
+
+    async def main() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        caller = asyncio.ensure_future(f(1))
+        await asyncio.sleep(0)  # the caller started the dispatcher's task, which has not run
+        if task == "batch":
+            await asyncio.sleep(0)  # the dispatcher started the batch's task and ended
+        (started,) = background(loop)
+        fn = started.get_coro().cr_frame.f_locals["fn"]  # what aiocuda's _guarded runs
+        assert fn.__name__ == {"dispatcher": "_dispatch", "batch": "_run_batch"}[task]
+        started.cancel()
+        with pytest.raises(RuntimeError, match=f"its {task} task was cancelled before the batch ran"):
+            await asyncio.wait_for(caller, 60)
+        # As the helper does it: the caller is cancelled too, and stays cancelled.
+        caller = asyncio.ensure_future(f(2))
+        await asyncio.sleep(0)
+        for t in [*background(loop), caller]:
+            t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        (q,) = queues(f)
+        assert q.running == 0 and not q.dispatching and not q.waiting
+        return await asyncio.wait_for(f(3), 60), await asyncio.wait_for(f(4), 60)
+
+    assert run(main()) == (6, 8)
+
+
+def test_a_wrapped_objects_attributes_are_not_the_batchers_own(go):
+    # update_wrapper copied the object's __dict__ over the batcher's settings and internals: a
+    # model wrapper's max_batch_size or max_wait_s replaced the decorator's, its _fn was called
+    # instead of the object, its _lock broke every call.
+    sizes: list[int] = []
+
+    async def raw(items: list[int]) -> list[str]:
+        return ["raw"] * len(items)
+
+    class Model:
+        def __init__(self) -> None:
+            self.max_batch_size, self.max_wait_s, self.max_concurrent_batches = 64, 0.0, 9
+            self._fn, self._lock, self._queues, self._attr = raw, object(), None, None
+
+        async def __call__(self, items: list[int]) -> list[int]:
+            sizes.append(len(items))
+            return await doubled(items)
+
+    b = aiocuda.batch(max_batch_size=2, max_wait_s=HOUR)(Model())
+    assert (b.max_batch_size, b.max_wait_s, b.max_concurrent_batches) == (2, HOUR, 1)
+
+    async def body() -> list[int]:
+        out = [0] * 4
+
+        async def call(i: int) -> None:
+            out[i] = await b(i)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(4):
+                tg.start_soon(call, i)
+        return out
+
+    assert go(body) == [0, 2, 4, 6]
+    assert sizes == [2, 2]  # full batches; max_wait_s (an hour) never reached
+
+
+def test_a_deadline_on_a_millisecond_clock_never_sleeps_for_a_hair(go, monkeypatch):
+    # uvloop's loop.time() moves in whole milliseconds, and arrived + 0.002 can round to a hair
+    # (1.8e-12 s) past the tick it stands for: the dispatcher then slept for that hair again and
+    # again until the clock ticked, spinning the loop (15-17 sleeps a batch instead of 1).
+    from aiocuda import _batch
+
+    sleeps: list[float | None] = []
+    real = _batch._sleep_until_woken
+
+    async def counted(loop: Any, q: Any, timeout: float | None) -> None:
+        sleeps.append(timeout)
+        await real(loop, q, timeout)
+
+    monkeypatch.setattr(_batch, "_sleep_until_woken", counted)
+    b = aiocuda.batch(max_batch_size=32, max_wait_s=0.002)(doubled)
+
+    async def body() -> list[int]:
+        return [await b(i) for i in range(10)]
+
+    assert go(body) == [2 * i for i in range(10)]
+    assert not [t for t in sleeps if t is not None and t < 1e-6], sleeps  # no sleep for a hair
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"max_batch_size": 0}, ValueError, "max_batch_size must be at least 1, got 0"),
     ({"max_batch_size": 2.5}, TypeError, "max_batch_size must be an int, got float"),

@@ -265,6 +265,16 @@ def test_gpu_op_on_a_default_stream_handle_takes_its_device(run_any, emu):
             await aiocuda.gpu_op(ran.append, 1, stream=0, device="cpu")
         with pytest.raises(ValueError, match="device must be a CUDA device ordinal"):
             await aiocuda.gpu_op(ran.append, 1, stream=0, device=-1)
+        # Refused by the driver side before fn runs too (they were refused after it: the work
+        # was queued, its result lost, and a retry ran fn twice).
+        with pytest.raises(aiocuda.AiocudaError, match="none is current on this thread"):
+            await aiocuda.gpu_op(ran.append, 2, stream=0)
+        with pytest.raises(aiocuda.AiocudaError, match="CU_STREAM_PER_THREAD"):
+            await aiocuda.gpu_op(ran.append, 3, stream=2, device=0)
+        with pytest.raises(aiocuda.CudaError, match="CUDA_ERROR_INVALID_DEVICE"):
+            await aiocuda.gpu_op(ran.append, 4, stream=0, device=7)
+        with pytest.raises(aiocuda.CudaError, match="CUDA_ERROR_INVALID_DEVICE"):
+            await aiocuda.gpu_op(ran.append, 5, device="/GPU:7")
         return out, ran
 
     assert run_any(main()) == ([42], [])

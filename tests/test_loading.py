@@ -27,6 +27,10 @@ async def main():
         await aiocuda.gpu_op(ran.append, 1, stream=5)
     except aiocuda.AiocudaError as exc:
         print("GPU_OP", exc, ran)
+    try:  # the TensorFlow device path likewise
+        await aiocuda.gpu_op(ran.append, 2, device="/GPU:0")
+    except aiocuda.AiocudaError as exc:
+        print("GPU_OP_TF", exc, ran)
 asyncio.run(main())
 """
 
@@ -37,7 +41,8 @@ def test_import_and_cpu_backend_without_a_driver():
     assert "ERR no CUDA driver: could not load /nonexistent/libcuda.so.1" in r.stdout
     assert "AIOCUDA_LIBCUDA" in r.stdout  # says what to do
     assert "GPU_OP no CUDA driver: could not load /nonexistent/libcuda.so.1" in r.stdout
-    assert r.stdout.rstrip().endswith("[]")  # the function never ran
+    assert "GPU_OP_TF no CUDA driver: could not load /nonexistent/libcuda.so.1" in r.stdout
+    assert r.stdout.rstrip().endswith("[]")  # the functions never ran
 
 
 @pytest.mark.skipif(EMU_PATH is None, reason="needs the driver emulator")

@@ -151,6 +151,8 @@ def test_a_tensorflow_gpu_wait_uses_the_cuda_ordinal(run, monkeypatch):
     monkeypatch.setattr(atf, "cuda_ordinal", lambda index: index + 3)
     monkeypatch.setattr(atf, "synchronize_device", synchronize_device)
     monkeypatch.setattr(aiocuda._ops, "synchronize_device", synchronize_device)
+    checked: list[int] = []  # gpu_op checks the device before fn runs: device 3 is made up
+    monkeypatch.setattr(aiocuda._ops, "check_await", lambda _, device: checked.append(device))
 
     monkeypatch.setattr(atf, "gpu_index", lambda x: 1)  # as if on /GPU:1 (tensorflow-cpu here)
 
@@ -160,4 +162,4 @@ def test_a_tensorflow_gpu_wait_uses_the_cuda_ordinal(run, monkeypatch):
         assert await aiocuda.gpu_op(lambda: 7, device="/GPU:0") == 7
 
     run(main())
-    assert waited == [4, 3]
+    assert waited == [4, 3] and checked == [3]

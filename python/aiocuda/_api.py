@@ -133,6 +133,27 @@ _core.install_hooks(
 synchronize = _core.synchronize
 
 
+def _handle_on(stream: object, device: int | None) -> tuple[int, int]:
+    """`stream`'s CUstream handle and CUDA device: its own, else `device`'s, else -1 (the
+    current context's)."""
+    handle, own = _cuda_handle(stream)
+    dev = -1 if device is None else _device_index(device)
+    if own >= 0 and dev >= 0 and own != dev:
+        raise ValueError(f"the stream is on CUDA device {own}, but device={dev}")
+    return handle, max(own, dev)
+
+
+def check_await(stream: object, device: int | None = None) -> None:
+    """Raise what an await on the CUDA stream `stream` would be refused for at once (a bad
+    stream, no driver, no such device, a default stream with no context to name it). For
+    callers that enqueue the work before they await it (gpu_op), so that a refused await
+    leaves no work behind: the legacy stream of `device` (0) checks the driver and the device."""
+    handle, dev = _handle_on(stream, device)
+    code, why = _core.cuda_check_stream(handle, dev)
+    if code:
+        raise _refused(code, why)
+
+
 def _device_index(device: int) -> int:
     if isinstance(device, bool) or not isinstance(device, int):
         raise TypeError(f"device must be an int CUDA device ordinal, got {type(device).__name__}")
@@ -152,7 +173,10 @@ def synchronize_device(device: int = 0) -> asyncio.Future[None]:
     graph, and invalidates that capture (cuda.h, ``cuCtxRecordEvent``): the wait then fails
     with ``CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED``. The older drivers' ``cuCtxSynchronize`` does
     the same (as ``torch.cuda.synchronize()`` would): do not wait for a whole device while one
-    of its streams captures.
+    of its streams captures, and that includes waits made before the capture began and still
+    pending: past 8 pending whole-device waits, the later ones share a mark that aiocuda makes
+    once an earlier one has passed, which may be after the capture began (the old drivers' thread
+    likewise calls ``cuCtxSynchronize`` again for waits made while it was in one).
     """
     loop = running_loop("aiocuda.synchronize_device()")
     fut: asyncio.Future[None] = state_for(loop).queue.wait_device(loop, _device_index(device))
@@ -190,12 +214,9 @@ def record(stream: StreamLike, *, device: int | None = None) -> Event:
         ev = Event._made(cpu_event, 0)
         fut = st.queue.wait(loop, stream)
     else:
-        handle, own = _cuda_handle(stream)
-        dev = -1 if device is None else _device_index(device)
-        if own >= 0 and dev >= 0 and own != dev:
-            raise ValueError(f"the stream is on CUDA device {own}, but device={dev}")
+        handle, dev = _handle_on(stream, device)
         keep = None if isinstance(stream, int) else stream
-        fut, mark = st.queue.record_cuda(loop, handle, max(own, dev), keep)
+        fut, mark = st.queue.record_cuda(loop, handle, dev, keep)
         ev = Event._made(None, mark)
     fut.add_done_callback(_mark_retrieved)
     ev._fut = fut

@@ -62,6 +62,9 @@ class _Queue:
             fut.set_result(None)
 
 
+_CLOCK_SLACK = 1e-6  # seconds: a deadline this close is reached (see Batcher._dispatch)
+
+
 def _now(loop: Any) -> float:
     if is_trio(loop):
         import trio
@@ -194,6 +197,9 @@ class Batcher(Generic[T, R]):
 
     def _setup(self, fn: Callable[..., Awaitable[Iterable[R]]], max_batch_size: int,
                max_wait_s: float, max_concurrent_batches: int) -> None:
+        # First: it copies fn's __dict__, whose attributes (a model wrapper's own _fn, _lock or
+        # max_batch_size) must not replace this batcher's.
+        functools.update_wrapper(self, fn)
         self._fn = fn
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -204,7 +210,6 @@ class Batcher(Generic[T, R]):
         # them may wrap functions of one __qualname__ (a decorator without functools.wraps, one
         # function batched twice with other settings), and each must run its own.
         self._attr = f"_aiocuda_batcher_{getattr(fn, '__qualname__', '')}_{id(self):x}"
-        functools.update_wrapper(self, fn)
 
     # ---- methods: one batcher per instance ----------------------------------------------------
 
@@ -295,7 +300,8 @@ class Batcher(Generic[T, R]):
             try:
                 # In an empty context: the dispatcher outlives this caller, and would keep its
                 # contextvars alive and hand them to every later batch.
-                contextvars.Context().run(spawn, loop, self._dispatch, loop, q)
+                contextvars.Context().run(spawn, loop, self._dispatch, loop, q,
+                                          never_ran=lambda: self._dispatch_ended(q, True))
             except BaseException:  # the loop is closing: nothing will run this batch
                 q.dispatching = False
                 del q.waiting[entry]
@@ -343,7 +349,9 @@ class Batcher(Generic[T, R]):
             while q.waiting:
                 now = _now(loop)
                 deadline = next(iter(q.waiting)).arrived + self.max_wait_s
-                ready = len(q.waiting) >= self.max_batch_size or now >= deadline
+                # Within _CLOCK_SLACK of it counts as reached: uvloop's clock moves in whole
+                # milliseconds, and `arrived + 0.002` may round to a hair past the tick it is.
+                ready = len(q.waiting) >= self.max_batch_size or deadline - now <= _CLOCK_SLACK
                 free = q.running < self.max_concurrent_batches
                 if ready and free:
                     entries = []
@@ -356,11 +364,35 @@ class Batcher(Generic[T, R]):
                     q.running += 1
                     # In its first caller's contextvars (a request id, a trace span), as if
                     # that caller had called the function.
-                    entries[0].ctx.run(spawn, loop, self._run_batch, loop, q, entries)
+                    entries[0].ctx.run(spawn, loop, self._run_batch, loop, q, entries,
+                                       never_ran=lambda: self._batch_ended(q, entries))
                     continue
                 await _sleep_until_woken(loop, q, None if not free else deadline - now)
+        except BaseException:
+            self._dispatch_ended(q, True)
+            raise
         finally:
-            q.dispatching = False
+            self._dispatch_ended(q, False)
+
+    def _dispatch_ended(self, q: _Queue, failed: bool) -> None:
+        """The dispatcher ended. If it was cancelled (or failed), the callers still waiting are
+        told so: nothing else would start their batch, and they would wait forever."""
+        q.dispatching = False
+        if failed:
+            self._fail([*q.waiting], self._stopped("dispatcher"))  # their callers leave the queue
+
+    def _batch_ended(self, q: _Queue, entries: list[_Entry]) -> None:
+        """A batch's task was cancelled before it started: its callers are told so."""
+        self._fail(entries, self._stopped("batch"))
+        q.running -= 1
+        q.wake()
+
+    def _stopped(self, task: str) -> RuntimeError:
+        return RuntimeError(
+            f"{self._name()}: its {task} task was cancelled before the batch ran (something "
+            "cancelled aiocuda's background tasks, as cancelling every task of "
+            "asyncio.all_tasks() does): call it again"
+        )
 
     async def _run_batch(self, loop: Any, q: _Queue, entries: list[_Entry]) -> None:
         """Call the function on the entries' items; give each caller its result or the error."""

@@ -256,13 +256,19 @@ def drop_closed_spawned() -> None:
         _spawned.discard(task)
 
 
-def spawn(loop: Any, fn: Callable[..., Awaitable[object]], *args: Any) -> None:
+def spawn(loop: Any, fn: Callable[..., Awaitable[object]], *args: Any,
+          never_ran: Callable[[], None] | None = None) -> None:
     """Run ``await fn(*args)`` in the background on `loop`, the running loop of this thread.
 
     asyncio (and uvloop): a task, referenced until it ends; it is cancelled with the others when
     ``asyncio.run`` ends. trio: a system task of the run, cancelled when the run's main task has
     ended. An exception from `fn` is logged (logger "aiocuda"), never raised into the loop or
     the run: `fn` should deliver its own errors to whoever waits on it.
+
+    `never_ran` is called if the task ends without `fn` having started: an asyncio task
+    cancelled before its first step (``for t in all_tasks(): t.cancel()``) never runs its
+    coroutine, nor the ``finally`` clauses that would have released what `fn` was handed. A
+    trio task always takes its first step.
     """
     if is_trio(loop):
         import trio
@@ -272,16 +278,22 @@ def spawn(loop: Any, fn: Callable[..., Awaitable[object]], *args: Any) -> None:
         trio.lowlevel.spawn_system_task(_guarded, fn, args, name=_name(fn),
                                         context=contextvars.copy_context())
         return
-    task = loop.create_task(_guarded(fn, args))
+    started: list[bool] = []
+    task = loop.create_task(_guarded(fn, args, started))
     _spawned.add(task)
     task.add_done_callback(_spawned.discard)
+    if never_ran is not None:
+        task.add_done_callback(lambda _: None if started else never_ran())
 
 
 def _name(fn: object) -> str:
     return str(getattr(fn, "__qualname__", None) or repr(fn))
 
 
-async def _guarded(fn: Callable[..., Awaitable[object]], args: tuple[Any, ...]) -> None:
+async def _guarded(fn: Callable[..., Awaitable[object]], args: tuple[Any, ...],
+                   started: list[bool] | None = None) -> None:
+    if started is not None:  # `fn` runs to its first await in this step: its try is entered
+        started.append(True)
     try:
         await fn(*args)
     except Exception:  # asyncio would log it at collection; a trio system task would crash the run

@@ -28,8 +28,8 @@ from . import _core
 from ._api import (
     CpuStream,
     Event,
-    _cuda_handle,
     _device_index,
+    check_await,
     exit_began,
     not_a_coroutine_function,
     not_callable,
@@ -375,16 +375,17 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
         from .torch import run_on_cuda
 
         return await run_on_cuda(fn, args, kwargs, place.device, stream)
+    # Where the await would be refused, it is refused before fn enqueues work: a retry after
+    # the error would run fn twice (an optimizer step), and the work's result would be lost.
     if place.kind == "tf":
+        gpu = _tf_cuda_ordinal(place.device)
+        check_await(0, gpu)
         result = fn(*args, **kwargs)
-        await synchronize_device(_tf_cuda_ordinal(place.device))
+        await synchronize_device(gpu)
         return result
     if place.kind == "stream":
         ordinal = None if device is None else _stream_ordinal(device)
-        _cuda_handle(stream)  # a bad stream, or no driver, is refused before fn enqueues work
-        cuda = _core.cuda_info()
-        if not cuda["available"]:
-            raise AiocudaError(cuda["reason"])
+        check_await(stream, ordinal)
         result = fn(*args, **kwargs)
         await synchronize(stream, device=ordinal)
         return result
