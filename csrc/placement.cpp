@@ -429,9 +429,11 @@ void place_bell(Timeline* tl) {
         return;
     }
     {
-        // Only for a mark the stream has not passed yet (its word says): a program may
-        // synchronize and destroy the stream once it has given up its awaits (a closed loop),
-        // and a passed mark needs no doorbell; its handle is then not touched again.
+        // Only for a mark the stream has not passed yet (its word says): a passed mark needs
+        // no doorbell, so once the program has synchronized the stream no doorbell touches
+        // its handle. An open mark of given-up awaits may still be placed there (place_open),
+        // which is why the docs ask for one more await before the stream is destroyed
+        // (troubleshooting.md, "A stream must stay alive").
         Locked g;
         Mark* oldest = nullptr;
         for (Mark* m = tl->head; m && !oldest; m = m->next)

@@ -267,8 +267,14 @@ def test_gpu_op_on_a_default_stream_handle_takes_its_device(run_any, emu):
             await aiocuda.gpu_op(ran.append, 1, stream=0, device=-1)
         # Refused by the driver side before fn runs too (they were refused after it: the work
         # was queued, its result lost, and a retry ran fn twice).
-        with pytest.raises(aiocuda.AiocudaError, match="none is current on this thread"):
-            await aiocuda.gpu_op(ran.append, 2, stream=0)
+        current = ctypes.c_void_p()  # whatever an earlier test left current on this thread
+        assert emu.lib.cuCtxGetCurrent(ctypes.byref(current)) == 0
+        assert emu.lib.cuCtxSetCurrent(None) == 0
+        try:
+            with pytest.raises(aiocuda.AiocudaError, match="none is current on this thread"):
+                await aiocuda.gpu_op(ran.append, 2, stream=0)
+        finally:
+            emu.lib.cuCtxSetCurrent(current)
         with pytest.raises(aiocuda.AiocudaError, match="CU_STREAM_PER_THREAD"):
             await aiocuda.gpu_op(ran.append, 3, stream=2, device=0)
         with pytest.raises(aiocuda.CudaError, match="CUDA_ERROR_INVALID_DEVICE"):
