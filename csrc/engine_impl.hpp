@@ -359,6 +359,11 @@ void unwatch(Mark* m);
 void placed(Timeline* tl, Mark* m, CUevent ev);
 void reap(Timeline* tl);
 bool idle(Timeline* tl);
+// Whether anyone still waits for the unplaced or flag mark `m`: an await whose loop is open, or
+// an aiocuda.Event. A loop that closed with awaits pending let go of their stream objects, which
+// may have destroyed their stream since (CuPy's does when collected): for such awaits alone the
+// placer puts nothing more on the stream (no open mark, no doorbell).
+bool wanted(const Mark* m);
 void passed(Mark* m, CUresult status);
 void give_back(CtxState* cs, CUevent ev);  // an idle event of a live context: pooled or doomed
 // contexts.cpp

@@ -31,7 +31,8 @@ const DriverInfo& load();
 
 // Negative codes are aiocuda's own refusals; the text in `why` says what to do.
 enum : int { kNotLoaded = -1, kForked = -2, kNotPrimary = -3, kCapturing = -4, kNoContext = -5,
-             kBadDevice = -6, kPerThread = -7, kTooMany = -8, kNoThread = -9 };
+             kBadDevice = -6, kPerThread = -7, kTooMany = -8, kNoThread = -9,
+             kUnwanted = -10 };  // the awaits' loops closed: never delivered, never shown
 
 // 0 when the driver may be used from this process, else kNotLoaded or kForked with `why` set.
 CUresult check_ready(std::string* why);

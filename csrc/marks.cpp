@@ -181,6 +181,13 @@ void reap(Timeline* tl) {
 
 bool idle(Timeline* tl) { return !tl->head && !tl->open && !tl->placing_now() && !tl->lane; }
 
+bool wanted(const Mark* m) {
+    if (m->refs > 1) return true;  // an Event's: an unplaced or flag mark has no watch or query
+    for (const Node* n = m->head; n; n = n->next)
+        if (!n->queue->abandoned()) return true;
+    return false;
+}
+
 // Every earlier mark of a timeline completes with a passed one: work on a stream is ordered.
 void passed(Mark* m, CUresult status) {
     if (m->done) return;  // whoever finished it finished every earlier mark too

@@ -436,9 +436,13 @@ void place_bell(Timeline* tl) {
         // (troubleshooting.md, "A stream must stay alive").
         Locked g;
         Mark* oldest = nullptr;
-        for (Mark* m = tl->head; m && !oldest; m = m->next)
-            if (m->flag && !m->done) oldest = m;
-        if (!oldest || !tl->word || tl->cs->retired ||
+        bool anyone = false;  // waits for a flag mark not passed yet (else: as if passed)
+        for (Mark* m = tl->head; m && !anyone; m = m->next) {
+            if (!m->flag || m->done) continue;
+            if (!oldest) oldest = m;
+            anyone = wanted(m);
+        }
+        if (!anyone || !tl->word || tl->cs->retired ||
             static_cast<int32_t>(__atomic_load_n(tl->word, __ATOMIC_ACQUIRE) - oldest->seq) >= 0) {
             tl->bell = false;
             return;
@@ -475,21 +479,27 @@ void place_bell(Timeline* tl) {
 bool place_open(Timeline* tl) {
     std::lock_guard<std::mutex> order(tl->record_mu);
     Mark* open;
+    bool unwanted;
     {
         Locked g;
         tl->placing = false;
         open = tl->open;
         if (!open || tl->cs->retired || tl->in_flight >= kMarksInFlight) return true;
+        unwanted = !wanted(open);  // its loops closed: the stream is not touched for it
     }
     // A reset since the open mark was queued destroyed the stream and the pooled events: find it
     // (and retire the context) before touching any of them.
     if (!still_current(tl->cs)) return true;
-    CUstreamCaptureStatus st;
-    CUresult r = capture_status(tl, &st);
+    CUstreamCaptureStatus st = CU_STREAM_CAPTURE_STATUS_NONE;
+    CUresult r = unwanted ? kUnwanted : capture_status(tl, &st);
     if (r == CUDA_SUCCESS && st != CU_STREAM_CAPTURE_STATUS_NONE) return false;
     {
         Locked g;
         if (tl->open != open || tl->cs->retired) return true;  // failed meanwhile
+        if (unwanted && wanted(open)) {  // an await joined it meanwhile: placed the usual way
+            want_placing(tl);
+            return true;
+        }
         // From here on no await may join this mark: its mark may reach the stream before work
         // the await's caller enqueued after it (a cuStreamWaitEvent, say), which the await must
         // cover. Awaits meanwhile open a new mark, placed after this one (join_open()).
@@ -508,8 +518,9 @@ bool place_open(Timeline* tl) {
     }
     if (r != CUDA_SUCCESS) {
         // Only these awaits fail: a capture that began meanwhile, or no memory for an event, is
-        // no context error (a sticky one the next query of this context finds). They fail in
-        // stream order: after the marks placed before, which may still be pending.
+        // no context error (a sticky one the next query of this context finds); nobody waits
+        // for kUnwanted's. They fail in stream order: after the marks placed before, which may
+        // still be pending.
         open->fail = r;
         if (tl->tail) tl->tail->next = open; else tl->head = open;
         tl->tail = open;  // unplaced: no event, never queried or watched

@@ -55,6 +55,11 @@ public:
     Node* make(uint64_t token);
     // The owner lets the queue go: its own reference and what is left of its reserve.
     void release_owner() noexcept;
+    // Any thread: whether the owner has let the queue go (its loop closed). Nobody will read
+    // what lands here any more, so nothing need be done for it: the engine does not put an open
+    // mark on a stream for such awaits alone (their stream objects were let go with the loop,
+    // and may have destroyed their stream since).
+    bool abandoned() const noexcept { return abandoned_.load(std::memory_order_acquire); }
 
     // Any thread: link the record, wake the loop only on the empty -> non-empty edge.
     void push(Node* n) noexcept { push(n, n, 1); }
@@ -100,6 +105,7 @@ private:
     size_t backlog_len_ = 0;
     uint32_t epoch_;
     int rfd_;
+    std::atomic<bool> abandoned_{false};
 };
 
 }  // namespace aiocuda

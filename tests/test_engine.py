@@ -1492,6 +1492,39 @@ def test_nothing_ends_while_a_doorbell_is_put_on_its_stream(run, emu, kind):
     emu.lib.cuStreamDestroy_v2(s)
 
 
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("awaits", [1, 12])
+def test_a_closed_loops_given_up_awaits_put_nothing_more_on_their_stream(
+        emu, strategy, loop_kind, awaits):
+    # A loop that closes with awaits pending lets go of their stream objects, and a stream that
+    # destroys its handle when collected (CuPy's) is then destroyed with its work still queued,
+    # which cuda.h allows (cuStreamDestroy: "the function will return immediately and the
+    # resources associated with hStream will be released automatically once the device has
+    # completed all work in hStream"). The placer then put the given-up awaits' open mark (past
+    # kMarksInFlight), or kFlag's doorbell for a late mark, on the destroyed handle: undefined,
+    # and the emulator aborted in every run (found by review). Nobody reads those awaits any
+    # more: nothing more is put on the stream for them.
+    from .conftest import new_loop
+
+    s = emu.stream()
+    word = _host_word(emu)
+    assert emu.lib.cuStreamWaitValue32_v2(ctypes.c_void_p(s), word.device, 1, 0) == 0  # held
+    loop = new_loop(loop_kind)
+
+    async def give_up() -> None:
+        for fut in [aiocuda.synchronize(s) for _ in range(awaits)]:
+            fut.cancel()
+
+    loop.run_until_complete(give_up())
+    loop.close()
+    assert emu.lib.cuStreamDestroy_v2(ctypes.c_void_p(s)) == 0
+    time.sleep(0.05)  # kFlag: the mark is late, the engine asks for a doorbell
+    word.write(1)  # the placed marks pass: room for the open mark
+    # (The emulator aborts the process on a destroyed handle: reaching here is the check.)
+    assert wait_until(lambda: _core.cuda_pending() == 0, 5), _core.cuda_stats()
+    _unregister(emu, word)
+
+
 def test_an_error_fails_a_mark_being_placed_before_later_awaits(run, emu, strategy):
     # Errors reach the awaits in stream order too. The placer has taken the open mark and is in
     # the driver putting it (held there by the emulator) when a sticky error breaks the context;
