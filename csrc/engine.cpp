@@ -48,7 +48,11 @@ CUresult wait_stream(uintptr_t stream, int device, Node* n, std::string* why) {
 CUresult check_stream(uintptr_t stream, int device, std::string* why) {
     CtxState* cs = nullptr;
     CUresult r = check_ready(why);
-    return r != CUDA_SUCCESS ? r : stream_ctx(stream, device, &cs, why);
+    if (r == CUDA_SUCCESS) r = stream_ctx(stream, device, &cs, why);
+    if (r != CUDA_SUCCESS || !cs || is_legacy(stream)) return r;  // (the await checks those)
+    CUstreamCaptureStatus st = CU_STREAM_CAPTURE_STATUS_NONE;
+    r = api.cuStreamIsCapturing(reinterpret_cast<CUstream>(stream), &st);
+    return refuse_capturing(r, st, why);
 }
 
 // An await on a stream aiocuda already has a timeline of (by cuStreamGetId: a new stream that

@@ -35,8 +35,8 @@ CUresult wait_event(uintptr_t event, int device, Node* n, std::string* why);
 // on drivers older than 12.5).
 CUresult wait_device(int device, Node* n, std::string* why);
 // What an await on `stream` (of `device`, as for wait_stream) would be refused for at once: no
-// driver, no such device, a default stream of no context. Checked before a caller enqueues the
-// work it would await (gpu_op's function), so that a refused await leaves no work behind.
+// driver, no such device, a default stream of no context, a capture. Checked before a caller
+// enqueues the work it would await (gpu_op's function), so a refused await leaves no work behind.
 CUresult check_stream(uintptr_t stream, int device, std::string* why);
 
 CUresult mark_query(Mark* m, std::string* why);        // 0 done, 600 not ready; never blocks

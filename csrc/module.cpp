@@ -184,6 +184,9 @@ public:
     void close(bool dropped = false) {
         if (!q_) return;
         g_queue_epoch.fetch_add(1, std::memory_order_relaxed);
+        // Before the stream objects go (a CuPy stream destroys its handle when collected): from
+        // here on the engine puts nothing more on a stream for these awaits alone.
+        q_->mark_abandoned();
         for (Slot& s : slots_) {  // their loop is gone: nobody will await them
             Py_CLEAR(s.fut);
             Py_CLEAR(s.keep);

@@ -74,7 +74,7 @@ Node* Queue::make(uint64_t token) {
 }
 
 void Queue::release_owner() noexcept {
-    abandoned_.store(true, std::memory_order_release);
+    mark_abandoned();
     int64_t k = 1 + reserve_;
     reserve_ = 0;
     release(static_cast<size_t>(k));

@@ -55,10 +55,13 @@ public:
     Node* make(uint64_t token);
     // The owner lets the queue go: its own reference and what is left of its reserve.
     void release_owner() noexcept;
-    // Any thread: whether the owner has let the queue go (its loop closed). Nobody will read
-    // what lands here any more, so nothing need be done for it: the engine does not put an open
-    // mark on a stream for such awaits alone (their stream objects were let go with the loop,
-    // and may have destroyed their stream since).
+    // The owner will read nothing more from it (its loop closed). Said before the owner lets go
+    // of its awaits' stream objects, whose release may destroy their stream; the owner's
+    // reference may go later (PyQueue::close).
+    void mark_abandoned() noexcept { abandoned_.store(true, std::memory_order_release); }
+    // Any thread: whether the owner will read nothing more. Nothing need be done for what lands
+    // here any more: the engine puts no open mark or doorbell on a stream for such awaits alone
+    // (their stream objects were let go with the loop, and may have destroyed their stream).
     bool abandoned() const noexcept { return abandoned_.load(std::memory_order_acquire); }
 
     // Any thread: link the record, wake the loop only on the empty -> non-empty edge.

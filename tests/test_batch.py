@@ -435,6 +435,56 @@ def test_a_batcher_whose_task_is_cancelled_before_it_ran_fails_its_callers_and_r
     assert run(main()) == (6, 8)
 
 
+def test_one_of_two_batches_cancelled_before_it_ran_fails_its_own_callers(run):
+    # Two batches started in one pass of the dispatcher (max_concurrent_batches=2): the first
+    # one's task cancelled before its first step must fail its own callers, and leave the second
+    # alone (a closure over the dispatcher's loop variable failed the second batch's callers and
+    # left the first one's waiting forever; found by review).
+    @aiocuda.batch(max_batch_size=1, max_wait_s=HOUR, max_concurrent_batches=2)
+    async def f(items: list[int]) -> list[int]:
+        return await doubled(items)
+
+    async def main() -> int:
+        from aiocuda import _loop
+
+        loop = asyncio.get_running_loop()
+        first, second = asyncio.ensure_future(f(1)), asyncio.ensure_future(f(2))
+        await asyncio.sleep(0)  # both callers waiting, the dispatcher's task made
+        await asyncio.sleep(0)  # the dispatcher started both batches' tasks and ended
+        batches = [t for t in _loop._spawned if t.get_loop() is loop and not t.done()]
+        assert len(batches) == 2
+        order = {t.get_coro().cr_frame.f_locals["args"][2][0].item: t for t in batches}
+        order[1].cancel()
+        with pytest.raises(RuntimeError, match="its batch task was cancelled before the batch ran"):
+            await asyncio.wait_for(first, 60)
+        return await asyncio.wait_for(second, 60)
+
+    assert run(main()) == 4
+
+
+def test_a_dispatcher_cancelled_while_it_waits_fails_its_callers_and_recovers(run):
+    @aiocuda.batch(max_batch_size=8, max_wait_s=HOUR)
+    async def f(items: list[int]) -> list[int]:
+        return await doubled(items)
+
+    async def main() -> tuple[int, int]:
+        from aiocuda import _loop
+
+        loop = asyncio.get_running_loop()
+        caller = asyncio.ensure_future(f(1))
+        await spin(3)  # the dispatcher is asleep, waiting for more items or the hour
+        (dispatcher,) = [t for t in _loop._spawned if t.get_loop() is loop and not t.done()]
+        dispatcher.cancel()
+        with pytest.raises(RuntimeError, match="its dispatcher task was cancelled"):
+            await asyncio.wait_for(caller, 60)
+        (q,) = queues(f)
+        assert q.running == 0 and not q.dispatching and not q.waiting
+        f.max_batch_size = 2  # (so that the next two calls need not wait the hour)
+        return tuple(await asyncio.gather(f(3), f(4)))  # type: ignore[return-value]
+
+    assert run(main()) == (6, 8)
+
+
 def test_a_wrapped_objects_attributes_are_not_the_batchers_own(go):
     # update_wrapper copied the object's __dict__ over the batcher's settings and internals: a
     # model wrapper's max_batch_size or max_wait_s replaced the decorator's, its _fn was called

@@ -285,6 +285,10 @@ def test_awaiting_a_capturing_stream_raises_at_once(run, emu, mode):
                 aiocuda.synchronize(s)
             with pytest.raises(aiocuda.AiocudaError, match="capturing a CUDA graph"):
                 aiocuda.record(s)
+            ran: list[int] = []  # gpu_op refuses before its function adds work to the capture
+            with pytest.raises(aiocuda.AiocudaError, match="capturing a CUDA graph"):
+                await aiocuda.gpu_op(ran.append, 1, stream=s)
+            assert ran == []
         finally:
             rc = end_capture(emu, s)
             emu.lib.cuCtxSetCurrent(None)
@@ -1492,36 +1496,61 @@ def test_nothing_ends_while_a_doorbell_is_put_on_its_stream(run, emu, kind):
     emu.lib.cuStreamDestroy_v2(s)
 
 
-@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
-@pytest.mark.parametrize("awaits", [1, 12])
-def test_a_closed_loops_given_up_awaits_put_nothing_more_on_their_stream(
-        emu, strategy, loop_kind, awaits):
+# (strategy, awaits): one await leaves a late flag mark, whose doorbell the placer would put;
+# twelve leave an open mark (past kMarksInFlight) under each strategy.
+@pytest.mark.parametrize("how", ["flag-1", "flag-12", "poll-12", "callback-12"])
+@pytest.mark.parametrize("where", ["asyncio", "uvloop", "asyncio-in-a-thread"])
+def test_a_closed_loops_given_up_awaits_put_nothing_more_on_their_stream(emu, how, where):
     # A loop that closes with awaits pending lets go of their stream objects, and a stream that
     # destroys its handle when collected (CuPy's) is then destroyed with its work still queued,
     # which cuda.h allows (cuStreamDestroy: "the function will return immediately and the
     # resources associated with hStream will be released automatically once the device has
-    # completed all work in hStream"). The placer then put the given-up awaits' open mark (past
-    # kMarksInFlight), or kFlag's doorbell for a late mark, on the destroyed handle: undefined,
-    # and the emulator aborted in every run (found by review). Nobody reads those awaits any
-    # more: nothing more is put on the stream for them.
+    # completed all work in hStream"). The placer then put the given-up awaits' open mark, or
+    # kFlag's doorbell for a late mark, on the destroyed handle: undefined, and the emulator
+    # aborted in every run (found by review). Nobody reads those awaits any more: nothing more is
+    # put on the stream for them. In a thread, the loop's queue is let go at the main thread's
+    # next pending call, which a main thread blocked in join() never runs: the queue says it is
+    # abandoned when it closes, before the stream objects go.
     from .conftest import new_loop
 
+    strategy, awaits = how.split("-")
     s = emu.stream()
     word = _host_word(emu)
     assert emu.lib.cuStreamWaitValue32_v2(ctypes.c_void_p(s), word.device, 1, 0) == 0  # held
-    loop = new_loop(loop_kind)
+    before = aiocuda.strategy()
+    aiocuda.set_strategy(strategy)
+    outcome: list[BaseException | None] = []
 
-    async def give_up() -> None:
-        for fut in [aiocuda.synchronize(s) for _ in range(awaits)]:
-            fut.cancel()
+    def program() -> None:
+        try:
+            loop = new_loop(where.split("-")[0])
 
-    loop.run_until_complete(give_up())
-    loop.close()
-    assert emu.lib.cuStreamDestroy_v2(ctypes.c_void_p(s)) == 0
-    time.sleep(0.05)  # kFlag: the mark is late, the engine asks for a doorbell
-    word.write(1)  # the placed marks pass: room for the open mark
-    # (The emulator aborts the process on a destroyed handle: reaching here is the check.)
-    assert wait_until(lambda: _core.cuda_pending() == 0, 5), _core.cuda_stats()
+            async def give_up() -> None:
+                for fut in [aiocuda.synchronize(s) for _ in range(int(awaits))]:
+                    fut.cancel()
+
+            loop.run_until_complete(give_up())
+            loop.close()
+            del loop
+            assert emu.lib.cuStreamDestroy_v2(ctypes.c_void_p(s)) == 0
+            time.sleep(0.05)  # kFlag: the mark is late, the engine asks for a doorbell
+            word.write(1)  # the placed marks pass: room for the open mark
+            # (The emulator aborts the process on a destroyed handle: reaching here is the check.)
+            assert wait_until(lambda: _core.cuda_pending() == 0, 5), _core.cuda_stats()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 (reported on the test's thread)
+            outcome.append(exc)
+
+    try:
+        if where.endswith("thread"):
+            t = threading.Thread(target=program)
+            t.start()
+            t.join()  # blocked: no pending call runs on the main thread meanwhile
+        else:
+            program()
+    finally:
+        aiocuda.set_strategy(before)
+    assert outcome == [None], outcome
     _unregister(emu, word)
 
 

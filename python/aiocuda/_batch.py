@@ -365,7 +365,7 @@ class Batcher(Generic[T, R]):
                     # In its first caller's contextvars (a request id, a trace span), as if
                     # that caller had called the function.
                     entries[0].ctx.run(spawn, loop, self._run_batch, loop, q, entries,
-                                       never_ran=lambda: self._batch_ended(q, entries))
+                                       never_ran=functools.partial(self._batch_ended, q, entries))
                     continue
                 await _sleep_until_woken(loop, q, None if not free else deadline - now)
         except BaseException:
