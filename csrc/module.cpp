@@ -931,7 +931,8 @@ PYBIND11_MODULE(_core, m) {
     m.def("cuda_mark_query", mark_call<cuda::mark_query>);
     m.def("cuda_mark_synchronize", mark_call<cuda::mark_synchronize>);
     m.def("cuda_check_stream", [](uintptr_t stream, int device) {
-        return code_and_why([=](std::string* why) { return cuda::check_stream(stream, device, why); });
+        return code_and_why(
+            [=](std::string* why) { return cuda::check_stream(stream, device, why); });
     });
     m.def("cuda_mark_release", [](uintptr_t m) {
         cuda::mark_release(reinterpret_cast<cuda::Mark*>(m));

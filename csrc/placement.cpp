@@ -429,11 +429,12 @@ void place_bell(Timeline* tl) {
         return;
     }
     {
-        // Only for a mark the stream has not passed yet (its word says): a passed mark needs
-        // no doorbell, so once the program has synchronized the stream no doorbell touches
-        // its handle. An open mark of given-up awaits may still be placed there (place_open),
-        // which is why the docs ask for one more await before the stream is destroyed
-        // (troubleshooting.md, "A stream must stay alive").
+        // Only for a mark the stream has not passed yet (its word says), that someone still
+        // waits for (wanted()): once the program has synchronized the stream, or closed the
+        // loops of its awaits, no doorbell touches its handle. An open mark of awaits cancelled
+        // on a loop that still runs may still be placed there (place_open), which is why the
+        // docs ask for one more await before the stream is destroyed (troubleshooting.md, "A
+        // stream must stay alive").
         Locked g;
         Mark* oldest = nullptr;
         bool anyone = false;  // waits for a flag mark not passed yet (else: as if passed)

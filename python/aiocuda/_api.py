@@ -145,8 +145,8 @@ def _handle_on(stream: object, device: int | None) -> tuple[int, int]:
 
 def check_await(stream: object, device: int | None = None) -> None:
     """Raise what an await on the CUDA stream `stream` would be refused for at once (a bad
-    stream, no driver, no such device, a default stream with no context to name it). For
-    callers that enqueue the work before they await it (gpu_op), so that a refused await
+    stream, no driver, no such device, a default stream with no context to name it, a capture).
+    For callers that enqueue the work before they await it (gpu_op), so that a refused await
     leaves no work behind: the legacy stream of `device` (0) checks the driver and the device."""
     handle, dev = _handle_on(stream, device)
     code, why = _core.cuda_check_stream(handle, dev)
