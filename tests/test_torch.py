@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import threading
 import time
 
@@ -620,21 +621,24 @@ def test_a_missing_framework_names_the_extra(module, extra):
     assert "ImportError" in r.stderr and f"pip install '{extra}'" in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("fn_raises", [False, True])
-def test_the_cuda_path_orders_streams_and_awaits_the_side_stream(run_any, emu, monkeypatch, fn_raises):
-    # gpu_op's torch CUDA path on the driver emulator: the torch CPU build has no CUDA streams,
-    # so torch's stream functions are stood in for by objects carrying emulator streams.
+class FakeStream:
+    """A torch.cuda.Stream stand-in carrying an emulator stream (the torch CPU build has none)."""
+
+    def __init__(self, emu, name: str, log: list[str]) -> None:
+        self.name, self.cuda_stream, self.log = name, emu.stream(), log
+        self.device = torch.device("cuda", 0)
+
+    def wait_stream(self, other: FakeStream) -> None:
+        self.log.append(f"{self.name} waits for {other.name}")
+
+
+@pytest.fixture
+def fake_cuda(emu, monkeypatch):
+    """gpu_op's torch CUDA path on the driver emulator: torch's stream functions stood in for
+    by FakeStreams; returns (caller, side, log, current): the caller's current stream, the
+    pooled side stream, what happened in order, the stack of current streams."""
     log: list[str] = []
-
-    class FakeStream:
-        def __init__(self, name: str) -> None:
-            self.name, self.cuda_stream = name, emu.stream()
-            self.device = torch.device("cuda", 0)
-
-        def wait_stream(self, other: FakeStream) -> None:
-            log.append(f"{self.name} waits for {other.name}")
-
-    caller, side = FakeStream("caller"), FakeStream("side")
+    caller, side = FakeStream(emu, "caller", log), FakeStream(emu, "side", log)
     current: list[FakeStream] = [caller]
 
     class StreamContext:
@@ -651,6 +655,12 @@ def test_the_cuda_path_orders_streams_and_awaits_the_side_stream(run_any, emu, m
     monkeypatch.setattr(at.torch.cuda, "current_stream", lambda device=None: current[-1])
     monkeypatch.setattr(at.torch.cuda, "stream", StreamContext)
     monkeypatch.setattr(at, "_pooled", lambda device: side)
+    return caller, side, log, current
+
+
+@pytest.mark.parametrize("fn_raises", [False, True])
+def test_the_cuda_path_orders_streams_and_awaits_the_side_stream(run_any, emu, fake_cuda, fn_raises):
+    caller, side, log, current = fake_cuda
 
     def kernel(n: int) -> int:
         log.append(f"fn runs on {current[-1].name}")
@@ -671,6 +681,35 @@ def test_the_cuda_path_orders_streams_and_awaits_the_side_stream(run_any, emu, m
         out, took = run_any(main())
         assert out == 42 and took >= 0.09  # awaited the side stream's work
     assert log == ["side waits for caller", "fn runs on side", "caller waits for side"]
+
+
+@pytest.mark.parametrize("capturing", ["caller", "side"])
+def test_the_cuda_path_refuses_a_capture_before_fn_runs(run, emu, fake_cuda, capturing):
+    # The side stream would join a capture on the caller's stream through wait_stream, and fn
+    # would add its work to the graph; then the await is refused. A retry would capture fn twice:
+    # the refusal comes first, with nothing done on either stream.
+    caller, side, log, _ = fake_cuda
+    s = caller if capturing == "caller" else side
+    ran: list[int] = []
+
+    async def main():
+        emu.lib.cuCtxSetCurrent(emu.primary())
+        assert emu.lib.cuStreamBeginCapture_v2(ctypes.c_void_p(s.cuda_stream), 0) == 0
+        try:
+            with pytest.raises(aiocuda.AiocudaError, match="capturing a CUDA graph"):
+                await at.run_on_cuda(ran.append, (1,), {}, torch.device("cuda", 0), None)
+        finally:
+            graph = ctypes.c_void_p()
+            rc = emu.lib.cuStreamEndCapture(ctypes.c_void_p(s.cuda_stream), ctypes.byref(graph))
+            if graph.value:
+                emu.lib.cuGraphDestroy(graph)
+            emu.lib.cuCtxSetCurrent(None)
+        assert rc == 0  # the refusal left the capture valid
+        assert ran == [] and log == []
+        await at.run_on_cuda(ran.append, (2,), {}, torch.device("cuda", 0), None)  # after it: runs
+        assert ran == [2]
+
+    run(main())
 
 
 class DefaultStream:

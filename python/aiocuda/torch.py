@@ -32,7 +32,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 import torch.utils._pytree as pytree
 
 from . import _core
-from ._api import CpuStream, synchronize, wait_cuda_event
+from ._api import CpuStream, check_await, synchronize, wait_cuda_event
 from ._errors import AiocudaError
 from ._loop import Shielded, running_loop, shield, wait_all
 
@@ -347,6 +347,12 @@ async def run_on_cuda(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[
         raise ValueError(f"stream is on {stream.device}, but the tensors are on {device}")
     caller = torch.cuda.current_stream(device)
     s = stream if stream is not None else _pooled(device)
+    # Where the await of `s` would be refused, it is refused before fn enqueues work (see
+    # gpu_op): a capture on the caller's stream, which `s` would join through wait_stream, or
+    # on `s` itself; a driver aiocuda cannot use.
+    check_await(caller, device.index)
+    if s != caller:
+        check_await(s, device.index)
     s.wait_stream(caller)  # inputs are ready before fn's kernels read them
     result: Any = None
     try:
