@@ -181,13 +181,17 @@ public:
     // closes: it drops the reader's callback, then unregisters the fd (epoll_ctl), all under the
     // GIL. The fd must outlive that, even if a producer holds the last native reference, so this
     // reference goes at the main thread's next pending call, which needs the GIL back.
-    void close(bool dropped = false) {
+    // `fail` (may be null): an exception for the futures still pending, which a trio run's
+    // remaining tasks could still await; else they are dropped.
+    void close(bool dropped = false, PyObject* fail = nullptr) {
         if (!q_) return;
         g_queue_epoch.fetch_add(1, std::memory_order_relaxed);
         // Before the stream objects go (a CuPy stream destroys its handle when collected): from
         // here on the engine puts nothing more on a stream for these awaits alone.
         q_->mark_abandoned();
+        std::vector<PyObject*> failed;
         for (Slot& s : slots_) {  // their loop is gone: nobody will await them
+            if (fail && s.fut) failed.push_back(Py_NewRef(s.fut));
             Py_CLEAR(s.fut);
             Py_CLEAR(s.keep);
         }
@@ -196,6 +200,19 @@ public:
         if (!dropped || Py_AddPendingCall(release_queue, q_) != 0)
             q_->release_owner();  // records in flight keep the native queue until they land
         q_ = nullptr;
+        for (PyObject* fut : failed) {  // closed first: their callbacks may start new waits
+            fail_future(fut, fail);
+            Py_DECREF(fut);
+        }
+    }
+    static void fail_future(PyObject* fut, PyObject* exc) {
+        PyObject* done = PyObject_CallMethod(fut, "done", nullptr);
+        if (done == Py_False) {
+            PyObject* r = PyObject_CallMethod(fut, "set_exception", "O", exc);
+            Py_XDECREF(r);
+        }
+        Py_XDECREF(done);
+        PyErr_Clear();
     }
     static int release_queue(void* q) {
         static_cast<Queue*>(q)->release_owner();
@@ -209,15 +226,7 @@ public:
         g_queue_epoch.fetch_add(1, std::memory_order_relaxed);
         for (Slot& s : slots_) {
             if (!s.fut) continue;
-            if (resolve) {
-                PyObject* done = PyObject_CallMethod(s.fut, "done", nullptr);
-                if (done == Py_False) {
-                    PyObject* r = PyObject_CallMethod(s.fut, "set_exception", "O", exc.ptr());
-                    Py_XDECREF(r);
-                }
-                Py_XDECREF(done);
-                PyErr_Clear();
-            }
+            if (resolve) fail_future(s.fut, exc.ptr());
             Py_CLEAR(s.fut);
             Py_CLEAR(s.keep);
         }
@@ -821,7 +830,9 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("pending", &PyQueue::pending)
         .def_property_readonly("pushed", &PyQueue::pushed)
         .def_property_readonly("signals", &PyQueue::signals)
-        .def("close", [](PyQueue& q) { exit_safe([&] { q.close(); }); })  // futures' __del__
+        .def("close", [](PyQueue& q, py::handle fail) {  // futures' __del__: exit_safe
+            exit_safe([&] { q.close(false, fail.is_none() ? nullptr : fail.ptr()); });
+        }, py::arg("fail") = py::none())
         .def("abandon", &PyQueue::abandon)
         .def("wait", [](PyQueue& q, py::handle loop, py::object stream, int device) {
             py::detail::make_caster<CpuStream> caster;

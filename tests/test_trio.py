@@ -119,8 +119,8 @@ def test_the_runs_end_closes_its_queue_and_fd_with_work_in_flight():
         states.append(_loop.state_for(_loop.running_loop("test")))
         return futs
 
-    futs = trio.run(main)  # the run ends with all of it pending
-    assert not any(f.done() for f in futs)
+    futs = trio.run(main)  # the run ends with all of it pending: it fails them (nobody waited)
+    assert all(isinstance(f.exception(), aiocuda.AiocudaError) for f in futs)
     assert states[0].queue.closed
     assert _core.live_records() == 11  # they keep the native queue and its fd until they land
     s.close()  # the work completes now, into a queue whose run has ended
@@ -494,3 +494,158 @@ def test_an_event_awaited_in_another_run_or_loop_says_where_to_await_it():
     asyncio.run(record_in_asyncio())
     trio.run(await_in_trio)
     settle_native()
+
+
+@pytest.mark.parametrize("what", ["submit", "record", "synchronize"])
+def test_a_system_tasks_shielded_wait_at_the_runs_end_completes(what):
+    # A system task (every aiocuda.batch function under trio is one) cleaning up after the main
+    # task returned: its shielded wait must complete, whether the queue's watcher was cancelled
+    # before the wait began (a new queue serves it) or after (the watcher drains until no task
+    # waits). It slept for good on a closed queue's future, or crashed the run.
+    log: list[str] = []
+
+    async def background(s: aiocuda.CpuStream) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                s.delay(0.01)
+                if what == "submit":
+                    log.append(f"done {await s.submit(lambda: 42)}")
+                elif what == "record":
+                    log.append(f"done {await aiocuda.record(s)}")
+                else:
+                    log.append(f"done {await aiocuda.synchronize(s)}")
+
+    async def main() -> None:
+        s = aiocuda.CpuStream()
+        await s  # the run has a queue, whose watcher the run's end cancels
+        trio.lowlevel.spawn_system_task(background, s)
+        await trio.sleep(0.01)
+
+    def run() -> None:
+        try:
+            trio.run(main)
+            log.append("returned")
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            log.append(f"raised {exc!r}")
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), f"the run never ended: {log}"
+    assert log == [f"done {42 if what == 'submit' else None}", "returned"]
+    settle_native()
+
+
+def test_a_wait_not_awaited_before_the_runs_queue_closed_fails_when_awaited():
+    # Its future would never be settled: awaiting it must raise, not sleep for good.
+    seen: list[str] = []
+
+    async def background(s: aiocuda.CpuStream, futs: list[object]) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                while not _loop.running_loop("test").is_closed():  # the watcher closed the queue
+                    await trio.sleep(0.001)
+                try:
+                    await futs[0]
+                    seen.append("completed")
+                except aiocuda.AiocudaError as exc:
+                    seen.append(str(exc))
+
+    async def main() -> None:
+        s = aiocuda.CpuStream()
+        await s
+        s.delay(0.05)
+        futs = [aiocuda.synchronize(s)]  # started in the run, awaited only at its end
+        trio.lowlevel.spawn_system_task(background, s, futs)
+        await trio.sleep(0.01)
+
+    t = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "the run never ended"
+    assert len(seen) == 1 and "no task waited for this aiocuda operation" in seen[0], seen
+    settle_native()
+
+
+def test_an_asyncio_loop_in_a_trio_task_awaiting_the_runs_future_is_refused_cleanly():
+    # asyncio.run inside a trio task: the trio run's token is current on the thread, but asyncio
+    # steps the awaiting task. It got "Task got bad yield", and the trio task stayed registered
+    # as a waiter, rescheduled by the completion later while it slept elsewhere ("Should never
+    # have been rescheduled").
+    import asyncio
+
+    async def consume(fut: object) -> str:
+        try:
+            await fut  # type: ignore[misc]
+        except aiocuda.AiocudaError as exc:
+            return str(exc)
+        return "awaited"
+
+    async def main() -> list[str]:
+        with aiocuda.CpuStream() as s:
+            s.delay(0.02)
+            fut = aiocuda.synchronize(s)
+            out = [asyncio.run(consume(fut)), asyncio.run(consume(aiocuda.record(s)))]
+            await trio.sleep(0.05)  # the completions land meanwhile: this task is not woken
+            await fut
+            return out
+
+    out = trio.run(main)
+    assert all("another trio run (or an asyncio loop is awaiting it)" in m for m in out), out
+    settle_native()
+
+
+def test_a_trio_guest_and_its_asyncio_host_refuse_each_others_waits():
+    import asyncio
+
+    out: list[str] = []
+
+    async def attempt(aw: object) -> None:
+        try:
+            await aw  # type: ignore[misc]
+            out.append("awaited")
+        except aiocuda.AiocudaError as exc:
+            out.append(str(exc))
+
+    async def guest(host_event: aiocuda.Event, made: list[object]) -> None:
+        await attempt(host_event)
+        s = aiocuda.CpuStream()
+        s.delay(0.01)
+        made.extend([aiocuda.synchronize(s), s])
+        await trio.sleep(0.2)  # alive while the host tries its future
+        await made[0]
+        s.close()
+
+    async def host() -> None:
+        loop = asyncio.get_running_loop()
+        with aiocuda.CpuStream() as s:
+            ev = aiocuda.record(s)
+            done = loop.create_future()
+            made: list[object] = []
+            trio.lowlevel.start_guest_run(guest, ev, made,
+                                          run_sync_soon_threadsafe=loop.call_soon_threadsafe,
+                                          done_callback=done.set_result)
+            while not made:
+                await asyncio.sleep(0.001)
+            await attempt(made[0])
+            (await done).unwrap()
+
+    asyncio.run(host())
+    assert "started on another event loop" in out[0], out
+    assert "another trio run (or an asyncio loop is awaiting it)" in out[1], out
+    settle_native()
+
+
+def test_a_run_that_made_no_queue_is_closed_when_it_ends():
+    # Closed-loop pruning (aiocuda.batch's queues, aiocuda.torch's waits) asks is_closed().
+    loops: list[object] = []
+
+    async def main() -> None:
+        loops.append(_loop.running_loop("test"))
+
+    trio.run(main)
+    assert loops[0].is_closed()  # type: ignore[attr-defined]

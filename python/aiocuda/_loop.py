@@ -101,14 +101,15 @@ class LoopState:
                 self._again = True
                 loop.call_soon(self._drain_again)
 
-    def close(self) -> None:
-        """Detach from the loop and drop the queue; records still in flight free themselves."""
+    def close(self, fail: BaseException | None = None) -> None:
+        """Detach from the loop and drop the queue; records still in flight free themselves.
+        Its pending futures are dropped, or failed with `fail`."""
         if self.queue.closed:
             return  # closed already, or a forked child's copy of the parent's (abandoned)
         loop = self.loop_ref()
         if loop is not None and not loop.is_closed():
             loop.remove_reader(self.fd)  # remove the reader first, then let the fd close
-        self.queue.close()
+        self.queue.close(fail)
 
     def statistics(self) -> Statistics:
         return Statistics(
@@ -205,7 +206,7 @@ def on_loop_thread() -> bool:
 def shield(fut: Any) -> Generator[Any, None, Any]:
     """``fut.__await__()`` that never cancels `fut` (``asyncio.shield``, for either kind)."""
     if isinstance(fut, asyncio.Future):
-        if asyncio.events._get_running_loop() is not fut.get_loop():
+        if running_loop("await") is not fut.get_loop():  # a trio guest shares its host's thread
             raise AiocudaError(
                 "this aiocuda operation was started on another event loop (or a trio run is "
                 "awaiting it): await it on the loop that started it, or start it again here"

@@ -13,6 +13,9 @@ waits leaves the future; a future left by its last waiter is cancelled, so a com
 arrives later finds it done and is dropped (never resurrected), and its native record is freed
 then, as on asyncio. When the run ends, its system task is cancelled, the loop is closed and its
 queue with it: futures still pending are dropped, records still in flight free themselves.
+A task still waiting then (a system task's shielded cleanup, such as a batch function's) is
+served first: the queue stays open until no task waits on any of the run's futures, as an
+asyncio loop runs until ``asyncio.run``'s cancelled tasks have ended.
 """
 
 from __future__ import annotations
@@ -51,13 +54,18 @@ def current_loop() -> TrioLoop | None:
 class TrioLoop:
     """A trio run, as aiocuda's completion queue sees a loop."""
 
-    __slots__ = ("_token", "_closed", "_readers", "_deferred", "__weakref__")
+    __slots__ = ("_token", "_closed", "_readers", "_deferred", "_waiting", "_draining",
+                 "__weakref__")
 
     def __init__(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
         self._closed = False
         self._readers: dict[int, trio.CancelScope] = {}
         self._deferred = 0  # futures' done callbacks (and wake-ups behind them) not run yet
+        self._waiting = 0  # tasks asleep in a TrioFuture of this run
+        self._draining: trio.CancelScope | None = None  # the run's end waits for them: _watch
+        # Closed when the run ends, also where it never made a queue (whose watcher says so).
+        trio.lowlevel.add_instrument(_RunEnd(self))
 
     def defer(self, fn: Callable[..., object], *args: Any,
               context: contextvars.Context | None = None) -> None:
@@ -105,6 +113,7 @@ class TrioLoop:
                 "inside the run (async with contextlib.aclosing(gen))"
             ) from None
         self._readers[fd] = scope
+        self._closed = False  # a wait made as the run ends, after its queue closed: a new one
 
     def remove_reader(self, fd: int) -> None:
         scope = self._readers.pop(fd, None)
@@ -127,14 +136,46 @@ class TrioLoop:
             pass  # remove_reader
         finally:
             if self._readers.get(fd) is scope:  # the run is ending: so is this loop
+                # Once no task waits: a shielded one (a system task's cleanup) would sleep for
+                # good on a future whose queue is closed.
+                # (Their futures may settle otherwise than through the queue: _left ends this.)
+                with trio.CancelScope(shield=True) as self._draining:
+                    while self._waiting:
+                        await trio.lowlevel.wait_readable(fd)
+                        try:
+                            callback()
+                        except Exception:
+                            _log.exception("aiocuda: the completion queue's drain failed")
                 del self._readers[fd]
                 self._closed = True
-                from ._loop import close_loop_states
+                from ._loop import _lookup, close_loop_states
 
-                close_loop_states()  # closes this loop's queue; pending futures are dropped
+                st = _lookup(self)  # type: ignore[arg-type]
+                if st is not None:  # its futures not awaited yet could be, and fail then
+                    st.close(AiocudaError(
+                        "this trio run was ending (its main task had returned) and no task "
+                        "waited for this aiocuda operation, so its completion queue closed: "
+                        "await it as soon as it is started, or before the main task returns"))
+                close_loop_states()
+
+    def _left(self, tasks: int) -> None:
+        """`tasks` stopped waiting on this run's futures."""
+        self._waiting -= tasks
+        if not self._waiting and self._draining is not None:
+            self._draining.cancel()
 
     def __repr__(self) -> str:
         return f"<aiocuda.TrioLoop {'closed' if self._closed else 'running'}>"
+
+
+class _RunEnd(trio.abc.Instrument):
+    """Marks a TrioLoop closed when its run ends."""
+
+    def __init__(self, loop: TrioLoop) -> None:
+        self._loop = loop
+
+    def after_run(self) -> None:
+        self._loop._closed = True
 
 
 class TrioFuture(Generic[T]):
@@ -224,6 +265,8 @@ class TrioFuture(Generic[T]):
         waiters, self._waiters = self._waiters, []
         callbacks, self._callbacks = self._callbacks, []
         loop = self._loop
+        if waiters:
+            loop._left(len(waiters))
         if not callbacks and not loop._deferred:
             _wake(waiters)  # the usual case: straight away (the drain runs on the run's thread)
             return
@@ -239,11 +282,12 @@ class TrioFuture(Generic[T]):
     # trio's own ParkingLot.park.
     @trio.lowlevel.enable_ki_protection
     async def _wait(self, shielded: bool) -> T:
-        try:
-            here = trio.lowlevel.current_trio_token()
-        except RuntimeError:
-            here = None
-        if here is not self._loop._token:
+        from ._loop import nested_trio, other_loop
+
+        # The run that made it, stepping this task: not an asyncio loop nested in it, nor an
+        # asyncio host of it as a guest, which share its thread.
+        here = nested_trio() if asyncio.events._get_running_loop() is not None else other_loop()
+        if here is not self._loop:
             raise AiocudaError(
                 "this aiocuda operation was started in another trio run (or an asyncio loop is "
                 "awaiting it): await it in the run that started it, or start it again here"
@@ -260,6 +304,7 @@ class TrioFuture(Generic[T]):
             return self.result()
         task = trio.lowlevel.current_task()
         self._waiters.append(task)
+        self._loop._waiting += 1
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             if task not in self._waiters:
@@ -268,6 +313,7 @@ class TrioFuture(Generic[T]):
                 # checkpoint.
                 return trio.lowlevel.Abort.FAILED
             self._waiters.remove(task)
+            self._loop._left(1)
             if not shielded and not self._waiters:
                 self.cancel()  # nobody waits any more: the outcome is dropped when it lands
             return trio.lowlevel.Abort.SUCCEEDED
