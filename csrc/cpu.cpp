@@ -3,6 +3,8 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <stdexcept>
+#include <system_error>
 
 #include "spin.hpp"
 
@@ -94,17 +96,29 @@ void cpu_after_fork_in_child() {
     g_workers = new Workers;  // the parent's copy is leaked, never touched
 }
 
+std::atomic<int> g_fail_starts{0};
+
+void cpu_fail_thread_starts(int n) { g_fail_starts = n > 0 ? n : 0; }
+
 CpuStream::CpuStream()
     : sh_(std::make_shared<Shared>()), epoch_(g_fork_epoch.load(std::memory_order_relaxed)) {
     worker_started();
     std::thread t;
     try {
+        for (int n = g_fail_starts.load(); n > 0;)
+            if (g_fail_starts.compare_exchange_weak(n, n - 1))
+                throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again));
         t = std::thread([sh = sh_] {
             name_this_thread("aiocuda-cpu");
             t_on_worker = true;
             run(*sh);
             worker_exited();
         });
+    } catch (const std::system_error& e) {
+        worker_exited();
+        throw std::runtime_error(std::string("aiocuda could not start the CpuStream's worker "
+                                             "thread (the system is out of threads or memory: ") +
+                                 e.what() + "): close streams you no longer use, or make fewer");
     } catch (...) {
         worker_exited();
         throw;

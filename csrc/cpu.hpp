@@ -47,6 +47,7 @@ struct CpuEventState {
 bool on_cpu_worker();
 // Worker threads that have not exited yet, of every stream (closed or not, collected or not).
 int64_t cpu_workers();
+void cpu_fail_thread_starts(int n);  // tests: fail the next n worker starts as the system would
 // Waits up to `timeout_s` for every worker to exit; true if none is left. Call without the GIL.
 bool cpu_wait_workers(double timeout_s);
 // In a forked child: no worker of the parent exists here.

@@ -147,6 +147,11 @@ const char* const kSelfWaitText =
     "event recorded there, or synchronize()): the stream runs in order, so it would wait "
     "for itself forever. Wait in the coroutine that submitted the function instead";
 
+const char* const kSelfSubmitText =
+    "a function running on a CpuStream submitted a call to that same stream: the stream runs in "
+    "order, so the call would run only after the function returns, and a loop the function runs "
+    "ends before that. Submit it to another stream, or return and submit it from the caller";
+
 PyObject* raise_refused(int code, const std::string& text) {
     PyObject* msg = PyUnicode_FromStringAndSize(text.data(), static_cast<Py_ssize_t>(text.size()));
     if (!msg) return nullptr;
@@ -294,6 +299,10 @@ public:
     py::object submit_call(CpuStream& s, py::handle loop, py::object fn, py::tuple args,
                            py::object kwargs) {
         live();
+        if (s.on_worker()) {
+            raise_refused(kRefused, kSelfSubmitText);
+            throw py::error_already_set();
+        }
         py::object fut = py::reinterpret_steal<py::object>(
             PyObject_CallMethodNoArgs(loop.ptr(), hooks.s_create_future));
         if (!fut) throw py::error_already_set();
@@ -894,6 +903,7 @@ PYBIND11_MODULE(_core, m) {
 
     m.def("live_records", [] { return live_nodes(); });
     m.def("cpu_workers", &cpu_workers);
+    m.def("cpu_fail_thread_starts", &cpu_fail_thread_starts);
     m.def("stop_waits", &stop_waits, py::arg("timeout"));
     m.def("parked_threads", [] { return g_parked.load(); });
     m.def("on_cpu_worker", &on_cpu_worker);

@@ -11,6 +11,7 @@ import traceback
 import pytest
 
 import aiocuda
+from aiocuda import _core
 
 from .conftest import Ticker
 from .loops import Tasks, gather, in_thread, sleep, wait_for
@@ -224,6 +225,12 @@ def test_a_call_awaiting_its_own_stream_on_a_loop_of_its_own_is_refused(run_any)
             asyncio.run(inner())
         with pytest.raises(aiocuda.AiocudaError, match="called by a function running on s"):
             asyncio.run(aiocuda.gpu_op(len, "abc", stream=s))
+
+        async def submits() -> None:
+            await s.submit(len, "abc")  # queued behind the call: it waited for good
+
+        with pytest.raises(aiocuda.AiocudaError, match="submitted a call to that same stream"):
+            asyncio.run(submits())
         asyncio.run(s.aclose())  # as close(): it cannot wait for itself, and returns
         assert s.closed
         return "refused"
@@ -233,6 +240,28 @@ def test_a_call_awaiting_its_own_stream_on_a_loop_of_its_own_is_refused(run_any)
             return await wait_for(s.submit(awaits_its_stream, s), 10)
 
     assert run_any(main()) == "refused"
+
+
+def test_gpu_op_work_handing_gpu_op_on_its_own_stream_to_the_callers_loop_is_refused(run):
+    # The function's context (and with it the stream it runs on) travels with the coroutine it
+    # hands to its caller's loop: the call there would queue behind the function, which waits.
+    async def main():
+        loop = asyncio.get_running_loop()
+        with aiocuda.CpuStream() as s:
+
+            def hands_back() -> str:
+                fut = asyncio.run_coroutine_threadsafe(aiocuda.gpu_op(len, "abc", stream=s), loop)
+                try:
+                    fut.result(10)
+                except aiocuda.AiocudaError as exc:
+                    return str(exc)
+                return "ran"
+
+            out = await wait_for(aiocuda.gpu_op(hands_back, stream=s), 20)
+            assert await aiocuda.gpu_op(len, "abc", stream=s) == 3  # from the loop: allowed
+            return out
+
+    assert "called by a function running on s" in run(main())
 
 
 def test_gpu_op_called_by_gpu_op_work_never_waits_for_itself(run_any):
@@ -447,3 +476,17 @@ def test_posted_calls_count_as_finished(run_any):
             return s._pending
 
     assert run_any(main()) == 0
+
+
+def test_a_stream_whose_worker_cannot_start_says_so_and_leaves_nothing():
+    workers = _core.cpu_workers()
+    _core.cpu_fail_thread_starts(1)  # as the system refuses a thread (ulimit -u, pids.max)
+    try:
+        with pytest.raises(RuntimeError, match="could not start the CpuStream's worker thread"):
+            aiocuda.CpuStream()
+    finally:
+        _core.cpu_fail_thread_starts(0)
+    assert _core.cpu_workers() == workers
+    with aiocuda.CpuStream() as s:  # the next one starts
+        s.delay(0)
+    assert asyncio.run(aiocuda.gpu_op(len, "abc")) == 3

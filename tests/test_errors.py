@@ -242,6 +242,21 @@ def test_an_event_made_directly_is_a_complete_event_never_recorded(run):
     gc.collect()  # the half-made event's finalizer stays quiet too
 
 
+def test_an_events_repr_follows_the_event_after_its_loop_closed():
+    # Its loop's future never settles once that loop closed: the repr said pending for good.
+    s = aiocuda.CpuStream()
+
+    async def main() -> aiocuda.Event:
+        s.delay(0.05)
+        return s.record()
+
+    ev = asyncio.run(main())
+    assert repr(ev) == "<aiocuda.Event cpu pending>"
+    ev.synchronize()
+    assert ev.done() and repr(ev) == "<aiocuda.Event cpu done>"
+    s.close()
+
+
 def test_a_strategy_that_is_not_a_str_is_a_type_error():
     # set_strategy(None) or (3) was a ValueError; the API's rule is TypeError for a wrong type.
     for bad in (None, 3, ["flag"], b"flag"):

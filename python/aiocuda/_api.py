@@ -304,7 +304,10 @@ class Event:
         if self._fut is None:
             return "<aiocuda.Event never recorded>"
         kind = "cpu" if self._cpu is not None else "cuda"
-        state = "done" if self._fut.done() else "pending"
+        try:  # the event itself: its loop's future never settles once that loop has closed
+            state = "done" if self.done() else "pending"
+        except AiocudaError as exc:  # a driver error (never raised from a repr)
+            state = f"failed ({exc})"
         return f"<aiocuda.Event {kind} {state}>"
 
 
@@ -342,7 +345,9 @@ class CpuStream(_core.CpuStreamBase):
         `fn` is a plain function, run on the stream's worker thread: an async function's
         future fails with a TypeError (await it on the loop instead). Cancelling the future
         does not take the call back: like work enqueued on a CUDA stream, it still runs in its
-        turn, and only its outcome is dropped.
+        turn, and only its outcome is dropped. `fn` runs in the worker thread's own
+        contextvars, as ``run_in_executor`` runs it, not the caller's: use :func:`aiocuda.gpu_op`
+        (``stream=s``), or ``contextvars.copy_context().run``, to carry them.
         """
         if not callable(fn):  # the worker turns a coroutine fn returns into a TypeError
             raise not_callable(fn, "submit()")

@@ -294,10 +294,10 @@ _pools_lock = threading.Lock()
 
 
 class _Nesting:
-    __slots__ = ("depth", "parent", "running")
+    __slots__ = ("depth", "parent", "running", "stream")
 
-    def __init__(self, depth: int, parent: _Nesting | None) -> None:
-        self.depth, self.parent, self.running = depth, parent, True
+    def __init__(self, depth: int, parent: _Nesting | None, stream: CpuStream) -> None:
+        self.depth, self.parent, self.running, self.stream = depth, parent, True, stream
 
 
 _nesting: contextvars.ContextVar[_Nesting | None] = contextvars.ContextVar(
@@ -310,6 +310,17 @@ def _live_nesting() -> _Nesting | None:
     while n is not None and not n.running:
         n = n.parent
     return n
+
+
+def _running_on(stream: CpuStream) -> bool:
+    """True if a gpu_op function of this context still runs on `stream`: also where the caller
+    is not on its worker (a loop it handed a coroutine to, run_coroutine_threadsafe)."""
+    n = _live_nesting()
+    while n is not None:
+        if n.running and n.stream is stream:
+            return True
+        n = n.parent
+    return False
 
 
 def _caller_depth() -> int:
@@ -393,12 +404,12 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
         return fn(*args, **kwargs)  # the tape records on this thread only: here, or no gradients
     depth = _caller_depth()
     cpu = stream if isinstance(stream, CpuStream) else _pool_at(depth).get()
-    if cpu._on_worker:  # fn would queue behind the function that waits for it
+    if cpu._on_worker or _running_on(cpu):  # fn would queue behind the function that waits for it
         raise AiocudaError(
             "gpu_op(stream=s) was called by a function running on s: fn would run after that "
             "function, which waits for it. Pass another stream, or none"
         )
-    return await cpu.submit(_InCallersState(fn, args, kwargs, depth + 1))
+    return await cpu.submit(_InCallersState(fn, args, kwargs, depth + 1, cpu))
 
 
 _tf_eager: list[Any] = []  # TensorFlow's record and context modules, once imported
@@ -441,11 +452,11 @@ class _InCallersState:
     per thread (torch's parallel_apply carries its modes too), set on the worker whatever an
     earlier call left there. Its repr is `fn`'s, for the messages that name the function."""
 
-    __slots__ = ("fn", "args", "kwargs", "ctx", "torch", "modes", "tf_device", "depth")
+    __slots__ = ("fn", "args", "kwargs", "ctx", "torch", "modes", "tf_device", "depth", "stream")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...],
-                 kwargs: dict[str, Any], depth: int) -> None:
-        self.fn, self.args, self.kwargs, self.depth = fn, args, kwargs, depth
+                 kwargs: dict[str, Any], depth: int, stream: CpuStream) -> None:
+        self.fn, self.args, self.kwargs, self.depth, self.stream = fn, args, kwargs, depth, stream
         self.ctx = contextvars.copy_context()
         self.torch = torch = sys.modules.get("torch")
         self.modes = None if torch is None else _torch_modes(torch)
@@ -457,7 +468,7 @@ class _InCallersState:
     def _call(self) -> Any:
         # The pool of fn's own gpu_op calls. (Linked to live callers only: a pipeline of
         # tasks that each start the next keeps no chain of ended ones.)
-        nesting = _Nesting(self.depth, _live_nesting())
+        nesting = _Nesting(self.depth, _live_nesting(), self.stream)
         _nesting.set(nesting)  # (in the copy of the caller's context)
         try:
             if self.tf_device:  # (a worker is in no scope: every call leaves its own)
