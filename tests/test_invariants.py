@@ -363,7 +363,10 @@ def test_closing_the_loop_with_work_pending(run_any):
         return futs
 
     futs = run_any(main())  # the loop closes with all of it pending
-    assert not any(f.done() for f in futs)
+    if run_any.kind == "trio":  # its system tasks could still await them: they fail instead
+        assert all(isinstance(f.exception(), aiocuda.AiocudaError) for f in futs)
+    else:
+        assert not any(f.done() for f in futs)
     assert _core.live_records() == 11
     s.close()  # the work completes now, into a queue whose loop is gone
     settle_native()

@@ -649,3 +649,38 @@ def test_a_run_that_made_no_queue_is_closed_when_it_ends():
 
     trio.run(main)
     assert loops[0].is_closed()  # type: ignore[attr-defined]
+
+
+def test_a_wait_started_as_the_last_one_at_the_runs_end_is_left_is_served():
+    # The last waiter leaving (a timeout) ends the watcher's drain, but the task it woke may wait
+    # again before the watcher runs: that wait must be served, not failed as one nobody awaited
+    # (the queue closed under it in about half the runs).
+    log: list[str] = []
+
+    async def background(s: aiocuda.CpuStream, s2: aiocuda.CpuStream) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                s.delay(0.05)
+                with trio.move_on_after(0.005):
+                    await aiocuda.synchronize(s)
+                try:
+                    log.append(f"served {await s2.submit(lambda: 42)}")
+                except aiocuda.AiocudaError as exc:
+                    log.append(f"failed: {exc}")
+
+    async def main() -> None:
+        s, s2 = aiocuda.CpuStream(), aiocuda.CpuStream()
+        await s
+        trio.lowlevel.spawn_system_task(background, s, s2)
+        await trio.sleep(0.002)
+
+    for _ in range(10):
+        log.clear()
+        t = threading.Thread(target=trio.run, args=(main,), daemon=True)
+        t.start()
+        t.join(30)
+        assert not t.is_alive(), "the run never ended"
+        assert log == ["served 42"], log
+    settle_native()

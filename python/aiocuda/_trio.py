@@ -30,6 +30,7 @@ from typing import Any, Generic, TypeVar
 import trio
 
 from ._errors import AiocudaError
+from ._loop import _lookup, close_loop_states, nested_trio
 
 T = TypeVar("T")
 
@@ -137,25 +138,28 @@ class TrioLoop:
         finally:
             if self._readers.get(fd) is scope:  # the run is ending: so is this loop
                 # Once no task waits: a shielded one (a system task's cleanup) would sleep for
-                # good on a future whose queue is closed.
-                # (Their futures may settle otherwise than through the queue: _left ends this.)
-                with trio.CancelScope(shield=True) as self._draining:
+                # good on a future whose queue is closed. Their futures may settle otherwise
+                # than through the queue: _left ends a pass, and a task woken may wait again
+                # before this one runs, so the count is read after every pass.
+                with trio.CancelScope(shield=True):
                     while self._waiting:
-                        await trio.lowlevel.wait_readable(fd)
-                        try:
-                            callback()
-                        except Exception:
-                            _log.exception("aiocuda: the completion queue's drain failed")
+                        with trio.CancelScope() as self._draining:
+                            await trio.lowlevel.wait_readable(fd)
+                            try:
+                                callback()
+                            except Exception:
+                                _log.exception("aiocuda: the completion queue's drain failed")
+                self._draining = None
                 del self._readers[fd]
-                self._closed = True
-                from ._loop import _lookup, close_loop_states
-
                 st = _lookup(self)  # type: ignore[arg-type]
                 if st is not None:  # its futures not awaited yet could be, and fail then
                     st.close(AiocudaError(
                         "this trio run was ending (its main task had returned) and no task "
                         "waited for this aiocuda operation, so its completion queue closed: "
                         "await it as soon as it is started, or before the main task returns"))
+                # Only then closed: another thread's close_loop_states() would drop its
+                # futures instead of failing them.
+                self._closed = True
                 close_loop_states()
 
     def _left(self, tasks: int) -> None:
@@ -282,12 +286,16 @@ class TrioFuture(Generic[T]):
     # trio's own ParkingLot.park.
     @trio.lowlevel.enable_ki_protection
     async def _wait(self, shielded: bool) -> T:
-        from ._loop import nested_trio, other_loop
-
         # The run that made it, stepping this task: not an asyncio loop nested in it, nor an
         # asyncio host of it as a guest, which share its thread.
-        here = nested_trio() if asyncio.events._get_running_loop() is not None else other_loop()
-        if here is not self._loop:
+        if asyncio.events._get_running_loop() is None:
+            try:
+                here = trio.lowlevel.current_trio_token() is self._loop._token
+            except RuntimeError:
+                here = False
+        else:
+            here = nested_trio() is self._loop
+        if not here:
             raise AiocudaError(
                 "this aiocuda operation was started in another trio run (or an asyncio loop is "
                 "awaiting it): await it in the run that started it, or start it again here"
