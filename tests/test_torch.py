@@ -140,6 +140,25 @@ def test_gpu_op_finds_the_tensors_at_any_depth(monkeypatch):
     assert _ops.placement(None, ([[1]], {"a": "text"}), {}, None, None) == _ops.CPU
 
 
+def test_gpu_op_finds_the_tensors_in_containers_registered_with_torchs_pytree(monkeypatch):
+    # A KV cache object registered with pytree, holding the only device tensors: fn ran on a cpu
+    # worker, and its await ended when fn returned, before its kernels had run.
+    import torch.utils._pytree as pytree
+
+    class Cache:
+        def __init__(self, k: object) -> None:
+            self.k = k
+
+    pytree.register_pytree_node(Cache, lambda c: ([c.k], None), lambda xs, _: Cache(xs[0]))
+    try:
+        on_gpu = object()  # stands for a tensor on GPU 0 (no GPU here)
+        monkeypatch.setattr(_ops, "place_of", lambda v: Place("tf", 0) if v is on_gpu else None)
+        assert _ops.placement(None, (Cache(on_gpu),), {}, None, None) == Place("tf", 0)
+        assert _ops.placement(None, (Cache(1),), {}, None, None) == _ops.CPU
+    finally:
+        pytree._deregister_pytree_node(Cache)
+
+
 def test_device_is_checked_against_a_torch_streams_device(monkeypatch):
     # device= beside a stream that says its device (a torch.cuda.Stream) must agree with it;
     # only beside a stream that does not (a handle, __cuda_stream__) does it name the device.
@@ -458,6 +477,43 @@ def test_wait_on_torch_objects(run_any):
             await aiocuda.wait(object())
 
     run_any(main())
+
+
+def test_a_torch_futures_exception_reaches_the_awaiter_as_it_was_raised(run_any):
+    class Coded(Exception):  # its message is made from another argument
+        def __init__(self, code: int = 0) -> None:
+            super().__init__(f"error code {code}")
+            self.code = code
+
+    async def main():
+        for exc in (Coded(7), ValueError("plain")):
+            fut = torch.futures.Future()
+            fut.set_exception(exc)
+            with pytest.raises(type(exc)) as caught:
+                await aiocuda.wait(fut)
+            assert str(caught.value) == str(exc)
+
+    run_any(main())
+
+
+def test_blocking_waits_never_queue_behind_other_blocking_waits(run_any):
+    # Past 16 blocking waits in progress (gloo receives without a future), a wait whose result
+    # was ready sat behind one of them: a receive whose sender first waits for a later message
+    # hung. Each gets a thread of its own; those past 16 are let go when their wait ends.
+    release = threading.Event()
+    waiters = at._waiters
+
+    async def main():
+        held = [waiters.call(release.wait, 30) for _ in range(20)]
+        assert await loops.wait_for(waiters.call(int, "5"), 10) == 5
+        release.set()
+        assert all(await loops.gather(*held))
+
+    try:
+        run_any(main())
+    finally:
+        release.set()
+    assert len(waiters.streams) <= at._EVENT_WAITERS
 
 
 def test_waits_given_up_on_a_torch_future_share_one_callback(run_any):

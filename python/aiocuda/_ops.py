@@ -118,12 +118,14 @@ def _parts_of(fn: object) -> tuple[list[object], list[object]]:
 
 def _values(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[object]:
     """The arguments, at any depth of lists, tuples, sets, mappings (a tokenizer's
-    ``BatchEncoding`` is one) and dataclasses, each container once; for a torch module (an
-    argument, `fn`, or the object of a bound method `fn`) its first parameter."""
+    ``BatchEncoding`` is one), dataclasses and containers registered with torch's pytree (as
+    the CUDA path's own walk, aiocuda.torch._children, finds them), each container once; for a
+    torch module (an argument, `fn`, or the object of a bound method `fn`) its first parameter."""
     bound, owners = _parts_of(fn)
     stack: list[object] = [*reversed(kwargs.values()), *reversed(args), *reversed(bound)]
     seen: dict[int, object] = {}  # id -> container: held, so that no id is reused meanwhile
     torch = sys.modules.get("torch")
+    pytree = sys.modules.get("torch.utils._pytree")
     if torch is not None:
         for v in owners:
             if isinstance(v, torch.nn.Module):
@@ -143,6 +145,9 @@ def _values(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterat
         elif torch is not None and isinstance(v, torch.nn.Module):
             yield next(itertools.chain(v.parameters(), v.buffers()), None)
             continue
+        elif pytree is not None and (node := pytree.SUPPORTED_NODES.get(
+                pytree._get_node_type(v))) is not None:
+            children = node.flatten_fn(v)[0]
         else:
             yield v
             continue

@@ -170,39 +170,53 @@ def _ok(err: str) -> None:
         raise AiocudaError(err)
 
 
-_EVENT_WAITERS = 16  # streams that wait for CpuTorchEvents recorded outside a loop, at most
+_EVENT_WAITERS = 16  # idle streams kept for blocking waits, at most
 
 
 class _CpuEventWaiters:
     """Blocking waits, off the loop: for CpuTorchEvents recorded outside a loop, a stream waits
     on the event, then completes; for torch's blocking waits (a work handle without a future, a
     functional collective's tensor), a stream's worker makes the call. Each wait takes a stream
-    with nothing pending, so that it never sits behind another wait (one that timed out on a
-    slow event, or whose await was cancelled, say); past `_EVENT_WAITERS` streams, the least
-    busy, where it may over-wait behind an earlier wait."""
+    with nothing pending, made if none is, so that it never sits behind another wait (one that
+    timed out on a slow event, or a receive whose sender waits for a later one: with a bound on
+    the streams, 17 pending receives hung the 17th, whose message had come): a thread per wait
+    in progress, as ``run_in_executor`` would take. Streams past `_EVENT_WAITERS` are closed
+    once their wait has ended."""
 
     def __init__(self) -> None:
         self.streams: list[CpuStream] = []
 
     def _idle(self) -> CpuStream:  # under _waiter_lock
         self.streams = [s for s in self.streams if not s.closed]
-        stream = min(self.streams, key=lambda s: s._pending, default=None)
-        if stream is None or stream._pending and len(self.streams) < _EVENT_WAITERS:
+        stream = next((s for s in self.streams if not s._pending), None)
+        if stream is None:
             stream = CpuStream()
             self.streams.append(stream)
         return stream
+
+    def _trim(self, _: object = None) -> None:
+        with _waiter_lock:
+            extra = len(self.streams) - _EVENT_WAITERS
+            for s in [s for s in self.streams if not s._pending][:max(extra, 0)]:
+                s.close()
+                self.streams.remove(s)
+
+    def _trimmed(self, fut: Any) -> Any:  # under _waiter_lock
+        if len(self.streams) > _EVENT_WAITERS:
+            fut.add_done_callback(self._trim)
+        return fut
 
     def wait_for(self, ev: _core.CpuEvent) -> asyncio.Future[None]:
         with _waiter_lock:
             stream = self._idle()
             _ok(stream._wait_event(ev))
-            return synchronize(stream)
+            return self._trimmed(synchronize(stream))  # type: ignore[no-any-return]
 
     def call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run ``fn(*args)``, a wait that releases the GIL, on a worker. A cancelled await
         leaves it running to its end there, as a submitted call does."""
         with _waiter_lock:
-            return self._idle().submit(fn, *args)
+            return self._trimmed(self._idle().submit(fn, *args))  # type: ignore[no-any-return]
 
 
 _waiters = _CpuEventWaiters()
@@ -430,8 +444,13 @@ def _raisable(exc: BaseException) -> BaseException:
     frames and tensors for ever). `exc` loses the traceback it has."""
     exc.__traceback__ = None
     try:
-        dup = copy.copy(exc)
+        dup = copy.copy(exc)  # type(exc)(*exc.args), then its __dict__
+        # A class whose __init__ makes its message from other arguments is rebuilt wrong
+        # ("error code 7" -> "error code error code 7"): then the original.
+        faithful = type(dup) is type(exc) and dup.args == exc.args and str(dup) == str(exc)
     except Exception:  # an exception class that cannot be copied: the original, as before
+        return exc
+    if not faithful:
         return exc
     dup.__cause__, dup.__traceback__ = exc.__cause__, None
     return dup
@@ -472,7 +491,9 @@ def _from_torch_future(tfut: torch._C.Future[Any]) -> Awaitable[Any]:
         try:
             loop.call_soon_threadsafe(settle, done)
         except RuntimeError:  # the loop was closed meanwhile: nobody is waiting any more
-            pass
+            waits = _torch_waits.get(done)
+            if waits is not None and fut in waits:
+                waits.remove(fut)  # (with it, the closed loop)
 
     tfut.add_done_callback(on_done)
     return Shielded(fut)
