@@ -11,11 +11,12 @@ uvloop and trio: only where the fd is watched and how a waiting task is woken di
 Cancellation follows asyncio's rules, through trio's cancel scopes: a task cancelled while it
 waits leaves the future; a future left by its last waiter is cancelled, so a completion that
 arrives later finds it done and is dropped (never resurrected), and its native record is freed
-then, as on asyncio. When the run ends, its system task is cancelled, the loop is closed and its
-queue with it: futures still pending are dropped, records still in flight free themselves.
-A task still waiting then (a system task's shielded cleanup, such as a batch function's) is
-served first: the queue stays open until no task waits on any of the run's futures, as an
-asyncio loop runs until ``asyncio.run``'s cancelled tasks have ended.
+then, as on asyncio. When the run's main task returns, its system tasks are cancelled; a task
+still waiting then (a system task's shielded cleanup, such as a batch function's) is served
+first: the queue stays open until no task waits on any of the run's futures, as an asyncio loop
+runs until ``asyncio.run``'s cancelled tasks have ended. Then the loop is closed and its queue
+with it: futures nobody awaited fail (a later await raises at once), records still in flight
+free themselves.
 """
 
 from __future__ import annotations
