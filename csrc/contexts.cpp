@@ -66,6 +66,20 @@ CUresult primary_of(int device, CUcontext* out) {
     return CUDA_SUCCESS;
 }
 
+// Whether `r`, from a handle of device `device`'s primary context, says the context is inactive:
+// a reset leaves it so until somebody retains it again (cuDevicePrimaryCtxReset "explicitly
+// destroys and cleans up all resources"; aiocuda's own reference does not bring it back), and its
+// handle then answers CUDA_ERROR_CONTEXT_IS_DESTROYED ("a primary context which has not yet been
+// initialized"). Asked on that error only. Nothing can be queued on an inactive context.
+bool primary_inactive(int device, CUresult r) {
+    if (r != CUDA_ERROR_CONTEXT_IS_DESTROYED) return false;
+    CUdevice dev = 0;
+    unsigned flags = 0;
+    int active = 1;
+    return api.cuDeviceGet(&dev, device) == CUDA_SUCCESS &&
+           api.cuDevicePrimaryCtxGetState(dev, &flags, &active) == CUDA_SUCCESS && !active;
+}
+
 CUresult check_device(int device, std::string* why) {
     int count = load().device_count;
     if (device >= 0 && device < count) return CUDA_SUCCESS;
@@ -157,7 +171,13 @@ CUresult stream_ctx(uintptr_t stream, int device, CtxState** cs, std::string* wh
             return kNoContext;
         }
     }
-    if ((r = ctx_state(ctx, cs, why)) != CUDA_SUCCESS) return r;
+    if ((r = ctx_state(ctx, cs, why)) != CUDA_SUCCESS) {
+        if (is_legacy(stream) && device >= 0 && primary_inactive(device, r)) {
+            *cs = nullptr;  // as when it has no context at all
+            return CUDA_SUCCESS;
+        }
+        return r;
+    }
     if (device >= 0 && (*cs)->device != device) {
         *why = "the stream belongs to CUDA device " + std::to_string((*cs)->device) +
                ", not device " + std::to_string(device) + " as device= says";

@@ -105,9 +105,8 @@ CpuStream::CpuStream()
     worker_started();
     std::thread t;
     try {
-        for (int n = g_fail_starts.load(); n > 0;)
-            if (g_fail_starts.compare_exchange_weak(n, n - 1))
-                throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again));
+        if (take_one(g_fail_starts))
+            throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again));
         t = std::thread([sh = sh_] {
             name_this_thread("aiocuda-cpu");
             t_on_worker = true;

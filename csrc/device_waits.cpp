@@ -38,6 +38,11 @@ CUresult wait_device(int device, Node* n, std::string* why) {
         return CUDA_SUCCESS;
     }
     if (r == CUDA_SUCCESS && api.cuCtxRecordEvent) r = ctx_state(ctx, &cs, why);
+    if (primary_inactive(device, r)) {  // reset, not retained again: nothing is queued
+        why->clear();
+        complete(n, CUDA_SUCCESS);
+        return CUDA_SUCCESS;
+    }
     if (r != CUDA_SUCCESS) {
         discard(n);
         return r;
@@ -69,6 +74,10 @@ CUresult wait_device(int device, Node* n, std::string* why) {
     }
     unsigned long long id = 0;
     r = api.cuCtxGetId(ctx, &id);
+    if (primary_inactive(device, r)) {
+        complete(n, CUDA_SUCCESS);
+        return CUDA_SUCCESS;
+    }
     if (r != CUDA_SUCCESS) {
         discard(n);
         return r;

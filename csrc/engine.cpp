@@ -175,12 +175,12 @@ CUresult wait_event(uintptr_t event, int device, Node* n, std::string* why) {
     CUresult r = check_ready(why);
     if (r == CUDA_SUCCESS) r = check_device(device, why);
     if (r == CUDA_SUCCESS) r = primary_of(device, &ctx);
-    if (r == CUDA_SUCCESS && !ctx) {
+    if (r == CUDA_SUCCESS && ctx) r = ctx_state(ctx, &cs, why);
+    if ((r == CUDA_SUCCESS && !ctx) || primary_inactive(device, r)) {
         *why = "CUDA device " + std::to_string(device) + " has no active context, so the event "
                "cannot have been recorded there: pass the device the event belongs to";
         r = kBadDevice;
     }
-    if (r == CUDA_SUCCESS) r = ctx_state(ctx, &cs, why);
     if (r != CUDA_SUCCESS) {
         discard(n);
         return r;

@@ -294,8 +294,7 @@ extern std::atomic<int> g_fail_starts;  // tests: thread starts still to fail (f
 // (std::thread's std::system_error, or a failure fail_thread_starts() asked for).
 template <class F, class... A>
 bool start_thread(F fn, A... args) {
-    for (int n = g_fail_starts.load(); n > 0;)
-        if (g_fail_starts.compare_exchange_weak(n, n - 1)) return false;
+    if (take_one(g_fail_starts)) return false;
     try {
         std::thread(fn, args...).detach();
         return true;
@@ -370,6 +369,7 @@ void give_back(CtxState* cs, CUevent ev);  // an idle event of a live context: p
 void retire(CtxState* cs, CUresult code);
 bool still_current(CtxState* cs);  // takes eng->mu when retiring
 CUresult primary_of(int device, CUcontext* out);
+bool primary_inactive(int device, CUresult r);  // r says device's primary context was reset
 CUresult check_device(int device, std::string* why);
 CUresult ctx_state(CUcontext ctx, CtxState** out, std::string* why);
 CUresult stream_ctx(uintptr_t stream, int device, CtxState** cs, std::string* why);

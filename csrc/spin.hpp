@@ -1,6 +1,7 @@
 // A CPU hint for spin-wait loops, and thread names (also used by the test-only driver emulator).
 #pragma once
 
+#include <atomic>
 #include <mutex>
 
 #if defined(__linux__)
@@ -28,6 +29,14 @@ void spin_lock(M& m) {
         cpu_relax();
     }
     m.lock();
+}
+
+// Takes one of `left` (a test's count of thread starts still to fail, as the system would),
+// if any is left: true means this start fails.
+inline bool take_one(std::atomic<int>& left) noexcept {
+    for (int n = left.load(); n > 0;)
+        if (left.compare_exchange_weak(n, n - 1)) return true;
+    return false;
 }
 
 // Names the calling thread (at most 15 characters), for top -H, py-spy, gdb and the tests'

@@ -236,6 +236,22 @@ def test_the_host_function_cap_blocks_cu_launch_host_func():
     assert res["calls"] == 2 and res["after"] == 0
 
 
+def test_the_host_function_cap_blocks_a_context_wide_record_too():
+    # The rule holds every enqueue of the context, cuCtxRecordEvent's (one item on each stream) too.
+    res = emu_run(
+        """
+        lib.emu_set_hostfn_cap(1)
+        c = retain(0); a = stream(c); e = event(c)
+        noop = HOST_FN(lambda _: None)
+        ok(sleep(a, 0.2)); ok(lib.cuLaunchHostFunc(a, noop, None))
+        rc, wait = timed(lib.cuCtxRecordEvent, c, e)   # until a's function returned
+        ok(lib.cuEventSynchronize(e))
+        out(rc=rc, wait=wait)
+        """
+    )
+    assert res["rc"] == SUCCESS and res["wait"] > 0.15
+
+
 # Rule 4: one callback thread per context, stream order, latency, blocking later work ----------------
 def test_host_functions_share_one_thread_per_context_and_block_their_stream():
     res = emu_run(
@@ -347,7 +363,8 @@ def test_a_sticky_error_fails_its_context_only():
         r.update(dev1_event=lib.cuEventSynchronize(e1), dev1_stream=lib.cuStreamSynchronize(s1))
         until(lambda: lib.emu_live(b"hostfns_pending") == 0)   # dropped, never called
         r.update(called=len(called), pending=lib.emu_live(b"hostfns_pending"))
-        ok(lib.cuDevicePrimaryCtxReset_v2(0))                     # the only way back
+        ok(lib.cuDevicePrimaryCtxReset_v2(0))                     # the only way back,
+        retain(0)                                                 # then a retain to use it
         s = stream(c0); ok(sleep(s, 0.01))
         r.update(recovered=lib.cuStreamSynchronize(s))
         out(**r)
@@ -372,14 +389,19 @@ def test_a_reset_destroys_streams_and_events_and_changes_the_context_id():
         flags, active = ctypes.c_uint(), ctypes.c_int()
         ok(lib.cuDevicePrimaryCtxGetState(0, byref(flags), byref(active)))
         until(lambda: lib.emu_live(b"hostfns_pending") == 0)   # dropped, never called
-        out(same_handle=retain(0) == c, new_id=ctx_id(c) != id0, active=active.value,
+        inactive_use = lib.cuStreamSynchronize(0) if push(c) is None else None
+        pop()
+        out(inactive_use=inactive_use, same_handle=retain(0) == c, new_id=ctx_id(c) != id0,
+            active=active.value,
             streams_before=streams_before, streams=lib.emu_live(b"streams"),
             events=lib.emu_live(b"events"), pending=lib.emu_live(b"hostfns_pending"),
             called=len(called), fresh=lib.cuStreamSynchronize(stream(c)))
         lib.cuEventQuery(e)                                    # destroyed by the reset: aborts
         """
     )
-    assert res == {"same_handle": True, "new_id": True, "active": 1, "streams_before": 1,
+    # inactive until retained again: a reset "destroys" the context and does not release it
+    assert res == {"inactive_use": 709, "same_handle": True, "new_id": True, "active": 0,
+                   "streams_before": 1,
                    "streams": 0, "events": 0, "pending": 0, "called": 0, "fresh": 0}
     assert "cuEventQuery: event 0x" in err
 

@@ -643,6 +643,44 @@ def test_a_device_wait_during_a_capture_fails_alike_on_old_and_new_drivers(drive
     assert r.stdout.split() == ["900", "901"], r.stdout
 
 
+@pytest.mark.parametrize("driver", ["12040", "13000"])
+def test_a_reset_device_that_nobody_retained_again_has_nothing_to_wait_for(driver):
+    # cuDevicePrimaryCtxReset "explicitly destroys" the primary context and "does not release
+    # it": it is inactive until retained again, and its handle answers
+    # CUDA_ERROR_CONTEXT_IS_DESTROYED ("a primary context which has not yet been initialized").
+    # aiocuda keeps the handle it retained: a whole-device wait and the device's legacy stream
+    # have nothing queued (as on a device never used), and a foreign event cannot be there.
+    r = python_subprocess(
+        "import asyncio, ctypes, os, aiocuda\n"
+        "from aiocuda import _core\n"
+        "from aiocuda._api import wait_cuda_event\n"
+        "lib = ctypes.CDLL(os.environ['AIOCUDA_LIBCUDA'])\n"
+        "async def main():\n"
+        "    ctx, s = ctypes.c_void_p(), ctypes.c_void_p()\n"
+        "    assert lib.cuInit(0) == 0\n"
+        "    assert lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0) == 0\n"
+        "    assert lib.cuCtxSetCurrent(ctx) == 0\n"
+        "    assert lib.cuStreamCreate(ctypes.byref(s), 0) == 0\n"
+        "    lib.emu_enqueue_sleep(s, ctypes.c_longlong(10000))\n"
+        "    await aiocuda.synchronize(s.value)\n"
+        "    await aiocuda.synchronize_device(0)\n"
+        "    _core.cuda_hold(True)\n"
+        "    assert lib.cuDevicePrimaryCtxReset_v2(0) == 0\n"
+        "    _core.cuda_hold(False)\n"
+        "    await asyncio.wait_for(aiocuda.synchronize_device(0), 5)\n"
+        "    await asyncio.wait_for(aiocuda.synchronize(0, device=0), 5)\n"
+        "    try:\n"
+        "        wait_cuda_event(1234, 0)\n"
+        "    except aiocuda.AiocudaError as e:\n"
+        "        print('event:', e)\n"
+        "    print('done')\n"
+        "asyncio.run(main())\n",
+        env={"AIOCUDA_EMU_DRIVER_VERSION": driver},
+    )
+    assert r.returncode == 0, r.stderr
+    assert "has no active context" in r.stdout and r.stdout.split()[-1] == "done", r.stdout
+
+
 def test_events_past_the_bound_share_a_mark(run, emu, strategy):
     s = emu.stream()
 

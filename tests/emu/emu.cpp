@@ -1192,10 +1192,17 @@ EXPORT CUresult cuDevicePrimaryCtxRelease_v2(int dev) {
 }
 EXPORT CUresult cuDevicePrimaryCtxRelease(int dev) { return cuDevicePrimaryCtxRelease_v2(dev); }
 
+// cuDevicePrimaryCtxReset: "Explicitly destroys and cleans up all resources associated with the
+// current device in the current process. [...] Resetting the primary context does not release it";
+// and a retained one is "active and available to the user until the user releases it [...] or resets
+// it with cuDevicePrimaryCtxReset()" (cuDevicePrimaryCtxRetain). So it is inactive, its references
+// kept, until somebody retains it again (as a driver trace shows: cuDevicePrimaryCtxGetState active=0
+// after a reset, and the runtime retaining before its next use; lupinemachines/lupine PR 846).
 EXPORT CUresult cuDevicePrimaryCtxReset_v2(int dev) {
     ENTER(cuDevicePrimaryCtxReset); CHECK_DEV(dev);
     Lock g(S.mu);
     reset_ctx(S.primary[dev]);
+    S.primary[dev]->active = false;
     return kSuccess;
 }
 EXPORT CUresult cuDevicePrimaryCtxReset(int dev) { return cuDevicePrimaryCtxReset_v2(dev); }
@@ -1330,10 +1337,11 @@ EXPORT CUresult cuCtxRecordEvent(void* hctx, void* hev) {
     ENTER(cuCtxRecordEvent);
     std::vector<std::shared_ptr<Stream>> ss;
     auto m = std::make_shared<Mark>();
+    Ctx* c = nullptr;
     {
         Lock g(S.mu);
         if (!hctx) return kInvalidContext;  // Choice: cuda.h gives NULL no meaning here
-        Ctx* c = get_ctx("cuCtxRecordEvent", hctx);
+        c = get_ctx("cuCtxRecordEvent", hctx);
         auto ev = get_event("cuCtxRecordEvent", hev);
         if (ev->ctx != c) return kInvalidHandle;
         TRY(ctx_err(c) ? ctx_err(c) : sticky(c)); TRY(ctx_capturing(c));
@@ -1342,13 +1350,17 @@ EXPORT CUresult cuCtxRecordEvent(void* hctx, void* hev) {
         ev->mark = m;
         for (auto& s : ss) s->ops[kOpCtxRecord]++;
     }
+    // An enqueue of the context: it waits while the host functions are at their cap, as every
+    // other one does (admit_work). A fault or a reset meanwhile leaves the event incomplete.
+    CUresult r = admit_work(c);
     for (auto& s : ss) {
+        if (r) break;
         Item it;
         it.kind = kOpCtxRecord, it.mark = m;
-        push(*s, std::move(it));  // a fault or a reset meanwhile leaves the event incomplete
+        r = push(*s, std::move(it));
     }
     m->arrive();
-    return kSuccess;
+    return r;
 }
 
 // ==== 13. Entry points: streams ===================================================================
@@ -1698,14 +1710,15 @@ EXPORT CUresult cuEventQuery(void* hev) {
 EXPORT CUresult cuEventSynchronize(void* hev) {
     ENTER(cuEventSynchronize);
     std::shared_ptr<Event> ev;
+    std::shared_ptr<Mark> m;
     uint64_t epoch;
     {
         Lock g(S.mu);
         TRY(event_rules("cuEventSynchronize", hev, ev));
         if (!ev->mark) return kSuccess;
         epoch = ev->ctx->epoch.load();
+        m = ev->mark;  // under S.mu: a record made meanwhile is not this call's to wait for
     }
-    auto m = ev->mark;
     wait_for(ev->flags & kEventBlockingSync ? How::Block : How::Spin,
              [&] { return m->done.load() || after_wait(ev->ctx, epoch); });
     return m->done.load() ? kSuccess : after_wait(ev->ctx, epoch);
