@@ -163,3 +163,120 @@ def test_a_tensorflow_gpu_wait_uses_the_cuda_ordinal(run, monkeypatch):
 
     run(main())
     assert waited == [4, 3] and checked == [3]
+
+
+@pytest.fixture
+def host_is_gpu0(monkeypatch):
+    """Read TensorFlow's host devices as /GPU:0, where a GPU machine puts tensors and variables
+    by default (tensorflow-cpu here): what gpu_op's placement would see there."""
+    real = aiocuda._ops._tf_place
+
+    def place(device: str) -> Place:
+        p = real(device)
+        return Place("tf", 0) if p == Place("cpu") and "CPU" in device.upper() else p
+
+    monkeypatch.setattr(aiocuda._ops, "_tf_place", place)
+
+
+def test_gpu_op_finds_gpu_work_in_composites_models_and_device_scopes(host_is_gpu0):
+    # Each of these went to a cpu worker and was not awaited on the GPU: its await returned
+    # while the GPU work was queued (ragged and sparse tensors, a model's weights with numpy
+    # inputs, host inputs in a tf.device scope).
+    np = pytest.importorskip("numpy")
+    from aiocuda._ops import placement
+
+    gpu = Place("tf", 0)
+    batch = np.ones((2, 4), dtype=np.float32)
+    model = tf.keras.Sequential([tf.keras.Input(shape=(4,)), tf.keras.layers.Dense(3)])
+
+    class Scale(tf.Module):
+        def __init__(self) -> None:
+            self.w = tf.Variable(2.0)
+
+        def __call__(self, x):
+            return x * self.w
+
+    scale = Scale()
+    cases = {
+        "ragged": ((tf.ragged.constant([[1, 2], [3]]),), {}, tf.identity),
+        "sparse": ((), {"sp": tf.sparse.from_dense(tf.eye(2))}, lambda sp: sp),
+        "keras model": ((batch,), {}, model),
+        "tf.Module method": ((batch,), {}, scale.__call__),
+        "tf.Module argument": ((scale, batch), {}, lambda m, x: m(x)),
+    }
+    found = {name: placement(fn, args, kwargs, None, None) for name, (args, kwargs, fn) in
+             cases.items()}
+    assert found == dict.fromkeys(cases, gpu)
+    assert placement(len, (batch,), {}, None, None) == Place("cpu")
+    with tf.device("/CPU:0"):  # read as /GPU:0 here: host inputs run where the scope says
+        assert placement(len, (batch,), {}, None, None) == gpu
+    unbuilt = tf.keras.Sequential([tf.keras.layers.Dense(3)])  # no weights yet: inputs decide
+    assert placement(unbuilt, (batch,), {}, None, None) == Place("cpu")
+
+
+def test_tensors_on_two_tensorflow_gpus_are_refused_with_tensorflow_advice(monkeypatch):
+    from aiocuda._ops import placement
+
+    gpus = iter([Place("tf", 0), Place("tf", 1)])
+    monkeypatch.setattr(aiocuda._ops, "_tf_place", lambda device: next(gpus))
+    with pytest.raises(ValueError, match=r"tf\.identity"):
+        placement(tf.add, (tf.ones(1), tf.ones(1)), {}, None, None)
+
+
+def test_tensorflow_gpu_work_runs_in_the_scope_of_the_device_it_awaits(run, monkeypatch):
+    # device="/GPU:1" awaited device 1 while fn's ops went to TensorFlow's default GPU (0).
+    from tensorflow.python.eager import context
+
+    waited: list[int] = []
+
+    async def synchronize_device(device: int) -> None:
+        waited.append(device)
+
+    monkeypatch.setattr(aiocuda._ops, "synchronize_device", synchronize_device)
+    monkeypatch.setattr(aiocuda._ops, "check_await", lambda *_: None)  # no GPU here
+
+    async def main():
+        return await aiocuda.gpu_op(lambda: context.context().device_name, device="/GPU:1")
+
+    assert run(main()).endswith("device:GPU:1") and waited == [atf.cuda_ordinal(1)]
+
+
+def test_gpu_op_with_no_running_loop_refuses_before_fn_runs(monkeypatch):
+    # A coroutine driven by hand (or by another framework's loop): fn ran (queuing its GPU
+    # work) and only then was the await refused.
+    monkeypatch.setattr(aiocuda._ops, "check_await", lambda *_: None)
+    ran: list[int] = []
+    for kwargs in ({}, {"device": "/GPU:0"}):
+        coro = aiocuda.gpu_op(ran.append, 1, **kwargs)
+        with pytest.raises(aiocuda.AiocudaError, match=r"aiocuda\.gpu_op\(\) needs a running"):
+            coro.send(None)
+    assert ran == []
+
+
+def test_a_distribution_strategy_reaches_the_worker(run):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+
+    def make() -> tuple[bool, str]:
+        return tf.distribute.has_strategy(), type(tf.Variable(1.0)).__name__
+
+    async def main():
+        with strategy.scope():
+            return await aiocuda.gpu_op(make)
+
+    assert run(main()) == (True, "MirroredVariable")
+
+
+def test_waiting_on_a_composite_tensor_waits_for_its_parts_devices(run, host_is_gpu0, monkeypatch):
+    waited: list[int] = []
+
+    async def synchronize_device(device: int) -> None:
+        waited.append(device)
+
+    monkeypatch.setattr(atf, "_tf_place", aiocuda._ops._tf_place)
+    monkeypatch.setattr(atf, "synchronize_device", synchronize_device)
+    rt = tf.ragged.constant([[1, 2], [3]])
+
+    async def main():
+        return await aiocuda.wait(rt)
+
+    assert run(main()) is rt and waited == [atf.cuda_ordinal(0)]

@@ -37,6 +37,7 @@ from ._api import (
     synchronize_device,
 )
 from ._errors import AiocudaError
+from ._loop import running_loop
 
 __all__ = ["gpu_op", "wait"]
 
@@ -87,6 +88,9 @@ def place_of(value: object) -> Place | None:
     tf = sys.modules.get("tensorflow")
     if tf is not None and isinstance(value, (tf.Tensor, tf.Variable)):
         return _tf_place(value.device)
+    keras_variable = getattr(sys.modules.get("keras"), "Variable", None)  # Keras 3's own
+    if keras_variable is not None and isinstance(value, keras_variable):
+        return place_of(value.value)  # its backend's variable (TensorFlow's, torch's, ...)
     np = sys.modules.get("numpy")
     if np is not None and isinstance(value, np.ndarray):
         return CPU
@@ -116,22 +120,40 @@ def _parts_of(fn: object) -> tuple[list[object], list[object]]:
     return args, [fn, getattr(fn, "__self__", None)]
 
 
+def _tf_weights(v: object) -> Iterator[object] | None:
+    """The variables of a ``tf.Module`` (a Keras 2 layer too) or a Keras 3 layer, lazily where
+    TensorFlow allows; None if `v` is neither."""
+    tf = sys.modules.get("tensorflow")
+    weights: Iterator[object] | None = None
+    if tf is not None and isinstance(v, tf.Module):
+        weights = v._flatten(predicate=lambda x: isinstance(x, tf.Variable))  # a generator
+    elif (layer := getattr(sys.modules.get("keras"), "Layer", None)) is not None and \
+            isinstance(v, layer):
+        weights = iter(v.weights)  # none before it is built: its inputs decide
+    return weights
+
+
 def _values(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[object]:
     """The arguments, at any depth of lists, tuples, sets, mappings (a tokenizer's
-    ``BatchEncoding`` is one), dataclasses and containers registered with torch's pytree (as
-    the CUDA path's own walk, aiocuda.torch._children, finds them), each container once; for a
-    torch module (an argument, `fn`, or the object of a bound method `fn`) its first parameter."""
+    ``BatchEncoding`` is one), dataclasses, TensorFlow composite tensors (ragged, sparse) and
+    containers registered with torch's pytree (as the CUDA path's own walk,
+    aiocuda.torch._children, finds them), each container once; for a torch module, a
+    ``tf.Module`` or a Keras layer (an argument, `fn`, or the object of a bound method `fn`)
+    its first parameter or variable."""
     bound, owners = _parts_of(fn)
     stack: list[object] = [*reversed(kwargs.values()), *reversed(args), *reversed(bound)]
     seen: dict[int, object] = {}  # id -> container: held, so that no id is reused meanwhile
     torch = sys.modules.get("torch")
     pytree = sys.modules.get("torch.utils._pytree")
-    if torch is not None:
-        for v in owners:
-            if isinstance(v, torch.nn.Module):
-                yield next(itertools.chain(v.parameters(), v.buffers()), None)
-            elif isinstance(v, torch.Tensor):
-                yield v
+    tf: Any = sys.modules.get("tensorflow")
+    composite = None if tf is None else tf.__internal__.CompositeTensor
+    for v in owners:
+        if torch is not None and isinstance(v, torch.nn.Module):
+            yield next(itertools.chain(v.parameters(), v.buffers()), None)
+        elif torch is not None and isinstance(v, torch.Tensor):
+            yield v
+        elif (weights := _tf_weights(v)) is not None:
+            yield next(weights, None)
     while stack:
         v = stack.pop()
         if type(v) in _SCALARS:
@@ -144,6 +166,12 @@ def _values(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterat
             children = [getattr(v, f.name) for f in dataclasses.fields(v)]
         elif torch is not None and isinstance(v, torch.nn.Module):
             yield next(itertools.chain(v.parameters(), v.buffers()), None)
+            continue
+        elif composite is not None and isinstance(v, composite) and \
+                not isinstance(v, tf.Variable):  # (a variable is one too, and a tensor)
+            children = tf.nest.flatten(v, expand_composites=True)
+        elif (weights := _tf_weights(v)) is not None:
+            yield next(weights, None)
             continue
         elif pytree is not None and (node := pytree.SUPPORTED_NODES.get(
                 pytree._get_node_type(v))) is not None:
@@ -231,11 +259,17 @@ def placement(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any], stream:
     # scalars; pack_padded_sequence's lengths must be on the CPU): two devices are a conflict.
     devices = [p for p in found.values() if p != CPU]
     if len(devices) > 1:
+        how = ("with tf.device('/GPU:N'): tf.identity(x)" if any(p.kind == "tf" for p in devices)
+               else "tensor.to(device)")
         raise ValueError(
             f"gpu_op() got tensors on different devices: {', '.join(sorted(map(str, devices)))}; "
-            "move them to one device first (tensor.to(device)), then call gpu_op"
+            f"move them to one device first ({how}), then call gpu_op"
         )
     place = devices[0] if devices else CPU if found else None
+    if place in (None, CPU) and device is None and stream is None and "tensorflow" in sys.modules:
+        scope = _tf_device()  # host inputs in a tf.device("/GPU:N") scope run there, as in TF
+        if scope and (in_scope := _tf_place(scope)).kind == "tf":
+            place = in_scope
     if device is not None and stream is not None and _stream_place(stream).kind == "stream":
         _stream_ordinal(device)  # device= only says which device the stream is on
         device = None
@@ -360,13 +394,14 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
     - torch CUDA tensors: `fn` runs on the loop thread under ``torch.cuda.stream(s)`` (`stream`, or
       one of a small per-device pool) after `s` waits for the caller's current stream; outputs are
       safe to use on the caller's stream. Then `s` is awaited.
-    - TensorFlow GPU tensors: `fn` runs on the loop thread, then the device's queued work is
-      awaited (:func:`aiocuda.synchronize_device`; TensorFlow exposes no stream).
+    - TensorFlow GPU tensors: `fn` runs on the loop thread in ``tf.device`` of that GPU, then the
+      device's queued work is awaited (:func:`aiocuda.synchronize_device`; TensorFlow exposes no
+      stream). Host inputs in the caller's ``tf.device("/GPU:N")`` scope go there too.
     - torch CPU tensors, numpy arrays, plain Python: `fn` runs on a cpu-backend stream (`stream`,
       or one of a small pool; a gpu_op called by such a function, on a loop it runs, uses another
       pool), so the loop stays free while it computes, in the caller's
       contextvars, torch grad, inference and cpu autocast modes and default device, and
-      TensorFlow device scope, as on the caller's thread. Other per-thread state stays behind
+      TensorFlow device scope and distribution strategy, as on the caller's thread. Other per-thread state stays behind
       (torch's saved-tensor hooks and function modes, its thread count). Under a recording
       ``tf.GradientTape``, which belongs to its thread, `fn` runs on the loop thread instead
       (unless ``stream=`` names a CpuStream), holding up the loop's other tasks meanwhile.
@@ -375,8 +410,9 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
       0, 1 or 2, needs it when no context is current).
 
     The path comes from where the arguments live (tensors at any depth of lists, tuples, sets,
-    mappings and dataclasses; a torch module's parameters, whether the module is `fn`, an
-    argument, the object of a bound method or in a ``functools.partial``), or from ``device=``
+    mappings, dataclasses and TensorFlow composite tensors; a torch module's parameters, a Keras
+    layer's or ``tf.Module``'s variables, whether it is `fn`, an argument, the object of a bound
+    method or in a ``functools.partial``), or from ``device=``
     (``"cpu"``, ``"cuda:0"``, a CUDA ordinal such as ``0``, a ``torch.device``, ``"/GPU:0"``) or
     ``stream=``, which may send host tensors to a device (a copy) but may not contradict device
     tensors; ``stream`` and ``device`` are gpu_op's own keywords and are not passed to `fn`. An
@@ -386,6 +422,7 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
     if not callable(fn):
         raise not_callable(fn, "gpu_op()")
     not_a_coroutine_function(fn, "gpu_op()")
+    running_loop("aiocuda.gpu_op()")  # before fn runs: its work would be queued and lost
     place = placement(fn, args, kwargs, stream, device)
     if place.kind == "torch":
         from .torch import run_on_cuda
@@ -396,7 +433,9 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
     if place.kind == "tf":
         gpu = _tf_cuda_ordinal(place.device)
         check_await(0, gpu)
-        result = fn(*args, **kwargs)
+        tf = sys.modules.get("tensorflow")  # (device="/GPU:0" may come without TensorFlow)
+        with contextlib.nullcontext() if tf is None else tf.device(str(place)):
+            result = fn(*args, **kwargs)  # on the device awaited, not on TensorFlow's default
         await synchronize_device(gpu)
         return result
     if place.kind == "stream":
@@ -453,11 +492,13 @@ def _stream_ordinal(device: object) -> int | None:
 class _InCallersState:
     """`fn(*args, **kwargs)` to run on a cpu worker as it would on the caller's thread: in the
     caller's contextvars (as asyncio.to_thread does), with torch its grad, inference and cpu
-    autocast modes and default device, and with TensorFlow its device scope, which both keep
-    per thread (torch's parallel_apply carries its modes too), set on the worker whatever an
-    earlier call left there. Its repr is `fn`'s, for the messages that name the function."""
+    autocast modes and default device, and with TensorFlow its device scope and distribution
+    strategy, which both keep per thread (torch's parallel_apply carries its modes too), set on
+    the worker whatever an earlier call left there. Its repr is `fn`'s, for the messages that
+    name the function."""
 
-    __slots__ = ("fn", "args", "kwargs", "ctx", "torch", "modes", "tf_device", "depth", "stream")
+    __slots__ = ("fn", "args", "kwargs", "ctx", "torch", "modes", "tf_device", "tf_strategy",
+                 "depth", "stream")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: dict[str, Any], depth: int, stream: CpuStream) -> None:
@@ -465,7 +506,10 @@ class _InCallersState:
         self.ctx = contextvars.copy_context()
         self.torch = torch = sys.modules.get("torch")
         self.modes = None if torch is None else _torch_modes(torch)
-        self.tf_device = _tf_device() if "tensorflow" in sys.modules else ""
+        tf = sys.modules.get("tensorflow")
+        self.tf_device = "" if tf is None else _tf_device()
+        self.tf_strategy = (tf.distribute.get_strategy()
+                            if tf is not None and tf.distribute.has_strategy() else None)
 
     def __call__(self) -> Any:
         return self.ctx.run(self._call)
@@ -476,10 +520,14 @@ class _InCallersState:
         nesting = _Nesting(self.depth, _live_nesting(), self.stream)
         _nesting.set(nesting)  # (in the copy of the caller's context)
         try:
-            if self.tf_device:  # (a worker is in no scope: every call leaves its own)
-                with sys.modules["tensorflow"].device(self.tf_device):
-                    return self._in_torch_modes()
-            return self._in_torch_modes()
+            if not self.tf_device and self.tf_strategy is None:
+                return self._in_torch_modes()
+            with contextlib.ExitStack() as scopes:  # (a worker is in none: each call leaves its own)
+                if self.tf_device:
+                    scopes.enter_context(sys.modules["tensorflow"].device(self.tf_device))
+                if self.tf_strategy is not None:  # variables made in fn are the strategy's
+                    scopes.enter_context(self.tf_strategy.scope())
+                return self._in_torch_modes()
         finally:
             nesting.running = False
 

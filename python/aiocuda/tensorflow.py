@@ -81,12 +81,23 @@ async def _done(x: Any) -> Any:
     return x
 
 
+async def _on_devices(x: Any, ordinals: list[int]) -> Any:
+    for ordinal in ordinals:
+        await synchronize_device(ordinal)
+    return x
+
+
 def waitable(x: object) -> Awaitable[Any] | None:
-    """aiocuda.wait's TensorFlow cases; None if `x` is not a TensorFlow tensor."""
-    if not isinstance(x, (tf.Tensor, tf.Variable)):
+    """aiocuda.wait's TensorFlow cases; None if `x` is not a TensorFlow tensor (a composite one,
+    ragged or sparse, waits for the devices of its parts)."""
+    if isinstance(x, (tf.Tensor, tf.Variable)):
+        index = gpu_index(x)
+        return _done(x) if index is None else _on_device(x, cuda_ordinal(index))
+    if not isinstance(x, tf.__internal__.CompositeTensor):
         return None
-    index = gpu_index(x)
-    return _done(x) if index is None else _on_device(x, cuda_ordinal(index))
+    parts = tf.nest.flatten(x, expand_composites=True)
+    indexes = {i for i in map(gpu_index, parts) if i is not None}
+    return _on_devices(x, [cuda_ordinal(i) for i in sorted(indexes)])
 
 
 async def wait(x: tf.Tensor | tf.Variable) -> Any:
