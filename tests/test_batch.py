@@ -186,6 +186,33 @@ def test_a_batch_that_does_not_fill_starts_after_max_wait_s(go):
     assert calls == [[21]]
 
 
+@pytest.mark.parametrize("max_wait_s", [0.0001, 0.0012])
+def test_a_lone_callers_wait_sleeps_rather_than_spins(go, monkeypatch, max_wait_s):
+    # uvloop's clock moves in whole milliseconds and call_later rounds to the nearest one: a
+    # deadline 0.1-0.4 ms away became a 0 ms timer, and the dispatcher went round about 100
+    # times per batch, busy, until the clock ticked.
+    from aiocuda import _batch
+
+    rounds = [0]
+    real = _batch._sleep_until_woken
+
+    async def counted(*args: Any) -> None:
+        rounds[0] += 1
+        await real(*args)
+
+    monkeypatch.setattr(_batch, "_sleep_until_woken", counted)
+
+    @aiocuda.batch(max_batch_size=32, max_wait_s=max_wait_s)
+    async def f(items: list[int]) -> list[int]:
+        return items
+
+    async def body() -> list[int]:
+        return [await f(i) for i in range(20)]
+
+    assert go(body) == list(range(20))
+    assert rounds[0] <= 3 * 20, f"{rounds[0] / 20:.1f} dispatcher rounds per batch"
+
+
 def test_items_arriving_while_the_batch_before_runs_wait_for_it(go):
     """max_concurrent_batches=1: what arrives meanwhile is the next batch, all of it."""
     calls: list[list[int]] = []
@@ -283,6 +310,52 @@ def test_an_exception_reaches_every_caller_of_its_batch_and_no_other(go):
         failed = await group([1, -1, 2])
         assert all(isinstance(e, Bad) and str(e) == "bad item in [-1, 1, 2]" for e in failed)
         assert await group([3, 4, 5]) == [6, 8, 10]  # the batcher goes on
+
+    go(body)
+
+
+def test_each_caller_of_a_failed_batch_gets_an_exception_of_its_own(go):
+    # One object for all: a note that one request's handler added, the exception it was
+    # handling (__context__) and its frames showed in every other request's error.
+    async def body() -> list[Any]:
+        @aiocuda.batch(max_batch_size=3, max_wait_s=HOUR)
+        async def f(items: list[int]) -> list[int]:
+            raise Bad("model failed")
+
+        got: list[Any] = [None] * 3
+
+        async def call(k: int) -> None:
+            try:
+                raise KeyError(f"request {k}'s own")
+            except KeyError:
+                try:
+                    await f(k)
+                except Bad as exc:
+                    if sys.version_info >= (3, 11):  # (no notes before)
+                        exc.add_note(f"request {k}")
+                    got[k] = exc
+
+        async with anyio.create_task_group() as tg:
+            for k in range(3):
+                tg.start_soon(call, k)
+        return got
+
+    got = go(body)
+    assert len({id(e) for e in got}) == 3
+    for k, e in enumerate(got):
+        assert type(e) is Bad and str(e) == "model failed"
+        assert getattr(e, "__notes__", [f"request {k}"]) == [f"request {k}"]
+        assert e.__context__.args == (f"request {k}'s own",)
+
+
+def test_a_type_error_raised_while_reading_the_results_is_the_functions_own(go):
+    async def body() -> None:
+        @aiocuda.batch(max_batch_size=2, max_wait_s=0.001)
+        async def f(items: list[int]) -> Any:
+            return ("#" + i for i in items)  # type: ignore[operator]  # a bug in a generator
+
+        with pytest.raises(TypeError, match="can only concatenate str"):
+            await f(1)
 
     go(body)
 
@@ -613,6 +686,24 @@ def test_a_function_that_is_not_async_is_refused():
         aiocuda.batch(32)  # type: ignore[call-overload]
 
 
+def test_an_async_function_behind_a_plain_decorator_is_refused_saying_why():
+    import functools
+
+    def traced(fn: Callable[..., Any]) -> Callable[..., Any]:  # as @torch.inference_mode() does
+        @functools.wraps(fn)
+        def wrapper(*args: Any) -> Any:
+            return fn(*args)
+
+        return wrapper
+
+    @traced
+    async def f(items: list[int]) -> list[int]:
+        return items
+
+    with pytest.raises(TypeError, match="a plain function wrapping one"):
+        aiocuda.batch(f)
+
+
 def test_an_async_callable_object_or_partial_is_an_async_function(go):
     import functools
 
@@ -865,6 +956,34 @@ def test_a_loop_closed_with_callers_waiting_is_freed_when_another_loop_comes():
     assert [r() for r in refs] == [None, None, None]
 
 
+def test_a_batch_running_when_its_loop_closed_logs_nothing_when_collected(caplog):
+    # Collected with its closed loop, the batch task (GeneratorExit) cancelled its callers'
+    # futures, on the closed loop: "background task ... failed: Event loop is closed", logged.
+    import gc
+    import time
+
+    @aiocuda.batch(max_batch_size=2, max_wait_s=0.001)
+    async def slow(items: list[int]) -> list[int]:
+        return await aiocuda.gpu_op(lambda xs: (time.sleep(0.2), xs)[1], items)
+
+    caplog.set_level(logging.ERROR, logger="aiocuda")
+    loop = asyncio.new_event_loop()
+
+    async def start() -> list[asyncio.Task[int]]:
+        tasks = [loop.create_task(slow(i)) for i in range(3)]  # 2 run, 1 waits
+        await asyncio.sleep(0.05)
+        return tasks
+
+    tasks = loop.run_until_complete(start())
+    loop.close()
+    del tasks, loop
+    time.sleep(0.3)  # the function's work ends against the closed loop
+    gc.collect()
+    assert asyncio.run(asyncio.wait_for(slow(7), 5)) == 7  # the batcher works on
+    gc.collect()
+    assert not [r for r in caplog.records if r.name.startswith("aiocuda")], caplog.text
+
+
 def test_the_batch_function_runs_in_its_first_callers_contextvars(go):
     # asyncio's create_task copies the caller's context; trio's system tasks ran in the run's
     # own, so a request id set by the caller read "unset" in the batch function under trio only.
@@ -937,6 +1056,38 @@ class TwoMethods:
 
     small = aiocuda.batch(max_batch_size=1, max_wait_s=0.01)(_impl)
     big = aiocuda.batch(max_batch_size=8, max_wait_s=0.01)(_impl)
+
+
+def test_an_instance_with_a_batched_method_is_freed_without_the_cycle_collector(go):
+    # obj.__dict__ -> its batcher -> a bound method -> obj: a cycle, and the model's memory
+    # with it, freed only by a pass of the cycle collector.
+    import gc
+    import weakref
+
+    class Model:
+        @aiocuda.batch(max_batch_size=4, max_wait_s=0.001)
+        async def classify(self, items: list[int]) -> list[int]:
+            return [self.offset + i for i in items]
+
+        offset = 10
+
+    async def body() -> tuple[list[int], bool]:
+        m = Model()
+        ref = weakref.ref(m)
+        out = [await m.classify(1), await m.classify(2)]
+        del m
+        return out, ref() is None
+
+    gc.disable()
+    try:
+        out, freed = go(body)
+    finally:
+        gc.enable()
+    assert out == [11, 12] and freed
+
+    orphan = Model().classify  # the instance is gone: its batcher says so
+    with pytest.raises(ReferenceError, match="keep a reference to the object"):
+        go(lambda: orphan(1))
 
 
 def test_batched_methods_of_one_qualname_keep_their_own_batchers(go):

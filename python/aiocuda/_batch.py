@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
+from ._errors import faithful_copy
 from ._loop import Shielded, drop_closed_spawned, is_cancellation, is_trio, running_loop, spawn
 
 __all__ = ["Batcher", "batch"]
@@ -84,6 +85,12 @@ async def _sleep_until_woken(loop: Any, q: _Queue, timeout: float | None) -> Non
             with trio.move_on_after(math.inf if timeout is None else max(timeout, 0.0)):
                 await Shielded(fut)
         else:
+            if timeout is not None and not hasattr(loop, "_clock_resolution"):
+                # uvloop's clock and timers move in whole milliseconds (libuv's), and call_later
+                # rounds to the nearest one: a deadline 0.4 ms away would be a timer of 0 ms,
+                # run again at once until the clock ticks (a busy loop of up to 1 ms). asyncio's
+                # loops keep _clock_resolution and wake at the deadline.
+                timeout = math.ceil(timeout * 1000) / 1000
             await asyncio.wait((fut,), timeout=timeout)
     finally:
         if q.wakeup is fut:
@@ -158,6 +165,13 @@ def _check_function(fn: object) -> None:
     # type's __call__, not its own attribute: a class's __call__ would make an instance.
     if not (inspect.iscoroutinefunction(fn)
             or inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))):
+        if inspect.iscoroutinefunction(inspect.unwrap(fn)):
+            raise TypeError(
+                f"aiocuda.batch needs an async function, got {fn!r}, a plain function wrapping "
+                "one (a decorator such as @torch.inference_mode(), which then covers only the "
+                "making of the coroutine, not its run): use the decorator's context manager "
+                "inside the async def instead (with torch.inference_mode(): ...)"
+            )
         raise TypeError(
             f"aiocuda.batch needs an async function (async def f(items: list) -> list), got "
             f"{fn!r}: make it an async def and await its GPU work in it (aiocuda.gpu_op)"
@@ -186,7 +200,11 @@ class Batcher(Generic[T, R]):
     - Each event loop (asyncio, uvloop, or a trio run) has its own queue: callers on
       different loops, in different threads, are never batched together. A batch runs on
       its callers' loop, in a task of its own; while nothing waits, no task exists.
-    - On a method, each instance gets its own batcher (its own queues), as a bound method.
+    - On a method, each instance gets its own batcher (its own queues), as a bound method, kept
+      in the instance's ``__dict__``; it refers to the instance weakly, so that dropping a model
+      frees it at once (each call holds it while it waits).
+    - Each caller of a failed batch gets an exception of its own: a faithful copy of the one the
+      function raised (the first caller gets that one), with its cause and traceback.
     """
 
     def __init__(self, fn: Callable[..., Awaitable[Iterable[R]]], *, max_batch_size: int = 32,
@@ -196,11 +214,20 @@ class Batcher(Generic[T, R]):
         self._setup(fn, int(max_batch_size), float(max_wait_s), int(max_concurrent_batches))
 
     def _setup(self, fn: Callable[..., Awaitable[Iterable[R]]], max_batch_size: int,
-               max_wait_s: float, max_concurrent_batches: int) -> None:
+               max_wait_s: float, max_concurrent_batches: int, owner: object = None) -> None:
         # First: it copies fn's __dict__, whose attributes (a model wrapper's own _fn, _lock or
         # max_batch_size) must not replace this batcher's.
         functools.update_wrapper(self, fn)
         self._fn = fn
+        # A method's batcher: the instance it is bound to, which keeps it in its __dict__. Held
+        # weakly (a strong reference back would be a cycle that only the cyclic collector
+        # frees, and with it the model's memory), and strongly by each call while it waits.
+        self._owner: Callable[[], object] | None = None
+        if owner is not None:
+            try:
+                self._owner = weakref.ref(owner)
+            except TypeError:  # no __weakref__ slot: the cycle, as a bound method makes it
+                self._owner = lambda: owner
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_concurrent_batches = max_concurrent_batches
@@ -231,15 +258,31 @@ class Batcher(Generic[T, R]):
         bound: Batcher[T, R] | None = store.get(self._attr)
         # A shallow copy (copy.copy) shares the original's __dict__ entries: a batcher made for
         # another instance is replaced, or the copy's calls would run as the original's.
-        if bound is None or getattr(bound._fn, "__self__", None) is not obj:
+        if bound is None or bound._instance() is not obj:
             made: Batcher[T, R] = Batcher.__new__(Batcher)
-            made._setup(self._fn.__get__(obj, type(obj)),
-                        self.max_batch_size, self.max_wait_s, self.max_concurrent_batches)
+            made._setup(self._fn, self.max_batch_size, self.max_wait_s,
+                        self.max_concurrent_batches, owner=obj)
             with self._lock:  # one per instance, whoever wins
                 bound = store.get(self._attr)
-                if bound is None or getattr(bound._fn, "__self__", None) is not obj:
+                if bound is None or bound._instance() is not obj:
                     store[self._attr] = bound = made
         return bound
+
+    def _instance(self) -> object:
+        """The instance a method's batcher is bound to (None: not a method's, or collected)."""
+        return None if self._owner is None else self._owner()
+
+    def _target(self) -> Callable[..., Awaitable[Iterable[R]]]:
+        """The function to call: a method's, bound now to its instance."""
+        if self._owner is None:
+            return self._fn
+        obj = self._owner()
+        if obj is None:
+            raise ReferenceError(
+                f"{self._name()}: the instance this method's batcher was taken from has been "
+                "collected: keep a reference to the object while you call its method"
+            )
+        return self._fn.__get__(obj, type(obj))  # type: ignore[no-any-return]
 
     # ---- pickling (Ray ships a deployment's class by value): settings only ----------------------
 
@@ -291,6 +334,7 @@ class Batcher(Generic[T, R]):
 
     async def _submit(self, item: T) -> R:
         loop = running_loop(f"{self._name()}(item)")
+        target = self._target()  # (held while this call waits: a method's instance lives on)
         q = self._queue(loop)
         fut = loop.create_future()
         entry = _Entry(item, fut, _now(loop), contextvars.copy_context())
@@ -402,12 +446,14 @@ class Batcher(Generic[T, R]):
             if not live:
                 return
             try:
-                out = await self._fn([e.item for e in live])
+                out = await self._target()([e.item for e in live])
                 results = self._results(out, len(live))
             except Exception as exc:
                 self._fail(live, exc)
                 return
             except BaseException as exc:
+                if isinstance(exc, GeneratorExit) or loop.is_closed():
+                    raise  # collected with its closed loop: nobody waits, nothing to tell
                 if is_cancellation(exc) and not cancels.cancelled():
                     # The function's own (a future or task it awaited was cancelled by something
                     # else): its callers were not cancelled, they get an error.
@@ -429,13 +475,19 @@ class Batcher(Generic[T, R]):
         finally:
             cancels.close()
             q.running -= 1
-            q.wake()
+            if not loop.is_closed():
+                q.wake()
 
     @staticmethod
     def _fail(live: list[_Entry], exc: BaseException) -> None:
+        """Each caller gets an exception of its own (a faithful copy where one can be made):
+        what one request's handler adds to it (a note, its context, its traceback) must not
+        show in another's."""
+        first = True
         for e in live:
             if not e.fut.done():
-                e.fut.set_exception(exc)
+                e.fut.set_exception(exc if first else faithful_copy(exc) or exc)
+                first = False
 
     def _results(self, out: object, n: int) -> list[R]:
         if inspect.isawaitable(out):
@@ -454,12 +506,13 @@ class Batcher(Generic[T, R]):
                 "rows)"
             )
         try:
-            results: list[R] = list(out)  # type: ignore[call-overload]
+            it = iter(out)  # type: ignore[call-overload]
         except TypeError:
             raise TypeError(
                 f"{self._name()} returned {type(out).__name__}, not a sequence: return one "
                 "result per item, in the items' order (a list, a tuple, a tensor's rows)"
             ) from None
+        results: list[R] = list(it)  # a generator's own TypeError is the function's, as raised
         if len(results) != n:
             raise ValueError(
                 f"{self._name()} got {n} items and returned {len(results)} results: return "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 __all__ = ["AiocudaError", "CudaError"]
 
 
@@ -32,3 +34,24 @@ class CudaError(AiocudaError):
 
     def __reduce__(self) -> tuple[type[CudaError], tuple[int, str]]:
         return (type(self), (self.code, str(self)))
+
+
+def faithful_copy(exc: BaseException) -> BaseException | None:
+    """A copy of `exc` that raises as it does (its type, arguments and message; its cause,
+    context and traceback; its notes, in a list of its own), for a second raiser whose traceback
+    and notes must not land on the first's; None where a copy would differ (a class whose
+    __init__ builds its message from other arguments: "code 7" -> "code code 7") or cannot be
+    made."""
+    try:
+        dup = copy.copy(exc)  # type(exc)(*exc.args), then its __dict__
+        if type(dup) is not type(exc) or dup.args != exc.args or str(dup) != str(exc):
+            return None
+    except Exception:
+        return None
+    dup.__cause__, dup.__context__ = exc.__cause__, exc.__context__
+    dup.__suppress_context__ = exc.__suppress_context__
+    dup.__traceback__ = exc.__traceback__
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, list):
+        dup.__notes__ = list(notes)
+    return dup

@@ -12,7 +12,6 @@ cpu backend (:class:`CpuTorchStream`), so the same loop runs in tests and on lap
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import itertools
 import os
@@ -33,7 +32,7 @@ import torch.utils._pytree as pytree
 
 from . import _core
 from ._api import CpuStream, check_await, synchronize, wait_cuda_event
-from ._errors import AiocudaError
+from ._errors import AiocudaError, faithful_copy
 from ._loop import Shielded, running_loop, shield, wait_all
 
 __all__ = ["CpuTorchEvent", "CpuTorchStream", "Event", "Stream", "replay"]
@@ -443,17 +442,8 @@ def _raisable(exc: BaseException) -> BaseException:
     handle, a cycle through torch's C++ that the collector cannot see (each failure kept its
     frames and tensors for ever). `exc` loses the traceback it has."""
     exc.__traceback__ = None
-    try:
-        dup = copy.copy(exc)  # type(exc)(*exc.args), then its __dict__
-        # A class whose __init__ makes its message from other arguments is rebuilt wrong
-        # ("error code 7" -> "error code error code 7"): then the original.
-        faithful = type(dup) is type(exc) and dup.args == exc.args and str(dup) == str(exc)
-    except Exception:  # an exception class that cannot be copied: the original, as before
-        return exc
-    if not faithful:
-        return exc
-    dup.__cause__, dup.__traceback__ = exc.__cause__, None
-    return dup
+    dup = faithful_copy(exc)
+    return exc if dup is None else dup  # (where no faithful copy can be made: the original)
 
 
 # torch future -> the futures settled from it, one per loop. A torch future cannot drop a done
