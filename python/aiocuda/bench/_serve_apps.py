@@ -29,6 +29,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -143,7 +144,13 @@ def requests_app(variant: str, work_ms: float = WORK_MS, streams: int = WORK_STR
 
     app.add_api_route("/work", work, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/cpu", cpu, methods=["GET"])
     return app
+
+
+async def cpu() -> Any:
+    """This process's CPU time (every thread's), for the driver's CPU per request."""
+    return optional("fastapi.responses").JSONResponse({"cpu_s": time.process_time()})
 
 
 def tokens_app(engine: Any) -> Any:
@@ -191,6 +198,7 @@ def tokens_app(engine: Any) -> Any:
     app.add_api_route("/generate", generate, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/stats", stats, methods=["GET"])
+    app.add_api_route("/cpu", cpu, methods=["GET"])
     return app
 
 

@@ -4,7 +4,7 @@ Three processes: the servers (``_serve_apps``, one per variant, each started onc
 client (this module's ``client`` command: aiohttp, its own process, so it does not share the
 servers' CPU accounting or loop), and this one, which drives the client point by point, probes
 ``/health`` of the server under load at a low rate meanwhile, and reads the server's CPU time
-from ``/proc/<pid>/stat`` (utime + stime) around each measured window.
+(``GET /cpu``: its time.process_time(), every thread's) around each measured window.
 
 Requests: ``GET /work`` at each concurrency (closed loop: each client connection sends its next
 request when the previous answers) for each variant: aiocuda's await, starlette's
@@ -111,6 +111,11 @@ async def load_requests(url: str, concurrency: int, seconds: float, warmup_s: fl
 
 async def load_tokens(url: str, streams: int, seconds: float, warmup_s: float, max_tokens: int,
                       go: Any) -> dict[str, Any]:
+    """Each stream asks for one sequence after another. What counts is what arrives in the
+    window [t0, t0 + seconds): its tokens (over `seconds`), the first-token times of sequences
+    asked for in it, the gaps ending in it. The streams start spread over the warm-up: started
+    together, sequences of one length run in lockstep waves, and how many waves end inside the
+    window (not the engine) would decide the token rate."""
     from aiohttp import ClientSession, ClientTimeout, TCPConnector
 
     ttft: list[float] = []
@@ -118,20 +123,20 @@ async def load_tokens(url: str, streams: int, seconds: float, warmup_s: float, m
     tokens = 0
     sequences = 0
     errors = 0
-    measuring = False
-    stop_at = float("inf")
+    t0 = stop_at = float("inf")
+
+    def inside(t: float) -> bool:
+        return t0 <= t < stop_at
 
     async def stream(session: ClientSession, i: int) -> None:
         nonlocal tokens, sequences, errors
+        await asyncio.sleep(warmup_s * 0.8 * i / streams)
         j = 0
         while time.perf_counter() < stop_at:
             j += 1
-            counted = measuring
-            t0 = last = time.perf_counter()
+            asked = last = time.perf_counter()
             n = 0
             ok = False
-            gaps: list[float] = []
-            first = None
             try:
                 async with session.get(url, params={"seed": i * 100_003 + j,
                                                     "max_tokens": max_tokens}) as r:
@@ -144,35 +149,32 @@ async def load_tokens(url: str, streams: int, seconds: float, warmup_s: float, m
                         if line.startswith(b"data: [DONE]"):
                             ok = n == max_tokens
                             break
-                        if first is None:
-                            first = now - t0
-                        else:
-                            gaps.append(now - last)
+                        if inside(now):
+                            tokens += 1
+                            if n == 0:
+                                if inside(asked):
+                                    ttft.append(now - asked)
+                            else:
+                                itl.append(now - last)
                         last = now
                         n += 1
             except Exception:
                 ok = False
-            if counted and measuring:
+            if inside(asked):
                 sequences += 1
                 errors += not ok
-                tokens += n
-                if first is not None:
-                    ttft.append(first)
-                itl.extend(gaps)
 
     conn = TCPConnector(limit=streams)
     async with ClientSession(connector=conn, timeout=ClientTimeout(total=300)) as session:
         tasks = [asyncio.ensure_future(stream(session, i)) for i in range(streams)]
         await asyncio.sleep(warmup_s)
-        measuring = True
         go()
         t0 = time.perf_counter()
         stop_at = t0 + seconds
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - t0
-        measuring = False
     return {"sequences": sequences, "errors": errors, "tokens": tokens, "wall_s": wall,
-            "tokens_per_s": tokens / wall,
+            "tokens_per_s": tokens / seconds,
             "ttft_p50_ms": percentile(ttft, 50) * 1e3, "ttft_p99_ms": percentile(ttft, 99) * 1e3,
             "itl_p50_ms": percentile(itl, 50) * 1e3, "itl_p99_ms": percentile(itl, 99) * 1e3}
 
@@ -204,11 +206,15 @@ def client_main() -> None:
 
 # ---- the driver ---------------------------------------------------------------------------------
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+async def server_cpu_s(base: str) -> float:
+    """The server process's CPU time, all its threads (those that ended too), as it reads it
+    (``GET /cpu``: time.process_time(), to the nanosecond; /proc/PID/stat counts 10 ms ticks,
+    a tenth of what a point at concurrency 1 may use)."""
+    from aiohttp import ClientSession
+
+    async with ClientSession() as session:
+        async with session.get(base + "/cpu") as r:
+            return float((await r.json())["cpu_s"])
 
 
 class Proc:
@@ -285,7 +291,7 @@ async def measure(client: Proc, server: Proc, info: dict[str, Any], cmd: dict[st
     timeout = cfg.warmup_s + cfg.seconds + cfg.point_timeout_s
     if (await client.line(timeout)).strip() != "GO":
         raise RuntimeError("the benchmark's load client answered out of turn")
-    cpu0 = cpu_seconds(info["pid"])
+    cpu0 = await server_cpu_s(base)
     health: list[float] = []
     stop = asyncio.Event()
     prober = asyncio.ensure_future(probe(base + "/health", cfg.probe_interval_s, health, stop))
@@ -294,7 +300,7 @@ async def measure(client: Proc, server: Proc, info: dict[str, Any], cmd: dict[st
     finally:
         stop.set()
         await prober
-    cpu = cpu_seconds(info["pid"]) - cpu0
+    cpu = await server_cpu_s(base) - cpu0
     res["server_cpu_s"] = cpu
     res["health_n"] = len(health)
     res["health_p99_ms"] = percentile(health, 99) * 1e3
