@@ -1058,38 +1058,6 @@ class TwoMethods:
     big = aiocuda.batch(max_batch_size=8, max_wait_s=0.01)(_impl)
 
 
-def test_an_instance_with_a_batched_method_is_freed_without_the_cycle_collector(go):
-    # obj.__dict__ -> its batcher -> a bound method -> obj: a cycle, and the model's memory
-    # with it, freed only by a pass of the cycle collector.
-    import gc
-    import weakref
-
-    class Model:
-        @aiocuda.batch(max_batch_size=4, max_wait_s=0.001)
-        async def classify(self, items: list[int]) -> list[int]:
-            return [self.offset + i for i in items]
-
-        offset = 10
-
-    async def body() -> tuple[list[int], bool]:
-        m = Model()
-        ref = weakref.ref(m)
-        out = [await m.classify(1), await m.classify(2)]
-        del m
-        return out, ref() is None
-
-    gc.disable()
-    try:
-        out, freed = go(body)
-    finally:
-        gc.enable()
-    assert out == [11, 12] and freed
-
-    orphan = Model().classify  # the instance is gone: its batcher says so
-    with pytest.raises(ReferenceError, match="keep a reference to the object"):
-        go(lambda: orphan(1))
-
-
 def test_batched_methods_of_one_qualname_keep_their_own_batchers(go):
     # Both methods of TwoMethods are "TwoMethods.<locals>..._traced.<locals>.wrapper" by name:
     # an instance kept one batcher per name, so m.classify ran embed's function; and one

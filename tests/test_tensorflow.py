@@ -176,6 +176,7 @@ def host_is_gpu0(monkeypatch):
         return Place("tf", 0) if p == Place("cpu") and "CPU" in device.upper() else p
 
     monkeypatch.setattr(aiocuda._ops, "_tf_place", place)
+    monkeypatch.setattr(aiocuda._ops, "_tf_has_gpu", lambda index: index == 0)
 
 
 def test_gpu_op_finds_gpu_work_in_composites_models_and_device_scopes(host_is_gpu0):
@@ -208,10 +209,22 @@ def test_gpu_op_finds_gpu_work_in_composites_models_and_device_scopes(host_is_gp
              cases.items()}
     assert found == dict.fromkeys(cases, gpu)
     assert placement(len, (batch,), {}, None, None) == Place("cpu")
-    with tf.device("/CPU:0"):  # read as /GPU:0 here: host inputs run where the scope says
-        assert placement(len, (batch,), {}, None, None) == gpu
+    assert placement(lambda: 0, (), {}, None, None) == Place("cpu")
+    with tf.device("/CPU:0"):  # read as /GPU:0 here: a closure of TF work runs where it says
+        assert placement(lambda: 0, (), {}, None, None) == gpu
+        assert placement(len, (batch,), {}, None, None) == Place("cpu")  # numpy is not TF's
     unbuilt = tf.keras.Sequential([tf.keras.layers.Dense(3)])  # no weights yet: inputs decide
     assert placement(unbuilt, (batch,), {}, None, None) == Place("cpu")
+
+
+def test_a_gpu_scope_tensorflow_lacks_leaves_host_work_on_the_host():
+    # tensorflow-cpu has no GPU: its soft placement runs /GPU:0 scoped ops on the host, and
+    # gpu_op must not go looking for a CUDA driver (it refused every call in such a scope).
+    from aiocuda._ops import placement
+
+    with tf.device("/GPU:0"):
+        assert placement(lambda: 0, (), {}, None, None) == Place("cpu")
+        assert placement(tf.identity, (tf.ones(1),), {}, None, None) == Place("cpu")
 
 
 def test_tensors_on_two_tensorflow_gpus_are_refused_with_tensorflow_advice(monkeypatch):

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
-from ._errors import faithful_copy
+from ._errors import AiocudaError, faithful_copy
 from ._loop import Shielded, drop_closed_spawned, is_cancellation, is_trio, running_loop, spawn
 
 __all__ = ["Batcher", "batch"]
@@ -89,8 +89,9 @@ async def _sleep_until_woken(loop: Any, q: _Queue, timeout: float | None) -> Non
                 # uvloop's clock and timers move in whole milliseconds (libuv's), and call_later
                 # rounds to the nearest one: a deadline 0.4 ms away would be a timer of 0 ms,
                 # run again at once until the clock ticks (a busy loop of up to 1 ms). asyncio's
-                # loops keep _clock_resolution and wake at the deadline.
-                timeout = math.ceil(timeout * 1000) / 1000
+                # loops keep _clock_resolution and wake at the deadline. (Less a nanosecond: the
+                # float error of `arrived + 0.002 - now` must not make 2 ms a 3 ms sleep.)
+                timeout = math.ceil(timeout * 1000 - 1e-6) / 1000
             await asyncio.wait((fut,), timeout=timeout)
     finally:
         if q.wakeup is fut:
@@ -201,8 +202,9 @@ class Batcher(Generic[T, R]):
       different loops, in different threads, are never batched together. A batch runs on
       its callers' loop, in a task of its own; while nothing waits, no task exists.
     - On a method, each instance gets its own batcher (its own queues), as a bound method, kept
-      in the instance's ``__dict__``; it refers to the instance weakly, so that dropping a model
-      frees it at once (each call holds it while it waits).
+      in the instance's ``__dict__``. It holds its instance, as a bound method does: the two
+      make a cycle, which the garbage collector frees (``gc.collect()`` frees a dropped model's
+      memory at once).
     - Each caller of a failed batch gets an exception of its own: a faithful copy of the one the
       function raised (the first caller gets that one), with its cause and traceback.
     """
@@ -214,20 +216,11 @@ class Batcher(Generic[T, R]):
         self._setup(fn, int(max_batch_size), float(max_wait_s), int(max_concurrent_batches))
 
     def _setup(self, fn: Callable[..., Awaitable[Iterable[R]]], max_batch_size: int,
-               max_wait_s: float, max_concurrent_batches: int, owner: object = None) -> None:
+               max_wait_s: float, max_concurrent_batches: int) -> None:
         # First: it copies fn's __dict__, whose attributes (a model wrapper's own _fn, _lock or
         # max_batch_size) must not replace this batcher's.
         functools.update_wrapper(self, fn)
         self._fn = fn
-        # A method's batcher: the instance it is bound to, which keeps it in its __dict__. Held
-        # weakly (a strong reference back would be a cycle that only the cyclic collector
-        # frees, and with it the model's memory), and strongly by each call while it waits.
-        self._owner: Callable[[], object] | None = None
-        if owner is not None:
-            try:
-                self._owner = weakref.ref(owner)
-            except TypeError:  # no __weakref__ slot: the cycle, as a bound method makes it
-                self._owner = lambda: owner
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_concurrent_batches = max_concurrent_batches
@@ -258,31 +251,15 @@ class Batcher(Generic[T, R]):
         bound: Batcher[T, R] | None = store.get(self._attr)
         # A shallow copy (copy.copy) shares the original's __dict__ entries: a batcher made for
         # another instance is replaced, or the copy's calls would run as the original's.
-        if bound is None or bound._instance() is not obj:
+        if bound is None or getattr(bound._fn, "__self__", None) is not obj:
             made: Batcher[T, R] = Batcher.__new__(Batcher)
-            made._setup(self._fn, self.max_batch_size, self.max_wait_s,
-                        self.max_concurrent_batches, owner=obj)
+            made._setup(self._fn.__get__(obj, type(obj)),
+                        self.max_batch_size, self.max_wait_s, self.max_concurrent_batches)
             with self._lock:  # one per instance, whoever wins
                 bound = store.get(self._attr)
-                if bound is None or bound._instance() is not obj:
+                if bound is None or getattr(bound._fn, "__self__", None) is not obj:
                     store[self._attr] = bound = made
         return bound
-
-    def _instance(self) -> object:
-        """The instance a method's batcher is bound to (None: not a method's, or collected)."""
-        return None if self._owner is None else self._owner()
-
-    def _target(self) -> Callable[..., Awaitable[Iterable[R]]]:
-        """The function to call: a method's, bound now to its instance."""
-        if self._owner is None:
-            return self._fn
-        obj = self._owner()
-        if obj is None:
-            raise ReferenceError(
-                f"{self._name()}: the instance this method's batcher was taken from has been "
-                "collected: keep a reference to the object while you call its method"
-            )
-        return self._fn.__get__(obj, type(obj))  # type: ignore[no-any-return]
 
     # ---- pickling (Ray ships a deployment's class by value): settings only ----------------------
 
@@ -334,7 +311,6 @@ class Batcher(Generic[T, R]):
 
     async def _submit(self, item: T) -> R:
         loop = running_loop(f"{self._name()}(item)")
-        target = self._target()  # (held while this call waits: a method's instance lives on)
         q = self._queue(loop)
         fut = loop.create_future()
         entry = _Entry(item, fut, _now(loop), contextvars.copy_context())
@@ -431,8 +407,8 @@ class Batcher(Generic[T, R]):
         q.running -= 1
         q.wake()
 
-    def _stopped(self, task: str) -> RuntimeError:
-        return RuntimeError(
+    def _stopped(self, task: str) -> AiocudaError:
+        return AiocudaError(
             f"{self._name()}: its {task} task was cancelled before the batch ran (something "
             "cancelled aiocuda's background tasks, as cancelling every task of "
             "asyncio.all_tasks() does): call it again"
@@ -446,7 +422,7 @@ class Batcher(Generic[T, R]):
             if not live:
                 return
             try:
-                out = await self._target()([e.item for e in live])
+                out = await self._fn([e.item for e in live])
                 results = self._results(out, len(live))
             except Exception as exc:
                 self._fail(live, exc)
@@ -457,7 +433,7 @@ class Batcher(Generic[T, R]):
                 if is_cancellation(exc) and not cancels.cancelled():
                     # The function's own (a future or task it awaited was cancelled by something
                     # else): its callers were not cancelled, they get an error.
-                    err = RuntimeError(
+                    err = AiocudaError(
                         f"{self._name()}: the batch function raised CancelledError, but its "
                         "batch was not cancelled (something it awaited was): catch it in the "
                         "function, or raise another exception"

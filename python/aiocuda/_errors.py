@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import builtins
 import copy
 
 __all__ = ["AiocudaError", "CudaError"]
+
+_GROUP: type[BaseException] | None = getattr(builtins, "BaseExceptionGroup", None)  # 3.11+
 
 
 class AiocudaError(RuntimeError):
@@ -41,9 +44,16 @@ def faithful_copy(exc: BaseException) -> BaseException | None:
     context and traceback; its notes, in a list of its own), for a second raiser whose traceback
     and notes must not land on the first's; None where a copy would differ (a class whose
     __init__ builds its message from other arguments: "code 7" -> "code code 7") or cannot be
-    made."""
+    made (an exception group: its copies would share their leaves)."""
+    if _GROUP is not None and isinstance(exc, _GROUP):
+        return None
     try:
         dup = copy.copy(exc)  # type(exc)(*exc.args), then its __dict__
+        for cls in type(exc).__mro__:  # and what its classes keep in __slots__
+            slots = cls.__dict__.get("__slots__", ())
+            for name in (slots,) if isinstance(slots, str) else slots:
+                if name not in ("__dict__", "__weakref__") and hasattr(exc, name):
+                    setattr(dup, name, getattr(exc, name))
         if type(dup) is not type(exc) or dup.args != exc.args or str(dup) != str(exc):
             return None
     except Exception:

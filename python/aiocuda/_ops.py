@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -90,7 +91,10 @@ def place_of(value: object) -> Place | None:
         return _tf_place(value.device)
     keras_variable = getattr(sys.modules.get("keras"), "Variable", None)  # Keras 3's own
     if keras_variable is not None and isinstance(value, keras_variable):
-        return place_of(value.value)  # its backend's variable (TensorFlow's, torch's, ...)
+        try:
+            return place_of(value.value)  # its backend's variable (TensorFlow's, torch's)
+        except TypeError:  # another backend's (JAX): not one aiocuda places, as before
+            return None
     np = sys.modules.get("numpy")
     if np is not None and isinstance(value, np.ndarray):
         return CPU
@@ -120,17 +124,32 @@ def _parts_of(fn: object) -> tuple[list[object], list[object]]:
     return args, [fn, getattr(fn, "__self__", None)]
 
 
-def _tf_weights(v: object) -> Iterator[object] | None:
-    """The variables of a ``tf.Module`` (a Keras 2 layer too) or a Keras 3 layer, lazily where
-    TensorFlow allows; None if `v` is neither."""
-    tf = sys.modules.get("tensorflow")
-    weights: Iterator[object] | None = None
-    if tf is not None and isinstance(v, tf.Module):
-        weights = v._flatten(predicate=lambda x: isinstance(x, tf.Variable))  # a generator
-    elif (layer := getattr(sys.modules.get("keras"), "Layer", None)) is not None and \
-            isinstance(v, layer):
-        weights = iter(v.weights)  # none before it is built: its inputs decide
-    return weights
+# A model -> its first variable: finding it walks the model (milliseconds for thousands of
+# layers), on the loop thread, for every call. TensorFlow's variables do not move.
+_first_weights: weakref.WeakKeyDictionary[Any, object] = weakref.WeakKeyDictionary()
+_NOT_A_MODEL = object()
+
+
+def _tf_first_weight(v: object) -> object:
+    """The first variable of a ``tf.Module`` (a Keras 2 layer too) or a Keras 3 layer, None
+    before it has one (unbuilt: its inputs decide); _NOT_A_MODEL if `v` is neither."""
+    tf: Any = sys.modules.get("tensorflow")
+    module = tf is not None and isinstance(v, tf.Module)
+    layer = getattr(sys.modules.get("keras"), "Layer", None)
+    if not module and not (layer is not None and isinstance(v, layer)):
+        return _NOT_A_MODEL
+    try:
+        return _first_weights[v]
+    except (KeyError, TypeError):  # (TypeError: not weakly referable or not hashable)
+        pass
+    weights: Iterator[object] = (
+        v._flatten(predicate=lambda x: isinstance(x, tf.Variable))  # type: ignore[attr-defined]
+        if module else iter(v.weights))  # type: ignore[attr-defined]
+    first = next(weights, None)
+    if first is not None:
+        with contextlib.suppress(TypeError):
+            _first_weights[v] = first
+    return first
 
 
 def _values(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[object]:
@@ -147,13 +166,15 @@ def _values(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterat
     pytree = sys.modules.get("torch.utils._pytree")
     tf: Any = sys.modules.get("tensorflow")
     composite = None if tf is None else tf.__internal__.CompositeTensor
+    # (a strategy's per-replica values span its devices: not one place, looked into as before)
+    per_replica: Any = None if tf is None else tf.distribute.DistributedValues
     for v in owners:
         if torch is not None and isinstance(v, torch.nn.Module):
             yield next(itertools.chain(v.parameters(), v.buffers()), None)
         elif torch is not None and isinstance(v, torch.Tensor):
             yield v
-        elif (weights := _tf_weights(v)) is not None:
-            yield next(weights, None)
+        elif (first := _tf_first_weight(v)) is not _NOT_A_MODEL:
+            yield first
     while stack:
         v = stack.pop()
         if type(v) in _SCALARS:
@@ -168,10 +189,10 @@ def _values(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterat
             yield next(itertools.chain(v.parameters(), v.buffers()), None)
             continue
         elif composite is not None and isinstance(v, composite) and \
-                not isinstance(v, tf.Variable):  # (a variable is one too, and a tensor)
+                not isinstance(v, (tf.Variable, per_replica)):  # (a variable is one too)
             children = tf.nest.flatten(v, expand_composites=True)
-        elif (weights := _tf_weights(v)) is not None:
-            yield next(weights, None)
+        elif (first := _tf_first_weight(v)) is not _NOT_A_MODEL:
+            yield first
             continue
         elif pytree is not None and (node := pytree.SUPPORTED_NODES.get(
                 pytree._get_node_type(v))) is not None:
@@ -184,6 +205,18 @@ def _values(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterat
             children = list(children)
             if not set(map(type, children)) <= _SCALARS:
                 stack.extend(reversed(children))
+
+
+def _is_tf(v: object) -> bool:
+    tf = sys.modules.get("tensorflow")
+    keras_variable = getattr(sys.modules.get("keras"), "Variable", None)
+    return (tf is not None and isinstance(v, (tf.Tensor, tf.Variable))) or \
+        (keras_variable is not None and isinstance(v, keras_variable))
+
+
+def _tf_has_gpu(index: int) -> bool:
+    """Whether TensorFlow has a "/GPU:`index`" (a logical device)."""
+    return index < len(sys.modules["tensorflow"].config.list_logical_devices("GPU"))
 
 
 def _parse_device(device: object) -> Place:
@@ -246,6 +279,7 @@ def placement(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any], stream:
               device: object) -> Place:
     """Decide where `fn(*args, **kwargs)` runs; raise if the arguments disagree."""
     found: dict[str, Place] = {}
+    tf_only = True  # every tensor found is TensorFlow's (or none was found)
     for v in _values(fn, args, kwargs):
         try:
             p = place_of(v)
@@ -255,6 +289,7 @@ def placement(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any], stream:
             continue  # an array aiocuda does not know: the caller said where fn runs
         if p is not None:
             found.setdefault(str(p), p)
+            tf_only = tf_only and _is_tf(v)
     # Host tensors beside device ones are the function's business, as torch allows (0-dim CPU
     # scalars; pack_padded_sequence's lengths must be on the CPU): two devices are a conflict.
     devices = [p for p in found.values() if p != CPU]
@@ -266,9 +301,12 @@ def placement(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any], stream:
             f"move them to one device first ({how}), then call gpu_op"
         )
     place = devices[0] if devices else CPU if found else None
-    if place in (None, CPU) and device is None and stream is None and "tensorflow" in sys.modules:
-        scope = _tf_device()  # host inputs in a tf.device("/GPU:N") scope run there, as in TF
-        if scope and (in_scope := _tf_place(scope)).kind == "tf":
+    if place in (None, CPU) and device is None and stream is None and tf_only and \
+            "tensorflow" in sys.modules:
+        # TensorFlow host inputs (or none) in a tf.device("/GPU:N") scope run there, as in TF,
+        # where TensorFlow has that GPU (else its soft placement runs them on the host).
+        scope = _tf_device()
+        if scope and (in_scope := _tf_place(scope)).kind == "tf" and _tf_has_gpu(in_scope.device):
             place = in_scope
     if device is not None and stream is not None and _stream_place(stream).kind == "stream":
         _stream_ordinal(device)  # device= only says which device the stream is on

@@ -99,7 +99,7 @@ class TrioLoop:
         try:
             self._token.run_sync_soon(callback, *args)
         except trio.RunFinishedError:
-            raise RuntimeError("the trio run has finished") from None
+            raise AiocudaError("the trio run has finished") from None
 
     call_soon_threadsafe = call_soon
 

@@ -180,8 +180,8 @@ async def load_tokens(url: str, streams: int, seconds: float, warmup_s: float, m
 
 
 def client_main() -> None:
-    """Commands as JSON lines on stdin; for each, ``GO`` when its window opens, then the result
-    as a JSON line."""
+    """Commands as JSON lines on stdin; for each, ``GO`` when its window opens, ``STOP`` when it
+    closes, then the result as a JSON line."""
     die_with_parent()
     run: Callable[..., Any] = asyncio.run
     try:
@@ -193,6 +193,7 @@ def client_main() -> None:
 
     def go() -> None:
         print("GO", flush=True)
+        asyncio.get_running_loop().call_later(cmd["seconds"], lambda: print("STOP", flush=True))
 
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -295,12 +296,14 @@ async def measure(client: Proc, server: Proc, info: dict[str, Any], cmd: dict[st
     health: list[float] = []
     stop = asyncio.Event()
     prober = asyncio.ensure_future(probe(base + "/health", cfg.probe_interval_s, health, stop))
-    try:
-        res: dict[str, Any] = json.loads(await client.line(timeout))
+    try:  # the server's CPU over the window, which the tokens are counted in
+        if (await client.line(timeout)).strip() != "STOP":
+            raise RuntimeError("the benchmark's load client answered out of turn")
+        cpu = await server_cpu_s(base) - cpu0
     finally:
         stop.set()
         await prober
-    cpu = await server_cpu_s(base) - cpu0
+    res: dict[str, Any] = json.loads(await client.line(timeout))
     res["server_cpu_s"] = cpu
     res["health_n"] = len(health)
     res["health_p99_ms"] = percentile(health, 99) * 1e3
