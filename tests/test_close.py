@@ -246,6 +246,21 @@ print("end of main", flush=True)
     assert "terminate" not in err  # a worker stopped by the interpreter's exit unwinds cleanly
 
 
+@pytest.mark.parametrize("value", ["abc", "-1", "nan"])
+def test_a_bad_exit_timeout_says_so_and_waits_the_default(value):
+    # It was taken silently as the default: a typo went unnoticed.
+    p = python(PRELUDE + """
+s = aiocuda.CpuStream()
+s.delay(0.2)
+print("end of main", flush=True)
+""", env={"AIOCUDA_EXIT_TIMEOUT": value})
+    out, err = finish(p)
+    assert p.returncode == 0, err
+    assert out == "end of main\n"
+    assert f"AIOCUDA_EXIT_TIMEOUT={value!r} is not a number of seconds >= 0" in err
+    assert "still running" not in err  # the default (10 s) waited for the work
+
+
 def test_a_close_late_in_exit_does_not_wait_for_a_worker_the_interpreter_stopped():
     # Exit gave up on a busy worker after AIOCUDA_EXIT_TIMEOUT; the worker then reached Python
     # code during finalization, where CPython stops a thread for good, and a close() from a

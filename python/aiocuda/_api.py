@@ -202,7 +202,8 @@ def wait_cuda_event(event: int, device: int, keep: object = None) -> asyncio.Fut
 def record(stream: StreamLike, *, device: int | None = None) -> Event:
     """Record an event at the current end of `stream`'s work; ``await event`` waits for it.
 
-    `device` names the device of a default-stream handle (0, 1, 2), as in :func:`synchronize`.
+    `device` names the device of a legacy default-stream handle (0, 1), as in :func:`synchronize`
+    (2, the per-thread stream, is refused).
     """
     loop = running_loop("aiocuda.record()")
     st = state_for(loop)
@@ -459,8 +460,12 @@ def _exit_timeout() -> float:
     try:
         value = float(text) if text else _EXIT_TIMEOUT_S
     except ValueError:
-        value = _EXIT_TIMEOUT_S
-    return value if value >= 0 and not math.isnan(value) else _EXIT_TIMEOUT_S
+        value = math.nan
+    if value >= 0:
+        return value
+    sys.stderr.write(f"aiocuda: AIOCUDA_EXIT_TIMEOUT={text!r} is not a number of seconds >= 0; "
+                     f"exit waits {_EXIT_TIMEOUT_S:g} s for CpuStream workers\n")
+    return _EXIT_TIMEOUT_S
 
 
 @atexit.register

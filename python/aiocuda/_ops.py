@@ -641,6 +641,7 @@ async def wait(x: Any) -> Any:
     its value) or ``torch.distributed`` work handle (returns its result); a TensorFlow tensor
     (GPU: the device's queued work; returns the tensor).
     """
+    running_loop("aiocuda.wait()")  # (else the error would name what wait calls)
     if isinstance(x, Event):
         await x
         return None
