@@ -29,6 +29,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -144,13 +145,7 @@ def requests_app(variant: str, work_ms: float = WORK_MS, streams: int = WORK_STR
 
     app.add_api_route("/work", work, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/cpu", cpu, methods=["GET"])
     return app
-
-
-async def cpu() -> Any:
-    """This process's CPU time (every thread's), for the driver's CPU per request."""
-    return optional("fastapi.responses").JSONResponse({"cpu_s": time.process_time()})
 
 
 def tokens_app(engine: Any) -> Any:
@@ -198,8 +193,17 @@ def tokens_app(engine: Any) -> Any:
     app.add_api_route("/generate", generate, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/stats", stats, methods=["GET"])
-    app.add_api_route("/cpu", cpu, methods=["GET"])
     return app
+
+
+def answer_cpu_reads() -> None:
+    """Answer each ``cpu`` line on stdin with this process's CPU time (every thread's, those
+    that ended too: time.process_time) as a JSON line, from a thread of its own: the driver's
+    CPU per request, read at the window's edges even while the loop is blocked (the blocking
+    variant's loop answered an HTTP read seconds late, after the window)."""
+    for line in sys.stdin:
+        if line.strip() == "cpu":
+            print(json.dumps({"cpu_s": time.process_time()}), flush=True)
 
 
 def loopback_socket() -> socket.socket:
@@ -264,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
                 + (f", + {args.step_ms:g} ms of simulated device time per step (a sleep)"
                    if model.step_s else ""))
     server = uvicorn_server(app)
+    threading.Thread(target=answer_cpu_reads, name="cpu-reads", daemon=True).start()
     sock = loopback_socket()
     print(json.dumps({"port": sock.getsockname()[1], "pid": os.getpid(), "what": what,
                       "loop": server.config.loop, "http": server.config.http}), flush=True)

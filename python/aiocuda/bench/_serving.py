@@ -4,7 +4,8 @@ Three processes: the servers (``_serve_apps``, one per variant, each started onc
 client (this module's ``client`` command: aiohttp, its own process, so it does not share the
 servers' CPU accounting or loop), and this one, which drives the client point by point, probes
 ``/health`` of the server under load at a low rate meanwhile, and reads the server's CPU time
-(``GET /cpu``: its time.process_time(), every thread's) around each measured window.
+(its time.process_time(), every thread's, which a thread of the server answers on a pipe) at
+the measured window's edges.
 
 Requests: ``GET /work`` at each concurrency (closed loop: each client connection sends its next
 request when the previous answers) for each variant: aiocuda's await, starlette's
@@ -207,15 +208,15 @@ def client_main() -> None:
 
 # ---- the driver ---------------------------------------------------------------------------------
 
-async def server_cpu_s(base: str) -> float:
+async def server_cpu_s(server: Proc) -> float:
     """The server process's CPU time, all its threads (those that ended too), as it reads it
-    (``GET /cpu``: time.process_time(), to the nanosecond; /proc/PID/stat counts 10 ms ticks,
-    a tenth of what a point at concurrency 1 may use)."""
-    from aiohttp import ClientSession
-
-    async with ClientSession() as session:
-        async with session.get(base + "/cpu") as r:
-            return float((await r.json())["cpu_s"])
+    (time.process_time(), to the nanosecond, answered on its stdin and stdout by a thread of
+    its own; /proc/PID/stat counts 10 ms ticks, a tenth of what a point at concurrency 1 may
+    use)."""
+    assert server.proc.stdin is not None
+    server.proc.stdin.write(b"cpu\n")
+    await server.proc.stdin.drain()
+    return float(json.loads(await server.line(10))["cpu_s"])
 
 
 class Proc:
@@ -292,14 +293,14 @@ async def measure(client: Proc, server: Proc, info: dict[str, Any], cmd: dict[st
     timeout = cfg.warmup_s + cfg.seconds + cfg.point_timeout_s
     if (await client.line(timeout)).strip() != "GO":
         raise RuntimeError("the benchmark's load client answered out of turn")
-    cpu0 = await server_cpu_s(base)
+    cpu0 = await server_cpu_s(server)
     health: list[float] = []
     stop = asyncio.Event()
     prober = asyncio.ensure_future(probe(base + "/health", cfg.probe_interval_s, health, stop))
     try:  # the server's CPU over the window, which the tokens are counted in
         if (await client.line(timeout)).strip() != "STOP":
             raise RuntimeError("the benchmark's load client answered out of turn")
-        cpu = await server_cpu_s(base) - cpu0
+        cpu = await server_cpu_s(server) - cpu0
     finally:
         stop.set()
         await prober
