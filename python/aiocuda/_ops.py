@@ -437,9 +437,9 @@ async def gpu_op(fn: Callable[..., T], /, *args: Any, stream: Any = None, device
       stream). Host inputs in the caller's ``tf.device("/GPU:N")`` scope go there too.
     - torch CPU tensors, numpy arrays, plain Python: `fn` runs on a cpu-backend stream (`stream`,
       or one of a small pool; a gpu_op called by such a function, on a loop it runs, uses another
-      pool), so the loop stays free while it computes, in the caller's
-      contextvars, torch grad, inference and cpu autocast modes and default device, and
-      TensorFlow device scope and distribution strategy, as on the caller's thread. Other per-thread state stays behind
+      pool), so the loop stays free while it computes, in the caller's contextvars, torch
+      grad, inference and cpu autocast modes and default device, and TensorFlow device scope
+      and distribution strategy, as on the caller's thread. Other per-thread state stays behind
       (torch's saved-tensor hooks and function modes, its thread count). Under a recording
       ``tf.GradientTape``, which belongs to its thread, `fn` runs on the loop thread instead
       (unless ``stream=`` names a CpuStream), holding up the loop's other tasks meanwhile.
