@@ -554,12 +554,15 @@ def test_a_device_wait_does_not_spin(run, emu, strategy):
         await asyncio.sleep(0.01)
         # This thread's own time from its clock, around the await alone: reading /proc costs it
         # CPU for every thread of the process (hundreds, late in the suite: 43% of a core, CI).
+        # From the moment the wait is pending: making it (a context-wide record, an enqueue on
+        # every stream of the context, hundreds late in the suite) is not waiting (5.1% once, CI).
         me = threading.get_native_id()
         with no_collection():
+            fut = aiocuda.synchronize_device(0)
             n0 = thread_sleeps()
             c0 = thread_cpu_ns()
             c0[me], t0 = time.thread_time_ns(), time.perf_counter()
-            await aiocuda.synchronize_device(0)
+            await fut
             mine, t1 = time.thread_time_ns(), time.perf_counter()
             c1 = thread_cpu_ns()
             n1 = thread_sleeps()
