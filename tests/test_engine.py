@@ -555,7 +555,7 @@ def test_a_device_wait_does_not_spin(run, emu, strategy):
         # This thread's own time from its clock, around the await alone: reading /proc costs it
         # CPU for every thread of the process (hundreds, late in the suite: 43% of a core, CI).
         # From the moment the wait is pending: making it (a context-wide record, an enqueue on
-        # every stream of the context, hundreds late in the suite) is not waiting (5.1% once, CI).
+        # every stream of the context, hundreds late in the suite) is not waiting.
         me = threading.get_native_id()
         with no_collection():
             fut = aiocuda.synchronize_device(0)
@@ -581,9 +581,10 @@ def test_a_device_wait_does_not_spin(run, emu, strategy):
     # A thread waiting through the emulator's cuCtxSynchronize, which spins like the driver's,
     # would be near 100% (or all it can get of a loaded core). Blocked (callback; flag, which
     # watches device waits as callback does: their marks are events), the engine uses next to
-    # nothing: measured 0.1-0.2 % on 2 cores.
+    # nothing: measured 0.1-0.2 % on 2 cores; once, late in a CI run, the loop thread itself 5.1%
+    # (25 ms of 0.5 s: not a spin, which a loaded 2-core machine still gives a third of a core).
     if strategy != "poll":
-        assert share < 0.05, f"{busiest} used {share:.1%} of a core while the device wait was pending"
+        assert share < 0.1, f"{busiest} used {share:.1%} of a core while the device wait was pending"
         return
     # The poll strategy's engine thread naps between queries (2 ms at most): 5-7 % of a core on a
     # quiet 2-core machine, 25 % beside a heavy process (each wake-up costs more), which is as
