@@ -574,10 +574,13 @@ bool old_driver() {
 }
 
 // Reset as conftest.py's Emu.reset_device does: the engine is held between two passes, standing
-// for cuda.h's "no other module in the process is using the device".
+// for cuda.h's "no other module in the process is using the device". Then the program retains the
+// context again, as a runtime does before its next use (a reset leaves it inactive until then).
 void reset_device(int dev) {
     cuda::hold(true);
     int r = emu.reset(dev);
+    void* again = nullptr;
+    if (r == 0 && emu.retain(&again, dev) != 0) fatal("cuDevicePrimaryCtxRetain after the reset");
     cuda::hold(false);
     if (r != 0) fatal("cuDevicePrimaryCtxReset: %d", r);
 }
