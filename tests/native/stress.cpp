@@ -882,7 +882,8 @@ void repro_placer_after_reset() {
         std::this_thread::sleep_for(std::chrono::milliseconds(40));
         cuda::hold(true);
         std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the kernel ends meanwhile
-        if (emu.reset(0) != 0) fatal("repro: reset failed");
+        void* again = nullptr;  // and retained again, as reset_device() does
+        if (emu.reset(0) != 0 || emu.retain(&again, 0) != 0) fatal("repro: reset failed");
         cuda::hold(false);
         std::vector<int> status(n, -1);
         int got = 0;
