@@ -63,5 +63,5 @@ def faithful_copy(exc: BaseException) -> BaseException | None:
     dup.__traceback__ = exc.__traceback__
     notes = getattr(exc, "__notes__", None)
     if isinstance(notes, list):
-        dup.__notes__ = list(notes)
+        setattr(dup, "__notes__", list(notes))  # (an attribute of BaseException from 3.11)
     return dup
