@@ -256,6 +256,11 @@ struct Engine {
     bool held = false, in_pass = false;  // hold(): tests
     int placing = 0;                     // placers at work
     std::condition_variable hold_cv;
+    // Placements that found someone waiting and so touch a user's stream (begin_touch()): by
+    // ticket, so that a closing queue waits for the ones begun before it (settle_touches()).
+    uint64_t touch_tickets = 0;
+    std::vector<uint64_t> touching;
+    std::condition_variable touch_cv;
     std::vector<CUcontext> primary;      // by device, retained once when found active
     std::vector<DeviceWaiter*> device_waiters;
     std::vector<Placer*> placers;        // by device
@@ -267,6 +272,12 @@ struct Engine {
 };
 
 void on_host_fn(void* key);
+
+// Under eng->mu, on a placer thread, once it found that someone waits for what it is about to put
+// on a user's stream: from here until end_touch() it may touch that stream. A queue that closes
+// (its loop's stream objects may go next) waits for such touches begun before it.
+void begin_touch();
+void end_touch();  // takes eng->mu; a no-op if begin_touch() was not called
 
 extern Engine* eng;
 

@@ -160,6 +160,10 @@ PyObject* raise_refused(int code, const std::string& text) {
 
 PyTypeObject* cpu_stream_type = nullptr;  // CpuStreamBase
 
+// How long a closing queue waits for a placement on its streams that is under way: one held in
+// an enqueue on a full stream for longer goes on after the close (troubleshooting.md).
+constexpr auto kSettleBound = std::chrono::seconds(2);
+
 // Bumped whenever a queue closes, so that no thread's cached (loop -> queue) is used after.
 std::atomic<uint64_t> g_queue_epoch{1};
 
@@ -194,6 +198,12 @@ public:
         // Before the stream objects go (a CuPy stream destroys its handle when collected): from
         // here on the engine puts nothing more on a stream for these awaits alone.
         q_->mark_abandoned();
+        // And a placement that found them waiting a moment ago may be touching the stream now
+        // (microseconds; an enqueue on a full stream blocks in the driver until it has room).
+        if (!cuda::settle_touches(std::chrono::milliseconds(0))) {
+            NoGil nogil;
+            cuda::settle_touches(kSettleBound);
+        }
         std::vector<PyObject*> failed;
         for (Slot& s : slots_) {  // their loop is gone: nobody will await them
             if (fail && s.fut) failed.push_back(Py_NewRef(s.fut));

@@ -419,9 +419,38 @@ void want_bell(Timeline* tl) {
     wake_placer(p);
 }
 
+namespace {
+thread_local uint64_t t_ticket = 0;  // this placer's touch under way (begin_touch()), else 0
+}
+
+void begin_touch() {
+    if (t_ticket) return;
+    t_ticket = ++eng->touch_tickets;
+    eng->touching.push_back(t_ticket);
+}
+
+void end_touch() {
+    if (!t_ticket) return;
+    Locked g;
+    auto& v = eng->touching;
+    v.erase(std::find(v.begin(), v.end(), t_ticket));
+    t_ticket = 0;
+    eng->touch_cv.notify_all();
+}
+
+// Ends this placer's touch, if one began, once the placement returns (after its own sections of
+// eng->mu: this takes the lock again).
+struct TouchGuard {
+    TouchGuard() = default;
+    TouchGuard(const TouchGuard&) = delete;
+    TouchGuard& operator=(const TouchGuard&) = delete;
+    ~TouchGuard() { end_touch(); }
+};
+
 // The placer: a doorbell mark at the end of `tl`'s stream, if a flag mark still waits there. An
 // event mark, checked for a capture after its record as every mark is (put()).
 void place_bell(Timeline* tl) {
+    TouchGuard touch;
     std::lock_guard<std::mutex> order(tl->record_mu);
     if (!still_current(tl->cs)) {
         Locked g;
@@ -453,6 +482,7 @@ void place_bell(Timeline* tl) {
         // this stream ends until the doorbell is down (read_flags()): the program may destroy
         // the stream once they have, and the doorbell touches it.
         tl->ringing = true;
+        begin_touch();
     }
     CUstreamCaptureStatus st;
     CUresult r = capture_status(tl, &st);
@@ -478,6 +508,7 @@ void place_bell(Timeline* tl) {
 
 // Places `tl`'s open mark; false if it must wait (the stream is capturing: after it ends).
 bool place_open(Timeline* tl) {
+    TouchGuard touch;
     std::lock_guard<std::mutex> order(tl->record_mu);
     Mark* open;
     bool unwanted;
@@ -487,6 +518,7 @@ bool place_open(Timeline* tl) {
         open = tl->open;
         if (!open || tl->cs->retired || tl->in_flight >= kMarksInFlight) return true;
         unwanted = !wanted(open);  // its loops closed: the stream is not touched for it
+        if (!unwanted) begin_touch();
     }
     // A reset since the open mark was queued destroyed the stream and the pooled events: find it
     // (and retire the context) before touching any of them.
@@ -561,6 +593,17 @@ void keep_capturing(Placer* p, std::vector<Timeline*>& later) {
     p->capturing.insert(p->capturing.end(), later.begin(), later.end());
     later.clear();
     wake_placer(p);  // an idle thread retries them after kCaptureRetry
+}
+
+bool settle_touches(std::chrono::milliseconds bound) {
+    std::unique_lock<std::mutex> g(eng->mu);
+    uint64_t before = eng->touch_tickets;
+    auto settled = [&] {
+        for (uint64_t t : eng->touching)
+            if (t <= before) return false;
+        return true;
+    };
+    return eng->touch_cv.wait_for(g, bound, settled);
 }
 
 void placer_run(Placer* p) {

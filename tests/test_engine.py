@@ -1596,6 +1596,61 @@ def test_a_closed_loops_given_up_awaits_put_nothing_more_on_their_stream(emu, ho
     _unregister(emu, word)
 
 
+# (strategy, awaits): one await's late flag mark brings a doorbell; twelve leave an open mark.
+@pytest.mark.parametrize("how", ["flag-1", "flag-12", "callback-12"])
+def test_a_closing_loop_waits_for_a_placement_already_touching_its_stream(emu, how):
+    # A placer that found a loop's awaits still waiting a moment before the loop closed may be
+    # touching their stream as it closes: it asks the driver whether the stream is capturing,
+    # then enqueues its mark. The program may destroy the stream once its loop has closed (a
+    # CuPy stream is destroyed when collected, test_a_closed_loops_given_up_awaits_...): the
+    # close went on at once, and on a slow machine the stream was gone before the placer's query
+    # (the emulator aborted: CI's TSan run of stop 31). The emulator holds the placer in its
+    # capture query; the loop's close must not end before the placer is out of the driver.
+    from .conftest import new_loop
+
+    strategy, awaits = how.split("-")
+    s = emu.stream()
+    word = _host_word(emu)
+    assert emu.lib.cuStreamWaitValue32_v2(ctypes.c_void_p(s), word.device, 1, 0) == 0  # held
+    before = aiocuda.strategy()
+    aiocuda.set_strategy(strategy)
+    loop = new_loop("asyncio")
+    closer = threading.Thread(target=loop.close, daemon=True)
+    try:
+        async def start() -> list[asyncio.Future[None]]:
+            _core.cuda_hold(True)  # no placement before the pause is armed
+            try:
+                futs = [aiocuda.synchronize(s) for _ in range(int(awaits))]
+                emu.lib.emu_pause_at_next_capture_check(ctypes.c_void_p(s))
+            finally:
+                _core.cuda_hold(False)
+            return futs
+
+        futs = loop.run_until_complete(start())
+        if awaits != "1":
+            word.write(1)  # the placed marks pass: room for the open mark
+        assert wait_until(lambda: emu.lib.emu_paused() == 1, 5), "the placer never came"
+        for fut in futs:
+            fut.cancel()
+        closer.start()
+        closer.join(0.3)
+        waited = closer.is_alive()
+        emu.lib.emu_resume()
+        closer.join(5)
+        assert not closer.is_alive(), "the loop's close never returned"
+        assert emu.lib.cuStreamDestroy_v2(ctypes.c_void_p(s)) == 0
+        word.write(1)
+        assert wait_until(lambda: _core.cuda_pending() == 0, 5), _core.cuda_stats()
+    finally:
+        emu.lib.emu_pause_at_next_capture_check(None)
+        emu.lib.emu_resume()
+        aiocuda.set_strategy(before)
+        if not loop.is_closed() and not closer.is_alive():
+            loop.close()
+    _unregister(emu, word)
+    assert waited, "the loop closed while the placer was still in the driver with its stream"
+
+
 def test_an_error_fails_a_mark_being_placed_before_later_awaits(run, emu, strategy):
     # Errors reach the awaits in stream order too. The placer has taken the open mark and is in
     # the driver putting it (held there by the emulator) when a sticky error breaks the context;

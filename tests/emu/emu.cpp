@@ -262,6 +262,7 @@ struct State {
     std::atomic<int> failing_stream_creates{0};  // emu_fail_stream_creates: how many are left
     uintptr_t capture_before_mark = 0;  // emu_capture_before_next_mark: the stream handle
     uintptr_t pause_after_mark = 0;     // emu_pause_after_next_mark: the stream handle
+    uintptr_t pause_capture_check = 0;  // emu_pause_at_next_capture_check: the stream handle
     std::mutex pause_mu;                // emu_pause_after_next_mark's caller, held in the driver
     std::condition_variable pause_cv;
     bool paused = false, resume = false;
@@ -1017,6 +1018,15 @@ void implicit_deps(Stream& s, Deps& deps) {
 // stream will not be executed, but will instead be captured into a graph".
 void begin_capture(const std::shared_ptr<Stream>& s, int mode, std::thread::id thread);
 
+// The caller stays in the driver until emu_resume() (emu_paused() says so meanwhile).
+void stay_in_driver() {
+    ULock g(S.pause_mu);
+    S.paused = true;
+    S.pause_cv.notify_all();
+    S.pause_cv.wait(g, [] { return S.resume; });
+    S.resume = S.paused = false;
+}
+
 template <class B>
 CUresult submit(const char* fn, void* hs, OpKind kind, B build) {
     std::shared_ptr<Stream> s;
@@ -1028,12 +1038,7 @@ CUresult submit(const char* fn, void* hs, OpKind kind, B build) {
     struct PauseAfter {
         bool& on;
         ~PauseAfter() {
-            if (!on) return;
-            ULock g(S.pause_mu);
-            S.paused = true;
-            S.pause_cv.notify_all();
-            S.pause_cv.wait(g, [] { return S.resume; });
-            S.resume = S.paused = false;
+            if (on) stay_in_driver();
         }
     } pause_after{pause};
     {
@@ -1599,6 +1604,15 @@ static CUresult capture_info(Entry e, void* h, int* status, unsigned long long* 
                              const void** deps, const void** edges, size_t* ndeps) {
     if (CUresult r = enter(e, true, true)) return r;
     if (!status || (edges && !deps)) return kInvalidValue;
+    bool pause = false;
+    {
+        Lock g(S.mu);
+        if (S.pause_capture_check && S.pause_capture_check == reinterpret_cast<uintptr_t>(h)) {
+            S.pause_capture_check = 0;
+            pause = true;
+        }
+    }
+    if (pause) stay_in_driver();  // before the handle is looked at: a slow entry into the call
     Lock g(S.mu);
     std::shared_ptr<Stream> s;
     TRY(get_stream(kEntryNames[e], h, s)); TRY(sticky(s->ctx)); TRY(legacy_implicit(*s, false));
@@ -2093,6 +2107,13 @@ EXPORT void emu_pause_after_next_mark(void* h) {
     Lock g(S.mu);
     S.pause_after_mark = reinterpret_cast<uintptr_t>(h);
 }
+// The next capture query (cuStreamIsCapturing, cuStreamGetCaptureInfo) of stream `h`, by any
+// thread, keeps its caller in the driver until emu_resume(), before it looks at the handle. 0
+// disarms.
+EXPORT void emu_pause_at_next_capture_check(void* h) {
+    Lock g(S.mu);
+    S.pause_capture_check = reinterpret_cast<uintptr_t>(h);
+}
 EXPORT int emu_paused() {
     Lock g(S.pause_mu);
     return S.paused ? 1 : 0;
@@ -2124,7 +2145,10 @@ EXPORT void emu_fail_stream_creates(int n) { S.failing_stream_creates = std::max
 EXPORT void emu_defaults() {  // every control back to its default (env at load, else built in)
     S.latency_us = S.dflt_latency_us, S.hostfn_cap = S.dflt_cap, S.depth = S.dflt_depth;
     S.failing_stream_creates = 0;
-    { Lock g(S.mu); S.capture_before_mark = 0, S.pause_after_mark = 0; }
+    {
+        Lock g(S.mu);
+        S.capture_before_mark = 0, S.pause_after_mark = 0, S.pause_capture_check = 0;
+    }
     emu_resume();
     wake_all_waiters();
 }
