@@ -332,7 +332,8 @@ public:
 
     // Resolves up to `max` finished records, in the order they finished, whatever their kind:
     // a stream's completions reach their futures in stream order. Nothing a future or an
-    // outcome does stops the pass half way. Returns (count, more).
+    // outcome does stops the pass half way. Returns (count, more); with more, the fd is set
+    // again.
     py::tuple drain(size_t max) {
         Queue* q = live();
         if (max == 0 || max > kMaxBatch) max = kMaxBatch;
@@ -361,11 +362,14 @@ public:
             Py_XDECREF(outcome);
             Py_XDECREF(fut);
         }
+        // Records left: the fd wakes the loop for them at its next iteration. Set here, not by
+        // the caller: a Ctrl-C lands in whatever Python code runs next, and a pass that the
+        // caller meant to schedule after this call returned was never scheduled (the awaits
+        // left hung for good, found by review).
+        if (more && q_) q_->rearm();
         if (interrupt.type) {
             // Raised once every record taken from the queue is delivered (nobody else would
-            // deliver them). The pass the caller schedules for records left is not scheduled
-            // now: the fd wakes the loop for them when it runs again.
-            if (more && q_) q_->rearm();
+            // deliver them).
             PyErr_Restore(interrupt.type, interrupt.value, interrupt.tb);
             throw py::error_already_set();
         }

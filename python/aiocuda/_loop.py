@@ -42,7 +42,7 @@ class LoopState:
     """The completion queue of one event loop, and the futures waiting on it."""
 
     __slots__ = (
-        "loop_ref", "queue", "completed", "wakeups", "batches", "largest_batch", "_again", "fd",
+        "loop_ref", "queue", "completed", "wakeups", "batches", "largest_batch", "fd",
         "finalizer", "__weakref__",
     )
 
@@ -55,7 +55,6 @@ class LoopState:
         self.fd = self.queue.fd
         self.finalizer: weakref.finalize[Any, Any] | None = None  # set by _new_state
         self.completed = self.wakeups = self.batches = self.largest_batch = 0
-        self._again = False
         try:
             loop.add_reader(self.fd, self._on_readable)
         except NotImplementedError:
@@ -78,28 +77,19 @@ class LoopState:
         self.wakeups += 1
         self.drain()
 
-    def _drain_again(self) -> None:
-        self._again = False
-        if self.queue.closed:  # closed since (a trio run that ended with completions due)
-            return
-        self.drain()
-
     def drain(self) -> None:
-        """Resolve one bounded batch of completions; schedule another pass if more are left.
+        """Resolve one bounded batch of completions, in finishing order.
 
-        At most one further pass is scheduled at a time, however often the fd fires meanwhile.
+        With more left, the native drain sets the fd again: the loop runs one pass per iteration,
+        with its other callbacks between, and no Python code (where a Ctrl-C may land) stands
+        between a pass and the next.
         """
-        n, more = self.queue.drain(BATCH)  # resolves the futures natively, in finishing order
+        n = self.queue.drain(BATCH)[0]
         if n:
             self.completed += n
             self.batches += 1
             if n > self.largest_batch:
                 self.largest_batch = n
-        if more and not self._again:
-            loop = self.loop_ref()
-            if loop is not None and not loop.is_closed():
-                self._again = True
-                loop.call_soon(self._drain_again)
 
     def close(self, fail: BaseException | None = None) -> None:
         """Detach from the loop and drop the queue; records still in flight free themselves.
