@@ -280,3 +280,35 @@ def test_an_unknown_strategy_in_the_environment_is_refused_at_import(value, ok):
     else:
         assert r.returncode != 0
         assert f"AIOCUDA_STRATEGY={value!r} is not a completion strategy" in r.stderr
+
+
+def test_no_file_descriptor_left_for_a_loops_queue_says_so_and_the_loop_recovers():
+    # A loop's first await makes its queue, whose eventfd needs a file descriptor: at the limit
+    # it was a bare RuntimeError("eventfd: Too many open files") (found by review).
+    from .conftest import python_subprocess
+
+    r = python_subprocess(
+        "import asyncio, os, resource, aiocuda\n"
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "async def main():\n"
+        "    s = aiocuda.CpuStream()\n"
+        "    hog = []\n"
+        "    try:\n"
+        "        while True:\n"
+        "            hog.append(os.open('/dev/null', os.O_RDONLY))\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    try:\n"
+        "        await s.submit(lambda: 1)\n"
+        "    except aiocuda.AiocudaError as e:\n"
+        "        print('refused:', e)\n"
+        "    for fd in hog:\n"
+        "        os.close(fd)\n"
+        "    print('then:', await s.submit(lambda: 'ok'))\n"
+        "    s.close()\n"
+        "asyncio.run(main())\n"
+    )
+    assert r.returncode == 0, r.stderr
+    assert "Too many open files" in r.stdout and "ulimit -n" in r.stdout, r.stdout
+    assert r.stdout.splitlines()[-1] == "then: ok", r.stdout

@@ -51,7 +51,14 @@ class LoopState:
         # drops the reader, and with the state goes its queue (its fd, and the futures pending
         # in it, which reference the loop). Weak here, and weak in _states.
         self.loop_ref = weakref.ref(loop)
-        self.queue = _core.CompletionQueue()
+        try:
+            self.queue = _core.CompletionQueue()
+        except RuntimeError as e:  # std::system_error from eventfd(): EMFILE, ENFILE, ENOMEM
+            raise AiocudaError(
+                f"aiocuda could not make this event loop's completion queue ({e}): the process "
+                "has no file descriptor left (or no memory); close what holds them, or raise the "
+                "limit (ulimit -n)"
+            ) from None
         self.fd = self.queue.fd
         self.finalizer: weakref.finalize[Any, Any] | None = None  # set by _new_state
         self.completed = self.wakeups = self.batches = self.largest_batch = 0
