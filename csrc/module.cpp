@@ -378,6 +378,19 @@ public:
 
     void clear_outcomes() { PyDict_Clear(outcomes_.ptr()); }
 
+    // The garbage collector's view (tp_traverse, tp_clear): the futures pending here refer to
+    // their loop, whose reader refers to the LoopState that holds this queue. A loop dropped
+    // without close() while an await is pending is such a cycle, which the collector could not
+    // see through: the loop, its file descriptors and the futures were never freed.
+    int traverse(visitproc visit, void* arg) const {
+        for (const Slot& s : slots_) {
+            Py_VISIT(s.fut);
+            Py_VISIT(s.keep);
+        }
+        Py_VISIT(outcomes_.ptr());
+        return 0;
+    }
+
 private:
     struct Raised { PyObject* type = nullptr; PyObject* value = nullptr; PyObject* tb = nullptr; };
 
@@ -845,7 +858,20 @@ PYBIND11_MODULE(_core, m) {
             });
         });
 
-    py::class_<PyQueue>(m, "CompletionQueue")
+    py::class_<PyQueue>(m, "CompletionQueue", py::custom_type_setup([](PyHeapTypeObject* heap) {
+        PyTypeObject* type = &heap->ht_type;
+        type->tp_flags |= Py_TPFLAGS_HAVE_GC;
+        type->tp_traverse = [](PyObject* self, visitproc visit, void* arg) {
+            Py_VISIT(Py_TYPE(self));  // a heap type's instances refer to it
+            if (!py::detail::is_holder_constructed(self)) return 0;
+            return py::cast<const PyQueue&>(py::handle(self)).traverse(visit, arg);
+        };
+        type->tp_clear = [](PyObject* self) {
+            if (py::detail::is_holder_constructed(self))  // as when collected: close(dropped)
+                exit_safe([&] { py::cast<PyQueue&>(py::handle(self)).close(true); });
+            return 0;
+        };
+    }))
         .def(py::init<>())
         .def_property_readonly("fd", &PyQueue::fd)
         .def_property_readonly("stale", &PyQueue::stale)

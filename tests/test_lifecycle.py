@@ -257,6 +257,49 @@ print(last[0]() is None, fds() - before, _core.live_records())
     assert out.split() == ["True", "0", "0"]
 
 
+@pytest.mark.parametrize("how", ["timed out", "never awaited"])
+def test_a_loop_dropped_unclosed_with_an_await_pending_is_collected(how):
+    # The futures pending in a loop's queue refer to the loop, whose reader refers to the queue's
+    # LoopState: a loop dropped without close() while an await was pending made a cycle the
+    # garbage collector could not see through (the queue did not traverse its futures), and the
+    # loop, its file descriptors and the futures were never freed (found by review). A plain
+    # asyncio future in the same program is collected. (uvloop loops are never collected.)
+    out = run_script(f"HOW = {how!r}" + """
+import asyncio, gc, os, time, weakref
+import aiocuda
+from aiocuda import _core
+
+s = aiocuda.CpuStream()
+fds = lambda: len(os.listdir("/proc/self/fd"))
+
+def dropped():
+    loop = asyncio.new_event_loop()
+    async def main():
+        s.delay(0.05)  # still running when the loop is dropped
+        if HOW == "timed out":
+            try:
+                await asyncio.wait_for(aiocuda.synchronize(s), 0.001)
+            except asyncio.TimeoutError:
+                pass
+        else:
+            aiocuda.synchronize(s)
+    loop.run_until_complete(main())
+    return weakref.ref(loop)  # dropped here, never closed
+
+before = fds()
+refs = [dropped() for _ in range(10)]
+deadline = time.monotonic() + 10  # the work ends within 0.5 s
+while time.monotonic() < deadline:
+    gc.collect()
+    sum(range(100))  # the main thread's pending calls (a queue's last reference) run
+    if not _core.live_records() and all(r() is None for r in refs):
+        break
+    time.sleep(0.01)
+print(sum(r() is not None for r in refs), fds() - before, _core.live_records())
+""")
+    assert out.split() == ["0", "0", "0"], out
+
+
 @pytest.mark.parametrize("kind", [*LOOPS, "trio"])
 def test_exit_leaves_a_daemon_threads_running_loop_alone(kind):
     # At exit, the loop-collected finalizer ran for every loop still alive, and closed its
