@@ -74,8 +74,12 @@ def test_an_exception_reaches_the_awaiter_and_the_stream_stays_usable(run_any):
 def test_device_and_stream_must_agree_with_the_tensors(run_any):
     async def main():
         if not torch.cuda.is_available():  # host tensors may go to a device, if there is one
-            with pytest.raises(aiocuda.AiocudaError, match="PyTorch sees no CUDA device"):
-                await aiocuda.gpu_op(torch.neg, torch.ones(1), device="cuda:0")
+            # what to change is device= (found by review: it said to pass CPU tensors)
+            for device in ("cuda:7", 7):
+                with pytest.raises(aiocuda.AiocudaError,
+                                   match=r"asked to run on cuda:7, but PyTorch sees no CUDA .*"
+                                         r"pass device='cpu', or leave device= out"):
+                    await aiocuda.gpu_op(torch.neg, torch.ones(1), device=device)
         with pytest.raises(ValueError, match="unknown device 'tpu'"):
             await aiocuda.gpu_op(torch.neg, torch.ones(1), device="tpu")
         with pytest.raises(ValueError, match="on meta: aiocuda runs torch's cpu and cuda"):
@@ -213,6 +217,25 @@ def test_tensors_are_found_at_any_depth():
     tree = [{"a": (t[0], [t[1]])}, Output(t[2], Config(x=(t[3],))), UserDict(y=t[4]),
             Pair(t[5], "text"), {t[6]}, loop, 3, None]
     assert sorted(id(x) for x in at._tensors(tree)) == sorted(id(x) for x in t)
+
+
+def test_the_cuda_paths_walk_looks_over_a_list_of_scalars_at_once(monkeypatch):
+    # gpu_op's CUDA path walks its arguments and result for the tensors to tie to the streams:
+    # a million token ids were visited one at a time on the loop thread (1.7 s; the placement
+    # walk before it skips such a list in C; found by review).
+    ids = list(range(100_000))
+    x = torch.zeros(1)
+    visited = 0
+    children = at._children
+
+    def counted(node):  # type: ignore[no-untyped-def]
+        nonlocal visited
+        visited += 1
+        return children(node)
+
+    monkeypatch.setattr(at, "_children", counted)
+    assert [id(t) for t in at._tensors(((x, ids, ["text", 1.5]), {"ids": ids}))] == [id(x)]
+    assert visited < 10, visited
 
 
 def test_a_module_among_the_arguments_or_behind_fn_decides_the_path():
@@ -838,6 +861,10 @@ def test_default_stream_waits_go_to_the_tensors_device(run_any, device1_busy, mo
         work, t0 = Work(), time.perf_counter()
         out = await aiocuda.wait(work)  # a work handle whose result is on cuda:1
         assert out[0].is_cuda and work.waited_after is not None and work.waited_after >= 0.09
+        # Its future alone (NCCL completes it at enqueue): the value's device is awaited too
+        # (found by review: it returned at once, the collective still running).
+        device1_busy(0.1)
+        assert await _took(aiocuda.wait(Work().get_future())) >= 0.09
 
     t0 = 0.0
     run_any(main())

@@ -34,6 +34,7 @@ from . import _core
 from ._api import CpuStream, check_await, synchronize, wait_cuda_event
 from ._errors import AiocudaError, faithful_copy
 from ._loop import Shielded, running_loop, shield, wait_all
+from ._ops import _SCALARS
 
 __all__ = ["CpuTorchEvent", "CpuTorchStream", "Event", "Stream", "replay"]
 
@@ -268,7 +269,8 @@ class CpuTorchStream(CpuStream):
 
     def __enter__(self) -> CpuTorchStream:
         """``with s:`` means what it means for a torch stream, "make s current", and the cpu
-        backend has no current stream: nothing changes (as with ``torch.cuda.stream(s)``), and
+        backend has no current stream: nothing changes (``torch.cuda.stream(s)`` does nothing
+        either where torch has no CUDA, and raises where it has: torch wants a CUDA device), and
         unlike a plain ``CpuStream``'s ``with``, the stream is not closed when the block ends.
         Close it with ``close()``, ``await s.aclose()`` or ``async with s:``."""
         return self
@@ -339,8 +341,12 @@ def _tensors(tree: Any) -> Iterator[torch.Tensor]:
         seen[id(node)] = node
         if isinstance(node, torch.Tensor):
             yield node
-        else:
-            stack.extend(_children(node))
+            continue
+        children = _children(node)
+        if not isinstance(children, list):
+            children = list(children)
+        if not set(map(type, children)) <= _SCALARS:  # (a million token ids: looked over in C)
+            stack.extend(children)
 
 
 def _on_current_stream(device: torch.device) -> asyncio.Future[None]:
@@ -353,7 +359,12 @@ def _on_current_stream(device: torch.device) -> asyncio.Future[None]:
 async def run_on_cuda(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any],
                       device: torch.device, stream: Any) -> T:
     """gpu_op's CUDA path: run `fn` under a side stream ordered after the caller's, await it."""
-    _require_cuda()
+    if not torch.cuda.is_available():  # device= named one (a tensor on one cannot exist)
+        raise AiocudaError(
+            f"gpu_op() was asked to run on {device}, but PyTorch sees no CUDA device "
+            "(torch.cuda.is_available() is False): pass device='cpu', or leave device= out, "
+            "to run fn on the cpu backend"
+        )
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if stream is not None and stream.device != device:
@@ -502,13 +513,22 @@ async def _work(work: Any) -> Any:
             await _waiters.call(_wait_once, work)  # raises the operation's error
             return None
         _work_futures[work] = tfut
-    value = await _from_torch_future(tfut)
-    cuda = next((t for t in _tensors(value) if t.is_cuda), None)
-    if cuda is not None:
-        await _on_current_stream(cuda.device)
+    value = await _future_value(tfut)
     # The collective's own errors and timeouts surface here; it has completed, so this does not
     # block (with NCCL it also orders the current stream after the collective, already done).
     work.wait()
+    return value
+
+
+async def _future_value(tfut: Any) -> Any:
+    """A torch future's value, once the GPU work that computes it has ended too: NCCL (and a
+    DDP comm hook's then()) completes a future when its work is enqueued, so the current stream
+    of every CUDA device in the value is awaited after it (found by review: a bare
+    work.get_future() returned with the all-reduce still running)."""
+    value = await _from_torch_future(tfut)
+    devices = {t.device for t in _tensors(value) if t.is_cuda}
+    for device in sorted(devices, key=lambda d: d.index or 0):
+        await _on_current_stream(device)
     return value
 
 
@@ -620,7 +640,7 @@ def waitable(x: object) -> Awaitable[Any] | None:
     if isinstance(x, _GENERIC):  # after torch.cuda's, which derive from them
         return _generic(x)
     if isinstance(x, torch._C.Future):  # what get_future() and then() return, and its subclass
-        return _from_torch_future(x)
+        return _future_value(x)
     work = _work_type()
     if work is not None and isinstance(x, work):
         return _work(x)
