@@ -52,11 +52,12 @@ void set_keep_idle_ms(int ms);  // how long an idle stream's timeline is kept (1
 // device ("it is responsibility of the calling function to ensure that no other module in the
 // process is using the device any more").
 void hold(bool on);
-// A queue closes (mark_abandoned() first): waits, up to `bound`, for the placements begun before
-// that which touch a user's stream, so that none touches it after its loop let the stream object
-// go. Blocks: call without the GIL. False: one was still under way at the bound (an enqueue on a
-// full stream blocks in the driver until the stream has room).
-bool settle_touches(std::chrono::milliseconds bound);
+// A queue closes (mark_abandoned() first, then touches_begun()): waits, up to `bound`, for the
+// placements begun by then that touch a user's stream, so that none touches it after its loop
+// let the stream object go. Blocks: call without the GIL. False: one was still under way at the
+// bound (an enqueue on a full stream blocks in the driver until the stream has room).
+uint64_t touches_begun();
+bool settle_touches(uint64_t before, std::chrono::milliseconds bound);
 void after_fork_in_child();
 // Tests: the next `n` native threads aiocuda would start fail to start, as when the system has
 // none left (the awaits that needed them are refused with kNoThread, and nothing leaks).

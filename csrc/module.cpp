@@ -8,6 +8,7 @@
 #include <pthread.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -162,7 +163,7 @@ PyTypeObject* cpu_stream_type = nullptr;  // CpuStreamBase
 
 // How long a closing queue waits for a placement on its streams that is under way: one held in
 // an enqueue on a full stream for longer goes on after the close (troubleshooting.md).
-constexpr auto kSettleBound = std::chrono::seconds(2);
+std::atomic<int> g_settle_ms{2000};  // (tests: _core.set_close_settle_ms)
 
 // Bumped whenever a queue closes, so that no thread's cached (loop -> queue) is used after.
 std::atomic<uint64_t> g_queue_epoch{1};
@@ -193,16 +194,23 @@ public:
     // `fail` (may be null): an exception for the futures still pending, which a trio run's
     // remaining tasks could still await; else they are dropped.
     void close(bool dropped = false, PyObject* fail = nullptr) {
-        if (!q_) return;
+        Queue* q = q_;
+        if (!q) return;
+        q_ = nullptr;  // closed from here on: the wait below lets the GIL go, and a second close
+                       // (another thread's) then returns at once (found by review: it crashed)
         g_queue_epoch.fetch_add(1, std::memory_order_relaxed);
         // Before the stream objects go (a CuPy stream destroys its handle when collected): from
         // here on the engine puts nothing more on a stream for these awaits alone.
-        q_->mark_abandoned();
+        q->mark_abandoned();
         // And a placement that found them waiting a moment ago may be touching the stream now
         // (microseconds; an enqueue on a full stream blocks in the driver until it has room).
-        if (!cuda::settle_touches(std::chrono::milliseconds(0))) {
-            NoGil nogil;
-            cuda::settle_touches(kSettleBound);
+        // With nothing pending here, no placement was for these awaits.
+        if (pending_ != 0) {
+            uint64_t before = cuda::touches_begun();
+            if (!cuda::settle_touches(before, std::chrono::milliseconds(0))) {
+                NoGil nogil;
+                cuda::settle_touches(before, std::chrono::milliseconds(g_settle_ms.load()));
+            }
         }
         std::vector<PyObject*> failed;
         for (Slot& s : slots_) {  // their loop is gone: nobody will await them
@@ -212,9 +220,9 @@ public:
         }
         pending_ = 0;
         clear_outcomes();
-        if (!dropped || Py_AddPendingCall(release_queue, q_) != 0)
-            q_->release_owner();  // records in flight keep the native queue until they land
-        q_ = nullptr;
+        if (!dropped || Py_AddPendingCall(release_queue, q) != 0)
+            q->release_owner();  // records in flight keep the native queue until they land
+        g_queue_epoch.fetch_add(1, std::memory_order_relaxed);  // (a cache made meanwhile)
         for (PyObject* fut : failed) {  // closed first: their callbacks may start new waits
             fail_future(fut, fail);
             Py_DECREF(fut);
@@ -984,6 +992,7 @@ PYBIND11_MODULE(_core, m) {
     m.def("cuda_pending", [] { return cuda::stats().pending; });
     m.def("cuda_set_backstop_period_ms", &cuda::set_backstop_period_ms);
     m.def("cuda_set_keep_idle_ms", &cuda::set_keep_idle_ms, py::call_guard<NoGil>());
+    m.def("set_close_settle_ms", [](int ms) { g_settle_ms.store(std::max(0, ms)); });
     m.def("cuda_set_strategy", [](int s) { cuda::set_strategy(static_cast<cuda::Strategy>(s)); });
     m.def("cuda_strategy", [] { return static_cast<int>(cuda::strategy()); });
     m.def("cuda_hold", &cuda::hold, py::call_guard<NoGil>());

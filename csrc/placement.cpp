@@ -425,8 +425,8 @@ thread_local uint64_t t_ticket = 0;  // this placer's touch under way (begin_tou
 
 void begin_touch() {
     if (t_ticket) return;
+    eng->touching.push_back(eng->touch_tickets + 1);  // first: it may throw (no memory)
     t_ticket = ++eng->touch_tickets;
-    eng->touching.push_back(t_ticket);
 }
 
 void end_touch() {
@@ -595,9 +595,13 @@ void keep_capturing(Placer* p, std::vector<Timeline*>& later) {
     wake_placer(p);  // an idle thread retries them after kCaptureRetry
 }
 
-bool settle_touches(std::chrono::milliseconds bound) {
+uint64_t touches_begun() {
+    std::lock_guard<std::mutex> g(eng->mu);
+    return eng->touch_tickets;
+}
+
+bool settle_touches(uint64_t before, std::chrono::milliseconds bound) {
     std::unique_lock<std::mutex> g(eng->mu);
-    uint64_t before = eng->touch_tickets;
     auto settled = [&] {
         for (uint64_t t : eng->touching)
             if (t <= before) return false;

@@ -12,13 +12,13 @@ import ctypes
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 import aiocuda
-from aiocuda import _core
+from aiocuda import _core, _loop
 
 from .conftest import no_collection, python_subprocess, wait_until
 
@@ -1596,16 +1596,12 @@ def test_a_closed_loops_given_up_awaits_put_nothing_more_on_their_stream(emu, ho
     _unregister(emu, word)
 
 
-# (strategy, awaits): one await's late flag mark brings a doorbell; twelve leave an open mark.
-@pytest.mark.parametrize("how", ["flag-1", "flag-12", "callback-12"])
-def test_a_closing_loop_waits_for_a_placement_already_touching_its_stream(emu, how):
-    # A placer that found a loop's awaits still waiting a moment before the loop closed may be
-    # touching their stream as it closes: it asks the driver whether the stream is capturing,
-    # then enqueues its mark. The program may destroy the stream once its loop has closed (a
-    # CuPy stream is destroyed when collected, test_a_closed_loops_given_up_awaits_...): the
-    # close went on at once, and on a slow machine the stream was gone before the placer's query
-    # (the emulator aborted: CI's TSan run of stop 31). The emulator holds the placer in its
-    # capture query; the loop's close must not end before the placer is out of the driver.
+@contextlib.contextmanager
+def _placer_held_at_its_capture_check(emu, how: str) -> Iterator[tuple[Any, list[Any], int]]:
+    """A new asyncio loop with awaits of a held stream (`how`: strategy-awaits), and a placer
+    held by the emulator in its capture query of that stream, before it enqueues a doorbell (one
+    await's late flag mark) or the open mark (twelve awaits). Yields (loop, awaits, stream); the
+    loop is left to the caller to close, then the stream is destroyed."""
     from .conftest import new_loop
 
     strategy, awaits = how.split("-")
@@ -1614,8 +1610,8 @@ def test_a_closing_loop_waits_for_a_placement_already_touching_its_stream(emu, h
     assert emu.lib.cuStreamWaitValue32_v2(ctypes.c_void_p(s), word.device, 1, 0) == 0  # held
     before = aiocuda.strategy()
     aiocuda.set_strategy(strategy)
+    _core.set_close_settle_ms(60_000)  # a close that waits for the placer outlasts any join here
     loop = new_loop("asyncio")
-    closer = threading.Thread(target=loop.close, daemon=True)
     try:
         async def start() -> list[asyncio.Future[None]]:
             _core.cuda_hold(True)  # no placement before the pause is armed
@@ -1630,25 +1626,69 @@ def test_a_closing_loop_waits_for_a_placement_already_touching_its_stream(emu, h
         if awaits != "1":
             word.write(1)  # the placed marks pass: room for the open mark
         assert wait_until(lambda: emu.lib.emu_paused() == 1, 5), "the placer never came"
-        for fut in futs:
-            fut.cancel()
-        closer.start()
-        closer.join(0.3)
-        waited = closer.is_alive()
-        emu.lib.emu_resume()
-        closer.join(5)
-        assert not closer.is_alive(), "the loop's close never returned"
+        yield loop, futs, s
         assert emu.lib.cuStreamDestroy_v2(ctypes.c_void_p(s)) == 0
         word.write(1)
         assert wait_until(lambda: _core.cuda_pending() == 0, 5), _core.cuda_stats()
     finally:
         emu.lib.emu_pause_at_next_capture_check(None)
         emu.lib.emu_resume()
+        _core.set_close_settle_ms(2000)
         aiocuda.set_strategy(before)
-        if not loop.is_closed() and not closer.is_alive():
-            loop.close()
-    _unregister(emu, word)
+        _unregister(emu, word)
+
+
+def _closing(target: Callable[[], object]) -> threading.Thread:
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(0.3)
+    return t
+
+
+async def _cpu_await() -> None:
+    with aiocuda.CpuStream() as s:
+        await s.submit(int, 1)
+
+
+# (strategy, awaits): one await's late flag mark brings a doorbell; twelve leave an open mark.
+@pytest.mark.parametrize("how", ["flag-1", "flag-12", "callback-12"])
+def test_a_closing_loop_waits_for_a_placement_already_touching_its_stream(emu, how):
+    # A placer that found a loop's awaits still waiting a moment before the loop closed may be
+    # touching their stream as it closes: it asks the driver whether the stream is capturing,
+    # then enqueues its mark. The program may destroy the stream once its loop has closed (a
+    # CuPy stream is destroyed when collected, test_a_closed_loops_given_up_awaits_...): the
+    # close went on at once, and on a slow machine the stream was gone before the placer's query
+    # (the emulator aborted: CI's TSan run of stop 31). The emulator holds the placer in its
+    # capture query; the loop's close must not end before the placer is out of the driver.
+    with _placer_held_at_its_capture_check(emu, how) as (loop, futs, _):
+        for fut in futs:
+            fut.cancel()
+        closer = _closing(loop.close)
+        waited = closer.is_alive()
+        # Meanwhile another loop, whose awaits were none of the placer's, closes at once.
+        other = _closing(lambda: asyncio.run(_cpu_await()))
+        assert not other.is_alive(), "an unrelated loop's close waited for the placer"
+        emu.lib.emu_resume()
+        closer.join(5)
+        assert not closer.is_alive(), "the loop's close never returned"
     assert waited, "the loop closed while the placer was still in the driver with its stream"
+
+
+def test_a_second_close_while_the_first_waits_for_the_placer_returns_at_once(emu):
+    # The first close lets the GIL go while it waits: a second close of the same queue, from
+    # another thread (the loop's finalizer beside close_loop_states), ran the whole close again
+    # and crashed on the queue the first one released (found by review).
+    with _placer_held_at_its_capture_check(emu, "flag-12") as (loop, futs, _):
+        st = _loop._lookup(loop)
+        assert st is not None
+        first = _closing(st.close)
+        assert first.is_alive(), "the close did not wait for the placer"
+        second = _closing(st.close)
+        assert not second.is_alive(), "the second close waited too"
+        emu.lib.emu_resume()
+        first.join(5)
+        assert not first.is_alive(), "the first close never returned"
+        loop.close()
 
 
 def test_an_error_fails_a_mark_being_placed_before_later_awaits(run, emu, strategy):

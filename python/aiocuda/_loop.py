@@ -53,11 +53,10 @@ class LoopState:
         self.loop_ref = weakref.ref(loop)
         try:
             self.queue = _core.CompletionQueue()
-        except RuntimeError as e:  # std::system_error from eventfd(): EMFILE, ENFILE, ENOMEM
+        except RuntimeError as e:  # std::system_error from eventfd() (EMFILE, ENFILE, ENOMEM)
             raise AiocudaError(
-                f"aiocuda could not make this event loop's completion queue ({e}): the process "
-                "has no file descriptor left (or no memory); close what holds them, or raise the "
-                "limit (ulimit -n)"
+                f"aiocuda could not make this event loop's completion queue ({e}): at the "
+                "limit of open files, close what holds them or raise it (ulimit -n)"
             ) from None
         self.fd = self.queue.fd
         self.finalizer: weakref.finalize[Any, Any] | None = None  # set by _new_state
