@@ -33,7 +33,7 @@ class Statistics:
 
     pending: int  #: submissions whose native completion has not been drained yet
     completed: int  #: completions drained so far
-    wakeups: int  #: times the loop woke up for the queue's fd
+    wakeups: int  #: times the loop woke up for the queue's fd (a flood: once per 256 completions)
     batches: int  #: drain passes that resolved at least one completion
     largest_batch: int  #: most completions resolved in one pass
 
