@@ -961,6 +961,14 @@ def _host_word(emu):
         emu.lib.cuCtxPopCurrent_v2(None)
 
 
+def _held_stream(emu) -> tuple[int, Any]:
+    """A new stream held by a wait on a word of host memory (word.write(1) releases it)."""
+    s = emu.stream()
+    word = _host_word(emu)
+    assert emu.lib.cuStreamWaitValue32_v2(ctypes.c_void_p(s), word.device, 1, 0) == 0
+    return s, word
+
+
 def _doorbell_rung(strategy: str, bells_before: int) -> None:
     """Under flag, marks held behind a gate soon ring their stream's doorbell (one at a time):
     wait for it, so that a test that holds the next mark's caller in the driver holds the mark
@@ -1469,9 +1477,7 @@ def test_an_await_never_joins_a_mark_while_it_is_being_placed(run, emu, strategy
     # of that work, and the await would complete before it. The emulator holds the placer in the
     # driver right after its mark (a slow call); the caller enqueues work, records an event of
     # its own after it, and awaits; the await must not complete before that event.
-    s = emu.stream()
-    word = _host_word(emu)
-    assert emu.lib.cuStreamWaitValue32_v2(ctypes.c_void_p(s), word.device, 1, 0) == 0  # held
+    s, word = _held_stream(emu)
     ev = ctypes.c_void_p()
     assert emu.lib.cuCtxPushCurrent_v2(emu.primary()) == 0
     try:
@@ -1510,9 +1516,7 @@ def test_nothing_ends_while_a_doorbell_is_put_on_its_stream(run, emu, kind):
     # say done (found by review: done() did, the program destroyed the stream, the emulator
     # aborted). The emulator holds the placer right after the doorbell's record; the stream
     # passes the mark meanwhile; the wait ends only once the placer is back.
-    s = emu.stream()
-    word = _host_word(emu)
-    assert emu.lib.cuStreamWaitValue32_v2(ctypes.c_void_p(s), word.device, 1, 0) == 0  # held
+    s, word = _held_stream(emu)
     with flag_strategy(backstop_ms=60_000), contextlib.ExitStack() as cleanup:
         cleanup.callback(emu.lib.emu_resume)
         cleanup.callback(word.write, 1)
@@ -1556,9 +1560,7 @@ def test_a_closed_loops_given_up_awaits_put_nothing_more_on_their_stream(emu, ho
     from .conftest import new_loop
 
     strategy, awaits = how.split("-")
-    s = emu.stream()
-    word = _host_word(emu)
-    assert emu.lib.cuStreamWaitValue32_v2(ctypes.c_void_p(s), word.device, 1, 0) == 0  # held
+    s, word = _held_stream(emu)
     before = aiocuda.strategy()
     aiocuda.set_strategy(strategy)
     outcome: list[BaseException | None] = []
@@ -1605,9 +1607,7 @@ def _placer_held_at_its_capture_check(emu, how: str) -> Iterator[tuple[Any, list
     from .conftest import new_loop
 
     strategy, awaits = how.split("-")
-    s = emu.stream()
-    word = _host_word(emu)
-    assert emu.lib.cuStreamWaitValue32_v2(ctypes.c_void_p(s), word.device, 1, 0) == 0  # held
+    s, word = _held_stream(emu)
     before = aiocuda.strategy()
     aiocuda.set_strategy(strategy)
     _core.set_close_settle_ms(60_000)  # a close that waits for the placer outlasts any join here
@@ -1697,9 +1697,7 @@ def test_an_error_fails_a_mark_being_placed_before_later_awaits(run, emu, strate
     # an await made meanwhile joined a newer open mark. The error must fail the mark being placed
     # before that newer one (found by the native stress harness with a slow driver queue: the
     # newer mark failed first, and the earlier awaits only once the placer came back).
-    s = emu.stream()
-    word = _host_word(emu)
-    assert emu.lib.cuStreamWaitValue32_v2(ctypes.c_void_p(s), word.device, 1, 0) == 0  # held
+    s, word = _held_stream(emu)
     order: list[str] = []
 
     async def main():
