@@ -490,23 +490,27 @@ def _plan(report: Report, cfg: Config, source_kind: str, src: Source | None, loo
             report.latency.append({**row, "method": DEVICE_EVENTFD, **_summary_us(samples),
                                    "first_us": first * 1e6})
         add(f"wake-up latency {DEVICE_EVENTFD}", device_lat)
-    too_slow: set[str] = set()
+    # A method over its time budget at one size is not run at larger ones; its repeats at that
+    # size still run, so its row is a median like every other (a run past the budget left one
+    # sample, and a target used it).
+    too_slow: dict[str, int] = {}   # method -> the size it went over the budget at
+    failed: set[str] = set()
     runs: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for n in cfg.in_flight:
         for _ in range(cfg.repeats):
             for m in methods:  # interleaved, so drift hits every method alike
                 async def tput(m: str = m, n: int = n) -> None:
-                    if m in too_slow or (m in SLOW_METHODS and n > 10_000):
+                    if m in failed or too_slow.get(m, n) < n or (m in SLOW_METHODS and n > 10_000):
                         return
                     eff = in_flight_for(m, the_src, n)
                     t0 = time.perf_counter()
                     try:
                         r = await throughput(m, the_src, eff, max(cfg.ops, n))
                     except BaseException:
-                        too_slow.add(m)
+                        failed.add(m)
                         raise
                     if time.perf_counter() - t0 > cfg.budget_s:
-                        too_slow.add(m)
+                        too_slow.setdefault(m, n)
                     got = runs.setdefault((m, n), [])
                     got.append(r)
                     _upsert(report.throughput, {**row, "method": m, "in_flight": n}, {

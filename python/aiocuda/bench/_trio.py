@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .._api import synchronize
-from ._methods import AIOCUDA, AIOCUDA_FLAG, OURS, strategy_of
+from ._methods import AIOCUDA, AIOCUDA_FLAG, OURS, strategy_of, work_holds
 from ._sources import Source
 
 TRIO_THREAD = "trio to_thread"
@@ -34,8 +34,8 @@ async def wake_latency(method: str, src: Source, samples: int) -> list[float]:
 
     out: list[float] = []
     with strategy_of(method):
-        for _ in range(1 + samples):
-            src.hold(0.0005)  # the run is waiting when the work finishes
+        for hold in work_holds(1 + samples):
+            src.hold(hold)  # the run is waiting when the work finishes
             done_at = src.stamp()
             if method in OURS:
                 await synchronize(src.stream)
