@@ -143,6 +143,7 @@ struct Timeline {
     uint32_t issued = 0;         // the last sequence number written (under record_mu)
     bool no_flag = false;        // the driver cannot write host memory from this stream: events
     int64_t est_ns = 0;          // how long its marks take, placed to passed (kFlag's sleeps)
+    int64_t spread_ns = 0;       // how far from est_ns they end, on average (learn())
     Clock::time_point looked{};  // kFlag: its word was last seen short of its oldest mark then
     bool bell = false;           // kFlag: a doorbell mark is placed, or queued for the placer
     bool ringing = false;        // the placer is putting a doorbell on the stream: its flag marks
