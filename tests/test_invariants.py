@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -518,35 +519,38 @@ def test_ctrl_c_just_after_a_drain_pass_leaves_no_await_behind(kind):
     # records for later passes, the Python code that would have scheduled the next pass. The
     # fd had been cleared for that pass, so the records left waited for an unrelated completion,
     # and a program that caught the KeyboardInterrupt and awaited its work hung (found by
-    # review). A profiler hook raises it there, as the signal's handler would.
-    from .conftest import new_loop
+    # review). The queue's drain is wrapped to raise it right there, as the handler would.
+    class Interrupted:  # the loop state's queue, whose first pass ends in a KeyboardInterrupt
+        def __init__(self, queue: Any) -> None:
+            self.queue, self.fired = queue, False
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.queue, name)
+
+        def drain(self, n: int) -> Any:
+            out = self.queue.drain(n)
+            if not self.fired:
+                self.fired = True
+                raise KeyboardInterrupt
+            return out
 
     loop = new_loop(kind)
     s = aiocuda.CpuStream()
-    fired: list[int] = []
-
-    def ctrl_c(frame, event, arg):  # type: ignore[no-untyped-def]
-        if (not fired and event == "c_return" and getattr(arg, "__name__", "") == "drain"
-                and frame.f_code is _loop.LoopState.drain.__code__):
-            fired.append(1)
-            sys.setprofile(None)
-            raise KeyboardInterrupt
-
     try:
         async def start() -> list[asyncio.Future[None]]:
             s.delay(0.05)  # all of them finish together: several drain passes
             return [aiocuda.synchronize(s) for _ in range(3 * _loop.BATCH)]
 
         futs = loop.run_until_complete(start())
-        sys.setprofile(ctrl_c)
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                loop.run_until_complete(asyncio.gather(*futs))
-        finally:
-            sys.setprofile(None)
-        assert fired
+        st = _loop._lookup(loop)
+        assert st is not None
+        st.queue = interrupted = Interrupted(st.queue)
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(asyncio.gather(*futs))
+        assert interrupted.fired
         done, late = loop.run_until_complete(asyncio.wait(futs, timeout=5))
         assert not late, f"{len(late)} of {len(futs)} awaits never completed"
+        st.queue = interrupted.queue
     finally:
         s.close()
         loop.close()
