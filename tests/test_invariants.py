@@ -474,6 +474,16 @@ def test_a_flood_runs_one_pass_per_loop_iteration(run):
     assert run(main()) <= _loop.BATCH
 
 
+def _three_passes_due(loop: asyncio.AbstractEventLoop,
+                      s: aiocuda.CpuStream) -> list[asyncio.Future[None]]:
+    """Awaits of `s` on `loop` that finish together, for three drain passes."""
+    async def start() -> list[asyncio.Future[None]]:
+        s.delay(0.05)
+        return [aiocuda.synchronize(s) for _ in range(3 * _loop.BATCH)]
+
+    return loop.run_until_complete(start())
+
+
 def test_ctrl_c_while_a_drain_resolves_a_future_stops_the_loop(monkeypatch):
     # Ctrl-C's handler runs in whatever Python code runs: in a drain, the loop's call_soon that
     # an asyncio future's set_result calls. The KeyboardInterrupt was reported unraisable and
@@ -495,11 +505,7 @@ def test_ctrl_c_while_a_drain_resolves_a_future_stops_the_loop(monkeypatch):
     loop = Loop()
     s = aiocuda.CpuStream()
     try:
-        async def start() -> list[asyncio.Future[None]]:
-            s.delay(0.05)  # all of them finish together: several drain passes
-            return [aiocuda.synchronize(s) for _ in range(3 * _loop.BATCH)]
-
-        futs = loop.run_until_complete(start())
+        futs = _three_passes_due(loop, s)
         for f in futs:
             f.add_done_callback(lambda f: None)
         loop.target = futs[1]
@@ -537,11 +543,7 @@ def test_ctrl_c_just_after_a_drain_pass_leaves_no_await_behind(kind):
     loop = new_loop(kind)
     s = aiocuda.CpuStream()
     try:
-        async def start() -> list[asyncio.Future[None]]:
-            s.delay(0.05)  # all of them finish together: several drain passes
-            return [aiocuda.synchronize(s) for _ in range(3 * _loop.BATCH)]
-
-        futs = loop.run_until_complete(start())
+        futs = _three_passes_due(loop, s)
         st = _loop._lookup(loop)
         assert st is not None
         st.queue = interrupted = Interrupted(st.queue)
