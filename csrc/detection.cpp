@@ -82,8 +82,8 @@ const FlagPlan& read_flags(Clock::time_point now, bool* progress) {
         plan.pending = true;
         auto due = oldest->at + std::chrono::nanoseconds(tl->est_ns);
         // The margin for an estimate that may be early: a 32nd of it, twice the spread when
-        // more (at most all of it), or less with a
-        // doorbell placed, which tells of an early end (and costs no CPU meanwhile).
+        // more (at most all of it), or less with a doorbell placed, which tells of an early end
+        // (and costs no CPU meanwhile).
         auto margin = std::chrono::nanoseconds(
             std::min(tl->est_ns, std::max(tl->est_ns / 32, 2 * tl->spread_ns)));
         if (tl->bell) margin = std::min<std::chrono::nanoseconds>(margin, kBellMargin);

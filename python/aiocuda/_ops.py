@@ -112,6 +112,11 @@ def place_of(value: object) -> Place | None:
 _SCALARS = frozenset((int, float, complex, bool, str, bytes, type(None)))
 
 
+def only_scalars(children: list[object]) -> bool:
+    """Whether a container's `children` are all scalars (nothing in them to walk), in C."""
+    return set(map(type, children)) <= _SCALARS
+
+
 def _parts_of(fn: object) -> tuple[list[object], list[object]]:
     """What `fn` carries: a functools.partial's arguments (walked as arguments are), and the
     callables and the object of a bound method, which only a torch module or tensor counts from
@@ -203,7 +208,7 @@ def _values(fn: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterat
         if id(v) not in seen:
             seen[id(v)] = v
             children = list(children)
-            if not set(map(type, children)) <= _SCALARS:
+            if not only_scalars(children):
                 stack.extend(reversed(children))
 
 

@@ -34,7 +34,7 @@ from . import _core
 from ._api import CpuStream, check_await, synchronize, wait_cuda_event
 from ._errors import AiocudaError, faithful_copy
 from ._loop import Shielded, running_loop, shield, wait_all
-from ._ops import _SCALARS
+from ._ops import only_scalars
 
 __all__ = ["CpuTorchEvent", "CpuTorchStream", "Event", "Stream", "replay"]
 
@@ -345,7 +345,7 @@ def _tensors(tree: Any) -> Iterator[torch.Tensor]:
         children = _children(node)
         if not isinstance(children, list):
             children = list(children)
-        if not set(map(type, children)) <= _SCALARS:  # (a million token ids: looked over in C)
+        if not only_scalars(children):  # (a million token ids: looked over in C)
             stack.extend(children)
 
 
